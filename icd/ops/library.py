@@ -1,0 +1,164 @@
+"""The icd:: custom ops: schemas, fake (meta) kernels, autograd, and the call into a backend.
+
+Every op takes the resolved backend name as its last argument, so a traced graph records
+which backend it runs and torch.compile never has to guess. The ops are opaque to
+torch.compile (their fake kernels state the output shapes), and work under
+``torch.library.opcheck``. Validation happens before, in ``icd.ops``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from icd.ops.backends import kernels_of
+
+
+def _stat_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 statistics for float64 inputs, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# --- instance_attention ------------------------------------------------------------------
+
+
+@torch.library.custom_op("icd::instance_attention", mutates_args=())
+def instance_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """(out [N, h, K, D] in q's dtype, lse [N, h, K] float32) = softmax(scale q k^T) v."""
+    return kernels_of(backend).attention_forward(q, k, v, key_padding_mask, scale)
+
+
+@instance_attention_op.register_fake
+def _(q, k, v, key_padding_mask, scale, backend):
+    n, h, kq, d = q.shape
+    return q.new_empty((n, h, kq, v.shape[-1])), q.new_empty((n, h, kq), dtype=_stat_dtype(q, k, v))
+
+
+@torch.library.custom_op("icd::instance_attention_backward", mutates_args=())
+def instance_attention_backward_op(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), contiguous, by recomputing the probabilities from q, k and lse."""
+    return kernels_of(backend).attention_backward(
+        grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale
+    )
+
+
+@instance_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale, backend):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+    )
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_padding_mask, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+    ctx.scale = scale
+    ctx.backend = backend
+
+
+def _attention_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    if not any(ctx.needs_input_grad[:3]):
+        return None, None, None, None, None, None
+    dq, dk, dv = instance_attention_backward_op(
+        grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, ctx.scale, ctx.backend
+    )
+    return dq, dk, dv, None, None, None
+
+
+instance_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+# --- instance_value_mask -------------------------------------------------------------------
+
+
+@torch.library.custom_op("icd::instance_value_mask", mutates_args=())
+def instance_value_mask_op(
+    q: Tensor,
+    k: Tensor,
+    weight: Tensor,
+    key_padding_mask: Tensor | None,
+    lse: Tensor | None,
+    scale: float,
+    temperature: float,
+    backend: str,
+) -> Tensor:
+    """[N, h, S] float32: sum_k weight[n, k] * softmax_s(scale q k^T / temperature)."""
+    return kernels_of(backend).value_mask(q, k, weight, key_padding_mask, lse, scale, temperature)
+
+
+@instance_value_mask_op.register_fake
+def _(q, k, weight, key_padding_mask, lse, scale, temperature, backend):
+    n, h, s, _ = k.shape
+    return k.new_empty((n, h, s), dtype=_stat_dtype(q, k, weight))
+
+
+# --- masked_feature_mse ----------------------------------------------------------------------
+
+
+@torch.library.custom_op("icd::masked_feature_mse", mutates_args=())
+def masked_feature_mse_op(
+    student: Tensor, teacher: Tensor, weight: Tensor, norm: str, eps: float, reduction: str, backend: str
+) -> Tensor:
+    """0-dim float32 loss; see icd.ops.masked_feature_mse."""
+    return kernels_of(backend).feature_mse_forward(student, teacher, weight, norm, eps, reduction)
+
+
+@masked_feature_mse_op.register_fake
+def _(student, teacher, weight, norm, eps, reduction, backend):
+    return student.new_empty((), dtype=_stat_dtype(student, teacher, weight))
+
+
+@torch.library.custom_op("icd::masked_feature_mse_backward", mutates_args=())
+def masked_feature_mse_backward_op(
+    grad_loss: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    norm: str,
+    eps: float,
+    reduction: str,
+    backend: str,
+) -> Tensor:
+    """Gradient of the loss with respect to ``student`` (contiguous, student's dtype)."""
+    return kernels_of(backend).feature_mse_backward(
+        grad_loss, student, teacher, weight, norm, eps, reduction
+    )
+
+
+@masked_feature_mse_backward_op.register_fake
+def _(grad_loss, student, teacher, weight, norm, eps, reduction, backend):
+    return student.new_empty(student.shape)
+
+
+def _mse_setup_context(ctx, inputs, output) -> None:
+    student, teacher, weight, norm, eps, reduction, backend = inputs
+    ctx.save_for_backward(student, teacher, weight)
+    ctx.options = (norm, eps, reduction, backend)
+
+
+def _mse_backward(ctx, grad_loss: Tensor):
+    student, teacher, weight = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0]:
+        grad_student = masked_feature_mse_backward_op(grad_loss, student, teacher, weight, *ctx.options)
+    return grad_student, None, None, None, None, None, None
+
+
+masked_feature_mse_op.register_autograd(_mse_backward, setup_context=_mse_setup_context)

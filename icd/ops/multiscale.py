@@ -1,0 +1,143 @@
+"""Multi-scale helpers: flatten FPN levels into tokens, their padding mask and position embedding.
+
+Tokens are the levels concatenated in the given order, row-major inside a level
+(SPEC.md 2 and 3.4): S = sum_l H_l * W_l.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def flatten_levels(features: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate FPN maps into one token sequence.
+
+    Args:
+        features: L maps [N, C, H_l, W_l], same N, C, dtype and device.
+
+    Returns:
+        tokens [N, S, C]; spatial_shapes int64 [L, 2] holding (H_l, W_l);
+        level_start int64 [L], the index of each level's first token.
+    """
+    if len(features) == 0:
+        raise ValueError("flatten_levels: `features` is empty; expected at least one [N, C, H, W] map")
+    first = features[0]
+    for i, f in enumerate(features):
+        if not isinstance(f, Tensor) or f.dim() != 4:
+            shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+            raise ValueError(f"flatten_levels: features[{i}] has shape {shape}; expected [N, C, H, W]")
+        if f.shape[:2] != first.shape[:2]:
+            raise ValueError(
+                f"flatten_levels: features[{i}] has [N, C] = {list(f.shape[:2])} but features[0] "
+                f"has {list(first.shape[:2])}; every level must share N and C"
+            )
+    tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)
+    shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long, device=first.device)
+    sizes = shapes.prod(dim=1)
+    level_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    return tokens, shapes, level_start
+
+
+def _as_size_list(sizes: Tensor | Sequence[Sequence[int]], name: str) -> list[tuple[int, int]]:
+    rows = sizes.tolist() if isinstance(sizes, Tensor) else [list(s) for s in sizes]
+    for i, row in enumerate(rows):
+        if len(row) != 2:
+            raise ValueError(f"{name}[{i}] = {row}; expected a (height, width) pair")
+    return [(int(a), int(b)) for a, b in rows]
+
+
+def padding_mask(
+    image_sizes: Tensor | Sequence[Sequence[int]],
+    spatial_shapes: Tensor | Sequence[Sequence[int]],
+    padded_size: Sequence[int],
+) -> Tensor:
+    """Key padding mask of the flattened tokens: True where a token lies in padding.
+
+    Args:
+        image_sizes: [N, 2] valid (h_i, w_i) of each image in input pixels.
+        spatial_shapes: [L, 2] (H_l, W_l) of each level.
+        padded_size: (Hp, Wp), the padded batch size in input pixels.
+
+    Returns:
+        bool [N, S]. On level l with stride r = (Hp / H_l + Wp / W_l) / 2, token (y, x) of
+        image i is valid when y < ceil(h_i / r) and x < ceil(w_i / r).
+    """
+    images = _as_size_list(image_sizes, "image_sizes")
+    levels = _as_size_list(spatial_shapes, "spatial_shapes")
+    if len(padded_size) != 2:
+        raise ValueError(f"padded_size = {tuple(padded_size)}; expected (Hp, Wp)")
+    hp, wp = (float(x) for x in padded_size)
+    device = spatial_shapes.device if isinstance(spatial_shapes, Tensor) else None
+    per_level = []
+    for h_l, w_l in levels:
+        stride = (hp / h_l + wp / w_l) / 2
+        rows = torch.arange(h_l, device=device)
+        cols = torch.arange(w_l, device=device)
+        masks = []
+        for h_i, w_i in images:
+            valid_rows = rows < math.ceil(h_i / stride)
+            valid_cols = cols < math.ceil(w_i / stride)
+            masks.append(~(valid_rows[:, None] & valid_cols[None, :]))
+        per_level.append(torch.stack(masks).flatten(1))
+    return torch.cat(per_level, dim=1)
+
+
+def unflatten_levels(tokens: Tensor, spatial_shapes: Tensor | Sequence[Sequence[int]]) -> list[Tensor]:
+    """Split [N, S, ...] back into per-level [N, H_l, W_l, ...] tensors (views)."""
+    levels = _as_size_list(spatial_shapes, "spatial_shapes")
+    total = sum(h * w for h, w in levels)
+    if tokens.dim() < 2 or tokens.shape[1] != total:
+        raise ValueError(
+            f"unflatten_levels: tokens has shape {tuple(tokens.shape)}; expected [N, {total}, ...] "
+            f"for spatial_shapes {levels}"
+        )
+    chunks = tokens.split([h * w for h, w in levels], dim=1)
+    return [c.unflatten(1, (h, w)) for c, (h, w) in zip(chunks, levels, strict=True)]
+
+
+def sine_position_embedding(
+    level_masks: Sequence[Tensor],
+    num_feats: int = 128,
+    temperature: float = 10000.0,
+    normalize: bool = True,
+) -> Tensor:
+    """DETR's 2-D sine position embedding of every level, flattened like the tokens.
+
+    Args:
+        level_masks: L bool padding masks [N, H_l, W_l] (True = padding), e.g.
+            ``unflatten_levels(padding_mask(...), spatial_shapes)``.
+        num_feats: features per axis (C / 2); the output has 2 * num_feats channels.
+        temperature: base of the geometric frequency progression.
+        normalize: divide the cumulative positions by the last valid one (+1e-6), times 2*pi.
+
+    Returns:
+        float32 [N, S, 2 * num_feats]: the y half, then the x half; inside each half the
+        frequencies alternate sin, cos.
+    """
+    if num_feats % 2 != 0:
+        raise ValueError(f"sine_position_embedding: num_feats = {num_feats}; expected an even number")
+    out = []
+    for i, mask in enumerate(level_masks):
+        if mask.dtype != torch.bool or mask.dim() != 3:
+            raise ValueError(
+                f"sine_position_embedding: level_masks[{i}] is {mask.dtype} {tuple(mask.shape)}; "
+                "expected bool [N, H, W]"
+            )
+        valid = (~mask).float()
+        y = valid.cumsum(dim=1)
+        x = valid.cumsum(dim=2)
+        if normalize:
+            y = y / (y[:, -1:, :] + 1e-6) * (2 * math.pi)
+            x = x / (x[:, :, -1:] + 1e-6) * (2 * math.pi)
+        exponent = 2 * torch.div(torch.arange(num_feats, device=mask.device), 2, rounding_mode="floor")
+        freq = temperature ** (exponent.float() / num_feats)
+        halves = []
+        for coord in (y, x):
+            angles = coord[..., None] / freq  # [N, H, W, num_feats]
+            halves.append(torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2))
+        out.append(torch.cat(halves, dim=-1).flatten(1, 2))
+    return torch.cat(out, dim=1)

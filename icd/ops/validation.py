@@ -1,0 +1,186 @@
+"""Argument checks of the public ops, run before any kernel.
+
+Each error names the argument, what was received and what was expected: a ValueError
+for shapes and values, a TypeError for types and dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+WITH_DOUBLE = (*HALF_AND_SINGLE, torch.float64)
+NORMS = ("ln", "tln", "none")
+REDUCTIONS = ("per_head", "global")
+
+
+def _shape(t: Tensor) -> str:
+    return str(list(t.shape))
+
+
+def allowed_dtypes(backend: str) -> tuple[torch.dtype, ...]:
+    """float64 runs on the reference and cpu backends only."""
+    return WITH_DOUBLE if backend in ("reference", "cpu") else HALF_AND_SINGLE
+
+
+def check_tensor(x: object, name: str, dims: str, op: str) -> Tensor:
+    """``x`` is a tensor of rank len(dims.split(', ')); ``dims`` like "N, h, K, D"."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: `{name}` is a {type(x).__name__}; expected a tensor [{dims}]")
+    rank = len(dims.split(", "))
+    if x.dim() != rank:
+        raise ValueError(f"{op}: `{name}` has shape {_shape(x)}; expected [{dims}] ({rank} dims)")
+    return x
+
+
+def check_float(x: Tensor, name: str, op: str, backend: str) -> None:
+    allowed = allowed_dtypes(backend)
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(
+            f"{op}: `{name}` has dtype {str(x.dtype).replace('torch.', '')}; expected one of "
+            f"{names} (backend {backend!r})"
+        )
+
+
+def check_same_device(op: str, **tensors: Tensor | None) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: `{name}` is on {t.device} but `{first_name}` is on {first.device}; "
+                "expected one device"
+            )
+
+
+def check_nonempty(x: Tensor, name: str, dims: str, op: str) -> None:
+    letters = dims.split(", ")
+    for letter, size in zip(letters, x.shape, strict=True):
+        if size == 0 and letter != "K":
+            raise ValueError(f"{op}: `{name}` has shape {_shape(x)}; {letter} must be at least 1")
+
+
+def check_mask(mask: Tensor | None, n: int, s: int, op: str) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{op}: `key_padding_mask` is a {type(mask).__name__}; expected a bool tensor [N, S]")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"{op}: `key_padding_mask` has dtype {str(mask.dtype).replace('torch.', '')}; "
+            "expected bool (True = ignore that key)"
+        )
+    if tuple(mask.shape) != (n, s):
+        raise ValueError(f"{op}: `key_padding_mask` has shape {_shape(mask)}; expected [N, S] = [{n}, {s}]")
+
+
+def check_nonnegative(weight: Tensor, name: str, op: str) -> None:
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"{op}: `{name}` has dtype {str(weight.dtype).replace('torch.', '')}; expected a float tensor"
+        )
+    if torch.compiler.is_compiling() or weight.numel() == 0:
+        return  # value checks need a host sync and would break a torch.compile graph
+    if bool((weight < 0).any()):
+        raise ValueError(f"{op}: `{name}` has negative entries (min {weight.min().item():g}); expected >= 0")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{op}: `{name}` has NaN or infinite entries; expected finite values >= 0")
+
+
+def check_qk(q: Tensor, k: Tensor, op: str, backend: str) -> None:
+    check_tensor(q, "q", "N, h, K, D", op)
+    check_tensor(k, "k", "N, h, S, D", op)
+    check_nonempty(q, "q", "N, h, K, D", op)
+    check_nonempty(k, "k", "N, h, S, D", op)
+    for name, t in (("q", q), ("k", k)):
+        check_float(t, name, op, backend)
+    if k.dtype != q.dtype:
+        raise TypeError(f"{op}: `k` has dtype {k.dtype} but `q` has {q.dtype}; expected one dtype")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"{op}: `q` has shape {_shape(q)} and `k` {_shape(k)}; expected q [N, h, K, D] and "
+            "k [N, h, S, D] with the same N, h and D"
+        )
+
+
+def check_instance_attention_args(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, backend: str
+) -> None:
+    op = "instance_attention"
+    check_qk(q, k, op, backend)
+    check_tensor(v, "v", "N, h, S, D", op)
+    check_float(v, "v", op, backend)
+    if v.dtype != q.dtype:
+        raise TypeError(f"{op}: `v` has dtype {v.dtype} but `q` has {q.dtype}; expected one dtype")
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: `v` has shape {_shape(v)}; expected the shape of `k`, {_shape(k)}")
+    check_mask(key_padding_mask, k.shape[0], k.shape[2], op)
+    check_same_device(op, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+
+
+def check_value_mask_args(
+    q: Tensor,
+    k: Tensor,
+    weight: Tensor,
+    key_padding_mask: Tensor | None,
+    temperature: float,
+    lse: Tensor | None,
+    backend: str,
+) -> None:
+    op = "instance_value_mask"
+    check_qk(q, k, op, backend)
+    check_tensor(weight, "weight", "N, K", op)
+    n, h, kq, _ = q.shape
+    if tuple(weight.shape) != (n, kq):
+        raise ValueError(f"{op}: `weight` has shape {_shape(weight)}; expected [N, K] = [{n}, {kq}]")
+    check_nonnegative(weight, "weight", op)
+    check_mask(key_padding_mask, n, k.shape[2], op)
+    if not temperature > 0:
+        raise ValueError(f"{op}: `temperature` = {temperature}; expected a number > 0")
+    if lse is not None:
+        check_tensor(lse, "lse", "N, h, K", op)
+        if tuple(lse.shape) != (n, h, kq):
+            raise ValueError(f"{op}: `lse` has shape {_shape(lse)}; expected [N, h, K] = [{n}, {h}, {kq}]")
+        if temperature != 1.0:
+            raise ValueError(
+                f"{op}: `lse` was given with temperature = {temperature}; lse from instance_attention "
+                "is only valid with temperature == 1"
+            )
+    check_same_device(op, q=q, k=k, weight=weight, key_padding_mask=key_padding_mask, lse=lse)
+
+
+def check_feature_mse_args(
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    norm: str,
+    eps: float,
+    reduction: str,
+    backend: str,
+) -> None:
+    op = "masked_feature_mse"
+    check_tensor(student, "student", "N, h, S, D", op)
+    check_tensor(teacher, "teacher", "N, h, S, D", op)
+    check_tensor(weight, "weight", "N, h, S", op)
+    check_nonempty(student, "student", "N, h, S, D", op)
+    check_float(student, "student", op, backend)
+    check_float(teacher, "teacher", op, backend)
+    if teacher.dtype != student.dtype:
+        raise TypeError(
+            f"{op}: `teacher` has dtype {teacher.dtype} but `student` has {student.dtype}; expected one dtype"
+        )
+    if teacher.shape != student.shape:
+        raise ValueError(f"{op}: `teacher` has shape {_shape(teacher)}; expected the shape of `student`, "
+                         f"{_shape(student)}")
+    if tuple(weight.shape) != tuple(student.shape[:3]):
+        raise ValueError(f"{op}: `weight` has shape {_shape(weight)}; expected [N, h, S] = {list(student.shape[:3])}")
+    check_nonnegative(weight, "weight", op)
+    if norm not in NORMS:
+        raise ValueError(f"{op}: `norm` = {norm!r}; expected one of {', '.join(NORMS)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: `reduction` = {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+    if not eps > 0:
+        raise ValueError(f"{op}: `eps` = {eps}; expected a number > 0")
+    check_same_device(op, student=student, teacher=teacher, weight=weight)
