@@ -28,6 +28,7 @@ from icd.ops.validation import (
     check_feature_mse_args,
     check_instance_attention_args,
     check_value_mask_args,
+    device_of,
 )
 
 __all__ = [
@@ -79,7 +80,7 @@ def instance_attention(
         all masked gets out 0 and lse -inf, with finite gradients. Differentiable in q, k, v
         (through out and lse).
     """
-    name = resolve_backend(q.device, backend)
+    name = resolve_backend(device_of(q, "q", "N, h, K, D", "instance_attention"), backend)
     check_instance_attention_args(q, k, v, key_padding_mask, name)
     scale = _default_scale(q, scale)
     if name == "reference" or q.numel() == 0:
@@ -114,7 +115,7 @@ def instance_value_mask(
         [N, h, S] float32: out[n, h, s] = sum_k weight[n, k] softmax_s(logits / temperature).
         Not differentiable: the result has no grad_fn.
     """
-    name = resolve_backend(q.device, backend)
+    name = resolve_backend(device_of(q, "q", "N, h, K, D", "instance_value_mask"), backend)
     check_value_mask_args(q, k, weight, key_padding_mask, temperature, lse, name)
     scale = _default_scale(q, scale)
     q, k, weight = q.detach(), k.detach(), weight.detach()
@@ -151,7 +152,7 @@ def masked_feature_mse(
     Returns:
         0-dim float32 loss (float64 for float64 inputs). Gradient flows to ``student`` only.
     """
-    name = resolve_backend(student.device, backend)
+    name = resolve_backend(device_of(student, "student", "N, h, S, D", "masked_feature_mse"), backend)
     check_feature_mse_args(student, teacher, weight, norm, eps, reduction, name)
     teacher, weight = teacher.detach(), weight.detach()
     if name == "reference" or student.numel() == 0:

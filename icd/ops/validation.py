@@ -34,6 +34,13 @@ def check_tensor(x: object, name: str, dims: str, op: str) -> Tensor:
     return x
 
 
+def device_of(x: object, name: str, dims: str, op: str) -> torch.device:
+    """The device of tensor argument ``x`` (checked to be a tensor first)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: `{name}` is a {type(x).__name__}; expected a tensor [{dims}]")
+    return x.device
+
+
 def check_float(x: Tensor, name: str, op: str, backend: str) -> None:
     allowed = allowed_dtypes(backend)
     if x.dtype not in allowed:

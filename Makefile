@@ -1,0 +1,47 @@
+# The two commands of icd: `make demo` runs the main job, `make test` runs ruff + pytest.
+# Both create .venv when missing, install the pinned dependencies and build the extension.
+
+PYTHON_SYS ?= python3
+VENV       := .venv
+PYTHON     := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-stamp
+EXT_STAMP  := $(VENV)/.ext-stamp
+EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
+
+# CUDA kernels are compiled whenever nvcc and a CUDA torch are present (ICD_NO_CUDA=1 skips them).
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+.PHONY: install test demo lint bench clean
+
+$(PYTHON):
+	$(PYTHON_SYS) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements-dev.txt | $(PYTHON)
+	$(PYTHON) -m pip install --upgrade-strategy only-if-needed -r requirements-dev.txt
+	touch $@
+
+$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(EXT_STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PYTHON) -m pytest tests -q -ra
+
+demo: install
+	$(PYTHON) examples/ops_demo.py
+
+bench: install
+	$(PYTHON) benchmarks/run_attention.py --quick
+
+clean:
+	rm -rf build *.egg-info icd/_C*.so $(EXT_STAMP)

@@ -1,0 +1,141 @@
+"""Backends, devices, shapes and inputs shared by the op tests.
+
+Every built backend is compared with the reference on the same inputs. The Triton backend
+runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (slow: its cases are small).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import icd.ops as ops
+from icd.ops.dispatch import triton_interpreted
+
+
+@dataclass(frozen=True)
+class Case:
+    """Sizes in SPEC letters; ``padding`` masks ~30% of keys, ``empty_image`` masks image 0 fully."""
+
+    n: int
+    h: int
+    k: int
+    s: int
+    d: int
+    padding: bool = True
+    empty_image: bool = False
+    permuted: bool = False
+
+    @property
+    def id(self) -> str:
+        flags = "".join(
+            f for f, on in (("-pad", self.padding), ("-empty", self.empty_image), ("-perm", self.permuted)) if on
+        )
+        return f"N{self.n}h{self.h}K{self.k}S{self.s}D{self.d}{flags}"
+
+
+# Small enough for the Triton interpreter; S is never a multiple of a block size.
+SMALL_CASES = [
+    Case(2, 2, 5, 37, 16, padding=True, empty_image=True),
+    Case(1, 1, 1, 1, 8, padding=False),
+    Case(2, 2, 3, 45, 8, padding=True, permuted=True),
+    Case(3, 1, 7, 70, 32, padding=True, empty_image=True, permuted=True),
+    Case(1, 2, 4, 19, 64, padding=False, permuted=True),
+]
+# Extra cases for the compiled backends: several key blocks, larger K and D.
+LARGER_CASES = [
+    Case(2, 3, 37, 1031, 32, padding=True, empty_image=True, permuted=True),
+    Case(1, 2, 300, 2500, 16, padding=True),
+]
+
+
+def _backend_device(backend: str) -> torch.device | None:
+    """The device a backend is tested on here, or None when it cannot run."""
+    if backend not in ops.available_backends():
+        return None
+    if backend == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available() and backend in ("cuda", "triton"):
+        return torch.device("cuda")
+    if backend == "triton" and triton_interpreted():
+        return torch.device("cpu")
+    return None
+
+
+def backend_params() -> list:
+    """pytest params of (backend, device) for every built, non-reference backend."""
+    params = []
+    for name in ("cpu", "triton", "cuda"):
+        device = _backend_device(name)
+        marks = [] if device is not None else [pytest.mark.skip(reason=f"backend {name!r} cannot run here")]
+        params.append(pytest.param(name, device, id=name, marks=marks))
+    return params
+
+
+def interpreted(backend: str, device: torch.device) -> bool:
+    return backend == "triton" and device.type == "cpu"
+
+
+def cases_for(backend: str, device: torch.device) -> list[Case]:
+    return SMALL_CASES if interpreted(backend, device) else SMALL_CASES + LARGER_CASES
+
+
+def dtypes_for(backend: str, device: torch.device) -> list[torch.dtype]:
+    if backend == "cpu":
+        return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    if interpreted(backend, device):
+        return [torch.float32, torch.float16]  # bfloat16 is not faithful under the interpreter
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+TOLERANCES = {
+    torch.float64: dict(atol=1e-9, rtol=1e-7),
+    torch.float32: dict(atol=2e-5, rtol=2e-4),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+}
+
+
+def head_tensor(n: int, h: int, length: int, d: int, dtype, device, permuted: bool) -> torch.Tensor:
+    """A random [N, h, L, D] tensor; with ``permuted``, a view of an [L, N, h, D] buffer."""
+    if permuted:
+        return torch.randn(length, n, h, d, dtype=dtype, device=device).permute(1, 2, 0, 3)
+    return torch.randn(n, h, length, d, dtype=dtype, device=device)
+
+
+def key_mask(case: Case, device) -> torch.Tensor | None:
+    """bool [N, S]: ~30% of keys masked at random, image 0 fully masked with ``empty_image``."""
+    if not case.padding and not case.empty_image:
+        return None
+    mask = torch.rand(case.n, case.s, device=device) < (0.3 if case.padding else 0.0)
+    if case.empty_image:
+        mask[0] = True
+    return mask
+
+
+def attention_inputs(case: Case, dtype, device, requires_grad: bool = False):
+    q = head_tensor(case.n, case.h, case.k, case.d, dtype, device, permuted=False)
+    k = head_tensor(case.n, case.h, case.s, case.d, dtype, device, case.permuted)
+    v = head_tensor(case.n, case.h, case.s, case.d, dtype, device, case.permuted)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v, key_mask(case, device)
+
+
+def instance_weight(case: Case, device) -> torch.Tensor:
+    """[N, K]: about half the slots real (1), the rest 0; image 1 (if any) has no instances."""
+    weight = (torch.rand(case.n, case.k, device=device) < 0.5).float()
+    weight[:, 0] = 1.0
+    if case.n > 1:
+        weight[1] = 0.0
+    return weight
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual[torch.isfinite(expected)]).all(), f"{what}: non-finite values"
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.to(expected.dtype), expected, msg=lambda m: f"{what}: {m}", **tol)
