@@ -1,1 +1,8 @@
-"""Triton kernels of icd, installed as ``icd.kernels`` (see icd/ops/backends/triton.py)."""
+"""Triton kernels of icd, installed as ``icd.kernels`` (the "triton" backend's kernel table,
+icd/ops/backends/triton.py, calls them).
+
+instance_attention  split-S flash-attention forward (out, lse) and recomputing backward
+value_mask          weighted sum over instances of the attention probabilities
+feature_mse         LayerNorm + weighted MSE per head: forward sums and student gradient
+tuning, tiles       autotune configs and grid sizes; tile helpers shared by the kernels
+"""

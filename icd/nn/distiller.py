@@ -1,0 +1,318 @@
+"""ICDDistiller: the whole ICD method as one module any trainer can call (SPEC 4.4, 5).
+
+Teacher side (trained by the auxiliary task only, with its own optimiser): the instance
+encoder, the conditional decoder and the auxiliary head. Student side (trained with the
+student detector): one value projection Linear(C_student, C) per decoder layer. The
+teacher detector's features are detached here; the student's are detached during warm-up.
+
+    losses = distiller(teacher_feats, student_feats, boxes, labels, image_sizes, padded_size)
+    # {"distill": ..., "aux_conf": ..., "aux_reg": ...}: sum them with the detector's losses
+    distiller.step()  # once per iteration, for the warm-up counter
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import icd.ops as ops
+from icd.nn.aux_task import AuxiliaryTask
+from icd.nn.decoder import ConditionalDecoder, DecoderLayerOutput, split_heads
+from icd.nn.encoder import InstanceEncoder
+from icd.nn.prior import ClassPrior
+from icd.nn.sampler import InstanceBatch, InstanceSampler
+from icd.nn.validation import check_feature_levels, check_image_sizes, check_padded_size
+from icd.ops.validation import NORMS, REDUCTIONS
+
+LOSS_NAMES = ("distill", "aux_conf", "aux_reg")
+
+
+class ICDDistiller(nn.Module):
+    """Instance-Conditional Knowledge Distillation losses from teacher and student FPN features.
+
+    Args:
+        num_classes: classes of the dataset (labels 0..num_classes-1).
+        teacher_channels: C, channels of the teacher's FPN maps (and of the decoder).
+        student_channels: C_student, channels of the student's FPN maps (may differ from C).
+        heads: h attention heads (C % h == 0).
+        loss_weight: lambda of the distillation loss (8 for RetinaNet/FCOS, 3 for R-CNNs).
+        warmup_iters: iterations (``step()`` calls) during which the student's tokens are
+            detached, so only the student's value projection learns from the distill loss.
+        neg_ratio: fake instances per real one.
+        max_labels: cap of real + fake instances per image (300 one-stage, 100 two-stage).
+        prior: ClassPrior, a COCO-format annotation file (path or loaded dict) to compute it
+            from, or None for the uniform prior.
+        num_layers: decoder layers; the distill loss is averaged over them, and so are the
+            auxiliary losses (the head is shared by the layers).
+        sample_range: jitter amplitude of the instance centres (training mode only).
+        norm: normalisation of masked_feature_mse ("ln", "tln", "none").
+        reduction: reduction of masked_feature_mse ("per_head", "global").
+        backend: icd.ops backend of every op call (None: the per-device default).
+    """
+
+    num_steps: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        teacher_channels: int = 256,
+        student_channels: int = 256,
+        heads: int = 8,
+        loss_weight: float = 8.0,
+        warmup_iters: int = 1000,
+        neg_ratio: float = 5.0,
+        max_labels: int = 300,
+        prior: ClassPrior | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        *,
+        num_layers: int = 1,
+        sample_range: float = 0.3,
+        norm: str = "ln",
+        reduction: str = "per_head",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"ICDDistiller: num_classes = {num_classes}; expected >= 1")
+        if teacher_channels % heads != 0 or (teacher_channels // heads) < 1:
+            raise ValueError(
+                f"ICDDistiller: teacher_channels = {teacher_channels}; "
+                f"expected a multiple of heads = {heads}"
+            )
+        if teacher_channels % 4 != 0:
+            raise ValueError(
+                f"ICDDistiller: teacher_channels = {teacher_channels}; expected a multiple of 4 "
+                "(the 2-D sine position embedding uses C / 2 features per axis, an even number)"
+            )
+        if student_channels < 1:
+            raise ValueError(f"ICDDistiller: student_channels = {student_channels}; expected >= 1")
+        if norm not in NORMS:
+            raise ValueError(f"ICDDistiller: norm = {norm!r}; expected one of {', '.join(NORMS)}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"ICDDistiller: reduction = {reduction!r}; expected one of {', '.join(REDUCTIONS)}"
+            )
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(
+                f"ICDDistiller: backend = {backend!r}; "
+                f"expected None or one of {', '.join(ops.BACKENDS)}"
+            )
+        if warmup_iters < 0:
+            raise ValueError(f"ICDDistiller: warmup_iters = {warmup_iters}; expected >= 0")
+        prior = _as_prior(prior, num_classes)
+
+        self.num_classes = num_classes
+        self.teacher_channels = teacher_channels
+        self.student_channels = student_channels
+        self.heads = heads
+        self.loss_weight = float(loss_weight)
+        self.warmup_iters = int(warmup_iters)
+        self.norm = norm
+        self.reduction = reduction
+        self.backend = backend
+
+        self.sampler = InstanceSampler(prior, neg_ratio, max_labels, sample_range)
+        self.encoder = InstanceEncoder(num_classes, teacher_channels)
+        self.decoder = ConditionalDecoder(teacher_channels, heads, num_layers, backend)
+        self.aux_task = AuxiliaryTask(teacher_channels)
+        self.student_projections = nn.ModuleList(
+            nn.Linear(student_channels, teacher_channels) for _ in range(num_layers)
+        )
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+
+    # --- optimiser groups and warm-up ---------------------------------------------------------
+
+    def teacher_side_parameters(self) -> Iterator[nn.Parameter]:
+        """Encoder, decoder and auxiliary head: trained by the auxiliary losses (AdamW)."""
+        for module in (self.encoder, self.decoder, self.aux_task):
+            yield from module.parameters()
+
+    def student_side_parameters(self) -> Iterator[nn.Parameter]:
+        """The student's value projections: trained with the student (its optimiser)."""
+        yield from self.student_projections.parameters()
+
+    def step(self) -> int:
+        """Count one training iteration (for the warm-up); returns the new count."""
+        self.num_steps += 1
+        return int(self.num_steps)
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while step() was called fewer than warmup_iters times."""
+        return int(self.num_steps) < self.warmup_iters
+
+    # --- losses ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        teacher_features: Sequence[Tensor],
+        student_features: Sequence[Tensor],
+        boxes: Sequence[Tensor],
+        labels: Sequence[Tensor],
+        image_sizes: Tensor | Sequence[Sequence[int]],
+        padded_size: Sequence[int],
+    ) -> dict[str, Tensor]:
+        """The ICD losses of a batch.
+
+        Args:
+            teacher_features: L teacher FPN maps [N, C, H_l, W_l] (detached here).
+            student_features: L student FPN maps [N, C_student, H_l, W_l], same levels and
+                spatial sizes as the teacher's.
+            boxes: N float tensors [n_i, 4], (x1, y1, x2, y2) in input pixels of the padded
+                batch; boxes slightly outside their image are clipped, far outside raise.
+            labels: N int64 tensors [n_i], 0 <= label < num_classes.
+            image_sizes: [N, 2] valid (h, w) of each image.
+            padded_size: (Hp, Wp) of the padded batch.
+
+        Returns:
+            {"distill", "aux_conf", "aux_reg"}: 0-dim float32 losses; distill already
+            includes loss_weight. A batch without any ground-truth box gives three zeros
+            that are still connected to the parameters (backward and DDP work).
+        """
+        check_feature_levels(
+            teacher_features, student_features, self.teacher_channels, self.student_channels
+        )
+        padded = check_padded_size(padded_size)
+        device = teacher_features[0].device
+        sizes = check_image_sizes(image_sizes, teacher_features[0].shape[0], padded, device)
+        instances = self.sampler(boxes, labels, sizes)
+        if sum(int(b.shape[0]) for b in boxes) == 0:
+            return self._zero_losses()
+
+        teacher_tokens, _, mask, pos = self._teacher_tokens(teacher_features, sizes, padded)
+        layers = self._decode(teacher_tokens, mask, pos, instances)
+        aux = [self.aux_task(layer.features, instances) for layer in layers]
+
+        student_tokens, _, _ = ops.flatten_levels(list(student_features))
+        if self.in_warmup:
+            student_tokens = student_tokens.detach()
+        distill = []
+        for layer, projection in zip(layers, self.student_projections, strict=True):
+            student_values = split_heads(projection(student_tokens), self.heads)
+            teacher_values = layer.values.detach().to(student_values.dtype)
+            distill.append(
+                ops.masked_feature_mse(
+                    student_values,
+                    teacher_values,
+                    layer.value_mask,
+                    norm=self.norm,
+                    reduction=self.reduction,
+                    backend=self.backend,
+                )
+            )
+        return {
+            "distill": self.loss_weight * torch.stack(distill).mean(),
+            "aux_conf": torch.stack([a["aux_conf"] for a in aux]).mean(),
+            "aux_reg": torch.stack([a["aux_reg"] for a in aux]).mean(),
+        }
+
+    @torch.no_grad()
+    def instance_attention_maps(
+        self,
+        teacher_features: Sequence[Tensor],
+        boxes: Sequence[Tensor],
+        labels: Sequence[Tensor],
+        image_sizes: Tensor | Sequence[Sequence[int]],
+        padded_size: Sequence[int],
+    ) -> tuple[list[Tensor], Tensor]:
+        """Where each real instance looks: its last-layer attention, averaged over heads.
+
+        Deterministic: real instances only (no fakes) and no jitter, in any mode. Queries do
+        not attend to each other, so the maps equal those of the training forward pass
+        (without its jitter).
+
+        Returns:
+            maps: per image a float32 [n_i, S] tensor; each row sums to 1 over the image's
+                valid tokens. ``icd.ops.unflatten_levels(maps[i], spatial_shapes)`` splits
+                them into per-level heat maps [n_i, H_l, W_l].
+            spatial_shapes: int64 [L, 2], (H_l, W_l) of each level.
+        """
+        check_feature_levels(
+            teacher_features, teacher_features, self.teacher_channels, self.teacher_channels
+        )
+        padded = check_padded_size(padded_size)
+        device = teacher_features[0].device
+        sizes = check_image_sizes(image_sizes, teacher_features[0].shape[0], padded, device)
+        instances = self.sampler(boxes, labels, sizes, with_fakes=False, jitter=False)
+        teacher_tokens, spatial_shapes, mask, pos = self._teacher_tokens(
+            teacher_features, sizes, padded
+        )
+        last = self._decode(teacher_tokens, mask, pos, instances, with_value_mask=False)[-1]
+        one = torch.ones(1, 1, device=device)
+        maps = []
+        for i, n_real in enumerate(instances.is_real.sum(dim=1).tolist()):
+            rows = [
+                ops.instance_value_mask(
+                    last.queries[i : i + 1, :, j : j + 1],
+                    last.keys[i : i + 1],
+                    one,
+                    mask[i : i + 1],
+                    lse=last.lse[i : i + 1, :, j : j + 1],
+                    backend=self.backend,
+                ).mean(dim=1)
+                for j in range(n_real)
+            ]
+            maps.append(torch.cat(rows) if rows else torch.zeros(0, mask.shape[1], device=device))
+        return maps, spatial_shapes
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _teacher_tokens(
+        self, teacher_features: Sequence[Tensor], sizes: Tensor, padded: tuple[int, int]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Detached teacher tokens [N, S, C], spatial shapes [L, 2], key padding mask bool
+        [N, S] and position embedding [N, S, C]."""
+        tokens, spatial_shapes, _ = ops.flatten_levels([f.detach() for f in teacher_features])
+        mask = ops.padding_mask(sizes.long(), spatial_shapes, padded)
+        level_masks = ops.unflatten_levels(mask, spatial_shapes)
+        pos = ops.sine_position_embedding(level_masks, num_feats=self.teacher_channels // 2)
+        return tokens, spatial_shapes, mask, pos
+
+    def _decode(
+        self,
+        tokens: Tensor,
+        mask: Tensor,
+        pos: Tensor,
+        instances: InstanceBatch,
+        with_value_mask: bool = True,
+    ) -> list[DecoderLayerOutput]:
+        queries = self.encoder(instances)
+        weight = instances.is_real.float() if with_value_mask else None
+        return self.decoder(queries, tokens, pos, mask, weight)
+
+    def _zero_losses(self) -> dict[str, Tensor]:
+        """Zeros that still reach every parameter, so backward and DDP see them all used."""
+        teacher = sum(p.sum() for p in self.teacher_side_parameters()) * 0.0
+        student = sum(p.sum() for p in self.student_side_parameters()) * 0.0
+        return {
+            "distill": student.float(),
+            "aux_conf": teacher.float(),
+            "aux_reg": teacher.float().clone(),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, teacher_channels={self.teacher_channels}, "
+            f"student_channels={self.student_channels}, heads={self.heads}, "
+            f"loss_weight={self.loss_weight}, "
+            f"warmup_iters={self.warmup_iters}, norm={self.norm!r}, reduction={self.reduction!r}, "
+            f"backend={self.backend!r}"
+        )
+
+
+def _as_prior(
+    prior: ClassPrior | str | os.PathLike[str] | Mapping[str, Any] | None, num_classes: int
+) -> ClassPrior:
+    if prior is None:
+        return ClassPrior.uniform(num_classes)
+    if not isinstance(prior, ClassPrior):
+        prior = ClassPrior.from_coco(prior, num_classes)
+    if prior.num_classes != num_classes:
+        raise ValueError(
+            f"ICDDistiller: the prior has {prior.num_classes} classes; "
+            f"expected num_classes = {num_classes}"
+        )
+    return prior

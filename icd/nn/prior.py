@@ -1,0 +1,161 @@
+"""Class prior of the fake instances: class frequencies and box-size statistics (SPEC 4.1).
+
+Fake instances draw their class from the per-class frequency and their width and height
+(fractions of the image) from a normal distribution with the class's mean and std. The
+statistics come from a COCO-format annotation file, keyed by the contiguous label a
+detection dataset uses: label = index of the category id in the sorted list of category
+ids (never string-sorted ids). Crowd boxes are ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_SIZE_MEAN = 0.2  # box width/height mean (fraction of the image) without statistics
+DEFAULT_SIZE_STD = 0.2
+
+
+class ClassPrior(nn.Module):
+    """Per-class frequency and box width/height mean and std, as buffers (saved in state_dict).
+
+    Buffers, C = num_classes:
+        class_freq [C]: probability of each class (sums to 1).
+        size_mean [C, 2]: mean (width / image width, height / image height) of the boxes.
+        size_std [C, 2]: their standard deviation (population std).
+
+    Build it with ``ClassPrior.from_coco(path)`` or ``ClassPrior.uniform(C)``; a prior
+    restored with ``load_state_dict`` needs a module of the same C, e.g. ``uniform(C)``.
+    """
+
+    class_freq: Tensor
+    size_mean: Tensor
+    size_std: Tensor
+
+    def __init__(self, class_freq: Tensor, size_mean: Tensor, size_std: Tensor) -> None:
+        super().__init__()
+        class_freq = torch.as_tensor(class_freq, dtype=torch.float32)
+        size_mean = torch.as_tensor(size_mean, dtype=torch.float32)
+        size_std = torch.as_tensor(size_std, dtype=torch.float32)
+        if class_freq.dim() != 1 or class_freq.numel() == 0:
+            raise ValueError(
+                f"ClassPrior: `class_freq` has shape {list(class_freq.shape)}; expected [C], C >= 1"
+            )
+        c = class_freq.numel()
+        for name, t in (("size_mean", size_mean), ("size_std", size_std)):
+            if tuple(t.shape) != (c, 2):
+                raise ValueError(
+                    f"ClassPrior: `{name}` has shape {list(t.shape)}; expected [C, 2] = [{c}, 2]"
+                )
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise ValueError(
+                    f"ClassPrior: `{name}` has negative or non-finite entries; expected >= 0"
+                )
+        if (
+            not bool(torch.isfinite(class_freq).all())
+            or bool((class_freq < 0).any())
+            or class_freq.sum() <= 0
+        ):
+            raise ValueError(
+                "ClassPrior: `class_freq` must be finite, >= 0 and sum to a positive number"
+            )
+        self.register_buffer("class_freq", class_freq / class_freq.sum())
+        self.register_buffer("size_mean", size_mean.clone())
+        self.register_buffer("size_std", size_std.clone())
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_freq.numel()
+
+    @classmethod
+    def uniform(cls, num_classes: int) -> ClassPrior:
+        """Uniform classes; mean 0.2 and std 0.2 for every width and height."""
+        if num_classes < 1:
+            raise ValueError(f"ClassPrior.uniform: num_classes = {num_classes}; expected >= 1")
+        return cls(
+            torch.ones(num_classes),
+            torch.full((num_classes, 2), DEFAULT_SIZE_MEAN),
+            torch.full((num_classes, 2), DEFAULT_SIZE_STD),
+        )
+
+    @classmethod
+    def from_coco(
+        cls, annotations: str | os.PathLike[str] | Mapping[str, Any], num_classes: int | None = None
+    ) -> ClassPrior:
+        """Statistics of a COCO-format annotation file (or its loaded dict), via pycocotools.
+
+        Args:
+            annotations: path of the JSON file, or the already loaded dict.
+            num_classes: if given, must equal the number of categories in the file.
+
+        Contiguous label = index of the category id in the sorted category ids. Boxes are
+        measured as fractions of their own image's width and height; crowd boxes are
+        ignored. A class without boxes gets frequency 0 and the default size statistics
+        (mean 0.2, std 0.2); a file without any box gives uniform frequencies.
+        """
+        coco = _load_coco(annotations)
+        category_ids = sorted(coco.getCatIds())
+        if not category_ids:
+            raise ValueError("ClassPrior.from_coco: the annotation file has no categories")
+        if num_classes is not None and num_classes != len(category_ids):
+            raise ValueError(
+                f"ClassPrior.from_coco: num_classes = {num_classes} but the annotation file has "
+                f"{len(category_ids)} categories; expected them to match"
+            )
+        label_of = {cat_id: i for i, cat_id in enumerate(category_ids)}
+        fractions: list[list[tuple[float, float]]] = [[] for _ in category_ids]
+        for ann in coco.dataset.get("annotations", []):
+            if ann.get("iscrowd", 0):
+                continue
+            image = coco.imgs.get(ann["image_id"])
+            if image is None or "width" not in image or "height" not in image:
+                raise ValueError(
+                    f"ClassPrior.from_coco: annotation {ann.get('id')} refers to image "
+                    f"{ann['image_id']}, "
+                    "which has no width/height entry; expected every image to state its size"
+                )
+            _, _, box_w, box_h = ann["bbox"]
+            fractions[label_of[ann["category_id"]]].append(
+                (box_w / image["width"], box_h / image["height"])
+            )
+        return cls._from_fractions(fractions)
+
+    @classmethod
+    def _from_fractions(cls, fractions: list[list[tuple[float, float]]]) -> ClassPrior:
+        num_classes = len(fractions)
+        counts = torch.tensor([len(f) for f in fractions], dtype=torch.float64)
+        mean = torch.full((num_classes, 2), DEFAULT_SIZE_MEAN, dtype=torch.float64)
+        std = torch.full((num_classes, 2), DEFAULT_SIZE_STD, dtype=torch.float64)
+        for label, sizes in enumerate(fractions):
+            if sizes:
+                values = torch.tensor(sizes, dtype=torch.float64)
+                mean[label] = values.mean(dim=0)
+                std[label] = values.std(dim=0, unbiased=False)
+        freq = counts if counts.sum() > 0 else torch.ones(num_classes, dtype=torch.float64)
+        return cls(freq.float(), mean.float(), std.float())
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}"
+
+
+def _load_coco(annotations: str | os.PathLike[str] | Mapping[str, Any]) -> Any:
+    try:
+        from pycocotools.coco import COCO
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ImportError(
+            "ClassPrior.from_coco needs pycocotools: `pip install pycocotools` (or icd[detection])"
+        ) from exc
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        if isinstance(annotations, Mapping):
+            coco = COCO()
+            coco.dataset = dict(annotations)
+            coco.createIndex()
+        else:
+            coco = COCO(os.fspath(annotations))
+    return coco

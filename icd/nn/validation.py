@@ -1,0 +1,183 @@
+"""Argument checks of icd.nn: ground-truth instances, image sizes and FPN feature lists.
+
+Each error names the argument, what was received and what was expected. Boxes a little
+outside their image (within ``box_tolerance``) are clipped to it; boxes further out are an
+error, since they usually mean the boxes are in another frame (normalised, or of the
+un-resized image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def box_tolerance(side: float) -> float:
+    """How far (pixels) a box may overshoot an image side of ``side`` pixels: 1 px + 1%."""
+    return 1.0 + 0.01 * side
+
+
+def check_padded_size(padded_size: Sequence[int]) -> tuple[int, int]:
+    if len(padded_size) != 2 or min(int(x) for x in padded_size) < 1:
+        raise ValueError(f"`padded_size` = {tuple(padded_size)}; expected (Hp, Wp), both >= 1")
+    return int(padded_size[0]), int(padded_size[1])
+
+
+def check_image_sizes(
+    image_sizes: Tensor | Sequence[Sequence[int]],
+    num_images: int | None,
+    padded_size: tuple[int, int] | None,
+    device: torch.device,
+) -> Tensor:
+    """[N, 2] valid (h, w) of each image -> float32 [N, 2] on ``device``.
+
+    ``num_images``: the expected N, or None to take it from ``image_sizes``.
+    """
+    sizes = torch.as_tensor(image_sizes).to(device=device, dtype=torch.float32)
+    if num_images is None:
+        if sizes.dim() != 2:
+            raise ValueError(
+                f"`image_sizes` has shape {list(sizes.shape)}; expected [N, 2] (valid h, w)"
+            )
+        num_images = sizes.shape[0]
+    if tuple(sizes.shape) != (num_images, 2):
+        raise ValueError(
+            f"`image_sizes` has shape {list(sizes.shape)}; expected [N, 2] = [{num_images}, 2] "
+            "(valid height, width of each image)"
+        )
+    if num_images and not bool((sizes >= 1).all()):
+        raise ValueError(f"`image_sizes` = {sizes.tolist()}; expected every height and width >= 1")
+    if padded_size is not None and num_images:
+        limit = torch.tensor(padded_size, dtype=torch.float32, device=device)
+        if bool((sizes > limit).any()):
+            raise ValueError(
+                f"`image_sizes` = {sizes.tolist()} exceed `padded_size` = {padded_size}; expected "
+                "each (h, w) <= (Hp, Wp)"
+            )
+    return sizes
+
+
+def check_instances(
+    boxes: Sequence[Tensor],
+    labels: Sequence[Tensor],
+    image_sizes: Tensor,
+    num_classes: int,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Validate per-image boxes [n_i, 4] and labels [n_i]; return boxes clipped to the image.
+
+    Args:
+        boxes: N float tensors [n_i, 4], (x1, y1, x2, y2) in input pixels.
+        labels: N integer tensors [n_i], 0 <= label < num_classes.
+        image_sizes: float [N, 2] valid (h, w), already checked.
+
+    Returns:
+        float32 boxes clipped to [0, w_i] x [0, h_i], and int64 labels, on image_sizes' device.
+    """
+    n = image_sizes.shape[0]
+    if len(boxes) != n or len(labels) != n:
+        raise ValueError(
+            f"`boxes` has {len(boxes)} entries and `labels` {len(labels)}; "
+            f"expected one per image, N = {n}"
+        )
+    out_boxes, out_labels = [], []
+    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            shape = list(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"`boxes[{i}]` has shape {shape}; expected [n_i, 4] (x1, y1, x2, y2)")
+        if not isinstance(lab, Tensor) or lab.dim() != 1 or lab.shape[0] != b.shape[0]:
+            shape = list(lab.shape) if isinstance(lab, Tensor) else type(lab).__name__
+            raise ValueError(f"`labels[{i}]` has shape {shape}; expected [n_i] = [{b.shape[0]}]")
+        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+            raise TypeError(
+                f"`labels[{i}]` has dtype {lab.dtype}; expected an integer tensor (int64)"
+            )
+        b = b.to(device=image_sizes.device, dtype=torch.float32)
+        lab = lab.to(device=image_sizes.device, dtype=torch.long)
+        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+            raise ValueError(
+                f"`labels[{i}]` has values in [{int(lab.min())}, {int(lab.max())}]; expected "
+                f"0 <= label < num_classes = {num_classes}"
+            )
+        out_boxes.append(_clip_boxes(b, image_sizes[i], i))
+        out_labels.append(lab)
+    return out_boxes, out_labels
+
+
+def _clip_boxes(b: Tensor, size: Tensor, i: int) -> Tensor:
+    if b.numel() == 0:
+        return b
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError(f"`boxes[{i}]` has NaN or infinite coordinates; expected finite pixels")
+    h, w = float(size[0]), float(size[1])
+    if bool((b[:, 2:] < b[:, :2]).any()):
+        bad = int(torch.nonzero((b[:, 2:] < b[:, :2]).any(dim=1))[0])
+        raise ValueError(
+            f"`boxes[{i}][{bad}]` = {b[bad].tolist()}; expected x1 <= x2 and y1 <= y2 "
+            "(boxes are x1, y1, x2, y2 in input pixels)"
+        )
+    tol_w, tol_h = box_tolerance(w), box_tolerance(h)
+    low = torch.tensor([-tol_w, -tol_h, -tol_w, -tol_h], device=b.device)
+    high = torch.tensor([w + tol_w, h + tol_h, w + tol_w, h + tol_h], device=b.device)
+    outside = ((b < low) | (b > high)).any(dim=1)
+    if bool(outside.any()):
+        bad = int(torch.nonzero(outside)[0])
+        raise ValueError(
+            f"`boxes[{i}][{bad}]` = {b[bad].tolist()} lies outside image {i} of "
+            f"(h, w) = ({h:g}, {w:g}) "
+            f"by more than the tolerance ({tol_w:.3g} px in x, {tol_h:.3g} px in y); expected "
+            "x1, y1, x2, y2 in the input pixels of that image"
+        )
+    limit = torch.tensor([w, h, w, h], device=b.device)
+    return torch.minimum(b.clamp_min(0.0), limit)
+
+
+def check_feature_levels(
+    teacher_features: Sequence[Tensor],
+    student_features: Sequence[Tensor],
+    teacher_channels: int,
+    student_channels: int,
+) -> None:
+    """Teacher and student FPN lists: same levels, N and spatial sizes; the expected channels."""
+    for name, feats in (
+        ("teacher_features", teacher_features),
+        ("student_features", student_features),
+    ):
+        if isinstance(feats, Tensor) or not isinstance(feats, Sequence) or len(feats) == 0:
+            raise ValueError(
+                f"`{name}` is a {type(feats).__name__}; "
+                "expected a non-empty list of [N, C, H_l, W_l] maps"
+            )
+        for lvl, f in enumerate(feats):
+            if not isinstance(f, Tensor) or f.dim() != 4:
+                shape = list(f.shape) if isinstance(f, Tensor) else type(f).__name__
+                raise ValueError(f"`{name}[{lvl}]` has shape {shape}; expected [N, C, H_l, W_l]")
+    if len(student_features) != len(teacher_features):
+        raise ValueError(
+            f"`student_features` has {len(student_features)} levels; "
+            f"expected {len(teacher_features)}, "
+            "the levels of `teacher_features`"
+        )
+    for lvl, (t, s) in enumerate(zip(teacher_features, student_features, strict=True)):
+        if t.shape[1] != teacher_channels:
+            raise ValueError(
+                f"`teacher_features[{lvl}]` has {t.shape[1]} channels; "
+                f"expected teacher_channels = {teacher_channels}"
+            )
+        if s.shape[1] != student_channels:
+            raise ValueError(
+                f"`student_features[{lvl}]` has {s.shape[1]} channels; "
+                f"expected student_channels = {student_channels}"
+            )
+        if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
+            raise ValueError(
+                f"`student_features[{lvl}]` has [N, H, W] = {[s.shape[0], *s.shape[2:]]}; expected "
+                f"{[t.shape[0], *t.shape[2:]]}, those of `teacher_features[{lvl}]`"
+            )
+        if t.shape[0] != teacher_features[0].shape[0]:
+            raise ValueError(
+                f"`teacher_features[{lvl}]` has N = {t.shape[0]}; "
+                f"expected {teacher_features[0].shape[0]} "
+                "like level 0"
+            )

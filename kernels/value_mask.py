@@ -1,0 +1,100 @@
+"""Fused instance value mask (SPEC.md 3.2): sum_k weight[n, k] softmax_s(logits / T).
+
+One program per (key block, head) loops over the K queries, recomputes each probability
+exp(x / T - lse_T) from q, k and the row logsumexp, and adds weight[n, k] * p over k: one
+write per [n, h, s], no atomics, no [N, h, K, S] tensor. The row logsumexp is the given lse
+(temperature 1) or comes from the attention forward's split-S pass run without values.
+Query blocks whose weights are all zero (fake and padding slots) are skipped.
+
+Shapes: q [N, h, K, D]; k [N, h, S, D] (any strides); weight [N, K] float32 contiguous;
+key_padding_mask bool [N, S] or None; lse [N, h, K] float32 or None; out [N, h, S] float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import tuning
+from .instance_attention import LOG2E, key_mask_argument, softmax_statistics
+from .tiles import head_base, key_is_valid, load_rows
+
+
+@triton.autotune(configs=tuning.KEY_BLOCK_CONFIGS, key=tuning.ATTENTION_KEY)
+@triton.jit
+def _value_mask_kernel(
+    q_ptr, k_ptr, mask_ptr, weight_ptr, lse_ptr, out_ptr,
+    stride_qn, stride_qh, stride_qk, stride_qd,
+    stride_kn, stride_kh, stride_ks, stride_kd,
+    heads, num_queries, num_keys, head_dim, qk_scale,
+    S_BUCKET, K_BUCKET,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[n, h, s] for one block of keys s; lse_ptr holds the natural-log lse of x / T."""
+    pid_s = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = pid_nh // heads
+    keys = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    valid = key_is_valid(mask_ptr, n, keys, num_keys, HAS_MASK)
+    k = load_rows(head_base(k_ptr, pid_nh, heads, stride_kn, stride_kh), keys, dims,
+                  stride_ks, stride_kd, num_keys, head_dim)
+    q_base = head_base(q_ptr, pid_nh, heads, stride_qn, stride_qh)
+
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for row_start in range(0, num_queries, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < num_queries
+        weight = tl.load(weight_ptr + n * num_queries + rows, mask=row_ok, other=0.0)
+        if tl.max(weight, 0) > 0:
+            q = load_rows(q_base, rows, dims, stride_qk, stride_qd, num_queries, head_dim)
+            lse = tl.load(lse_ptr + pid_nh * num_queries + rows, mask=row_ok, other=float("inf"))
+            # fully masked rows (lse -inf) contribute nothing: subtract +inf instead
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            x = tl.where(valid[None, :], x, float("-inf"))
+            p = tl.exp2(x - lse2[:, None])
+            total += tl.sum(p * weight[:, None], 0)
+    tl.store(out_ptr + pid_nh * num_keys + keys, total, mask=keys < num_keys)
+
+
+def value_mask(
+    q: Tensor,
+    k: Tensor,
+    weight: Tensor,
+    key_padding_mask: Tensor | None,
+    lse: Tensor | None,
+    scale: float,
+    temperature: float,
+    num_splits: int | None = None,
+) -> Tensor:
+    """[N, h, S] float32: out[n, h, s] = sum_k weight[n, k] softmax_s(scale q k^T / T)[s].
+
+    ``lse`` (float32 [N, h, K], only valid with temperature 1) skips the logsumexp pass;
+    ``num_splits`` sets that pass's key slices (tests).
+    """
+    n, heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    logit_scale = scale / temperature
+    if lse is None:
+        _, lse = softmax_statistics(q, k, None, key_padding_mask, logit_scale, num_splits)
+    lse = lse.to(torch.float32).contiguous()
+    weight = weight.to(torch.float32).contiguous()
+    out = torch.empty((n, heads, num_keys), device=k.device, dtype=torch.float32)
+    mask, has_mask = key_mask_argument(key_padding_mask, q)
+
+    def grid(meta):
+        return (triton.cdiv(num_keys, meta["BLOCK_N"]), n * heads)
+
+    _value_mask_kernel[grid](
+        q, k, mask, weight, lse, out,
+        *q.stride(), *k.stride(),
+        heads, num_queries, num_keys, head_dim, logit_scale * LOG2E,
+        tuning.bucket(num_keys), tuning.bucket(num_queries),
+        HAS_MASK=has_mask, DOT_PRECISION=tuning.dot_precision(q.dtype),
+        BLOCK_D=tuning.block_d(head_dim),
+    )
+    return out

@@ -1,0 +1,171 @@
+"""The Triton backend on a real GPU at the ICD size, against the reference (skipped without CUDA).
+
+N = 2 images, h = 8 heads, K = 300 instance slots, S = 22,400 keys (P3-P7 of an 800x1333
+input), D = 32, ~20% padded keys; bfloat16 included; gradients; an image whose keys are all
+padding; [S, N, h, D] buffers viewed as [N, h, S, D]; torch.compile(fullgraph=True) of a
+step that calls the three icd.ops ops; and the memory bound (no [N, h, K, S] tensor).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from op_cases import TOLERANCES, assert_close
+
+import icd.ops as ops
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+N, H, K, S, D = 2, 8, 300, 22_400, 32
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _permuted(*shape_nhsd, dtype):
+    n, h, s, d = shape_nhsd
+    return torch.randn(s, n, h, d, device="cuda", dtype=dtype).permute(1, 2, 0, 3)
+
+
+def _attention_inputs(dtype, empty_image=False, requires_grad=False):
+    q = torch.randn(N, H, K, D, device="cuda", dtype=dtype)
+    k = _permuted(N, H, S, D, dtype=dtype)
+    v = _permuted(N, H, S, D, dtype=dtype)
+    mask = torch.rand(N, S, device="cuda") < 0.2
+    if empty_image:
+        mask[0] = True
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v, mask
+
+
+def _instance_weight():
+    weight = torch.zeros(N, K, device="cuda")
+    weight[0, :40] = 1.0
+    weight[1, :7] = 1.0
+    return weight
+
+
+def _forward_backward(q, k, v, mask, backend, grad_out, grad_lse):
+    out, lse = ops.instance_attention(q, k, v, mask, backend=backend)
+    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    loss = (out.float() * grad_out).sum() + (finite * grad_lse).sum()
+    return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
+
+
+def _relative(a, b, dtype, what):
+    scale = b.float().abs().max().clamp_min(1.0)
+    assert torch.isfinite(a).all(), f"{what}: NaN/Inf"
+    assert_close(a / scale, b / scale, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("empty_image", [False, True], ids=["padded", "empty-image"])
+def test_attention_full_size(dtype, empty_image):
+    q, k, v, mask = _attention_inputs(dtype, empty_image, requires_grad=True)
+    grad_out = torch.randn(N, H, K, D, device="cuda")
+    grad_lse = torch.randn(N, H, K, device="cuda")
+    got = _forward_backward(q, k, v, mask, "triton", grad_out, grad_lse)
+    want = _forward_backward(q, k, v, mask, "reference", grad_out, grad_lse)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert_close(got[0], want[0], dtype, f"out {dtype}")
+    assert_close(got[1], want[1], torch.float32, f"lse {dtype}")
+    for name, a, b in zip(("dq", "dk", "dv"), got[2:], want[2:], strict=True):
+        assert a.dtype == dtype and a.is_contiguous()
+        _relative(a, b, dtype, f"{name} {dtype}")
+    if empty_image:
+        assert torch.all(got[0][0] == 0) and torch.all(torch.isneginf(got[1][0]))
+        for g in got[2:]:
+            assert torch.all(g[0] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_value_mask_full_size(dtype):
+    q, k, v, mask = _attention_inputs(dtype, empty_image=True)
+    weight = _instance_weight()
+    for temperature in (1.0, 0.5):
+        got, want = (
+            ops.instance_value_mask(q, k, weight, mask, temperature=temperature, backend=backend)
+            for backend in ("triton", "reference")
+        )
+        assert got.dtype == torch.float32
+        assert_close(got, want, dtype, f"value mask {dtype} T={temperature}")
+    _, lse = ops.instance_attention(q, k, v, mask, backend="triton")
+    got = ops.instance_value_mask(q, k, weight, mask, lse=lse, backend="triton")
+    want = ops.instance_value_mask(q, k, weight, mask, backend="reference")
+    assert_close(got, want, dtype, f"value mask with lse {dtype}")
+    assert torch.all(got[0] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_feature_mse_full_size(dtype):
+    student = _permuted(N, H, S, D, dtype=dtype).requires_grad_(True)
+    teacher = _permuted(N, H, S, D, dtype=dtype) * 2 + 0.5
+    weight = torch.rand(N, H, S, device="cuda")
+    weight[weight < 0.3] = 0.0
+    weight[1, 3] = 0.0  # one head without weight
+    for norm in ("ln", "tln", "none"):
+        for reduction in ("per_head", "global"):
+            what = f"{dtype} {norm} {reduction}"
+            losses, grads = [], []
+            for backend in ("triton", "reference"):
+                loss = ops.masked_feature_mse(student, teacher, weight, norm, reduction=reduction,
+                                              backend=backend)
+                losses.append(loss.detach())
+                grads.append(torch.autograd.grad(loss, student)[0])
+            assert losses[0].dtype == torch.float32 and losses[0].dim() == 0
+            assert_close(losses[0], losses[1], dtype, f"loss {what}")
+            assert grads[0].dtype == dtype and grads[0].is_contiguous()
+            scale = grads[1].float().abs().max().clamp_min(1e-12)
+            assert_close(grads[0] / scale, grads[1] / scale, dtype, f"grad {what}")
+
+
+def test_no_logits_sized_tensor():
+    """fwd + bwd allocate far less than one [N, h, K, S] float32 tensor (430 MB here)."""
+    q, k, v, mask = _attention_inputs(torch.bfloat16, requires_grad=True)
+    ops.instance_attention(q, k, v, mask, backend="triton")  # autotune outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out, lse = ops.instance_attention(q, k, v, mask, backend="triton")
+    torch.autograd.grad(out.float().sum() + lse.sum(), (q, k, v))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    logits_bytes = N * H * K * S * 4
+    assert extra < logits_bytes / 4, f"peak extra {extra / 2**20:.0f} MiB"
+
+
+def test_tf32_setting_is_followed_and_close():
+    q, k, v, mask = _attention_inputs(torch.float32)
+    want, _ = ops.instance_attention(q, k, v, mask, backend="reference")
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        got, _ = ops.instance_attention(q, k, v, mask, backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_torch_compile_fullgraph_of_a_distillation_step():
+    q, k, v, mask = _attention_inputs(torch.bfloat16, empty_image=True, requires_grad=True)
+    student = _permuted(N, H, S, D, dtype=torch.bfloat16).requires_grad_(True)
+    weight = _instance_weight()
+
+    def step(q, k, v, student):
+        out, lse = ops.instance_attention(q, k, v, mask, backend="triton")
+        value_mask = ops.instance_value_mask(q, k, weight, mask, lse=lse, backend="triton")
+        distill = ops.masked_feature_mse(student, v.detach(), value_mask, backend="triton")
+        return out.float().square().mean() + distill
+
+    compiled = torch.compile(step, fullgraph=True)
+    inputs = (q, k, v, student)
+    loss = compiled(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    eager_loss = step(*inputs)
+    eager_grads = torch.autograd.grad(eager_loss, inputs)
+    tol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(loss, eager_loss, **tol)
+    for a, b in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, **tol)
