@@ -1,0 +1,335 @@
+"""``icd`` command line: train, eval, plot, data shapes (also ``python -m icd``).
+
+    icd train --data-path DIR --detector retinanet --backbone resnet101 --output-dir runs/teacher
+    icd train --data-path DIR --backbone resnet18 --teacher runs/teacher/checkpoint.pth \\
+              --distill icd --output-dir runs/icd
+    icd eval --data-path DIR --checkpoint runs/icd/checkpoint.pth
+    icd plot runs/baseline runs/icd --out curves.png
+    icd data shapes --out DIR --num-train 2000 --num-val 500
+    torchrun --nproc_per_node 8 -m icd train ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from icd.data.coco import BAD_DATA_CHOICES
+from icd.detection.models import BACKBONES, DETECTORS, NORMS
+from icd.engine.distill import DISTILL_METHODS
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-path",
+        required=True,
+        help="COCO-layout root: annotations/instances_{split}[2017].json and an "
+        "image folder {split}[2017]/",
+    )
+    p.add_argument("--batch-size", "-b", type=int, default=2, help="images per process")
+    p.add_argument("--workers", "-j", type=int, default=4, help="data loading processes")
+    p.add_argument(
+        "--on-bad-data",
+        choices=BAD_DATA_CHOICES,
+        default="error",
+        help="a corrupt image or malformed annotation: report it and skip it, or stop",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:N or cpu (default: cuda when available); under torchrun "
+        "each process takes cuda:LOCAL_RANK",
+    )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU",
+    )
+    p.add_argument("--output-dir", default="output", help="checkpoints, metrics.jsonl, detections")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--detector", choices=DETECTORS, default=d("retinanet"))
+    p.add_argument("--backbone", choices=BACKBONES, default=d("resnet50"))
+    p.add_argument(
+        "--backbone-weights",
+        default=None,
+        help="local file with a torchvision ResNet state dict (never downloaded)",
+    )
+    p.add_argument(
+        "--trainable-backbone-layers",
+        type=int,
+        default=None,
+        help="ResNet stages that train, 0..5 (default 3 with --backbone-weights, else 5)",
+    )
+    p.add_argument(
+        "--norm",
+        choices=NORMS,
+        default=None,
+        help="backbone normalisation (default frozen_bn with --backbone-weights, else gn)",
+    )
+    p.add_argument("--fpn-channels", type=int, default=d(256))
+    p.add_argument(
+        "--min-level",
+        type=int,
+        default=None,
+        help="lowest FPN level P_k (default 3; 2 for fasterrcnn)",
+    )
+    p.add_argument(
+        "--max-level",
+        type=int,
+        default=None,
+        help="highest FPN level (default 7; 6 for fasterrcnn)",
+    )
+    p.add_argument(
+        "--min-size",
+        type=int,
+        nargs="+",
+        default=d([800]),
+        help="shorter side after resizing; several values: one drawn per batch",
+    )
+    p.add_argument("--max-size", type=int, default=d(1333), help="longer side cap after resizing")
+    p.add_argument(
+        "--score-thresh",
+        type=float,
+        default=d(0.05),
+        help="lowest score of a kept detection at evaluation",
+    )
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="train a detector, plain or distilled from a teacher",
+        description="Train a torchvision detector on a COCO-format dataset. "
+        "Without --teacher: plain training (teachers, baselines). With "
+        "--teacher CKPT: distillation (--distill icd or fpn-mse).",
+    )
+    _add_data_flags(p)
+    _add_model_flags(p)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="SGD lr (default: 0.01 per 16 images, 0.02 for fasterrcnn, scaled to "
+        "batch-size x processes)",
+    )
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", "--wd", type=float, default=1e-4)
+    p.add_argument(
+        "--warmup-iters",
+        type=int,
+        default=None,
+        help="linear lr warm-up (default min(1000, 10%% of the run))",
+    )
+    p.add_argument("--resume", default=None, help="checkpoint to continue from exactly")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=20, help="iterations per metrics line")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also write checkpoint.pth every N iterations (0: each epoch only)",
+    )
+    p.add_argument(
+        "--epoch-checkpoint-every",
+        type=int,
+        default=1,
+        help="keep model_{epoch}.pth every N epochs, as torchvision does each epoch (0: never)",
+    )
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and last)")
+    p.add_argument("--no-eval", action="store_true", help="no evaluation (no val split needed)")
+    g = p.add_argument_group("distillation")
+    g.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher checkpoint (icd train's, or a state "
+        "dict with --teacher-detector/--teacher-backbone)",
+    )
+    g.add_argument("--distill", choices=DISTILL_METHODS, default="icd")
+    g.add_argument(
+        "--distill-weight",
+        type=float,
+        default=None,
+        help="loss weight (default icd: 8, 3 for fasterrcnn; fpn-mse: 1)",
+    )
+    g.add_argument(
+        "--distill-warmup-iters",
+        type=int,
+        default=None,
+        help="ICD: iterations with the student's features detached "
+        "(default min(1000, 10%% of the run))",
+    )
+    g.add_argument("--icd-heads", type=int, default=8)
+    g.add_argument("--icd-layers", type=int, default=1)
+    g.add_argument(
+        "--icd-max-labels",
+        type=int,
+        default=None,
+        help="real + fake instances per image (default 300, 100 for fasterrcnn)",
+    )
+    g.add_argument("--icd-neg-ratio", type=float, default=5.0)
+    g.add_argument("--icd-backend", default=None, help="icd.ops backend (default per device)")
+    g.add_argument("--teacher-detector", choices=DETECTORS, default=None)
+    g.add_argument("--teacher-backbone", choices=BACKBONES, default=None)
+    g.add_argument("--teacher-fpn-channels", type=int, default=256)
+    g.add_argument("--teacher-norm", choices=NORMS, default="frozen_bn")
+    return p
+
+
+def _eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="COCO bbox AP of a checkpoint; writes the detections JSON",
+        description="Evaluate a checkpoint (COCOeval bbox: AP, AP50, AP75, APs, "
+        "APm, APl) and write detections_{split}.json to --output-dir. The "
+        "architecture comes from the checkpoint; the model flags are only needed "
+        "for a bare state dict.",
+    )
+    p.add_argument("--checkpoint", "--weights", required=True, dest="checkpoint")
+    p.add_argument("--split", default="val")
+    _add_data_flags(p)
+    _add_model_flags(p, defaults=False)
+    return p
+
+
+def _plot_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("plot", help="loss and AP curves of runs as a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output dirs with metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png of the first)")
+    return p
+
+
+def _data_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser(
+        "shapes",
+        help="generate the seeded COCO-format shapes dataset",
+        description="Write DIR/train, DIR/val PNGs and DIR/annotations/instances_{train,val}.json.",
+    )
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--num-train", type=int, default=2000)
+    s.add_argument("--num-val", type=int, default=500)
+    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icd",
+        description="Instance-Conditional Knowledge "
+        "Distillation for object detection: training and evaluation",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _eval_parser(sub)
+    _plot_parser(sub)
+    _data_parser(sub)
+    return parser
+
+
+def _run_eval(args: argparse.Namespace) -> dict[str, float]:
+    from icd.data.coco import CocoDetection, split_paths
+    from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
+    from icd.engine.checkpoint import load_checkpoint
+    from icd.engine.distributed import cleanup, init_distributed
+    from icd.engine.evaluator import eval_loader, evaluate
+    from icd.engine.metrics import MetricsLog
+    from icd.engine.trainer import detector_spec_from_args
+
+    info = init_distributed(args.device)
+    try:
+        image_dir, ann = split_paths(args.data_path, args.split)
+        dataset = CocoDetection(image_dir, ann, on_bad_data=args.on_bad_data)
+        ckpt = load_checkpoint(args.checkpoint)
+        if "detector_spec" in ckpt:
+            spec = DetectorSpec(**ckpt["detector_spec"])
+            if args.min_size is not None:
+                spec.min_size = tuple(args.min_size)
+            if args.max_size is not None:
+                spec.max_size = args.max_size
+            if args.score_thresh is not None:
+                spec.score_thresh = args.score_thresh
+        else:
+            if args.detector is None or args.backbone is None:
+                raise SystemExit(
+                    f"{args.checkpoint} holds no detector_spec; give --detector and "
+                    "--backbone (and --fpn-channels, --norm if not the defaults)"
+                )
+            args.fpn_channels = args.fpn_channels or 256
+            args.min_size = args.min_size or [800]
+            args.max_size = args.max_size or 1333
+            args.norm = args.norm or "frozen_bn"
+            args.score_thresh = 0.05 if args.score_thresh is None else args.score_thresh
+            spec = detector_spec_from_args(args, dataset.num_classes)
+        if spec.num_classes != dataset.num_classes:
+            raise SystemExit(
+                f"{args.checkpoint} has {spec.num_classes} classes; {ann} has {dataset.num_classes}"
+            )
+        model = build_detector(spec)
+        load_detector_weights(model, ckpt, what="evaluated")
+        model.to(info.device)
+        loader = eval_loader(dataset, info, args.batch_size, args.workers)
+        metrics = evaluate(
+            model,
+            loader,
+            dataset,
+            info,
+            spec.label_offset,
+            amp=args.amp,
+            output_dir=args.output_dir,
+            split=args.split,
+            progress=not args.no_progress,
+        )
+        if info.is_main:
+            MetricsLog(args.output_dir).write(
+                {
+                    "type": "eval",
+                    "iter": int(ckpt.get("iteration", 0)),
+                    "epoch": int(ckpt.get("epoch", 0)) - 1,
+                    "checkpoint": args.checkpoint,
+                    **metrics,
+                }
+            )
+            print(" ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        return metrics
+    finally:
+        cleanup(info)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "train":
+        from icd.engine.trainer import train
+
+        train(args)
+    elif args.command == "eval":
+        _run_eval(args)
+    elif args.command == "plot":
+        from icd.engine.metrics import plot_runs
+
+        out = args.out or os.path.join(args.runs[0], "curves.png")
+        print(plot_runs(args.runs, out))
+    elif args.command == "data":
+        from icd.data.shapes import generate
+
+        paths = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed)
+        for split, path in paths.items():
+            print(f"{split}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

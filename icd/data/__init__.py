@@ -1,0 +1,1 @@
+"""Data: COCO-format detection datasets and the seeded shapes generator."""

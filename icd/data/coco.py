@@ -1,0 +1,195 @@
+"""COCO-format detection data through pycocotools: an image folder and an annotation JSON.
+
+Targets follow torchvision's detection models: ``boxes`` float [n, 4] (x1, y1, x2, y2, pixels of
+the original image), ``labels`` int64 [n] contiguous 0..C-1 (categories sorted by id),
+``image_id`` int. Crowd annotations are left out of the targets (COCOeval ignores them itself);
+images without boxes are kept with ``boxes`` [0, 4].
+
+Bad data: a malformed annotation (bbox not four finite numbers, negative width or height,
+unknown category or image id) is found when the dataset is built; a corrupt image when it is
+read. Either is reported with the file name / annotation id and then skipped
+(``on_bad_data="skip"``) or raised (``"error"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+BAD_DATA_CHOICES = ("skip", "error")
+
+
+class BadDataError(RuntimeError):
+    """A corrupt image or a malformed annotation, with what and where in the message."""
+
+
+def _bbox_problem(bbox: Any) -> str | None:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return f"bbox {bbox!r} is not [x, y, w, h]"
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        return f"bbox {bbox!r} has a non-finite or non-numeric value"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"bbox {bbox!r} has a negative width or height"
+    return None
+
+
+class CocoDetection(Dataset):
+    """Images and targets of one COCO-format split.
+
+    Args:
+        image_dir: folder the annotation's ``file_name``s are relative to.
+        annotation_file: COCO JSON (instances_*.json).
+        train: horizontal flip with probability ``flip_prob`` when True.
+        on_bad_data: "skip" (report and leave out) or "error" (raise BadDataError).
+        seed: the flip of sample i in epoch e depends only on (seed, e, i), so the data order
+            and augmentation are reproducible across worker counts, processes and resumes.
+    """
+
+    def __init__(
+        self,
+        image_dir: str,
+        annotation_file: str,
+        train: bool = False,
+        flip_prob: float = 0.5,
+        on_bad_data: str = "error",
+        seed: int = 0,
+    ) -> None:
+        if on_bad_data not in BAD_DATA_CHOICES:
+            raise ValueError(f"on_bad_data={on_bad_data!r}; expected one of {BAD_DATA_CHOICES}")
+        self.image_dir = image_dir
+        self.annotation_file = annotation_file
+        self.train = train
+        self.flip_prob = flip_prob
+        self.on_bad_data = on_bad_data
+        self.seed = seed
+        self.epoch = 0
+        self.coco = load_coco(annotation_file)
+        self.category_ids: list[int] = sorted(self.coco.getCatIds())
+        self.category_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
+        self.label_of_category = {c: i for i, c in enumerate(self.category_ids)}
+        self.image_ids: list[int] = sorted(self.coco.imgs.keys())
+        self._annotations = self._checked_annotations()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _bad(self, message: str) -> None:
+        if self.on_bad_data == "error":
+            raise BadDataError(f"{message} (pass --on-bad-data skip to leave it out)")
+        log.warning("skipping: %s", message)
+
+    def _checked_annotations(self) -> dict[int, list[dict]]:
+        per_image: dict[int, list[dict]] = {i: [] for i in self.image_ids}
+        for ann in self.coco.dataset.get("annotations", []):
+            where = (f"{self.annotation_file}: annotation id {ann.get('id')} "
+                     f"(image id {ann.get('image_id')})")
+            problem = _bbox_problem(ann.get("bbox"))
+            if problem is None and ann.get("category_id") not in self.label_of_category:
+                problem = f"category_id {ann.get('category_id')!r} is not in 'categories'"
+            if problem is None and ann.get("image_id") not in per_image:
+                problem = "image_id is not in 'images'"
+            if problem is not None:
+                self._bad(f"{where}: {problem}")
+                continue
+            per_image[ann["image_id"]].append(ann)
+        return per_image
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.image_dir, self.coco.imgs[self.image_ids[index]]["file_name"])
+
+    def _target(self, image_id: int, width: int, height: int) -> dict[str, Tensor]:
+        boxes, labels = [], []
+        for ann in self._annotations[image_id]:
+            if ann.get("iscrowd", 0):
+                continue
+            x, y, w, h = ann["bbox"]
+            x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+            x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+            if x2 - x1 < 1e-3 or y2 - y1 < 1e-3:  # empty after clipping: nothing to detect
+                continue
+            boxes.append([x1, y1, x2, y2])
+            labels.append(self.label_of_category[ann["category_id"]])
+        return {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "image_id": image_id,
+        }
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """image float [3, H, W] in [0, 1] and its target; None for a skipped corrupt image."""
+        image_id = self.image_ids[index]
+        path = self.image_path(index)
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as err:  # PIL raises several types for truncated / unreadable files
+            self._bad(f"image {path} (image id {image_id}) cannot be read: {err}")
+            return None
+        width, height = image.size
+        tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        tensor = tensor.float().div_(255.0)
+        target = self._target(image_id, width, height)
+        if self.train and self._flip(index):
+            tensor = tensor.flip(-1)
+            boxes = target["boxes"]
+            target["boxes"] = torch.stack(
+                [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1
+            )
+        return tensor, target
+
+    def _flip(self, index: int) -> bool:
+        return random.Random(hash((self.seed, self.epoch, index))).random() < self.flip_prob
+
+
+def load_coco(annotation_file: str):
+    """pycocotools.coco.COCO of a JSON file, without its progress prints on stdout."""
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(annotation_file)
+
+
+def collate(batch: Sequence[tuple[Tensor, dict] | None]) -> tuple[list[Tensor], list[dict]]:
+    """Lists of images and targets, leaving out the samples a dataset skipped (None)."""
+    kept = [b for b in batch if b is not None]
+    return [b[0] for b in kept], [b[1] for b in kept]
+
+
+def split_paths(data_path: str, split: str) -> tuple[str, str]:
+    """(image folder, annotation file) of ``split`` under a COCO-layout root.
+
+    Accepts both ``root/{split}2017`` + ``annotations/instances_{split}2017.json`` (COCO) and
+    ``root/{split}`` + ``annotations/instances_{split}.json`` (what ``icd data shapes`` writes).
+    """
+    for image_dir, ann in (
+        (f"{split}2017", f"instances_{split}2017.json"),
+        (split, f"instances_{split}.json"),
+    ):
+        ann_path = os.path.join(data_path, "annotations", ann)
+        if os.path.exists(ann_path):
+            return os.path.join(data_path, image_dir), ann_path
+    raise FileNotFoundError(
+        f"no annotation file for split {split!r} under {data_path}/annotations "
+        f"(looked for instances_{split}2017.json and instances_{split}.json)"
+    )

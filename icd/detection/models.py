@@ -1,0 +1,222 @@
+"""torchvision detectors (RetinaNet, FCOS, Faster R-CNN) on ResNet + FPN, built without downloads.
+
+Levels P_min..P_max: P2..P5 come from ResNet's layer1..layer4 through the FPN; P6 and above
+from ``ExtraLevels`` (stride-2 3x3 convs on P5 for the one-stage detectors, as in RetinaNet;
+max-pooling for Faster R-CNN, as torchvision's LastLevelMaxPool). Anchor sizes follow the
+level's stride: 4 * stride (x 2^0, 2^(1/3), 2^(2/3)) for RetinaNet, 8 * stride for Faster R-CNN,
+the stride for FCOS, which reproduces torchvision's defaults for P3-P7 / P2-P6.
+
+Labels: the dataset's are 0..C-1; Faster R-CNN reserves 0 for the background, so its model
+labels are dataset labels + ``DetectorSpec.label_offset``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+
+DETECTORS = ("retinanet", "fcos", "fasterrcnn")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+NORMS = ("frozen_bn", "bn", "gn")
+DEFAULT_LEVELS = {"retinanet": (3, 7), "fcos": (3, 7), "fasterrcnn": (2, 6)}
+
+
+@dataclass
+class DetectorSpec:
+    """Everything that fixes a detector's architecture (stored in checkpoints as a plain dict)."""
+
+    detector: str = "retinanet"
+    backbone: str = "resnet50"
+    num_classes: int = 80
+    fpn_channels: int = 256
+    min_level: int | None = None
+    max_level: int | None = None
+    norm: str = "frozen_bn"
+    trainable_layers: int = 5
+    min_size: tuple[int, ...] = (800,)
+    max_size: int = 1333
+    score_thresh: float = 0.05  # detections kept at inference (torchvision's default)
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ValueError(f"detector={self.detector!r}; expected one of {DETECTORS}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone={self.backbone!r}; expected one of {BACKBONES}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r}; expected one of {NORMS}")
+        lo, hi = DEFAULT_LEVELS[self.detector]
+        self.min_level = lo if self.min_level is None else int(self.min_level)
+        self.max_level = hi if self.max_level is None else int(self.max_level)
+        if not 2 <= self.min_level <= 5:
+            raise ValueError(f"min_level={self.min_level}; expected 2..5 (P2..P5 come from ResNet)")
+        if self.max_level < self.min_level or self.max_level > 8:
+            raise ValueError(f"max_level={self.max_level}; expected {self.min_level}..8")
+        if not 0 <= self.trainable_layers <= 5:
+            raise ValueError(f"trainable_layers={self.trainable_layers}; expected 0..5")
+        if self.detector == "fcos" and self.fpn_channels % 16:
+            raise ValueError(
+                f"fcos: fpn_channels={self.fpn_channels}; its head's GroupNorm(16) "
+                "needs a multiple of 16"
+            )
+        self.min_size = tuple(
+            int(s)
+            for s in (
+                self.min_size if isinstance(self.min_size, (list, tuple)) else (self.min_size,)
+            )
+        )
+
+    @property
+    def label_offset(self) -> int:
+        return 1 if self.detector == "fasterrcnn" else 0
+
+    @property
+    def levels(self) -> list[int]:
+        return list(range(self.min_level, self.max_level + 1))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["min_size"] = list(self.min_size)
+        return d
+
+
+class ExtraLevels(ExtraFPNBlock):
+    """Levels above P5 from P5: stride-2 3x3 convs (ReLU between) or 1x1 max-pooling with stride 2.
+
+    Then keeps the first ``keep`` levels (fewer than P_min..P5 when max_level < 5).
+    """
+
+    def __init__(self, channels: int, num_extra: int, mode: str, keep: int) -> None:
+        super().__init__()
+        self.mode = mode
+        self.num_extra = num_extra
+        self.keep = keep
+        if mode == "conv":
+            self.convs = nn.ModuleList(
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1) for _ in range(num_extra)
+            )
+            for conv in self.convs:
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+                nn.init.constant_(conv.bias, 0)
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]):
+        results, names = list(results), list(names)
+        top = results[-1]
+        for i in range(self.num_extra):
+            if self.mode == "conv":
+                top = self.convs[i](top if i == 0 else torch.relu(top))
+            else:
+                top = nn.functional.max_pool2d(top, 1, 2, 0)
+            results.append(top)
+            names.append(f"p{6 + i}")
+        return results[: self.keep], names[: self.keep]
+
+
+def _norm_layer(norm: str):
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    return lambda channels: nn.GroupNorm(32, channels)
+
+
+def build_backbone(spec: DetectorSpec, backbone_weights: str | None = None) -> BackboneWithFPN:
+    """ResNet body + FPN giving P_min..P_max (keys '0', '1', ... then 'p6', ...)."""
+    body = getattr(resnet, spec.backbone)(weights=None, norm_layer=_norm_layer(spec.norm))
+    if backbone_weights is not None:
+        load_backbone_weights(body, backbone_weights)
+    layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][: spec.trainable_layers]
+    if spec.trainable_layers == 5:
+        layers.append("bn1")
+    for name, param in body.named_parameters():
+        if all(not name.startswith(layer) for layer in layers):
+            param.requires_grad_(False)
+    # The FPN needs ResNet levels from C_{min(min_level, 5)} up to C5 as inputs.
+    first = min(spec.min_level, 5)
+    returned = list(range(first - 1, 5))  # layer index k gives C_{k+1}
+    return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned)}
+    stage2 = body.inplanes // 8  # 64 for ResNet-18/34, 256 for ResNet-50/101
+    in_channels = [stage2 * 2 ** (k - 1) for k in returned]
+    num_extra = max(0, spec.max_level - 5)
+    mode = "pool" if spec.detector == "fasterrcnn" else "conv"
+    extra = ExtraLevels(spec.fpn_channels, num_extra, mode, keep=len(spec.levels))
+    return BackboneWithFPN(body, return_layers, in_channels, spec.fpn_channels, extra_blocks=extra)
+
+
+def load_backbone_weights(body: nn.Module, path: str) -> None:
+    """Load a torchvision ResNet state dict (a local file) strictly, ``fc.*`` aside."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    # fc belongs to classification; num_batches_tracked is not kept by FrozenBatchNorm2d
+    skip = ("fc.", "num_batches_tracked")
+    state = {k: v for k, v in state.items() if not any(s in k for s in skip)}
+    own = {k for k in body.state_dict() if not any(s in k for s in skip)}
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise KeyError(
+            f"backbone weights {path}: missing keys {missing}; unexpected keys {unexpected}"
+        )
+    body.load_state_dict(state, strict=False)
+
+
+def build_detector(spec: DetectorSpec, backbone_weights: str | None = None) -> nn.Module:
+    """The torchvision detector of ``spec`` (weights=None, weights_backbone=None: no download)."""
+    backbone = build_backbone(spec, backbone_weights)
+    strides = [2**level for level in spec.levels]
+    common = {"min_size": spec.min_size, "max_size": spec.max_size}
+    thresh = spec.score_thresh
+    if spec.detector == "retinanet":
+        sizes = tuple(
+            (4 * s, int(4 * s * 2 ** (1 / 3)), int(4 * s * 2 ** (2 / 3))) for s in strides
+        )
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
+        return RetinaNet(
+            backbone, spec.num_classes, anchor_generator=anchors, score_thresh=thresh, **common
+        )
+    if spec.detector == "fcos":
+        anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+        return FCOS(
+            backbone, spec.num_classes, anchor_generator=anchors, score_thresh=thresh, **common
+        )
+    anchors = AnchorGenerator(tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
+    # RoIs pool from the FPN levels that come from ResNet (not the max-pooled extras).
+    names = [str(i) for i in range(min(spec.max_level, 5) - spec.min_level + 1)]
+    roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    return FasterRCNN(
+        backbone,
+        spec.num_classes + 1,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=roi_pool,
+        box_score_thresh=thresh,
+        **common,
+    )
+
+
+def load_detector_weights(model: nn.Module, checkpoint: str | dict, what: str = "teacher") -> None:
+    """Load a detector state dict strictly; a missing or unexpected key is an error listing them.
+
+    ``checkpoint``: a path to an ``icd train`` checkpoint (its "model" entry), a bare state dict
+    file, or an already loaded dict.
+    """
+    state = checkpoint
+    if isinstance(checkpoint, str):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = set(model.state_dict())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        src = checkpoint if isinstance(checkpoint, str) else "the given state dict"
+        raise KeyError(
+            f"{what} weights from {src} do not match the {what} detector: "
+            f"missing keys {missing}; unexpected keys {unexpected}"
+        )
+    model.load_state_dict(state, strict=True)

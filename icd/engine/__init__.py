@@ -1,0 +1,1 @@
+"""Engine: the trainer, evaluation loop, checkpoints, distributed set-up and run records."""

@@ -1,0 +1,84 @@
+"""COCO bbox evaluation of a detector over a dataset, gathered across ranks."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from icd.data.coco import CocoDetection, collate
+from icd.detection.evaluation import coco_bbox_metrics, to_coco_detections, write_detections
+from icd.engine.distributed import DistInfo, all_gather_objects
+from icd.engine.sampler import ResumableSampler
+
+DETECTIONS_FILE = "detections_{split}.json"
+
+
+def autocast(device: torch.device, enabled: bool):
+    """float16 autocast on CUDA, bfloat16 on CPU; a no-op context when disabled."""
+    if not enabled:
+        return nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def eval_loader(
+    dataset: CocoDetection, info: DistInfo, batch_size: int, workers: int
+) -> DataLoader:
+    sampler = ResumableSampler(dataset, info.world_size, info.rank, shuffle=False)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    dataset: CocoDetection,
+    info: DistInfo,
+    label_offset: int,
+    amp: bool = False,
+    output_dir: str | None = None,
+    split: str = "val",
+    progress: bool = True,
+) -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl (%) of ``model`` on ``loader``'s images.
+
+    Every rank predicts its share; rank 0 gathers them (dropping the duplicates that
+    DistributedSampler pads with), runs COCOeval and writes ``detections_{split}.json`` in
+    ``output_dir``. Other ranks return the same metrics (broadcast through the gather).
+    """
+    was_training = model.training
+    model.eval()
+    per_image: dict[int, list[dict]] = {}
+    bar = tqdm(loader, desc=f"eval {split}", disable=not (progress and info.is_main), leave=False)
+    for images, targets in bar:
+        if not images:
+            continue
+        images = [im.to(info.device, non_blocking=True) for im in images]
+        with autocast(info.device, amp):
+            outputs = model(images)
+        for out, target in zip(outputs, targets, strict=True):
+            image_id = int(target["image_id"])
+            per_image[image_id] = to_coco_detections(
+                [out], [image_id], dataset.category_ids, label_offset
+            )
+    model.train(was_training)
+    merged: dict[int, list[dict]] = {}
+    for part in all_gather_objects(per_image, info):
+        for image_id, dets in part.items():
+            merged.setdefault(image_id, dets)
+    metrics = {}
+    if info.is_main:
+        detections = [d for image_id in sorted(merged) for d in merged[image_id]]
+        metrics = coco_bbox_metrics(dataset.coco, detections, image_ids=sorted(merged))
+        if output_dir is not None:
+            write_detections(
+                os.path.join(output_dir, DETECTIONS_FILE.format(split=split)), detections
+            )
+    return all_gather_objects(metrics, info)[0]

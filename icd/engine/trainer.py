@@ -1,0 +1,486 @@
+"""The training loop: plain detector training (teachers, baselines) and distillation (ICD, FPN-MSE).
+
+Reads like torchvision's references/detection/train.py: the arguments are the CLI's
+(``icd train --help``), the checkpoint is a dict with model, optimizer, lr_scheduler, epoch and
+args (plus what an exact resume needs, see icd.engine.checkpoint).
+
+One iteration::
+
+    losses = student(images, targets)                      # the detector's own losses
+    tap = FeatureTap(student).batch                        # its FPN maps and input frame
+    teacher_maps = teacher.backbone(tap.images)            # frozen, same padded input
+    losses |= distiller(teacher_maps, tap.features, tap.boxes, labels, sizes, padded_size)
+    sum(losses).backward(); SGD step (student side); AdamW step (ICD teacher side, clipped)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from icd.data.coco import CocoDetection, collate, split_paths
+from icd.detection.feature_tap import FeatureTap
+from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
+from icd.engine import optim
+from icd.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_atomic,
+)
+from icd.engine.distill import build_distiller
+from icd.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from icd.engine.evaluator import autocast, eval_loader, evaluate
+from icd.engine.metrics import MetricsLog
+from icd.engine.sampler import ResumableSampler
+
+log = logging.getLogger("icd.train")
+
+LAST_CHECKPOINT = "checkpoint.pth"
+# Tests only: SIGKILL this process right after the checkpoint of this iteration is written.
+_KILL_AFTER_ENV = "ICD_TEST_SIGKILL_AFTER_ITER"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def detector_spec_from_args(args: argparse.Namespace, num_classes: int) -> DetectorSpec:
+    weights = getattr(args, "backbone_weights", None)
+    norm = args.norm or ("frozen_bn" if weights else "gn")
+    trainable = args.trainable_backbone_layers
+    if trainable is None:
+        trainable = 3 if weights else 5
+    return DetectorSpec(
+        detector=args.detector,
+        backbone=args.backbone,
+        num_classes=num_classes,
+        fpn_channels=args.fpn_channels,
+        min_level=args.min_level,
+        max_level=args.max_level,
+        norm=norm,
+        trainable_layers=trainable,
+        min_size=tuple(args.min_size),
+        max_size=args.max_size,
+        score_thresh=args.score_thresh,
+    )
+
+
+def load_teacher(
+    path: str, num_classes: int, args: argparse.Namespace, device: torch.device
+) -> tuple[nn.Module, DetectorSpec]:
+    """The frozen teacher: architecture from the checkpoint's ``detector_spec`` (or --teacher-*
+    flags for a bare state dict), weights loaded strictly."""
+    ckpt = load_checkpoint(path)
+    if "detector_spec" in ckpt:
+        spec = DetectorSpec(**ckpt["detector_spec"])
+    else:
+        if args.teacher_detector is None or args.teacher_backbone is None:
+            raise ValueError(
+                f"--teacher {path} holds no detector_spec (not written by icd train); "
+                "give --teacher-detector and --teacher-backbone"
+            )
+        spec = DetectorSpec(
+            detector=args.teacher_detector,
+            backbone=args.teacher_backbone,
+            num_classes=num_classes,
+            fpn_channels=args.teacher_fpn_channels,
+            min_level=args.min_level,
+            max_level=args.max_level,
+            norm=args.teacher_norm,
+            min_size=tuple(args.min_size),
+            max_size=args.max_size,
+        )
+    if spec.num_classes != num_classes:
+        raise ValueError(
+            f"teacher {path} has {spec.num_classes} classes; the data has {num_classes}"
+        )
+    teacher = build_detector(spec)
+    load_detector_weights(teacher, ckpt, what="teacher")
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, spec
+
+
+def average_across_ranks(record: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """The mean of each value over the ranks (what the whole batch's loss is)."""
+    if not info.distributed:
+        return record
+    keys = sorted(record)
+    values = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=info.device)
+    torch.distributed.all_reduce(values)
+    return {k: float(v) / info.world_size for k, v in zip(keys, values.tolist(), strict=True)}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _plain_args(args: argparse.Namespace) -> dict:
+    """args as a dict of str/int/float/bool/None/list (weights_only-loadable)."""
+    out = {}
+    for key, value in vars(args).items():
+        if callable(value):
+            continue
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+class Trainer:
+    """Builds everything from the parsed ``icd train`` arguments; ``run()`` trains and evaluates."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.info: DistInfo = init_distributed(args.device)
+        seed_everything(args.seed)
+        self._build_data()
+        num_classes = self.train_set.num_classes
+        self.spec = detector_spec_from_args(args, num_classes)
+        self.model = build_detector(self.spec, args.backbone_weights).to(self.info.device)
+        self.sampler = ResumableSampler(
+            self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=args.seed
+        )
+        self.iters_per_epoch = math.ceil(len(self.sampler) / args.batch_size)
+        self.total_iters = args.epochs * self.iters_per_epoch
+        self.tap = self.teacher = self.distiller = None
+        if args.teacher:
+            self._build_distillation(num_classes)
+        self._build_optimisers()
+        use_scaler = args.amp and self.info.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self._wrap_ddp()
+        self.iteration = 0
+        self.start_epoch = 0
+        self.epoch_batches = 0
+        self.metrics = MetricsLog(args.output_dir, enabled=self.info.is_main)
+        if args.resume:
+            self._resume(args.resume)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        args = self.args
+        train_dir, train_ann = split_paths(args.data_path, args.train_split)
+        self.train_set = CocoDetection(
+            train_dir,
+            train_ann,
+            train=True,
+            flip_prob=args.flip_prob,
+            on_bad_data=args.on_bad_data,
+            seed=args.seed,
+        )
+        self.train_annotations = train_ann
+        self.val_set = None
+        if not args.no_eval:
+            val_dir, val_ann = split_paths(args.data_path, args.val_split)
+            self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data)
+
+    def _build_distillation(self, num_classes: int) -> None:
+        """The frozen teacher, the distiller and the tap on the student."""
+        args, info = self.args, self.info
+        self.teacher, teacher_spec = load_teacher(args.teacher, num_classes, args, info.device)
+        if teacher_spec.levels != self.spec.levels:
+            raise ValueError(
+                f"teacher levels P{teacher_spec.levels} differ from the student's "
+                f"P{self.spec.levels}; pass --min-level/--max-level to match"
+            )
+        warmup = args.distill_warmup_iters
+        if warmup is None:
+            warmup = optim.default_warmup_iters(self.total_iters)
+        self.distiller = build_distiller(
+            args.distill,
+            detector=args.detector,
+            num_classes=num_classes,
+            teacher_channels=teacher_spec.fpn_channels,
+            student_channels=self.spec.fpn_channels,
+            num_levels=len(self.spec.levels),
+            loss_weight=args.distill_weight,
+            warmup_iters=warmup,
+            annotation_file=self.train_annotations,
+            heads=args.icd_heads,
+            num_layers=args.icd_layers,
+            max_labels=args.icd_max_labels,
+            neg_ratio=args.icd_neg_ratio,
+            backend=args.icd_backend,
+        ).to(info.device)
+        self.tap = FeatureTap(self.model)
+
+    def _build_optimisers(self) -> None:
+        """SGD over the student and the distiller's student side; AdamW over ICD's teacher side."""
+        args = self.args
+        total_batch = args.batch_size * self.info.world_size
+        lr = args.lr if args.lr is not None else optim.default_lr(args.detector, total_batch)
+        student_params = list(self.model.parameters())
+        if self.distiller is not None:
+            student_params += list(self.distiller.student_side_parameters())
+        self.optimizer = optim.student_optimizer(
+            student_params, lr, args.momentum, args.weight_decay
+        )
+        warmup_iters = args.warmup_iters
+        if warmup_iters is None:
+            warmup_iters = optim.default_warmup_iters(self.total_iters)
+        self.lr_scheduler = optim.student_scheduler(self.optimizer, self.total_iters, warmup_iters)
+        self.teacher_params = []
+        self.teacher_optimizer = self.teacher_lr_scheduler = None
+        if self.distiller is not None:
+            self.teacher_params = [
+                p for p in self.distiller.teacher_side_parameters() if p.requires_grad
+            ]
+            if self.teacher_params:
+                self.teacher_optimizer = optim.teacher_side_optimizer(self.teacher_params)
+                self.teacher_lr_scheduler = optim.teacher_side_scheduler(
+                    self.teacher_optimizer, self.total_iters
+                )
+
+    def _wrap_ddp(self) -> None:
+        """DistributedDataParallel around the student and the distiller under torchrun."""
+        info = self.info
+        self.distiller_ddp = self.distiller
+        if info.distributed:
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+            if self.distiller is not None and any(True for _ in self.distiller.parameters()):
+                # an image batch without boxes leaves ICD's teacher side unused
+                self.distiller_ddp = DistributedDataParallel(
+                    self.distiller, device_ids=ids, find_unused_parameters=True
+                )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self, epoch: int, epoch_batches: int) -> dict:
+        ckpt = {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "epoch": epoch,
+            "epoch_batches": epoch_batches,
+            "iteration": self.iteration,
+            "args": _plain_args(self.args),
+            "detector_spec": self.spec.to_dict(),
+            "rng": capture_rng_state(),
+        }
+        if self.distiller is not None:
+            ckpt["distiller"] = self.distiller.state_dict()
+        if self.teacher_optimizer is not None:
+            ckpt["teacher_optimizer"] = self.teacher_optimizer.state_dict()
+            ckpt["teacher_lr_scheduler"] = self.teacher_lr_scheduler.state_dict()
+        if self.scaler is not None:
+            ckpt["scaler"] = self.scaler.state_dict()
+        return ckpt
+
+    def save(self, epoch: int, epoch_batches: int, also_epoch_file: bool = False) -> None:
+        if not self.info.is_main:
+            return
+        ckpt = self.state(epoch, epoch_batches)
+        save_atomic(ckpt, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
+        if also_epoch_file:
+            save_atomic(ckpt, os.path.join(self.args.output_dir, f"model_{epoch - 1}.pth"))
+
+    def _resume(self, path: str) -> None:
+        ckpt = load_checkpoint(path)
+        load_detector_weights(_unwrap(self.model), ckpt, what="resumed")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if self.distiller is not None:
+            if "distiller" not in ckpt:
+                raise KeyError(
+                    f"--resume {path} has no distiller state; it is not a "
+                    f"--distill {self.args.distill} run"
+                )
+            self.distiller.load_state_dict(ckpt["distiller"])
+        if self.teacher_optimizer is not None:
+            self.teacher_optimizer.load_state_dict(ckpt["teacher_optimizer"])
+            self.teacher_lr_scheduler.load_state_dict(ckpt["teacher_lr_scheduler"])
+        if self.scaler is not None and "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.epoch_batches = int(ckpt.get("epoch_batches", 0))
+        restore_rng_state(ckpt["rng"])
+        if self.info.is_main:
+            log.info(
+                "resumed from %s at epoch %d, iteration %d", path, self.start_epoch, self.iteration
+            )
+
+    # -- one iteration -----------------------------------------------------------------------
+    def _losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        offset = self.spec.label_offset
+        with autocast(self.info.device, self.args.amp):
+            losses = dict(self.model(images, targets))
+            if self.distiller is not None:
+                batch = self.tap.batch
+                with torch.no_grad():
+                    teacher_maps = list(self.teacher.backbone(batch.images).values())
+                labels = [lab - offset for lab in batch.labels]
+                extra = self.distiller_ddp(
+                    teacher_maps,
+                    batch.features,
+                    batch.boxes,
+                    labels,
+                    batch.image_sizes.to(self.info.device),
+                    batch.padded_size,
+                )
+                self.tap.clear()
+                losses.update(extra)
+        return {k: v.float() for k, v in losses.items()}
+
+    def train_step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, float]:
+        device, offset = self.info.device, self.spec.label_offset
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [
+            {"boxes": t["boxes"].to(device), "labels": t["labels"].to(device) + offset}
+            for t in targets
+        ]
+        losses = self._losses(images, targets)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"non-finite loss at iteration {self.iteration + 1}: "
+                f"{ {k: float(v) for k, v in losses.items()} }"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher_optimizer is not None:
+            self.teacher_optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+        else:
+            total.backward()
+        if self.teacher_optimizer is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.teacher_optimizer)
+            torch.nn.utils.clip_grad_norm_(self.teacher_params, optim.TEACHER_SIDE_CLIP)
+        for opt in (self.optimizer, self.teacher_optimizer):
+            if opt is None:
+                continue
+            if self.scaler is not None:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        self.lr_scheduler.step()
+        if self.teacher_lr_scheduler is not None:
+            self.teacher_lr_scheduler.step()
+        if self.distiller is not None:
+            self.distiller.step()
+        self.iteration += 1
+        record = {
+            k if k.startswith("loss_") else f"loss_{k}": float(v.detach())
+            for k, v in losses.items()
+        }
+        record["loss"] = float(total.detach())
+        return record
+
+    # -- the run -----------------------------------------------------------------------------
+    def _train_loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        self.sampler.set_epoch(epoch, skip=skip_batches * self.args.batch_size)
+        self.train_set.set_epoch(epoch)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.args.batch_size,
+            sampler=self.sampler,
+            num_workers=self.args.workers,
+            collate_fn=collate,
+            pin_memory=self.info.device.type == "cuda",
+            # its own generator: creating the iterator must not draw from the
+            # global torch RNG, or a resumed run would diverge from an unbroken one
+            generator=torch.Generator().manual_seed(self.args.seed + epoch),
+        )
+
+    def run_evaluation(self, epoch: int) -> dict[str, float]:
+        loader = eval_loader(self.val_set, self.info, self.args.batch_size, self.args.workers)
+        metrics = evaluate(
+            _unwrap(self.model),
+            loader,
+            self.val_set,
+            self.info,
+            self.spec.label_offset,
+            amp=self.args.amp,
+            output_dir=self.args.output_dir,
+            split=self.args.val_split,
+            progress=not self.args.no_progress,
+        )
+        self.metrics.write({"type": "eval", "iter": self.iteration, "epoch": epoch, **metrics})
+        if self.info.is_main:
+            print(
+                f"epoch {epoch} iter {self.iteration}: "
+                + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()),
+                flush=True,
+            )
+        return metrics
+
+    def run(self) -> dict[str, float]:
+        args, info = self.args, self.info
+        kill_after = int(os.environ.get(_KILL_AFTER_ENV, "0"))
+        self.model.train()
+        final = {}
+        for epoch in range(self.start_epoch, args.epochs):
+            skip = self.epoch_batches if epoch == self.start_epoch else 0
+            loader = self._train_loader(epoch, skip)
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch}",
+                disable=not info.is_main or args.no_progress,
+                initial=skip,
+                total=self.iters_per_epoch,
+                dynamic_ncols=True,
+            )
+            batches = skip
+            start = time.time()
+            for images, targets in bar:
+                batches += 1
+                if not images:  # every sample of this batch was a skipped corrupt image
+                    continue
+                record = self.train_step(images, targets)
+                if self.iteration % args.print_freq == 0 or self.iteration == self.total_iters:
+                    record = average_across_ranks(record, info)
+                    record.update(
+                        type="train",
+                        iter=self.iteration,
+                        epoch=epoch,
+                        lr=self.optimizer.param_groups[0]["lr"],
+                        sec_per_iter=(time.time() - start) / max(1, batches - skip),
+                    )
+                    self.metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if args.checkpoint_every and self.iteration % args.checkpoint_every == 0:
+                    self.save(epoch, batches)
+                    if kill_after and self.iteration >= kill_after:
+                        os.kill(os.getpid(), signal.SIGKILL)
+            self.epoch_batches = 0
+            every = args.epoch_checkpoint_every
+            self.save(epoch + 1, 0, also_epoch_file=bool(every) and (epoch + 1) % every == 0)
+            last = epoch + 1 == args.epochs
+            if self.val_set is not None and (
+                last or (args.eval_every and (epoch + 1) % args.eval_every == 0)
+            ):
+                final = self.run_evaluation(epoch)
+            barrier(info)
+        return final
+
+    def close(self) -> None:
+        if self.tap is not None:
+            self.tap.remove()
+        cleanup(self.info)
+
+
+def train(args: argparse.Namespace) -> dict[str, float]:
+    """Train as ``icd train`` does; returns the last evaluation's metrics ({} without one)."""
+    trainer = Trainer(args)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -1,0 +1,141 @@
+"""Every command end to end on a tiny generated COCO dataset (64 px images, ResNet-18, FPN 32)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from icd.cli import build_parser, main
+from icd.detection.models import DetectorSpec, build_detector
+from icd.engine.checkpoint import load_checkpoint, save_atomic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ("--backbone resnet18 --fpn-channels 32 --norm gn --min-size 64 --max-size 64 "
+        "--workers 0 --device cpu --no-progress")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    args = f"data shapes --out {out} --num-train 4 --num-val 2 --image-size 64 --seed 1"
+    assert main(args.split()) == 0
+    assert sorted(os.listdir(out / "annotations")) == ["instances_train.json", "instances_val.json"]
+    assert len(os.listdir(out / "train")) == 4 and len(os.listdir(out / "val")) == 2
+    return str(out)
+
+
+def _records(run_dir, kind):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["plot"], ["data"], ["data", "shapes"]])
+def test_help_of_each_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: icd " + " ".join(command))
+    if command == ["train"]:
+        flags = "--data-path --epochs --lr --amp --resume --output-dir --teacher --distill "
+        flags += "--workers --seed --device --batch-size --detector --backbone"
+        for flag in flags.split():
+            assert flag in text
+
+
+def test_python_dash_m_and_console_script():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "icd", "--help"]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "train" in out.stdout and "eval" in out.stdout
+    script = shutil.which("icd") or os.path.join(os.path.dirname(sys.executable), "icd")
+    if not os.path.exists(script):
+        pytest.skip("the `icd` console script is not installed in this environment")
+    out = subprocess.run([script, "data", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "shapes" in out.stdout
+
+
+def test_train_eval_plot_and_fpn_mse_distillation(data, tmp_path):
+    teacher = str(tmp_path / "teacher")
+    # --score-thresh 0: an untrained detector still gives detections, so eval is exercised
+    main(f"train --data-path {data} {TINY} --epochs 2 --batch-size 2 --print-freq 1 --lr 0.02 "
+         f"--score-thresh 0 --output-dir {teacher}".split())
+    ckpt = load_checkpoint(os.path.join(teacher, "checkpoint.pth"))
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "iteration", "rng"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 4 and ckpt["args"]["lr"] == 0.02
+    assert os.path.exists(os.path.join(teacher, "model_0.pth"))
+    train = _records(teacher, "train")
+    assert [r["iter"] for r in train] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 and "loss_classification" in r for r in train)
+    evals = _records(teacher, "eval")
+    assert [r["epoch"] for r in evals] == [0, 1] and all(0 <= r["AP"] <= 100 for r in evals)
+    with open(os.path.join(teacher, "detections_val.json")) as f:
+        train_dets = json.load(f)
+    assert {d["image_id"] for d in train_dets} == {1, 2}
+
+    evaluated = str(tmp_path / "eval")
+    checkpoint = os.path.join(teacher, "checkpoint.pth")
+    main(f"eval --data-path {data} --checkpoint {checkpoint} --workers 0 --device cpu "
+         f"--no-progress --output-dir {evaluated}".split())
+    (record,) = _records(evaluated, "eval")
+    assert record["AP"] == evals[-1]["AP"] and record["AP50"] == evals[-1]["AP50"]
+    with open(os.path.join(evaluated, "detections_val.json")) as f:
+        assert json.load(f) == train_dets
+
+    student = str(tmp_path / "fpn_mse")  # narrower student: a 1x1 adapter 16 -> 32 channels
+    main(f"train --data-path {data} {TINY} --fpn-channels 16 --epochs 1 --print-freq 1 "
+         f"--workers 1 --teacher {checkpoint} --distill fpn-mse --no-eval "
+         f"--epoch-checkpoint-every 0 "
+         f"--output-dir {student}".split())
+    records = _records(student, "train")
+    assert len(records) == 2 and all(r["loss_distill"] > 0 for r in records)
+    ckpt = load_checkpoint(os.path.join(student, "checkpoint.pth"))
+    assert ckpt["distiller"]["adapters.0.weight"].shape == (32, 16, 1, 1)
+    assert sorted(f for f in os.listdir(student) if f.endswith(".pth")) == ["checkpoint.pth"]
+
+    png = str(tmp_path / "curves.png")
+    assert main(["plot", teacher, student, "--out", png]) == 0
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("detector", "extra"), [("retinanet", ""), ("fasterrcnn", "--amp")])
+def test_icd_distillation(detector, extra, data, tmp_path):
+    teacher_spec = DetectorSpec(detector, "resnet34", num_classes=7, fpn_channels=32, norm="gn",
+                                min_level=3, max_level=5, min_size=(64,), max_size=64)
+    teacher = str(tmp_path / "teacher.pth")
+    state = {"model": build_detector(teacher_spec).state_dict(),
+             "detector_spec": teacher_spec.to_dict()}
+    save_atomic(state, teacher)
+    out = str(tmp_path / "icd")
+    main(f"train --data-path {data} {TINY} --detector {detector} --fpn-channels 16 "
+         f"--min-level 3 --max-level 5 --epochs 1 --print-freq 1 --teacher {teacher} "
+         f"--distill icd --icd-heads 4 --no-eval --output-dir {out} {extra}".split())
+    records = _records(out, "train")
+    assert len(records) == 2
+    for r in records:
+        assert r["loss_distill"] > 0 and r["loss_aux_conf"] > 0 and r["loss_aux_reg"] > 0
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert {"distiller", "teacher_optimizer", "teacher_lr_scheduler"} <= set(ckpt)
+    assert ckpt["teacher_optimizer"]["param_groups"][0]["weight_decay"] == 1e-4
+    # default distillation warm-up: min(1000, 10% of 2 iterations) = 0; the counter is at 2
+    assert int(ckpt["distiller"]["num_steps"]) == 2
+    assert not any(k.startswith("teacher") for k in ckpt["model"])  # the teacher stays out
+    assert torch.is_tensor(ckpt["rng"]["torch"])
+
+
+def test_teacher_with_other_levels_is_refused(data, tmp_path):
+    spec = DetectorSpec("retinanet", "resnet18", num_classes=7, fpn_channels=32, norm="gn",
+                        min_level=3, max_level=6, min_size=(64,), max_size=64)
+    teacher = str(tmp_path / "teacher.pth")
+    save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()},
+                teacher)
+    with pytest.raises(ValueError, match="levels"):
+        main(f"train --data-path {data} {TINY} --max-level 5 --teacher {teacher} --no-eval "
+             f"--output-dir {tmp_path / 'x'}".split())

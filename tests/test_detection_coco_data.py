@@ -1,0 +1,134 @@
+"""COCO-format data: contiguous labels, crowd boxes, empty images, flips, bad data, shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from icd.data.coco import BadDataError, CocoDetection, collate, split_paths
+from icd.data.shapes import CLASSES, generate
+
+
+def _write(tmp_path, annotations, extra_images=()):
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    images = []
+    for i, (w, h) in enumerate([(40, 30), (20, 20), (32, 16)], start=1):
+        Image.fromarray(np.full((h, w, 3), 10 * i, np.uint8)).save(image_dir / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": w, "height": h})
+    for image_id, name, content in extra_images:
+        (image_dir / name).write_bytes(content)
+        images.append({"id": image_id, "file_name": name, "width": 8, "height": 8})
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 17, "name": "b"}, {"id": 3, "name": "a"}],
+    }
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(coco))
+    return str(image_dir), str(path)
+
+
+def _ann(i, image_id, cat, bbox, crowd=0):
+    return {
+        "id": i,
+        "image_id": image_id,
+        "category_id": cat,
+        "bbox": bbox,
+        "iscrowd": crowd,
+        "area": 1.0,
+    }
+
+
+def test_labels_crowd_and_empty_images(tmp_path):
+    anns = [
+        _ann(1, 1, 17, [2, 3, 10, 5]),
+        _ann(2, 1, 3, [30, 20, 20, 20]),
+        _ann(3, 1, 3, [0, 0, 5, 5], crowd=1),
+        _ann(4, 3, 17, [1, 1, 2, 2]),
+    ]
+    ds = CocoDetection(*_write(tmp_path, anns))
+    assert len(ds) == 3 and ds.num_classes == 2 and ds.category_names == ["a", "b"]
+    image, target = ds[0]
+    assert image.shape == (3, 30, 40) and image.dtype == torch.float32
+    assert abs(float(image.max()) - 10 / 255) < 1e-6
+    # category 3 -> label 0, 17 -> 1; the crowd box is left out; boxes clipped to the image
+    assert target["labels"].tolist() == [1, 0]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[2.0, 3, 12, 8], [30, 20, 40, 30]]))
+    image, target = ds[1]  # no annotations: kept, with an empty [0, 4] box tensor
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    images, targets = collate([ds[0], None, ds[2]])
+    assert len(images) == 2 and [t["image_id"] for t in targets] == [1, 3]
+
+
+def test_horizontal_flip_mirrors_boxes_and_is_seeded(tmp_path):
+    ds = CocoDetection(
+        *_write(tmp_path, [_ann(1, 1, 17, [2, 3, 10, 5])]), train=True, flip_prob=1.0
+    )
+    plain = CocoDetection(ds.image_dir, ds.annotation_file)
+    image, target = ds[0]
+    torch.testing.assert_close(image, plain[0][0].flip(-1))
+    torch.testing.assert_close(target["boxes"], torch.tensor([[28.0, 3, 38, 8]]))
+    half = CocoDetection(ds.image_dir, ds.annotation_file, train=True, seed=4)
+    flips = [[bool(half._flip(i)) for i in range(64)] for _ in range(2)]
+    assert flips[0] == flips[1] and 10 < sum(flips[0]) < 54
+    half.set_epoch(1)
+    assert [half._flip(i) for i in range(64)] != flips[0]
+
+
+def test_malformed_annotation_is_reported_then_skipped_or_fatal(tmp_path, caplog):
+    anns = [
+        _ann(1, 1, 17, [2, 3, 10, 5]),
+        _ann(7, 1, 17, [2, 3, -1, 5]),
+        _ann(8, 2, 99, [1, 1, 2, 2]),
+        _ann(9, 2, 3, [1, "x", 2, 2]),
+    ]
+    paths = _write(tmp_path, anns)
+    with pytest.raises(BadDataError, match="annotation id 7"):
+        CocoDetection(*paths)
+    ds = CocoDetection(*paths, on_bad_data="skip")
+    assert ds[0][1]["labels"].tolist() == [1] and ds[1][1]["labels"].numel() == 0
+    log = caplog.text
+    assert "annotation id 7" in log and "annotation id 8" in log and "annotation id 9" in log
+
+
+def test_corrupt_image_is_reported_with_its_file_name(tmp_path, caplog):
+    paths = _write(tmp_path, [], extra_images=[(4, "broken.png", b"\x89PNG not really")])
+    with pytest.raises(BadDataError, match="broken.png"):
+        CocoDetection(*paths)[3]
+    ds = CocoDetection(*paths, on_bad_data="skip")
+    assert ds[3] is None and "broken.png" in caplog.text
+
+
+def test_shapes_generator_is_seeded_and_coco_valid(tmp_path):
+    a = generate(str(tmp_path / "a"), num_train=6, num_val=2, image_size=96, seed=11)
+    b = generate(str(tmp_path / "b"), num_train=6, num_val=2, image_size=96, seed=11)
+    assert open(a["train"]).read() == open(b["train"]).read()
+    assert (
+        open(tmp_path / "a/train/000003.png", "rb").read()
+        == open(tmp_path / "b/train/000003.png", "rb").read()
+    )
+    c = generate(str(tmp_path / "c"), num_train=6, num_val=2, image_size=96, seed=12)
+    assert open(a["train"]).read() != open(c["train"]).read()
+    image_dir, ann = split_paths(str(tmp_path / "a"), "train")
+    ds = CocoDetection(image_dir, ann)
+    assert ds.num_classes == len(CLASSES) and len(ds) == 6
+    assert os.path.exists(split_paths(str(tmp_path / "a"), "val")[1])
+    boxes = torch.cat([ds[i][1]["boxes"] for i in range(len(ds))])
+    assert len(boxes) >= 6 and bool((boxes[:, 2:] > boxes[:, :2]).all())
+    assert float(boxes.max()) <= 96
+
+
+def test_shapes_cover_coco_scales(tmp_path):
+    ann = generate(str(tmp_path), num_train=40, num_val=1, image_size=256, seed=0)["train"]
+    areas = [a["area"] for a in json.load(open(ann))["annotations"]]
+    small = sum(a < 32**2 for a in areas)
+    large = sum(a > 96**2 for a in areas)
+    assert small > 0.15 * len(areas) and large > 0.02 * len(areas)
+    labels = {a["category_id"] for a in json.load(open(ann))["annotations"]}
+    assert labels == set(range(1, len(CLASSES) + 1))

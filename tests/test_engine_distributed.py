@@ -1,0 +1,134 @@
+"""Two gloo processes (torchrun) train like one process with the doubled batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from icd.data.shapes import generate
+from icd.detection.models import DetectorSpec, build_detector
+from icd.engine.checkpoint import load_checkpoint
+
+ATOL = 1e-8  # float32 sums in another order (DDP's all-reduce); seen: <= 4e-9
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _losses(run_dir) -> list[float]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [r["loss"] for r in map(json.loads, f) if r["type"] == "train"]
+
+
+def test_two_gloo_processes_equal_one_process_with_double_batch(tmp_path):
+    data = tmp_path / "data"
+    generate(str(data), num_train=8, num_val=3, image_size=64, seed=5)
+    # GroupNorm backbone and same-size images: every image's loss is independent of its
+    # batch-mates, so the split over ranks cannot change the result.
+    common = [
+        "--data-path",
+        str(data),
+        "--backbone",
+        "resnet18",
+        "--fpn-channels",
+        "32",
+        "--norm",
+        "gn",
+        "--min-level",
+        "3",
+        "--max-level",
+        "5",
+        "--min-size",
+        "64",
+        "--max-size",
+        "64",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--print-freq",
+        "1",
+        "--seed",
+        "7",
+        "--lr",
+        "0.05",
+        "--score-thresh",
+        "0.0",
+    ]
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    one = _launch(
+        [
+            sys.executable,
+            "-m",
+            "icd",
+            "train",
+            *common,
+            "--batch-size",
+            "4",
+            "--output-dir",
+            str(one_dir),
+        ]
+    )
+    two = _launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "icd",
+            "train",
+            *common,
+            "--batch-size",
+            "2",
+            "--output-dir",
+            str(two_dir),
+        ]
+    )
+    for proc in (one, two):
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+
+    a, b = (
+        load_checkpoint(str(one_dir / "checkpoint.pth")),
+        load_checkpoint(str(two_dir / "checkpoint.pth")),
+    )
+    assert a["iteration"] == b["iteration"] == 2
+    assert b["args"]["batch_size"] == 2 and a["args"]["batch_size"] == 4
+    torch.testing.assert_close(
+        torch.tensor(_losses(two_dir)), torch.tensor(_losses(one_dir)), rtol=1e-5, atol=1e-6
+    )
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=ATOL, msg=key)
+    # evaluation: each rank predicts half of the val images, rank 0 gathers and scores them
+    evals = [
+        [r for r in map(json.loads, open(d / "metrics.jsonl")) if r["type"] == "eval"]
+        for d in (one_dir, two_dir)
+    ]
+    assert len(evals[0]) == len(evals[1]) == 1
+    for key in ("AP", "AP50", "APs"):
+        assert evals[1][0][key] == pytest.approx(evals[0][0][key], abs=1e-6)
+    dets = [json.load(open(d / "detections_val.json")) for d in (one_dir, two_dir)]
+    assert sorted({d["image_id"] for d in dets[1]}) == sorted({d["image_id"] for d in dets[0]})
+    assert len({d["image_id"] for d in dets[0]}) == 3  # rank 1's image and rank 0's two
+    assert len(dets[1]) == len(dets[0]) > 3
+    torch.manual_seed(7)  # the trainer seeds with --seed before building the model
+    spec = DetectorSpec(**a["detector_spec"])
+    initial = build_detector(spec).state_dict()
+    moved = [k for k, v in a["model"].items() if (v - initial[k]).abs().max() > 100 * ATOL]
+    assert len(moved) > 20  # the steps moved the weights far beyond the tolerance above
