@@ -15,7 +15,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo ops-demo lint bench clean
 
 $(PYTHON):
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: install
 	$(PYTHON) -m pytest tests -q -ra
 
 demo: install
+	$(PYTHON) -m icd demo --out demo_output
+
+ops-demo: install
 	$(PYTHON) examples/ops_demo.py
 
 bench: install
