@@ -1,0 +1,118 @@
+"""Smoke tests of ``icd demo`` (the whole pipeline on a tiny setting) and benchmarks/run_distill.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from icd import cli
+from icd.demo import DemoConfig, finished_stamp, plan_runs, results_table
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert cli.main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
+    table = (tiny_demo / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["teacher", "baseline", "fpn_mse", "icd"]
+    for row in rows[1:]:
+        ap, ap50, ap75 = (float(c) for c in row.split("|")[3:6])
+        assert 0.0 <= ap <= ap50 <= 100.0 and 0.0 <= ap75 <= 100.0
+    for png in ("curves.png", "attention_maps.png"):
+        data = (tiny_demo / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    # each run trained and evaluated through `icd train`, the students from the teacher
+    for name in ("teacher", "baseline", "fpn_mse", "icd"):
+        records = [json.loads(x) for x in (tiny_demo / name / "metrics.jsonl").read_text().split("\n") if x]
+        assert any(r["type"] == "eval" for r in records)
+        assert any(r["type"] == "train" and "loss" in r for r in records)
+    icd_train = [json.loads(x) for x in (tiny_demo / "icd" / "metrics.jsonl").read_text().split("\n") if x]
+    assert any("loss_distill" in r and "loss_aux_conf" in r for r in icd_train)
+
+
+def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):
+    from icd.demo import TINY
+
+    same = DemoConfig(out_dir=str(tiny_demo), **TINY)
+    stamp = finished_stamp(same.run_dir("teacher"))
+    assert stamp is not None and stamp["seconds"] > 0
+    teacher = plan_runs(same)[0]
+    assert {k: stamp[k] for k in ("argv", "data")} == teacher.stamp(same)
+    other = DemoConfig(out_dir=str(tiny_demo), **{**TINY, "teacher_epochs": 2})
+    assert {k: stamp[k] for k in ("argv", "data")} != plan_runs(other)[0].stamp(other)
+    assert finished_stamp(str(tiny_demo / "no_such_run")) is None
+
+
+def test_results_table_takes_each_runs_last_evaluation(tmp_path):
+    cfg = DemoConfig(out_dir=str(tmp_path))
+    runs = plan_runs(cfg)
+    for i, run in enumerate(runs):
+        (tmp_path / run.name).mkdir()
+        lines = [
+            {"type": "eval", "iter": 10, "AP": 1.0, "AP50": 2.0, "AP75": 0.5},
+            {"type": "eval", "iter": 20, "AP": 10.0 + i, "AP50": 20.0, "AP75": 5.25},
+        ]
+        (tmp_path / run.name / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+        run.seconds = 60.0 * (i + 1)
+    rows, table = results_table(runs, cfg)
+    assert [r["AP"] for r in rows] == [10.0, 11.0, 12.0, 13.0]
+    assert "| icd | resnet18 + ICD | 13.0 | 20.0 | 5.2 |" in table
+    assert "240 s" in table
+
+
+def test_run_distill_main_on_a_tiny_step(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import run_distill
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    argv = ["--quick", "--input", "64x96", "--instances", "2,3", "--fpn-channels", "32",
+            "--num-classes", "5", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert run_distill.main(argv) == 0
+    csv_files = list(tmp_path.glob("distill_step_cpu-*_quick.csv"))
+    assert len(csv_files) == 1
+    assert csv_files[0].with_suffix(".png").stat().st_size > 0
+    with open(csv_files[0]) as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    import icd.ops
+
+    expected = {"student", "fpn-mse", "icd:reference"} | (
+        {"icd:cpu"} if "cpu" in icd.ops.available_backends() else set()
+    )
+    assert set(rows) == expected
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert float(rows["student"]["time_vs_student"]) == 1.0
+    for name, row in rows.items():
+        assert float(row["median_ms"]) > 0 and float(row["peak_mb"]) > 0
+        assert int(row["repeats"]) == 2  # the measure() call, then one interleaved round
+        if name.startswith("icd"):
+            # K = 6 * the most real boxes of an image (neg_ratio 5): 18 for 3 boxes
+            assert int(row["K"]) == 18 and int(row["S"]) > 0
+            assert float(row["time_vs_icd_ref"]) > 0
+
+
+def test_summarize_gives_mean_and_sample_std_over_outputs(tmp_path):
+    from icd.demo import RUN_NAMES, summarize
+
+    outs = []
+    for seed, ap in enumerate((10.0, 12.0, 14.0)):
+        out = tmp_path / f"s{seed}"
+        for i, name in enumerate(RUN_NAMES):
+            (out / name).mkdir(parents=True)
+            record = {"type": "eval", "iter": 5, "AP": ap + i, "AP50": 2 * ap, "AP75": ap / 2}
+            (out / name / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+        outs.append(str(out))
+    table = summarize(outs)
+    assert "| teacher | 12.00 ± 2.00 (10.00-14.00) | 24.00 ± 4.00 | 6.00 ± 1.00 | 10.00, 12.00, 14.00 |" in table
+    assert "| icd | 15.00 ± 2.00 (13.00-17.00) |" in table
