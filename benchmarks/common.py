@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from icd.profiling import profile_cpu_allocations
+
 Call = Callable[[], Any]
 
 
@@ -60,28 +62,12 @@ def _synchronize(device: torch.device) -> None:
 def cpu_peak_memory(fn: Call) -> tuple[Any, int, float]:
     """Run ``fn`` once under the profiler; (its result, peak bytes, wall seconds).
 
-    The peak is that of the running sum of the CPU allocator's alloc/free events, so
-    memory held before the call (the inputs) is not counted.
+    The peak is that of the running sum of the CPU allocator's alloc/free events
+    (icd.profiling), so memory held before the call (the inputs) is not counted.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        start = time.perf_counter()
-        result = fn()
-        elapsed = time.perf_counter() - start
-    # prof.events() folds allocations into the op that made them and drops some; the raw
-    # kineto events keep one "[memory]" record per allocation and free.
-    events = [
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    events.sort()
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
-    return result, peak, elapsed
+    start = time.perf_counter()
+    result, allocations = profile_cpu_allocations(fn)
+    return result, allocations.peak_bytes, time.perf_counter() - start
 
 
 def cuda_peak_memory(fn: Call, device: torch.device) -> tuple[Any, int]:

@@ -15,6 +15,7 @@ import torch
 
 import icd.ops as ops
 from icd.ops import reference
+from icd.profiling import profile_cpu_allocations
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in ops.available_backends(), reason="the C++ extension icd._C is not built"
@@ -33,14 +34,10 @@ def num_threads(count: int):
 
 
 def allocations(fn) -> list[int]:
-    """Bytes of each allocation made while fn() runs (one thread, so the profiler sees all).
-
-    An op's memory counts its children's allocations too; leaf ops (aten::empty, ...) are the
-    single allocations.
-    """
-    with num_threads(1), torch.profiler.profile(profile_memory=True) as prof:
-        fn()
-    return [e.cpu_memory_usage for e in prof.events() if not e.cpu_children and e.cpu_memory_usage > 0]
+    """Bytes of each allocation made while fn() runs (one thread, so the profiler sees all)."""
+    with num_threads(1):
+        _, profiled = profile_cpu_allocations(fn)
+    return list(profiled.sizes)
 
 
 def largest_allocation(fn) -> int:

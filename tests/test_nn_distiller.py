@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 from op_cases import backend_params
-from torch.profiler import ProfilerActivity, profile
 
 import icd.ops as ops
 from icd.nn import LOSS_NAMES, ClassPrior, ICDDistiller
+from icd.profiling import profile_cpu_allocations
 
 NUM_CLASSES = 3
 PADDED = (32, 40)
@@ -135,16 +135,8 @@ def test_every_backend_gives_the_same_losses_and_gradients(backend, device):
 
 def _largest_and_peak_allocation(fn) -> tuple[int, int]:
     """Largest single CPU allocation and peak of live allocated bytes while ``fn`` runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = largest = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-        largest = max(largest, e.nbytes())
-    return largest, peak
+    _, allocations = profile_cpu_allocations(fn)
+    return allocations.largest_bytes, allocations.peak_bytes
 
 
 @pytest.mark.skipif("cpu" not in ops.available_backends(), reason="the cpu backend is not built")
