@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -40,11 +42,10 @@ using at::Tensor;
 
 // ---- argument checks: every message names the op and the argument --------------------------
 
-inline std::string shape_of(const Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+using icd_checks::check_contiguous;
+using icd_checks::check_same_dtype;
+using icd_checks::check_shape;
+using icd_checks::shape_of;
 
 inline void check_cpu(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": `", name, "` is on ", t.device(),
@@ -54,15 +55,8 @@ inline void check_cpu(const Tensor& t, const char* op, const char* name) {
 // `t` has rank len(dims) (dims like "N, h, K, D") and lives on the CPU.
 inline void check_rank(const Tensor& t, int64_t rank, const char* op, const char* name,
                        const char* dims) {
-  TORCH_CHECK(t.dim() == rank, op, ": `", name, "` has shape ", shape_of(t), "; expected [",
-              dims, "] (", rank, " dims)");
+  icd_checks::check_rank(t, rank, op, name, dims);
   check_cpu(t, op, name);
-}
-
-inline void check_shape(const Tensor& t, at::IntArrayRef expected, const char* op,
-                        const char* name, const char* dims) {
-  TORCH_CHECK(t.sizes() == expected, op, ": `", name, "` has shape ", shape_of(t),
-              "; expected [", dims, "] = ", expected);
 }
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -72,13 +66,6 @@ inline bool is_supported_float(at::ScalarType t) {
 inline void check_input_dtype(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": `", name, "` has dtype ",
               t.scalar_type(), "; expected float32, float64, float16 or bfloat16");
-}
-
-inline void check_same_dtype(const Tensor& t, const Tensor& ref, const char* op,
-                             const char* name, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` has dtype ",
-              t.scalar_type(), " but `", ref_name, "` has ", ref.scalar_type(),
-              "; expected one dtype");
 }
 
 // float64 inputs are computed in float64, every other float dtype in float32.
@@ -91,10 +78,6 @@ inline void check_stat_tensor(const Tensor& t, at::ScalarType stat, const char* 
                               const char* name) {
   TORCH_CHECK(t.scalar_type() == stat, op, ": `", name, "` has dtype ", t.scalar_type(),
               "; expected ", stat, " (float64 for float64 inputs, else float32)");
-}
-
-inline void check_contiguous(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), op, ": `", name, "` must be contiguous");
 }
 
 inline void check_optional_mask(const c10::optional<Tensor>& mask, int64_t n, int64_t s,

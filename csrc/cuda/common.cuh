@@ -16,6 +16,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -37,23 +39,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- argument checks: every message names the op and the argument --------------------------
 
-inline std::string shape_of(const Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
-
-inline void check_rank(const Tensor& t, int64_t rank, const char* op, const char* name,
-                       const char* dims) {
-  TORCH_CHECK(t.dim() == rank, op, ": `", name, "` has shape ", shape_of(t), "; expected [",
-              dims, "] (", rank, " dims)");
-}
-
-inline void check_shape(const Tensor& t, at::IntArrayRef expected, const char* op,
-                        const char* name, const char* dims) {
-  TORCH_CHECK(t.sizes() == expected, op, ": `", name, "` has shape ", shape_of(t),
-              "; expected [", dims, "] = ", expected);
-}
+using icd_checks::check_contiguous;
+using icd_checks::check_rank;
+using icd_checks::check_same_dtype;
+using icd_checks::check_shape;
+using icd_checks::shape_of;
 
 // `t` is a CUDA tensor on the device of `ref` (the op's first input).
 inline void check_device(const Tensor& t, const Tensor& ref, const char* op, const char* name,
@@ -72,20 +62,9 @@ inline void check_input_dtype(const Tensor& t, const char* op, const char* name)
               "reference and cpu backends)");
 }
 
-inline void check_same_dtype(const Tensor& t, const Tensor& ref, const char* op,
-                             const char* name, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` has dtype ",
-              t.scalar_type(), " but `", ref_name, "` has ", ref.scalar_type(),
-              "; expected one dtype");
-}
-
 inline void check_float32(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": `", name, "` has dtype ", t.scalar_type(),
               "; expected float32");
-}
-
-inline void check_contiguous(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), op, ": `", name, "` must be contiguous");
 }
 
 // bool [N, S], contiguous, on the device of `ref`; returns its data or nullptr.
