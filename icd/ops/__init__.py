@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from icd.ops import reference
@@ -122,7 +121,7 @@ def instance_value_mask(
     lse = None if lse is None else lse.detach()
     if name == "reference" or q.numel() == 0:
         return reference.instance_value_mask(q, k, weight, key_padding_mask, scale, temperature, lse)
-    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stat = reference.compute_dtype(q)
     weight = weight.to(stat).contiguous()
     lse = None if lse is None else lse.to(stat).contiguous()
     return instance_value_mask_op(q, k, weight, _as_mask(key_padding_mask), lse, scale, temperature, name)
@@ -155,9 +154,9 @@ def masked_feature_mse(
     name = resolve_backend(device_of(student, "student", "N, h, S, D", "masked_feature_mse"), backend)
     check_feature_mse_args(student, teacher, weight, norm, eps, reduction, name)
     teacher, weight = teacher.detach(), weight.detach()
-    if name == "reference" or student.numel() == 0:
+    if name == "reference":  # (validation has ruled out empty inputs)
         return reference.masked_feature_mse(student, teacher, weight, norm, eps, reduction)
-    stat = torch.float64 if student.dtype == torch.float64 else torch.float32
+    stat = reference.compute_dtype(student)
     weight = weight.to(stat).contiguous()
     return masked_feature_mse_op(student, teacher, weight, norm, float(eps), reduction, name)
 

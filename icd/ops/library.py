@@ -12,12 +12,7 @@ import torch
 from torch import Tensor
 
 from icd.ops.backends import kernels_of
-
-
-def _stat_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 statistics for float64 inputs, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
+from icd.ops.reference import compute_dtype
 
 # --- instance_attention ------------------------------------------------------------------
 
@@ -33,7 +28,7 @@ def instance_attention_op(
 @instance_attention_op.register_fake
 def _(q, k, v, key_padding_mask, scale, backend):
     n, h, kq, d = q.shape
-    return q.new_empty((n, h, kq, v.shape[-1])), q.new_empty((n, h, kq), dtype=_stat_dtype(q, k, v))
+    return q.new_empty((n, h, kq, v.shape[-1])), q.new_empty((n, h, kq), dtype=compute_dtype(q, k, v))
 
 
 @torch.library.custom_op("icd::instance_attention_backward", mutates_args=())
@@ -106,7 +101,7 @@ def instance_value_mask_op(
 @instance_value_mask_op.register_fake
 def _(q, k, weight, key_padding_mask, lse, scale, temperature, backend):
     n, h, s, _ = k.shape
-    return k.new_empty((n, h, s), dtype=_stat_dtype(q, k, weight))
+    return k.new_empty((n, h, s), dtype=compute_dtype(q, k, weight))
 
 
 # --- masked_feature_mse ----------------------------------------------------------------------
@@ -122,7 +117,7 @@ def masked_feature_mse_op(
 
 @masked_feature_mse_op.register_fake
 def _(student, teacher, weight, norm, eps, reduction, backend):
-    return student.new_empty((), dtype=_stat_dtype(student, teacher, weight))
+    return student.new_empty((), dtype=compute_dtype(student, teacher, weight))
 
 
 @torch.library.custom_op("icd::masked_feature_mse_backward", mutates_args=())

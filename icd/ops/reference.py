@@ -56,8 +56,7 @@ def instance_attention(
     """out [N, h, K, D] (q's dtype) = softmax(scale q k^T) v; lse [N, h, K] (fp32 or fp64)."""
     probs, lse = safe_softmax(attention_logits(q, k, key_padding_mask, scale))
     out = torch.matmul(probs, v.to(probs.dtype))
-    lse_dtype = torch.float64 if lse.dtype == torch.float64 else torch.float32
-    return out.to(q.dtype), lse.to(lse_dtype)
+    return out.to(q.dtype), lse  # lse stays in the compute dtype
 
 
 def instance_value_mask(
@@ -82,8 +81,7 @@ def instance_value_mask(
         finite = torch.isfinite(lse)
         probs = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)))
         probs = torch.where(finite, probs, torch.zeros_like(probs))
-    out = torch.einsum("nk,nhks->nhs", weight.to(probs.dtype), probs)
-    return out if out.dtype == torch.float64 else out.float()
+    return torch.einsum("nk,nhks->nhs", weight.to(probs.dtype), probs)
 
 
 def layer_norm(x: Tensor, eps: float) -> Tensor:
