@@ -3,6 +3,7 @@
     icd train --data-path DIR --detector retinanet --backbone resnet101 --output-dir runs/teacher
     icd train --data-path DIR --backbone resnet18 --teacher runs/teacher/checkpoint.pth \\
               --distill icd --output-dir runs/icd
+    icd train --config configs/retinanet/r50_1x_icd.toml --data-path /data/coco
     icd eval --data-path DIR --checkpoint runs/icd/checkpoint.pth
     icd plot runs/baseline runs/icd --out curves.png
     icd data shapes --out DIR --num-train 2000 --num-val 500
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from icd.data.coco import BAD_DATA_CHOICES
 from icd.detection.models import BACKBONES, DETECTORS, NORMS
 from icd.engine.distill import DISTILL_METHODS
+from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -79,13 +81,13 @@ def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
         "--min-level",
         type=int,
         default=None,
-        help="lowest FPN level P_k (default 3; 2 for fasterrcnn)",
+        help="lowest FPN level P_k (default 3; 2 for fasterrcnn and maskrcnn)",
     )
     p.add_argument(
         "--max-level",
         type=int,
         default=None,
-        help="highest FPN level (default 7; 6 for fasterrcnn)",
+        help="highest FPN level (default 7; 6 for fasterrcnn and maskrcnn)",
     )
     p.add_argument(
         "--min-size",
@@ -103,7 +105,7 @@ def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     )
 
 
-def _train_parser(sub) -> argparse.ArgumentParser:
+def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a detector, plain or distilled from a teacher",
@@ -116,12 +118,39 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
     p.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="PRESET.toml",
+        help="a preset (configs/): its keys are defaults of these flags; flags given here win",
+    )
+    p.add_argument("--epochs", type=int, default=12, help="length of the run (unless --iters)")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="length of the run in iterations (the 1x schedule: 90000 at 16 images per "
+        "iteration); overrides --epochs",
+    )
+    p.add_argument(
+        "--lr-steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="iterations where the lr drops x0.1 (default 2/3 and 8/9 of the run)",
+    )
+    p.add_argument(
+        "--stop-after-iters",
+        type=int,
+        default=None,
+        help="stop after this many iterations of the schedule with a checkpoint written "
+        "(continue with --resume); the schedule stays that of the whole run",
+    )
     p.add_argument(
         "--lr",
         type=float,
         default=None,
-        help="SGD lr (default: 0.01 per 16 images, 0.02 for fasterrcnn, scaled to "
+        help="SGD lr (default: 0.01 per 16 images, 0.02 for fasterrcnn and maskrcnn, scaled to "
         "batch-size x processes)",
     )
     p.add_argument("--momentum", type=float, default=0.9)
@@ -158,10 +187,17 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     )
     g.add_argument("--distill", choices=DISTILL_METHODS, default="icd")
     g.add_argument(
+        "--inherit-teacher",
+        default="",
+        metavar="PARTS",
+        help="initialise the student's parts from the teacher: 'neck' (FPN), 'head' or "
+        "'neck,head' (the published ICD configs); shapes must match",
+    )
+    g.add_argument(
         "--distill-weight",
         type=float,
         default=None,
-        help="loss weight (default icd: 8, 3 for fasterrcnn; fpn-mse: 1)",
+        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 1)",
     )
     g.add_argument(
         "--distill-warmup-iters",
@@ -176,23 +212,42 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         "--icd-max-labels",
         type=int,
         default=None,
-        help="real + fake instances per image (default 300, 100 for fasterrcnn)",
+        help="real + fake instances per image (default 300, 100 for fasterrcnn and maskrcnn)",
     )
     g.add_argument("--icd-neg-ratio", type=float, default=5.0)
+    g.add_argument(
+        "--icd-lr",
+        type=float,
+        default=TEACHER_SIDE_LR,
+        help="AdamW lr of ICD's teacher side (encoder, decoder, aux head); cosine decay over the run",
+    )
+    g.add_argument(
+        "--icd-clip",
+        type=float,
+        default=TEACHER_SIDE_CLIP,
+        help="gradient-norm clip of ICD's teacher side",
+    )
     g.add_argument("--icd-backend", default=None, help="icd.ops backend (default per device)")
     g.add_argument("--teacher-detector", choices=DETECTORS, default=None)
     g.add_argument("--teacher-backbone", choices=BACKBONES, default=None)
     g.add_argument("--teacher-fpn-channels", type=int, default=256)
     g.add_argument("--teacher-norm", choices=NORMS, default="frozen_bn")
+    if preset is not None:
+        from icd.config import apply_preset
+
+        try:
+            apply_preset(p, preset)
+        except (OSError, ValueError) as err:
+            p.error(str(err))
     return p
 
 
 def _eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
-        help="COCO bbox AP of a checkpoint; writes the detections JSON",
+        help="COCO bbox (and segm) AP of a checkpoint; writes the detections JSON",
         description="Evaluate a checkpoint (COCOeval bbox: AP, AP50, AP75, APs, "
-        "APm, APl) and write detections_{split}.json to --output-dir. The "
+        "APm, APl; for maskrcnn also segm: segm_AP, ...) and write detections_{split}.json to --output-dir. The "
         "architecture comes from the checkpoint; the model flags are only needed "
         "for a bare state dict.",
     )
@@ -240,14 +295,15 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_preset: str | None = None) -> argparse.ArgumentParser:
+    """The ``icd`` parser; ``train_preset``: a --config file whose keys become train defaults."""
     parser = argparse.ArgumentParser(
         prog="icd",
         description="Instance-Conditional Knowledge "
         "Distillation for object detection: training and evaluation",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    _train_parser(sub, train_preset)
     _eval_parser(sub)
     _plot_parser(sub)
     _data_parser(sub)
@@ -324,8 +380,18 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
         cleanup(info)
 
 
+def _train_preset_of(argv: Sequence[str]) -> str | None:
+    """The --config of an ``icd train`` command line (None for other commands)."""
+    if not argv or argv[0] != "train":
+        return None
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    return pre.parse_known_args(argv[1:])[0].config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_train_preset_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         from icd.engine.trainer import train

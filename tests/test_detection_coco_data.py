@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -132,3 +133,120 @@ def test_shapes_cover_coco_scales(tmp_path):
     assert small > 0.15 * len(areas) and large > 0.02 * len(areas)
     labels = {a["category_id"] for a in json.load(open(ann))["annotations"]}
     assert labels == set(range(1, len(CLASSES) + 1))
+
+
+def _box_of(mask) -> list[float]:
+    """[x1, y1, x2, y2] around a [H, W] mask's pixels."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def _segmented(i, image_id, cat, segmentation, height, width, crowd=0, bbox=None):
+    """An annotation whose bbox is the box around its decoded segmentation (unless given)."""
+    from pycocotools import mask as mask_utils
+
+    if bbox is None:
+        rle = segmentation
+        if isinstance(segmentation, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation["counts"], list):
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        x1, y1, x2, y2 = _box_of(torch.from_numpy(mask_utils.decode(rle)))
+        bbox = [x1, y1, x2 - x1, y2 - y1]
+    ann = _ann(i, image_id, cat, bbox, crowd)
+    ann["segmentation"] = segmentation
+    return ann
+
+
+def _rles(height, width):
+    """A compressed (str counts) and an uncompressed (run lengths) RLE of two blobs."""
+    from pycocotools import mask as mask_utils
+
+    blob = np.zeros((height, width), np.uint8)
+    blob[4:9, 21:36] = 1
+    blob[9:20, 30:33] = 1
+    compressed = mask_utils.encode(np.asfortranarray(blob))
+    compressed = {"size": [height, width], "counts": compressed["counts"].decode("ascii")}
+    bar = np.zeros((height, width), np.uint8)
+    bar[22:27, 3:17] = 1
+    flat = bar.flatten(order="F")  # COCO runs go down columns, starting with a run of zeros
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    return compressed, {"size": [height, width], "counts": runs}, blob, bar
+
+
+def test_masks_line_up_with_boxes_for_polygons_and_rle_also_flipped(tmp_path):
+    compressed, uncompressed, blob, bar = _rles(30, 40)
+    triangle = [[2.0, 2.0, 14.5, 3.0, 6.0, 15.5]]
+    anns = [
+        _segmented(1, 1, 17, triangle, 30, 40),
+        _segmented(2, 1, 3, compressed, 30, 40),
+        _segmented(3, 1, 3, uncompressed, 30, 40, crowd=1),  # crowd: left out
+        _segmented(4, 1, 17, [[50, 5, 60, 5, 55, 9]], 30, 40, bbox=[50, 5, 10, 4]),  # off image
+        _segmented(5, 1, 3, uncompressed, 30, 40),
+        _segmented(6, 3, 17, [[1, 1, 30, 2, 20, 15, 3, 12], [25, 1, 31, 1, 31, 4]], 16, 32),
+    ]
+    paths = _write(tmp_path, anns)
+    plain = CocoDetection(*paths, with_masks=True)
+    flipped = CocoDetection(*paths, with_masks=True, train=True, flip_prob=1.0)
+    _, target = plain[0]
+    masks = target["masks"]
+    assert masks.dtype == torch.uint8 and masks.shape == (3, 30, 40)
+    assert target["labels"].tolist() == [1, 0, 0]  # annotations 1, 2, 5
+    torch.testing.assert_close(masks[1], torch.from_numpy(blob))
+    torch.testing.assert_close(masks[2], torch.from_numpy(bar))
+    assert int(masks[0].sum()) > 40  # the triangle is drawn, not a box or nothing
+    for ds in (plain, flipped):
+        for index in (0, 2):
+            _, target = ds[index]
+            assert len(target["masks"]) == len(target["boxes"]) > 0
+            for mask, box in zip(target["masks"], target["boxes"].tolist(), strict=True):
+                assert _box_of(mask) == box
+    torch.testing.assert_close(flipped[0][1]["masks"], masks.flip(-1))
+    _, empty = plain[1]
+    assert empty["masks"].shape == (0, 20, 20)
+    assert "masks" not in CocoDetection(*paths)[0][1]  # masks only when asked for
+
+
+def test_annotation_without_usable_segmentation_is_bad_data_with_masks(tmp_path, caplog):
+    compressed, _, _, _ = _rles(30, 40)
+    good = _segmented(1, 1, 17, compressed, 30, 40)
+    missing = _ann(2, 1, 3, [1, 1, 5, 5])
+    short = {**_ann(3, 1, 3, [1, 1, 5, 5]), "segmentation": [[1, 1, 6, 1]]}
+    wrong_size = {**_ann(4, 2, 3, [1, 1, 5, 5]), "segmentation": compressed}  # a 30x40 RLE, 20x20 image
+    crowd = _ann(5, 2, 3, [1, 1, 5, 5], crowd=1)  # never decoded: needs no segmentation
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(png, format="PNG")
+    odd = _segmented(6, 4, 3, [[1, 1, 6, 1, 6, 7]], 8, 8)  # the JSON says 8x8, the file is 8x6
+    paths = _write(tmp_path, [good, missing, short, wrong_size, crowd, odd],
+                   extra_images=[(4, "odd.png", png.getvalue())])
+    assert CocoDetection(*paths)[0][1]["labels"].tolist() == [1, 0, 0]  # boxes alone: all fine
+    with pytest.raises(BadDataError, match=r"ann\.json: annotation id 2 .*no 'segmentation'"):
+        CocoDetection(*paths, with_masks=True)
+    ds = CocoDetection(*paths, with_masks=True, on_bad_data="skip")
+    _, target = ds[0]
+    assert target["labels"].tolist() == [1] and target["masks"].shape == (1, 30, 40)
+    assert ds[1][1]["boxes"].shape == (0, 4)
+    assert ds[3] is None and "odd.png" in caplog.text and "8x6" in caplog.text
+    log = caplog.text
+    assert "annotation id 3" in log and "not 3 or more finite (x, y) points" in log
+    assert "annotation id 4" in log and "size [30, 40] is not the image's [height, width] [20, 20]" in log
+
+
+def test_shapes_segmentations_are_the_visible_masks(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    ann = generate(str(tmp_path), num_train=5, num_val=1, image_size=96, seed=2)["train"]
+    annotations = json.load(open(ann))["annotations"]
+    for a in annotations:
+        rle = a["segmentation"]
+        assert rle["size"] == [96, 96] and isinstance(rle["counts"], str)
+        assert int(mask_utils.area(rle)) == a["area"]
+        assert mask_utils.toBbox(rle).tolist() == a["bbox"]
+    ds = CocoDetection(*split_paths(str(tmp_path), "train"), with_masks=True)
+    masks = [m for i in range(len(ds)) for m in ds[i][1]["masks"]]
+    assert len(masks) == len(annotations)
+    assert [int(m.sum()) for m in masks] == [a["area"] for a in annotations]
+    # later shapes occlude earlier ones: the visible masks of an image never overlap
+    for i in range(len(ds)):
+        assert int(ds[i][1]["masks"].sum(0).max()) <= 1

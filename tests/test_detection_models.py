@@ -53,6 +53,7 @@ def test_each_detector_trains_and_predicts(detector):
         ("retinanet", None, [3, 4, 5, 6, 7]),
         ("fcos", (2, 4), [2, 3, 4]),
         ("fasterrcnn", None, [2, 3, 4, 5, 6]),
+        ("maskrcnn", None, [2, 3, 4, 5, 6]),
         ("retinanet", (4, 6), [4, 5, 6]),
     ],
 )
@@ -106,3 +107,5 @@ def test_spec_rejects_bad_choices():
     with pytest.raises(ValueError, match="min_level"):
         DetectorSpec("retinanet", "resnet18", min_level=1)
     assert DetectorSpec("fasterrcnn", "resnet18").label_offset == 1
+    assert DetectorSpec("maskrcnn", "resnet18").label_offset == 1
+    assert DetectorSpec("retinanet", "resnet18").label_offset == 0

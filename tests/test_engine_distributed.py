@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _launch(cmd: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    # its own session: a hung run is killed with its torchrun workers (os.killpg)
     return subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
 
 
@@ -132,3 +134,28 @@ def test_two_gloo_processes_equal_one_process_with_double_batch(tmp_path):
     initial = build_detector(spec).state_dict()
     moved = [k for k, v in a["model"].items() if (v - initial[k]).abs().max() > 100 * ATOL]
     assert len(moved) > 20  # the steps moved the weights far beyond the tolerance above
+
+
+def test_a_rank_whose_batch_is_all_corrupt_skips_the_step_with_the_others(tmp_path):
+    """--on-bad-data skip under DDP: the empty rank's step is skipped on every rank (no hang)."""
+    data = tmp_path / "data"
+    generate(str(data), num_train=4, num_val=1, image_size=64, seed=5)
+    (data / "train" / "000002.png").write_bytes(b"not a png")
+    tiny = "--backbone resnet18 --fpn-channels 32 --norm gn --min-level 3 --max-level 5 --min-size 64 --max-size 64"
+    out = tmp_path / "run"
+    proc = _launch(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "icd", "train", "--data-path", str(data), *tiny.split(), "--epochs", "1", "--batch-size", "1",
+         "--workers", "0", "--device", "cpu", "--no-progress", "--no-eval", "--on-bad-data", "skip",
+         "--output-dir", str(out)]
+    )
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the ranks hung on a batch of skipped images")
+    assert proc.returncode == 0, err[-3000:]
+    assert "000002.png" in err and "cannot be read" in err
+    # 4 images over 2 ranks with batch 1: 2 steps, of which the one with the corrupt image is skipped
+    assert load_checkpoint(str(out / "checkpoint.pth"))["iteration"] == 1

@@ -42,3 +42,18 @@ def test_teacher_side_adamw_cosine():
     assert lrs[10] == pytest.approx(1e-4)
     assert lrs[60] == pytest.approx(0.5e-4, rel=1e-6)  # half way through the cosine
     assert lrs[109] < 1e-7
+
+
+def test_explicit_lr_steps_of_a_3x_schedule():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = optim.student_optimizer([p], lr=1.0)
+    lrs = _lrs(optim.student_scheduler(opt, total_iters=27, warmup_iters=0, steps=[21, 25]), opt, 27)
+    assert lrs[20] == pytest.approx(1.0) and lrs[21] == pytest.approx(0.1)
+    assert lrs[24] == pytest.approx(0.1) and lrs[25] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("steps", [[60, 50], [10, 10], [0, 5], [50, 91]])
+def test_bad_lr_steps_are_errors(steps):
+    opt = optim.student_optimizer([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    with pytest.raises(ValueError, match=r"lr steps .* in 1\.\.90"):
+        optim.student_scheduler(opt, total_iters=90, warmup_iters=0, steps=steps)

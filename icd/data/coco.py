@@ -3,11 +3,14 @@
 Targets follow torchvision's detection models: ``boxes`` float [n, 4] (x1, y1, x2, y2, pixels of
 the original image), ``labels`` int64 [n] contiguous 0..C-1 (categories sorted by id),
 ``image_id`` int. Crowd annotations are left out of the targets (COCOeval ignores them itself);
-images without boxes are kept with ``boxes`` [0, 4].
+images without boxes are kept with ``boxes`` [0, 4]. With ``with_masks`` (Mask R-CNN) each target
+also has ``masks`` uint8 [n, H, W], one per box in the same order, decoded by pycocotools from
+the annotation's ``segmentation`` (polygons, compressed or uncompressed RLE).
 
 Bad data: a malformed annotation (bbox not four finite numbers, negative width or height,
-unknown category or image id) is found when the dataset is built; a corrupt image when it is
-read. Either is reported with the file name / annotation id and then skipped
+unknown category or image id; with masks, a non-crowd annotation without a decodable
+``segmentation``) is found when the dataset is built; a corrupt image when it is read. Either
+is reported with the file name / annotation id and then skipped
 (``on_bad_data="skip"``) or raised (``"error"``).
 """
 
@@ -47,6 +50,36 @@ def _bbox_problem(bbox: Any) -> str | None:
     return None
 
 
+def _segmentation_problem(segm: Any, height: Any, width: Any) -> str | None:
+    """Why pycocotools cannot decode ``segm`` into a [height, width] mask; None when it can."""
+    if segm is None or (isinstance(segm, list) and not segm):
+        return "no 'segmentation' (masks need one)"
+    if isinstance(segm, list):  # polygons [[x1, y1, x2, y2, ...], ...]
+        for poly in segm:
+            # fewer than 6 numbers is no polygon (pycocotools reads exactly 4 as a box)
+            if not (
+                isinstance(poly, list)
+                and len(poly) >= 6
+                and len(poly) % 2 == 0
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in poly)
+            ):
+                return f"segmentation polygon {poly!r} is not 3 or more finite (x, y) points"
+        if not (isinstance(height, int) and isinstance(width, int)):
+            return "its image has no integer 'height' and 'width' to draw the polygons in"
+        return None
+    if isinstance(segm, dict):  # RLE {"size": [h, w], "counts": str | bytes | [run lengths]}
+        size, counts = segm.get("size"), segm.get("counts")
+        if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+            return f"segmentation RLE size {size!r} is not the image's [height, width] {[height, width]}"
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+                return f"segmentation RLE counts do not cover the {height}x{width} image"
+        elif not isinstance(counts, (str, bytes)):
+            return f"segmentation RLE counts of type {type(counts).__name__} (expected str or a list)"
+        return None
+    return f"segmentation of type {type(segm).__name__} is neither polygons nor RLE"
+
+
 class CocoDetection(Dataset):
     """Images and targets of one COCO-format split.
 
@@ -57,6 +90,8 @@ class CocoDetection(Dataset):
         on_bad_data: "skip" (report and leave out) or "error" (raise BadDataError).
         seed: the flip of sample i in epoch e depends only on (seed, e, i), so the data order
             and augmentation are reproducible across worker counts, processes and resumes.
+        with_masks: give each target ``masks`` uint8 [n, H, W] (decoded when a sample is read;
+            non-crowd annotations without a usable ``segmentation`` are bad data).
     """
 
     def __init__(
@@ -67,6 +102,7 @@ class CocoDetection(Dataset):
         flip_prob: float = 0.5,
         on_bad_data: str = "error",
         seed: int = 0,
+        with_masks: bool = False,
     ) -> None:
         if on_bad_data not in BAD_DATA_CHOICES:
             raise ValueError(f"on_bad_data={on_bad_data!r}; expected one of {BAD_DATA_CHOICES}")
@@ -76,6 +112,7 @@ class CocoDetection(Dataset):
         self.flip_prob = flip_prob
         self.on_bad_data = on_bad_data
         self.seed = seed
+        self.with_masks = with_masks
         self.epoch = 0
         self.coco = load_coco(annotation_file)
         self.category_ids: list[int] = sorted(self.coco.getCatIds())
@@ -106,6 +143,11 @@ class CocoDetection(Dataset):
                 problem = f"category_id {ann.get('category_id')!r} is not in 'categories'"
             if problem is None and ann.get("image_id") not in per_image:
                 problem = "image_id is not in 'images'"
+            if problem is None and self.with_masks and not ann.get("iscrowd", 0):
+                image = self.coco.imgs[ann["image_id"]]
+                problem = _segmentation_problem(
+                    ann.get("segmentation"), image.get("height"), image.get("width")
+                )
             if problem is not None:
                 self._bad(f"{where}: {problem}")
                 continue
@@ -119,7 +161,7 @@ class CocoDetection(Dataset):
         return os.path.join(self.image_dir, self.coco.imgs[self.image_ids[index]]["file_name"])
 
     def _target(self, image_id: int, width: int, height: int) -> dict[str, Tensor]:
-        boxes, labels = [], []
+        boxes, labels, masks = [], [], []
         for ann in self._annotations[image_id]:
             if ann.get("iscrowd", 0):
                 continue
@@ -130,14 +172,24 @@ class CocoDetection(Dataset):
                 continue
             boxes.append([x1, y1, x2, y2])
             labels.append(self.label_of_category[ann["category_id"]])
-        return {
+            if self.with_masks:
+                masks.append(self.coco.annToMask(ann))
+        target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "image_id": image_id,
         }
+        if self.with_masks:
+            target["masks"] = (
+                torch.from_numpy(np.stack(masks))
+                if masks
+                else torch.zeros(0, height, width, dtype=torch.uint8)
+            )
+        return target
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """image float [3, H, W] in [0, 1] and its target; None for a skipped corrupt image."""
+        """image float [3, H, W] in [0, 1] and its target; None for a skipped corrupt image (or,
+        with masks, one whose masks are not its size)."""
         image_id = self.image_ids[index]
         path = self.image_path(index)
         try:
@@ -150,16 +202,36 @@ class CocoDetection(Dataset):
         tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         tensor = tensor.float().div_(255.0)
         target = self._target(image_id, width, height)
+        if "masks" in target and target["masks"].shape[1:] != (height, width):
+            self._bad(
+                f"image {path} (image id {image_id}) is {width}x{height} but its annotations' "
+                f"masks are {target['masks'].shape[2]}x{target['masks'].shape[1]} (the JSON's "
+                "'width'/'height' or an RLE 'size' is wrong)"
+            )
+            return None
         if self.train and self._flip(index):
             tensor = tensor.flip(-1)
             boxes = target["boxes"]
             target["boxes"] = torch.stack(
                 [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1
             )
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
         return tensor, target
 
     def _flip(self, index: int) -> bool:
         return random.Random(hash((self.seed, self.epoch, index))).random() < self.flip_prob
+
+
+def encode_rle(masks: np.ndarray) -> list[dict]:
+    """COCO compressed RLEs ({"size": [H, W], "counts": str}, JSON-ready) of bool/uint8 masks [n, H, W]."""
+    from pycocotools import mask as mask_utils
+
+    stacked = np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0))  # pycocotools: [H, W, n]
+    return [
+        {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        for rle in mask_utils.encode(stacked)
+    ]
 
 
 def load_coco(annotation_file: str):

@@ -10,7 +10,9 @@ at COCO's three scales (small: area < 32^2, medium: < 96^2, large: above, in pix
 image), placed so that later shapes occlude earlier ones. Boxes and areas are those of the
 visible pixels; a shape left with less than a quarter of its pixels visible is dropped from the
 image. The background is a noisy gradient with distractor strokes and blobs in the same
-palette, so colour alone never gives the class: the detector has to learn shape.
+palette, so colour alone never gives the class: the detector has to learn shape. Each
+annotation's ``segmentation`` is the instance's visible mask as COCO compressed RLE (for
+Mask R-CNN and segm evaluation).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from icd.data.coco import encode_rle
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "diamond", "star")
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -124,7 +128,10 @@ def _background(rng: np.random.Generator, size: int, cfg: ShapesConfig) -> Image
 
 
 def render_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Image.Image, list[dict]]:
-    """One image and its instances: ``category``, ``bbox`` [x, y, w, h], ``area``."""
+    """One image and its instances: ``category``, ``bbox`` [x, y, w, h], ``area``, ``segmentation``.
+
+    ``segmentation`` is the visible mask as COCO compressed RLE ({"size": [h, w], "counts": str}).
+    """
     size = cfg.image_size
     image = _background(rng, size, cfg)
     owner = np.full((size, size), -1, dtype=np.int32)  # which shape each pixel shows
@@ -154,7 +161,14 @@ def render_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Image.Ima
             continue
         ys, xs = np.nonzero(visible)
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-        instances.append({"category": kind_id, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area})
+        instances.append(
+            {
+                "category": kind_id,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": area,
+                "segmentation": encode_rle(visible[None])[0],
+            }
+        )
     pixels = np.asarray(image).astype(np.float32)
     pixels += rng.normal(0.0, cfg.noise_std, size=pixels.shape)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -189,6 +203,7 @@ def write_split(out_dir: str, split: str, num_images: int, seed: int, cfg: Shape
                     "category_id": inst["category"] + 1,
                     "bbox": inst["bbox"],
                     "area": inst["area"],
+                    "segmentation": inst["segmentation"],
                     "iscrowd": 0,
                 }
             )

@@ -1,4 +1,4 @@
-"""COCO bbox evaluation (pycocotools COCOeval) of torchvision detector outputs."""
+"""COCO evaluation (pycocotools COCOeval, bbox and segm) of torchvision detector outputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,25 @@ import os
 import numpy as np
 from torch import Tensor
 
+from icd.data.coco import encode_rle
+
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("bbox", "segm")
+MASK_THRESHOLD = 0.5  # a pixel belongs to the instance when its mask probability exceeds this
+# What COCOeval needs of a result besides image_id, category_id and score.
+_RESULT_FIELD = {"bbox": "bbox", "segm": "segmentation"}
+
+
+def metric_names(iou_type: str) -> tuple[str, ...]:
+    """Metric keys: AP, AP50, ... for boxes (what the curves and the demo read); segm_AP, ... for masks."""
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type={iou_type!r}; expected one of {IOU_TYPES}")
+    return METRIC_NAMES if iou_type == "bbox" else tuple(f"segm_{name}" for name in METRIC_NAMES)
+
+
+def encode_masks(masks: Tensor) -> list[dict]:
+    """COCO compressed RLEs ({"size": [H, W], "counts": str}) of probabilities [n, 1, H, W]."""
+    return encode_rle((masks.detach()[:, 0] > MASK_THRESHOLD).cpu().numpy())
 
 
 def to_coco_detections(
@@ -22,44 +40,62 @@ def to_coco_detections(
     """Detector outputs (boxes x1y1x2y2 in original pixels, scores, labels) as COCO results.
 
     ``category_ids[label - label_offset]`` maps a model label back to the dataset's category id.
+    An output with ``masks`` [n, 1, H, W] (probabilities, Mask R-CNN) also gives each result a
+    ``segmentation``: the mask thresholded at 0.5, as compressed RLE with str counts.
     """
     results = []
     for out, image_id in zip(outputs, image_ids, strict=True):
         boxes = out["boxes"].detach().float().cpu()
         xywh = boxes.clone()
         xywh[:, 2:] -= xywh[:, :2]
-        for box, score, label in zip(
-            xywh.tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True
+        segmentations = encode_masks(out["masks"]) if "masks" in out else [None] * len(xywh)
+        for box, score, label, segmentation in zip(
+            xywh.tolist(), out["scores"].tolist(), out["labels"].tolist(), segmentations, strict=True
         ):
             index = int(label) - label_offset
             if not 0 <= index < len(category_ids):
                 continue  # torchvision never gives these; a foreign model might
-            results.append(
-                {
-                    "image_id": int(image_id),
-                    "category_id": int(category_ids[index]),
-                    "bbox": [round(v, 3) for v in box],
-                    "score": round(float(score), 5),
-                }
-            )
+            result = {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[index]),
+                "bbox": [round(v, 3) for v in box],
+                "score": round(float(score), 5),
+            }
+            if segmentation is not None:
+                result["segmentation"] = segmentation
+            results.append(result)
     return results
 
 
-def coco_bbox_metrics(
-    coco_gt, detections: list[dict], image_ids: list[int] | None = None, verbose: bool = False
+def coco_metrics(
+    coco_gt,
+    detections: list[dict],
+    iou_type: str = "bbox",
+    image_ids: list[int] | None = None,
+    verbose: bool = False,
 ) -> dict[str, float]:
     """AP, AP50, AP75, APs, APm, APl (as percentages) of ``detections`` against ``coco_gt``.
 
-    With no detections at all every AP is 0 (COCOeval cannot load an empty result list).
+    ``iou_type`` "bbox" matches the results' boxes, "segm" their ``segmentation`` masks (results
+    without one are left out; the ground truth needs segmentations); see ``metric_names`` for
+    the keys. Each result is evaluated through a copy holding only the fields of ``iou_type``:
+    COCOeval's loadRes fills in fields in place, and given a bbox it would take the box's area,
+    not the mask's, for the area ranges of segm. With no detections every AP is 0 (COCOeval
+    cannot load an empty result list).
     """
-    if not detections:
-        return dict.fromkeys(METRIC_NAMES, 0.0)
+    names = metric_names(iou_type)
+    field = _RESULT_FIELD[iou_type]
+    results = [
+        {k: d[k] for k in ("image_id", "category_id", "score", field)} for d in detections if field in d
+    ]
+    if not results:
+        return dict.fromkeys(names, 0.0)
     from pycocotools.cocoeval import COCOeval
 
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink):
-        coco_dt = coco_gt.loadRes(detections)
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(set(image_ids))
         evaluator.evaluate()
@@ -74,9 +110,14 @@ def coco_bbox_metrics(
     stats = np.asarray(evaluator.stats[:6], dtype=float)
     # COCOeval gives -1 for an area range without ground truth; keep it visible as -1.
     return {
-        name: (float(v) * 100.0 if v >= 0 else -1.0)
-        for name, v in zip(METRIC_NAMES, stats, strict=True)
+        name: (float(v) * 100.0 if v >= 0 else -1.0) for name, v in zip(names, stats, strict=True)
     }
+
+
+def has_segmentations(coco_gt, image_ids: list[int] | None = None) -> bool:
+    """Whether every ground-truth annotation (of ``image_ids``) has a ``segmentation`` (segm eval)."""
+    ann_ids = coco_gt.getAnnIds(imgIds=image_ids) if image_ids is not None else coco_gt.getAnnIds()
+    return all(coco_gt.anns[a].get("segmentation") for a in ann_ids)
 
 
 def write_detections(path: str, detections: list[dict]) -> None:

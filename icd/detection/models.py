@@ -1,13 +1,17 @@
-"""torchvision detectors (RetinaNet, FCOS, Faster R-CNN) on ResNet + FPN, built without downloads.
+"""torchvision detectors (RetinaNet, FCOS, Faster / Mask R-CNN) on ResNet + FPN, built without downloads.
 
 Levels P_min..P_max: P2..P5 come from ResNet's layer1..layer4 through the FPN; P6 and above
 from ``ExtraLevels`` (stride-2 3x3 convs on P5 for the one-stage detectors, as in RetinaNet;
-max-pooling for Faster R-CNN, as torchvision's LastLevelMaxPool). Anchor sizes follow the
-level's stride: 4 * stride (x 2^0, 2^(1/3), 2^(2/3)) for RetinaNet, 8 * stride for Faster R-CNN,
-the stride for FCOS, which reproduces torchvision's defaults for P3-P7 / P2-P6.
+max-pooling for the two-stage ones, as torchvision's LastLevelMaxPool). Anchor sizes follow the
+level's stride: 4 * stride (x 2^0, 2^(1/3), 2^(2/3)) for RetinaNet, 8 * stride for Faster and
+Mask R-CNN, the stride for FCOS, which reproduces torchvision's defaults for P3-P7 / P2-P6.
+The two-stage detectors pool their RoIs (boxes 7x7; Mask R-CNN's masks 14x14) from the levels
+that come from ResNet (P2-P5), never from the max-pooled extras. Mask R-CNN is Faster R-CNN
+with torchvision's mask head; it needs targets with ``masks`` uint8 [n, H, W] when training
+and gives ``masks`` float [n, 1, H, W] (probabilities) at inference.
 
-Labels: the dataset's are 0..C-1; Faster R-CNN reserves 0 for the background, so its model
-labels are dataset labels + ``DetectorSpec.label_offset``.
+Labels: the dataset's are 0..C-1; the two-stage detectors reserve 0 for the background, so
+their model labels are dataset labels + ``DetectorSpec.label_offset``.
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
-DETECTORS = ("retinanet", "fcos", "fasterrcnn")
+DETECTORS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
+MASK_DETECTORS = ("maskrcnn",)
+TWO_STAGE_DETECTORS = ("fasterrcnn", "maskrcnn")  # RPN + RoI heads, background label 0
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("frozen_bn", "bn", "gn")
-DEFAULT_LEVELS = {"retinanet": (3, 7), "fcos": (3, 7), "fasterrcnn": (2, 6)}
+DEFAULT_LEVELS = {"retinanet": (3, 7), "fcos": (3, 7), "fasterrcnn": (2, 6), "maskrcnn": (2, 6)}
 
 
 @dataclass
@@ -75,7 +81,7 @@ class DetectorSpec:
 
     @property
     def label_offset(self) -> int:
-        return 1 if self.detector == "fasterrcnn" else 0
+        return 1 if self.detector in TWO_STAGE_DETECTORS else 0
 
     @property
     def levels(self) -> list[int]:
@@ -145,7 +151,7 @@ def build_backbone(spec: DetectorSpec, backbone_weights: str | None = None) -> B
     stage2 = body.inplanes // 8  # 64 for ResNet-18/34, 256 for ResNet-50/101
     in_channels = [stage2 * 2 ** (k - 1) for k in returned]
     num_extra = max(0, spec.max_level - 5)
-    mode = "pool" if spec.detector == "fasterrcnn" else "conv"
+    mode = "pool" if spec.detector in TWO_STAGE_DETECTORS else "conv"
     extra = ExtraLevels(spec.fpn_channels, num_extra, mode, keep=len(spec.levels))
     return BackboneWithFPN(body, return_layers, in_channels, spec.fpn_channels, extra_blocks=extra)
 
@@ -189,15 +195,16 @@ def build_detector(spec: DetectorSpec, backbone_weights: str | None = None) -> n
     anchors = AnchorGenerator(tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
     # RoIs pool from the FPN levels that come from ResNet (not the max-pooled extras).
     names = [str(i) for i in range(min(spec.max_level, 5) - spec.min_level + 1)]
-    roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
-    return FasterRCNN(
-        backbone,
-        spec.num_classes + 1,
-        rpn_anchor_generator=anchors,
-        box_roi_pool=roi_pool,
-        box_score_thresh=thresh,
+    two_stage = {
+        "rpn_anchor_generator": anchors,
+        "box_roi_pool": MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2),
+        "box_score_thresh": thresh,
         **common,
-    )
+    }
+    if spec.detector == "maskrcnn":
+        mask_pool = MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2)
+        return MaskRCNN(backbone, spec.num_classes + 1, mask_roi_pool=mask_pool, **two_stage)
+    return FasterRCNN(backbone, spec.num_classes + 1, **two_stage)
 
 
 def load_detector_weights(model: nn.Module, checkpoint: str | dict, what: str = "teacher") -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 DISTILL_METHODS = ("icd", "fpn-mse")
 # SPEC 4.4: lambda = 8 for the one-stage detectors, 3 for Faster R-CNN.
-ICD_LOSS_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "fasterrcnn": 3.0}
+ICD_LOSS_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "fasterrcnn": 3.0, "maskrcnn": 3.0}
 FPN_MSE_LOSS_WEIGHT = 1.0
 
 
@@ -112,7 +112,7 @@ def build_distiller(
         else ClassPrior.uniform(num_classes)
     )
     if max_labels is None:
-        max_labels = 100 if detector == "fasterrcnn" else 300
+        max_labels = 100 if detector in ("fasterrcnn", "maskrcnn") else 300
     return ICDDistiller(
         num_classes,
         teacher_channels=teacher_channels,

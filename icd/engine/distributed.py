@@ -65,6 +65,15 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     return gathered
 
 
+def all_ranks(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is true on every rank (one all-reduce under torchrun)."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([int(flag)], device=info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()

@@ -1,7 +1,8 @@
-"""COCO bbox evaluation of a detector over a dataset, gathered across ranks."""
+"""COCO evaluation (bbox; segm for mask detectors) of a detector over a dataset, gathered across ranks."""
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import nullcontext
 
@@ -11,9 +12,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from icd.data.coco import CocoDetection, collate
-from icd.detection.evaluation import coco_bbox_metrics, to_coco_detections, write_detections
+from icd.detection.evaluation import (
+    coco_metrics,
+    has_segmentations,
+    to_coco_detections,
+    write_detections,
+)
 from icd.engine.distributed import DistInfo, all_gather_objects
 from icd.engine.sampler import ResumableSampler
+
+log = logging.getLogger(__name__)
 
 DETECTIONS_FILE = "detections_{split}.json"
 
@@ -47,15 +55,19 @@ def evaluate(
     split: str = "val",
     progress: bool = True,
 ) -> dict[str, float]:
-    """AP, AP50, AP75, APs, APm, APl (%) of ``model`` on ``loader``'s images.
+    """AP, AP50, AP75, APs, APm, APl (%) of ``model``'s boxes on ``loader``'s images.
 
-    Every rank predicts its share; rank 0 gathers them (dropping the duplicates that
-    DistributedSampler pads with), runs COCOeval and writes ``detections_{split}.json`` in
-    ``output_dir``. Other ranks return the same metrics (broadcast through the gather).
+    When the model gives masks (Mask R-CNN) also segm_AP, segm_AP50, ... of its masks, provided
+    the ground truth has segmentations (otherwise a warning and bbox metrics only). Every rank
+    predicts its share; rank 0 gathers them (dropping the duplicates that DistributedSampler pads
+    with), runs COCOeval and writes ``detections_{split}.json`` in ``output_dir`` (one result per
+    detection, with its ``segmentation`` when there are masks). Other ranks return the same
+    metrics (broadcast through the gather).
     """
     was_training = model.training
     model.eval()
     per_image: dict[int, list[dict]] = {}
+    gives_masks = False
     bar = tqdm(loader, desc=f"eval {split}", disable=not (progress and info.is_main), leave=False)
     for images, targets in bar:
         if not images:
@@ -64,19 +76,29 @@ def evaluate(
         with autocast(info.device, amp):
             outputs = model(images)
         for out, target in zip(outputs, targets, strict=True):
+            gives_masks = gives_masks or "masks" in out
             image_id = int(target["image_id"])
             per_image[image_id] = to_coco_detections(
                 [out], [image_id], dataset.category_ids, label_offset
             )
     model.train(was_training)
     merged: dict[int, list[dict]] = {}
-    for part in all_gather_objects(per_image, info):
-        for image_id, dets in part.items():
+    for rank_dets, rank_gives_masks in all_gather_objects((per_image, gives_masks), info):
+        gives_masks = gives_masks or rank_gives_masks
+        for image_id, dets in rank_dets.items():
             merged.setdefault(image_id, dets)
     metrics = {}
     if info.is_main:
         detections = [d for image_id in sorted(merged) for d in merged[image_id]]
-        metrics = coco_bbox_metrics(dataset.coco, detections, image_ids=sorted(merged))
+        image_ids = sorted(merged)
+        metrics = coco_metrics(dataset.coco, detections, "bbox", image_ids=image_ids)
+        if gives_masks and has_segmentations(dataset.coco, image_ids):
+            metrics |= coco_metrics(dataset.coco, detections, "segm", image_ids=image_ids)
+        elif gives_masks:
+            log.warning(
+                "%s: an annotation has no 'segmentation'; the masks are not evaluated (no segm_AP)",
+                dataset.annotation_file,
+            )
         if output_dir is not None:
             write_detections(
                 os.path.join(output_dir, DETECTIONS_FILE.format(split=split)), detections

@@ -1,7 +1,8 @@
 """Optimisers and per-iteration LR schedules of the student and of ICD's teacher side (SPEC 5).
 
 Student: SGD, momentum 0.9, weight decay 1e-4, linear warm-up from ``warmup_factor`` * lr,
-then x0.1 at ~2/3 and ~8/9 of the run (60k and 80k of 90k in the 1x schedule).
+then x0.1 at given iterations, by default ~2/3 and ~8/9 of the run (60k and 80k of 90k in the
+1x schedule; the 3x presets give 210k and 250k of 270k).
 Teacher side: AdamW lr 1e-4, weight decay 1e-4, 10 linear warm-up iterations, cosine decay to
 0 at the end of the run; its gradient norm is clipped to 0.01 by the trainer.
 """
@@ -9,12 +10,12 @@ Teacher side: AdamW lr 1e-4, weight decay 1e-4, 10 linear warm-up iterations, co
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-BASE_LR_PER_16_IMAGES = {"retinanet": 0.01, "fcos": 0.01, "fasterrcnn": 0.02}
+BASE_LR_PER_16_IMAGES = {"retinanet": 0.01, "fcos": 0.01, "fasterrcnn": 0.02, "maskrcnn": 0.02}
 TEACHER_SIDE_LR = 1e-4
 TEACHER_SIDE_WEIGHT_DECAY = 1e-4
 TEACHER_SIDE_WARMUP = 10
@@ -67,19 +68,36 @@ def student_optimizer(
     )
 
 
+def check_decay_steps(steps: Sequence[int], total_iters: int) -> tuple[int, ...]:
+    """``steps`` as a tuple after checking they rise strictly and fall inside 1..total_iters."""
+    steps = tuple(int(s) for s in steps)
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)) or any(
+        not 0 < s <= total_iters for s in steps
+    ):
+        raise ValueError(
+            f"lr steps {list(steps)}: expected strictly increasing iterations in 1..{total_iters} "
+            "(the run's length)"
+        )
+    return steps
+
+
 def student_scheduler(
-    optimizer: torch.optim.Optimizer, total_iters: int, warmup_iters: int
+    optimizer: torch.optim.Optimizer,
+    total_iters: int,
+    warmup_iters: int,
+    steps: Sequence[int] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    steps = decay_steps(total_iters)
+    """Warm-up then x0.1 at each of ``steps`` (default :func:`decay_steps` of the run)."""
+    steps = decay_steps(total_iters) if steps is None else check_decay_steps(steps, total_iters)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: multistep_with_warmup(it, warmup_iters, steps)
     )
 
 
-def teacher_side_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.AdamW:
+def teacher_side_optimizer(params: Iterable[nn.Parameter], lr: float = TEACHER_SIDE_LR) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         [p for p in params if p.requires_grad],
-        lr=TEACHER_SIDE_LR,
+        lr=lr,
         weight_decay=TEACHER_SIDE_WEIGHT_DECAY,
     )
 

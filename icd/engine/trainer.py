@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from icd.data.coco import CocoDetection, collate, split_paths
 from icd.detection.feature_tap import FeatureTap
-from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
+from icd.detection.inherit import inherit_from_teacher, parse_parts
+from icd.detection.models import MASK_DETECTORS, DetectorSpec, build_detector, load_detector_weights
 from icd.engine import optim
 from icd.engine.checkpoint import (
     capture_rng_state,
@@ -41,7 +42,7 @@ from icd.engine.checkpoint import (
     save_atomic,
 )
 from icd.engine.distill import build_distiller
-from icd.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from icd.engine.distributed import DistInfo, all_ranks, barrier, cleanup, init_distributed
 from icd.engine.evaluator import autocast, eval_loader, evaluate
 from icd.engine.metrics import MetricsLog
 from icd.engine.sampler import ResumableSampler
@@ -78,6 +79,18 @@ def detector_spec_from_args(args: argparse.Namespace, num_classes: int) -> Detec
         max_size=args.max_size,
         score_thresh=args.score_thresh,
     )
+
+
+def run_length(args: argparse.Namespace, iters_per_epoch: int) -> tuple[int, int]:
+    """(iterations, epochs) of the run: --iters when given (the last epoch may be partial),
+    else --epochs whole epochs."""
+    for flag in ("iters", "epochs", "stop_after_iters"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
+    if args.iters is None:
+        return args.epochs * iters_per_epoch, args.epochs
+    return args.iters, math.ceil(args.iters / iters_per_epoch)
 
 
 def load_teacher(
@@ -151,15 +164,22 @@ class Trainer:
         self._build_data()
         num_classes = self.train_set.num_classes
         self.spec = detector_spec_from_args(args, num_classes)
+        if self.spec.norm == "frozen_bn" and not args.backbone_weights and self.info.is_main:
+            log.warning(
+                "frozen_bn without --backbone-weights: the backbone's BatchNorm layers stay at identity "
+                "and its weights start random; give ImageNet weights, or --norm gn to train from scratch"
+            )
         self.model = build_detector(self.spec, args.backbone_weights).to(self.info.device)
         self.sampler = ResumableSampler(
             self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=args.seed
         )
         self.iters_per_epoch = math.ceil(len(self.sampler) / args.batch_size)
-        self.total_iters = args.epochs * self.iters_per_epoch
+        self.total_iters, self.num_epochs = run_length(args, self.iters_per_epoch)
         self.tap = self.teacher = self.distiller = None
         if args.teacher:
             self._build_distillation(num_classes)
+        elif parse_parts(args.inherit_teacher):
+            raise ValueError(f"--inherit-teacher {args.inherit_teacher} needs --teacher")
         self._build_optimisers()
         use_scaler = args.amp and self.info.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -182,6 +202,7 @@ class Trainer:
             flip_prob=args.flip_prob,
             on_bad_data=args.on_bad_data,
             seed=args.seed,
+            with_masks=args.detector in MASK_DETECTORS,
         )
         self.train_annotations = train_ann
         self.val_set = None
@@ -218,6 +239,11 @@ class Trainer:
             backend=args.icd_backend,
         ).to(info.device)
         self.tap = FeatureTap(self.model)
+        parts = parse_parts(args.inherit_teacher)
+        if parts:
+            copied = inherit_from_teacher(self.model, self.teacher, parts, self.spec.detector, teacher_spec.detector)
+            if info.is_main:
+                log.info("inherited %s from the teacher: %d tensors", ",".join(parts), len(copied))
 
     def _build_optimisers(self) -> None:
         """SGD over the student and the distiller's student side; AdamW over ICD's teacher side."""
@@ -233,7 +259,9 @@ class Trainer:
         warmup_iters = args.warmup_iters
         if warmup_iters is None:
             warmup_iters = optim.default_warmup_iters(self.total_iters)
-        self.lr_scheduler = optim.student_scheduler(self.optimizer, self.total_iters, warmup_iters)
+        self.lr_scheduler = optim.student_scheduler(
+            self.optimizer, self.total_iters, warmup_iters, args.lr_steps
+        )
         self.teacher_params = []
         self.teacher_optimizer = self.teacher_lr_scheduler = None
         if self.distiller is not None:
@@ -241,7 +269,7 @@ class Trainer:
                 p for p in self.distiller.teacher_side_parameters() if p.requires_grad
             ]
             if self.teacher_params:
-                self.teacher_optimizer = optim.teacher_side_optimizer(self.teacher_params)
+                self.teacher_optimizer = optim.teacher_side_optimizer(self.teacher_params, args.icd_lr)
                 self.teacher_lr_scheduler = optim.teacher_side_scheduler(
                     self.teacher_optimizer, self.total_iters
                 )
@@ -341,7 +369,11 @@ class Trainer:
         device, offset = self.info.device, self.spec.label_offset
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [
-            {"boxes": t["boxes"].to(device), "labels": t["labels"].to(device) + offset}
+            {
+                "boxes": t["boxes"].to(device),
+                "labels": t["labels"].to(device) + offset,
+                **({"masks": t["masks"].to(device)} if "masks" in t else {}),
+            }
             for t in targets
         ]
         losses = self._losses(images, targets)
@@ -361,7 +393,7 @@ class Trainer:
         if self.teacher_optimizer is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.teacher_optimizer)
-            torch.nn.utils.clip_grad_norm_(self.teacher_params, optim.TEACHER_SIDE_CLIP)
+            torch.nn.utils.clip_grad_norm_(self.teacher_params, self.args.icd_clip)
         for opt in (self.optimizer, self.teacher_optimizer):
             if opt is None:
                 continue
@@ -423,11 +455,16 @@ class Trainer:
         return metrics
 
     def run(self) -> dict[str, float]:
+        """Train to the end of the schedule (or --stop-after-iters), evaluating per --eval-every
+        and at the end; returns the last evaluation's metrics."""
         args, info = self.args, self.info
         kill_after = int(os.environ.get(_KILL_AFTER_ENV, "0"))
+        stop_at = min(self.total_iters, args.stop_after_iters or self.total_iters)
         self.model.train()
         final = {}
-        for epoch in range(self.start_epoch, args.epochs):
+        for epoch in range(self.start_epoch, self.num_epochs):
+            if self.iteration >= stop_at:
+                break
             skip = self.epoch_batches if epoch == self.start_epoch else 0
             loader = self._train_loader(epoch, skip)
             bar = tqdm(
@@ -442,10 +479,12 @@ class Trainer:
             start = time.time()
             for images, targets in bar:
                 batches += 1
-                if not images:  # every sample of this batch was a skipped corrupt image
+                # a batch whose every image was a skipped corrupt one: under DDP all ranks skip
+                # the step together, or the others would wait for its gradients forever
+                if not all_ranks(bool(images), info):
                     continue
                 record = self.train_step(images, targets)
-                if self.iteration % args.print_freq == 0 or self.iteration == self.total_iters:
+                if self.iteration % args.print_freq == 0 or self.iteration == stop_at:
                     record = average_across_ranks(record, info)
                     record.update(
                         type="train",
@@ -460,15 +499,23 @@ class Trainer:
                     self.save(epoch, batches)
                     if kill_after and self.iteration >= kill_after:
                         os.kill(os.getpid(), signal.SIGKILL)
+                if self.iteration >= stop_at:
+                    break
+            bar.close()
             self.epoch_batches = 0
-            every = args.epoch_checkpoint_every
-            self.save(epoch + 1, 0, also_epoch_file=bool(every) and (epoch + 1) % every == 0)
-            last = epoch + 1 == args.epochs
+            run_over = self.iteration >= self.total_iters or epoch + 1 == self.num_epochs
+            if batches < self.iters_per_epoch:  # left mid-epoch: end of --iters or a stop
+                self.save(epoch, batches)
+            else:
+                every = args.epoch_checkpoint_every
+                self.save(epoch + 1, 0, also_epoch_file=bool(every) and (epoch + 1) % every == 0)
             if self.val_set is not None and (
-                last or (args.eval_every and (epoch + 1) % args.eval_every == 0)
+                run_over or (batches >= self.iters_per_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0)
             ):
                 final = self.run_evaluation(epoch)
             barrier(info)
+            if self.iteration >= stop_at:
+                break
         return final
 
     def close(self) -> None:
