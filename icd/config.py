@@ -30,6 +30,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
     import tomli as tomllib
 
 BASE_KEY = "base"
+# configs/ follows the paper: 8 processes x 2 images; the trainer warns when a preset run differs
+PRESET_IMAGES_PER_ITERATION = 16
 
 
 def load_preset(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -57,6 +57,10 @@ def test_teacher_baseline_and_icd_presets_dry_run(detector, data, tmp_path, capl
         student = _dry_run(os.path.join(configs, "r50_1x_icd.toml"), data, student_dir, f"--teacher {teacher_ckpt}")
     assert "distiller" in student and "teacher_optimizer" in student
     assert "inherited neck,head from the teacher" in caplog.text  # what it copies: test_detection_inherit.py
+    # one process x batch 2 is not the presets' 16 images: the run says how to scale the lr
+    lr = load_preset(os.path.join(configs, "r50_1x.toml"))["lr"]
+    assert "for 16 images per iteration; this run has 2 (world size 1 x --batch-size 2)" in caplog.text
+    assert f"scale --lr linearly ({lr / 8:.3g} here)" in caplog.text
     with open(os.path.join(student_dir, "metrics.jsonl")) as f:
         loss_keys = {key for line in f for key in json.loads(line)}
     assert {"loss_distill", "loss_aux_conf", "loss_aux_reg"} <= loss_keys

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from icd.config import PRESET_IMAGES_PER_ITERATION
 from icd.data.coco import CocoDetection, collate, split_paths
 from icd.detection.feature_tap import FeatureTap
 from icd.detection.inherit import inherit_from_teacher, parse_parts
@@ -250,6 +251,13 @@ class Trainer:
         args = self.args
         total_batch = args.batch_size * self.info.world_size
         lr = args.lr if args.lr is not None else optim.default_lr(args.detector, total_batch)
+        if args.config and total_batch != PRESET_IMAGES_PER_ITERATION and self.info.is_main:
+            log.warning(
+                "--config %s: the presets' lr and schedule are for %d images per iteration; this run has %d "
+                "(world size %d x --batch-size %d). Keep %d images, or scale --lr linearly (%.3g here)",
+                args.config, PRESET_IMAGES_PER_ITERATION, total_batch, self.info.world_size, args.batch_size,
+                PRESET_IMAGES_PER_ITERATION, lr * total_batch / PRESET_IMAGES_PER_ITERATION,
+            )
         student_params = list(self.model.parameters())
         if self.distiller is not None:
             student_params += list(self.distiller.student_side_parameters())
