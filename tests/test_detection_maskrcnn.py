@@ -95,6 +95,10 @@ def test_maskrcnn_teacher_then_icd_student_report_segm_ap(tmp_path):
          f"--no-progress --output-dir {evaluated}".split())
     (again,) = _records(evaluated, "eval")
     assert again["segm_AP"] == record["segm_AP"] and again["AP"] == record["AP"]
+    png = str(tmp_path / "curves.png")
+    assert main(["plot", student, "--out", png]) == 0
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 class _GroundTruthMasks(nn.Module):

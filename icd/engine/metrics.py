@@ -55,7 +55,7 @@ def _last_per_iter(records: list[dict]) -> list[dict]:
 
 
 def plot_runs(run_dirs: Sequence[str], out_path: str) -> str:
-    """Total loss, each named loss, and AP / AP50 against iterations for the runs, as one PNG."""
+    """Total loss, each named loss, and AP / AP50 (and mask AP) against iterations for the runs, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,10 +91,19 @@ def plot_runs(run_dirs: Sequence[str], out_path: str) -> str:
                 color=line.get_color(),
                 label=f"{name} AP50",
             )
+            masked = [r for r in evals if "segm_AP" in r]
+            if masked:  # Mask R-CNN: mask AP beside the box AP
+                ax_ap.plot(
+                    [r["iter"] for r in masked],
+                    [r["segm_AP"] for r in masked],
+                    ":^",
+                    color=line.get_color(),
+                    label=f"{name} mask AP",
+                )
     for ax, title, ylabel in (
         (ax_total, "total training loss", "loss"),
         (ax_parts, "named losses", "loss"),
-        (ax_ap, "COCO bbox AP", "AP (%)"),
+        (ax_ap, "COCO AP (box; mask for Mask R-CNN)", "AP (%)"),
     ):
         ax.set_title(title)
         ax.set_xlabel("iteration")
