@@ -10,14 +10,13 @@ import sys
 
 import pytest
 import torch
+from tiny_runs import TINY
 
 from icd.cli import build_parser, main
 from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ("--backbone resnet18 --fpn-channels 32 --norm gn --min-size 64 --max-size 64 "
-        "--workers 0 --device cpu --no-progress")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from tiny_runs import TINY
 from torch import nn
 
 from icd.cli import main
@@ -17,9 +18,6 @@ from icd.data.shapes import generate
 from icd.detection.models import DetectorSpec, build_backbone, build_detector
 from icd.engine.distributed import DistInfo
 from icd.engine.evaluator import eval_loader, evaluate
-
-TINY = ("--backbone resnet18 --fpn-channels 32 --norm gn --min-size 64 --max-size 64 "
-        "--workers 0 --device cpu --no-progress")
 
 
 def _spec(**kw) -> DetectorSpec:

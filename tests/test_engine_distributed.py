@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from tiny_runs import ON_CPU, THREE_LEVELS, TINY_MODEL
 
 from icd.data.shapes import generate
 from icd.detection.models import DetectorSpec, build_detector
@@ -40,20 +41,7 @@ def test_two_gloo_processes_equal_one_process_with_double_batch(tmp_path):
     common = [
         "--data-path",
         str(data),
-        "--backbone",
-        "resnet18",
-        "--fpn-channels",
-        "32",
-        "--norm",
-        "gn",
-        "--min-level",
-        "3",
-        "--max-level",
-        "5",
-        "--min-size",
-        "64",
-        "--max-size",
-        "64",
+        *f"{TINY_MODEL} {THREE_LEVELS}".split(),
         "--epochs",
         "1",
         "--workers",
@@ -141,12 +129,11 @@ def test_a_rank_whose_batch_is_all_corrupt_skips_the_step_with_the_others(tmp_pa
     data = tmp_path / "data"
     generate(str(data), num_train=4, num_val=1, image_size=64, seed=5)
     (data / "train" / "000002.png").write_bytes(b"not a png")
-    tiny = "--backbone resnet18 --fpn-channels 32 --norm gn --min-level 3 --max-level 5 --min-size 64 --max-size 64"
     out = tmp_path / "run"
     proc = _launch(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "icd", "train", "--data-path", str(data), *tiny.split(), "--epochs", "1", "--batch-size", "1",
-         "--workers", "0", "--device", "cpu", "--no-progress", "--no-eval", "--on-bad-data", "skip",
+         "-m", "icd", "train", "--data-path", str(data), *f"{TINY_MODEL} {THREE_LEVELS} {ON_CPU}".split(),
+         "--epochs", "1", "--batch-size", "1", "--no-eval", "--on-bad-data", "skip",
          "--output-dir", str(out)]
     )
     try:

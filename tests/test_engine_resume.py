@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import torch
+from tiny_runs import THREE_LEVELS, TINY_MODEL
 
 from icd.data.shapes import generate
 from icd.detection.models import DetectorSpec, build_detector
@@ -56,20 +57,7 @@ def test_sigkill_then_resume_matches_unbroken_run(tmp_path):
     common = [
         "--data-path",
         str(data),
-        "--backbone",
-        "resnet18",
-        "--fpn-channels",
-        "32",
-        "--norm",
-        "gn",
-        "--min-level",
-        "3",
-        "--max-level",
-        "5",
-        "--min-size",
-        "64",
-        "--max-size",
-        "64",
+        *f"{TINY_MODEL} {THREE_LEVELS}".split(),
         "--epochs",
         "2",
         "--batch-size",

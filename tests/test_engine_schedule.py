@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
+from tiny_runs import ON_CPU, THREE_LEVELS, TINY_MODEL
 
 from icd.cli import main
 from icd.data.shapes import generate
 from icd.engine.checkpoint import load_checkpoint
 
-TINY = ("--backbone resnet18 --fpn-channels 32 --norm gn --min-level 3 --max-level 5 --min-size 64 --max-size 64 "
-        "--batch-size 2 --workers 0 --device cpu --no-progress --print-freq 1 --lr 0.01 --warmup-iters 1 "
+TINY = (f"{TINY_MODEL} {THREE_LEVELS} {ON_CPU} --batch-size 2 --print-freq 1 --lr 0.01 --warmup-iters 1 "
         "--epoch-checkpoint-every 0 --iters 3 --lr-steps 2")
 
 

@@ -1,0 +1,8 @@
+"""Command-line flags of the seconds-long training runs that the engine and CLI tests launch."""
+
+# ResNet-18 + FPN 32 with GroupNorm (needs no pretrained weights) on 64 px images
+TINY_MODEL = "--backbone resnet18 --fpn-channels 32 --norm gn --min-size 64 --max-size 64"
+# P3-P5 only, where a test does not need the detector's default levels
+THREE_LEVELS = "--min-level 3 --max-level 5"
+ON_CPU = "--workers 0 --device cpu --no-progress"
+TINY = f"{TINY_MODEL} {ON_CPU}"
