@@ -57,6 +57,15 @@ def test_stop_and_resume_match_an_unbroken_iteration_schedule(tmp_path):
     assert lrs[1] == pytest.approx(0.01) and lrs[2] == pytest.approx(0.001)  # x0.1 from step 2
 
 
+def test_a_stop_in_the_last_epoch_is_not_the_end_of_the_run(tmp_path):
+    data = str(tmp_path / "data")
+    generate(data, num_train=4, num_val=2, image_size=64, seed=5)
+    out = str(tmp_path / "run")
+    _train(data, out, "--iters 4 --stop-after-iters 3")  # 2 epochs; stops inside the second
+    assert load_checkpoint(os.path.join(out, "checkpoint.pth"))["iteration"] == 3
+    assert [r["iter"] for r in _records(out) if r["type"] == "eval"] == [2]  # epoch 0's only
+
+
 def test_run_length_flags_are_checked(tmp_path):
     data = str(tmp_path / "data")
     generate(data, num_train=2, num_val=1, image_size=64, seed=5)

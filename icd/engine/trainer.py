@@ -511,15 +511,15 @@ class Trainer:
                     break
             bar.close()
             self.epoch_batches = 0
-            run_over = self.iteration >= self.total_iters or epoch + 1 == self.num_epochs
-            if batches < self.iters_per_epoch:  # left mid-epoch: end of --iters or a stop
-                self.save(epoch, batches)
-            else:
+            epoch_done = batches >= self.iters_per_epoch  # else left mid-epoch: end of --iters or a stop
+            run_over = self.iteration >= self.total_iters or (epoch_done and epoch + 1 == self.num_epochs)
+            if epoch_done:
                 every = args.epoch_checkpoint_every
                 self.save(epoch + 1, 0, also_epoch_file=bool(every) and (epoch + 1) % every == 0)
-            if self.val_set is not None and (
-                run_over or (batches >= self.iters_per_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0)
-            ):
+            else:
+                self.save(epoch, batches)
+            periodic = epoch_done and args.eval_every and (epoch + 1) % args.eval_every == 0
+            if self.val_set is not None and (run_over or periodic):
                 final = self.run_evaluation(epoch)
             barrier(info)
             if self.iteration >= stop_at:
