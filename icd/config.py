@@ -35,8 +35,11 @@ PRESET_IMAGES_PER_ITERATION = 16
 
 
 def load_preset(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The flattened keys of ``path`` after applying its ``base`` chain (underscored names)."""
+    """The flattened keys of ``path`` (``.toml`` may be left off) after applying its ``base`` chain
+    (underscored names)."""
     path = os.path.abspath(path)
+    if not os.path.exists(path) and os.path.exists(path + ".toml"):
+        path += ".toml"
     if path in _seen:
         raise ValueError(f"preset {path}: 'base' chain loops back to itself ({' -> '.join(_seen)})")
     try:

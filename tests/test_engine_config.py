@@ -40,6 +40,7 @@ def test_base_chain_tables_and_overrides(tmp_path):
     args = _parse(["train", "--config", child, "--data-path", "d", "--iters", "7"])
     assert (args.detector, args.backbone, args.iters, args.lr_steps) == ("fcos", "resnet34", 7, [50, 80])
     assert args.epochs == 12 and args.config == child  # untouched defaults stay
+    assert load_preset(child.removesuffix(".toml")) == load_preset(child)  # "configs/<name>" works too
 
 
 def test_preset_may_supply_a_required_flag(tmp_path):
