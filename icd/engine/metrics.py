@@ -80,26 +80,12 @@ def plot_runs(run_dirs: Sequence[str], out_path: str) -> str:
                     label=f"{name} {key[5:]}",
                 )
         evals = _last_per_iter([r for r in records if r.get("type") == "eval"])
-        if evals:
-            line = ax_ap.plot(
-                [r["iter"] for r in evals], [r["AP"] for r in evals], "-o", label=f"{name} AP"
-            )[0]
-            ax_ap.plot(
-                [r["iter"] for r in evals],
-                [r["AP50"] for r in evals],
-                "--s",
-                color=line.get_color(),
-                label=f"{name} AP50",
-            )
-            masked = [r for r in evals if "segm_AP" in r]
-            if masked:  # Mask R-CNN: mask AP beside the box AP
-                ax_ap.plot(
-                    [r["iter"] for r in masked],
-                    [r["segm_AP"] for r in masked],
-                    ":^",
-                    color=line.get_color(),
-                    label=f"{name} mask AP",
-                )
+        colour = None  # the run's colour, taken from its first curve
+        for key, style, label in (("AP", "-o", "AP"), ("AP50", "--s", "AP50"), ("segm_AP", ":^", "mask AP")):
+            points = [(r["iter"], r[key]) for r in evals if key in r]  # segm_AP: Mask R-CNN runs only
+            if points:
+                line = ax_ap.plot(*zip(*points, strict=True), style, color=colour, label=f"{name} {label}")[0]
+                colour = line.get_color()
     for ax, title, ylabel in (
         (ax_total, "total training loss", "loss"),
         (ax_parts, "named losses", "loss"),
