@@ -160,6 +160,9 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.inherit_parts = parse_parts(args.inherit_teacher)  # checked before anything is built
+        if self.inherit_parts and not args.teacher:
+            raise ValueError(f"--inherit-teacher {args.inherit_teacher} needs --teacher")
         self.info: DistInfo = init_distributed(args.device)
         seed_everything(args.seed)
         self._build_data()
@@ -179,8 +182,6 @@ class Trainer:
         self.tap = self.teacher = self.distiller = None
         if args.teacher:
             self._build_distillation(num_classes)
-        elif parse_parts(args.inherit_teacher):
-            raise ValueError(f"--inherit-teacher {args.inherit_teacher} needs --teacher")
         self._build_optimisers()
         use_scaler = args.amp and self.info.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -240,11 +241,12 @@ class Trainer:
             backend=args.icd_backend,
         ).to(info.device)
         self.tap = FeatureTap(self.model)
-        parts = parse_parts(args.inherit_teacher)
-        if parts:
-            copied = inherit_from_teacher(self.model, self.teacher, parts, self.spec.detector, teacher_spec.detector)
+        if self.inherit_parts:
+            copied = inherit_from_teacher(
+                self.model, self.teacher, self.inherit_parts, self.spec.detector, teacher_spec.detector
+            )
             if info.is_main:
-                log.info("inherited %s from the teacher: %d tensors", ",".join(parts), len(copied))
+                log.info("inherited %s from the teacher: %d tensors", ",".join(self.inherit_parts), len(copied))
 
     def _build_optimisers(self) -> None:
         """SGD over the student and the distiller's student side; AdamW over ICD's teacher side."""
