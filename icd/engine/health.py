@@ -7,9 +7,11 @@ each once per loss term:
 - **stuck**: the term took the same value (within ``rel_tol``) for ``window`` iterations in a
   row, e.g. FCOS's GIoU box loss at exactly 1.0 when every regressed box is empty, or a term
   that is 0 on every batch. Real losses of real batches always move a little.
-- **blow-up**: the term exceeds ``growth`` times the median of its previous ``window`` values
-  (medians below ``floor`` count as ``floor``), e.g. a feature-imitation loss going from ~1 to
-  1e15 within a hundred iterations.
+- **blow-up**: the term exceeds ``growth`` times where it stood up to ``window`` iterations
+  earlier (the median of the oldest fifth of its last ``window`` values, so one odd batch does
+  not count; below ``floor`` as ``floor``), e.g. a feature-imitation loss going from ~1 to 1e15
+  within a hundred iterations. A steady exponential growth is caught once it gains ``growth``
+  over about ``window`` iterations.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class HealthProblem:
     kind: str
     iteration: int
     value: float
-    reference: float  # stuck: the value it sits at; blow-up: the recent median
+    reference: float  # stuck: the value it sits at; blow-up: where it stood before
     window: int  # iterations looked at
 
     @property
@@ -42,7 +44,8 @@ class HealthProblem:
                     f"branch or a term that is always empty)")
         ratio = abs(self.value) / self.reference
         return (f"{self.loss} = {self.value:.6g} at iteration {self.iteration}: {ratio:.3g}x "
-                f"the median {self.reference:.6g} of its previous {self.window} values; the loss is blowing up")
+                f"{self.reference:.6g}, where it stood up to {self.window} iterations earlier; the loss is "
+                f"blowing up")
 
 
 class UnhealthyTrainingError(RuntimeError):
@@ -56,8 +59,9 @@ class LossHealth:
         window: iterations a term must stay constant to count as stuck, and the history a
             new value is compared with for a blow-up (>= 2).
         rel_tol: values within ``rel_tol * max(|v|)`` of each other count as the same.
-        growth: a value above ``growth`` x the recent median (>= ``floor``) is a blow-up.
-        floor: the smallest median a blow-up is measured against (losses near zero).
+        growth: a value above ``growth`` x the median of the oldest fifth of the history
+            (at least ``floor``) is a blow-up.
+        floor: the smallest reference a blow-up is measured against (losses near zero).
     """
 
     def __init__(self, window: int = 50, rel_tol: float = 1e-6, growth: float = 1e3, floor: float = 1e-3) -> None:
@@ -88,7 +92,8 @@ class LossHealth:
     def _blow_up(self, name: str, iteration: int, value: float, history: deque[float]) -> HealthProblem | None:
         if not history:
             return None
-        reference = max(statistics.median(abs(v) for v in history), self.floor)
+        oldest = [abs(history[i]) for i in range(max(1, len(history) // 5))]
+        reference = max(statistics.median(oldest), self.floor)
         if abs(value) > self.growth * reference:  # False for NaN (the trainer stops on those itself)
             return HealthProblem(name, BLOW_UP, iteration, value, reference, len(history))
         return None
