@@ -88,6 +88,9 @@ def test_growth_is_measured_against_a_floor_and_a_single_spike_counts():
     found = _run(health, {"b": _noisy(10, 2.0) + [5e3]})
     assert [(p.kind, p.iteration) for p in found] == [(BLOW_UP, 11)]
     assert health.check(12, {"b": math.nan}) == []  # NaN: the trainer's own finite check stops on it
+    # a term that is exactly 0 on batches without boxes, then ~1: inactive, not a blow-up from 0
+    health = LossHealth(window=10, growth=1e3)
+    assert _run(health, {"loss_aux_conf": [0.0, 0.0, 1.3, 0.0, 1.1, 1.2, 0.9] + _noisy(20, 1.0)}) == []
 
 
 def test_bad_limits_are_refused():

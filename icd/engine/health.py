@@ -8,8 +8,9 @@ each once per loss term:
   row, e.g. FCOS's GIoU box loss at exactly 1.0 when every regressed box is empty, or a term
   that is 0 on every batch. Real losses of real batches always move a little.
 - **blow-up**: the term exceeds ``growth`` times where it stood up to ``window`` iterations
-  earlier (the median of the oldest fifth of its last ``window`` values, so one odd batch does
-  not count; below ``floor`` as ``floor``), e.g. a feature-imitation loss going from ~1 to 1e15
+  earlier (the median of the oldest fifth of its last ``window`` non-zero values, so one odd
+  batch does not count; below ``floor`` as ``floor``; exact zeros, as terms give on a batch
+  without boxes, are left out), e.g. a feature-imitation loss going from ~1 to 1e15
   within a hundred iterations. A steady exponential growth is caught once it gains ``growth``
   over about ``window`` iterations.
 """
@@ -92,8 +93,10 @@ class LossHealth:
     def _blow_up(self, name: str, iteration: int, value: float, history: deque[float]) -> HealthProblem | None:
         if not history:
             return None
-        oldest = [abs(history[i]) for i in range(max(1, len(history) // 5))]
-        reference = max(statistics.median(oldest), self.floor)
+        active = [abs(v) for v in history if v != 0]  # a batch without boxes gives some terms exact zeros
+        if not active:
+            return None
+        reference = max(statistics.median(active[: max(1, len(active) // 5)]), self.floor)
         if abs(value) > self.growth * reference:  # False for NaN (the trainer stops on those itself)
             return HealthProblem(name, BLOW_UP, iteration, value, reference, len(history))
         return None
