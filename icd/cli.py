@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from icd.data.coco import BAD_DATA_CHOICES
 from icd.detection.models import BACKBONES, DETECTORS, NORMS
-from icd.engine.distill import DISTILL_METHODS
+from icd.engine.distill import DISTILL_METHODS, FPN_MSE_NORMS
+from icd.engine.health import HEALTH_ACTIONS
 from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
 from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
 
@@ -186,7 +187,7 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
         help="train a detector, plain or distilled from a teacher",
         description="Train a torchvision detector on a COCO-format dataset. "
         "Without --teacher: plain training (teachers, baselines). With "
-        "--teacher CKPT: distillation (--distill icd or fpn-mse).",
+        "--teacher CKPT: distillation (--distill icd or fpn-mse) and/or --inherit-teacher.",
     )
     _add_data_flags(p)
     _add_model_flags(p)
@@ -253,14 +254,41 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and last)")
     p.add_argument("--no-eval", action="store_true", help="no evaluation (no val split needed)")
+    p.add_argument(
+        "--on-unhealthy",
+        choices=HEALTH_ACTIONS,
+        default="warn",
+        help="a loss term stuck at one value for --health-window iterations, or growing 1000x "
+        "over its recent median: warn once per loss, or stop the run (exit status 1)",
+    )
+    p.add_argument(
+        "--health-window",
+        type=int,
+        default=50,
+        help="iterations a loss must stay constant to count as stuck (and the history of the "
+        "blow-up check)",
+    )
     g = p.add_argument_group("distillation")
     g.add_argument(
         "--teacher",
         default=None,
-        help="teacher checkpoint (icd train's, or a state "
+        help="teacher checkpoint (icd train's checkpoint.pth or model_best.pth, or a state "
         "dict with --teacher-detector/--teacher-backbone)",
     )
-    g.add_argument("--distill", choices=DISTILL_METHODS, default="icd")
+    g.add_argument(
+        "--distill",
+        choices=DISTILL_METHODS,
+        default="icd",
+        help="icd, fpn-mse (normalised FPN feature imitation, see --fpn-mse-norm) or none (no "
+        "distillation loss: with --inherit-teacher, the inheritance-only control)",
+    )
+    g.add_argument(
+        "--fpn-mse-norm",
+        choices=FPN_MSE_NORMS,
+        default="channel",
+        help="fpn-mse: normalise both maps per channel over each image's locations (channel, as "
+        "PKD), per location over channels (layer), or not at all (none: the raw MSE)",
+    )
     g.add_argument(
         "--inherit-teacher",
         default="",
@@ -272,7 +300,7 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
         "--distill-weight",
         type=float,
         default=None,
-        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 1)",
+        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 2 normalised, 1 raw)",
     )
     g.add_argument(
         "--distill-warmup-iters",
