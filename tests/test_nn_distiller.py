@@ -80,6 +80,11 @@ def test_parameter_groups_partition_the_parameters():
     assert not teacher_side & student_side
     assert teacher_side | student_side == {id(p) for p in distiller.parameters()}
     assert len(distiller.student_projections) == 2
+    # lists, not generators: an optimiser consuming one leaves it whole for clip_grad_norm_
+    groups = distiller.teacher_side_parameters()
+    assert isinstance(groups, list) and isinstance(distiller.student_side_parameters(), list)
+    torch.optim.AdamW(groups)
+    assert len(groups) == len(teacher_side) > 0
     assert distiller.student_projections[0].in_features == 12
     assert distiller.student_projections[0].out_features == 16
 
