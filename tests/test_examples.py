@@ -23,14 +23,22 @@ def _read(*parts: str) -> str:
 
 
 def _python_blocks(markdown: str, section: str) -> list[str]:
-    """The ```python blocks under the heading ``section`` (up to the next heading of its level)."""
-    heading = re.search(rf"^(#+) {re.escape(section)}\n", markdown, re.M)
-    assert heading, f"no section {section!r}"
-    level = len(heading.group(1))
-    rest = markdown[heading.end():]
-    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
-    body = rest[: end.start()] if end else rest
-    return re.findall(r"```python\n(.*?)```", body, re.S)
+    """The ```python blocks under the heading ``section`` (up to the next heading of its level or above;
+    ``#`` lines inside code blocks are code, not headings)."""
+    lines, level, in_fence, body = markdown.splitlines(keepends=True), None, False, []
+    for line in lines:
+        if line.startswith("```"):
+            in_fence = not in_fence
+        heading = None if in_fence else re.match(r"(#+) (.*)", line)
+        if level is None:
+            if heading and heading.group(2).strip() == section:
+                level = len(heading.group(1))
+            continue
+        if heading and len(heading.group(1)) <= level:
+            break
+        body.append(line)
+    assert level is not None, f"no section {section!r}"
+    return re.findall(r"```python\n(.*?)```", "".join(body), re.S)
 
 
 def _load(path: str):
