@@ -365,7 +365,7 @@ def test_constructor_checks():
 
 
 def _train(steps: int) -> list[dict[str, float]]:
-    """A seeded toy run with the SPEC 5 optimisers: fixed teacher maps, learnable student maps.
+    """A seeded toy run with the optimisers of docs/method.md 5: fixed teacher maps, learnable student maps.
 
     The fakes are drawn larger than any real box (scale bin 1 vs 0), so real and fake are
     separable from the descriptor and a short run can learn more than the class balance.

@@ -1,4 +1,4 @@
-"""ICDDistiller: the whole ICD method as one module any trainer can call (SPEC 4.4, 5).
+"""ICDDistiller: the whole ICD method as one module any trainer can call (docs/method.md 4.4, 5).
 
 Teacher side (trained by the auxiliary task only, with its own optimiser): the instance
 encoder, the conditional decoder and the auxiliary head. Student side (trained with the
