@@ -5,7 +5,7 @@
 // backends they call these kernel ops, whose CPU kernels live in csrc/cpu/ and whose
 // CUDA kernels live in csrc/cuda/. Every kernel returns contiguous tensors.
 //
-// Letters as in SPEC.md: q [N, h, K, D]; k, v, student, teacher [N, h, S, D];
+// Letters as in docs/method.md: q [N, h, K, D]; k, v, student, teacher [N, h, S, D];
 // key_padding_mask bool [N, S] (True = ignore); weight [N, K] (value_mask) or
 // [N, h, S] (feature_mse); lse [N, h, K] float32.
 #include <Python.h>

@@ -5,28 +5,42 @@ three ops of the ICD loss (instance attention forward + backward, the value mask
 masked feature MSE forward + backward) on every backend that can run here, and prints how
 far each result is from the reference, the time and the peak memory each used.
 
-    python examples/ops_demo.py [--k 100] [--input 512x853]
+    python examples/ops_demo.py [--k 100] [--input 512x853] [--repeats 3]
+
+Self-contained: it needs only an installed ``icd`` (time with ``time.perf_counter``, peak memory
+from the profiler's allocation events through ``icd.profiling``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import measure  # noqa: E402
-
-import icd.ops as ops  # noqa: E402
+import icd.ops as ops
+from icd.profiling import profile_cpu_allocations
 
 HEADS, HEAD_DIM = 8, 32
 
 
 def fpn_tokens(height: int, width: int, strides=(8, 16, 32, 64, 128)) -> int:
     return sum(math.ceil(height / s) * math.ceil(width / s) for s in strides)
+
+
+def time_and_peak(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, int]:
+    """(result of a first profiled call, median seconds of ``repeats`` timed calls, peak CPU bytes)."""
+    result, allocations = profile_cpu_allocations(fn)  # also the warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times), allocations.peak_bytes
 
 
 def loss_path(inputs: dict, backend: str) -> dict:
@@ -46,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=100, help="instance slots per image")
     parser.add_argument("--input", default="512x853", help="input size HxW (P3-P7 levels)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per backend (the median is shown)")
     args = parser.parse_args(argv)
     height, width = (int(x) for x in args.input.split("x"))
     n, s = 2, fpn_tokens(height, width)
@@ -65,24 +80,23 @@ def main(argv: list[str] | None = None) -> None:
           f"{', '.join(ops.available_backends())}")
     print(f"the reference materialises [N, h, K, S] = {n * HEADS * args.k * s * 4 / 2**20:.0f} MiB "
           "of fp32 logits per copy\n")
-    cpu = torch.device("cpu")
     runs = {}
     for backend in ops.available_backends():
         if backend == "cuda" or (backend == "triton" and not ops.dispatch.triton_interpreted()):
             continue  # GPU backends: see benchmarks/run_attention.py on a CUDA machine
         if backend == "triton":
             continue  # the Triton interpreter is for tests, far too slow at this size
-        runs[backend] = measure(lambda b=backend: loss_path(inputs, b), cpu, warmup=1, repeats=3)
-    ref = runs["reference"]
+        runs[backend] = time_and_peak(lambda b=backend: loss_path(inputs, b), args.repeats)
+    ref_result, ref_time, ref_peak = runs["reference"]
     print(f"{'backend':<10} {'time (s)':>9} {'x ref':>7} {'peak (MiB)':>11} {'x ref':>7}  max |diff| vs reference")
-    for backend, m in runs.items():
+    for backend, (result, seconds, peak) in runs.items():
         diffs = ", ".join(
-            f"{name} {(m.result[name] - ref.result[name]).abs().max().item():.1e}"
+            f"{name} {(result[name] - ref_result[name]).abs().max().item():.1e}"
             for name in ("out", "lse", "value mask", "mse", "dq", "dk", "d student")
             if backend != "reference"
         ) or "-"
-        print(f"{backend:<10} {m.median:9.3f} {m.median / ref.median:7.2f} {m.peak_bytes / 2**20:11.1f} "
-              f"{m.peak_bytes / max(ref.peak_bytes, 1):7.2f}  {diffs}")
+        print(f"{backend:<10} {seconds:9.3f} {seconds / ref_time:7.2f} {peak / 2**20:11.1f} "
+              f"{peak / max(ref_peak, 1):7.2f}  {diffs}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,6 @@
 
 import sys
 
-from icd.cli import main
+from icd.console import main
 
 sys.exit(main())

@@ -30,9 +30,21 @@ from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-path",
-        required=True,
+        default=None,
         help="COCO-layout root: annotations/instances_{split}[2017].json and an "
-        "image folder {split}[2017]/",
+        "image folder {split}[2017]/ (or give each split's files with --*-ann and --*-images)",
+    )
+    p.add_argument(
+        "--val-ann",
+        default=None,
+        metavar="FILE",
+        help="COCO-format annotation JSON of the split to evaluate (any export), instead of --data-path",
+    )
+    p.add_argument(
+        "--val-images",
+        default=None,
+        metavar="DIR",
+        help="the folder that --val-ann's file_names are relative to",
     )
     p.add_argument("--batch-size", "-b", type=int, default=2, help="images per process")
     p.add_argument("--workers", "-j", type=int, default=4, help="data loading processes")
@@ -192,6 +204,16 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     )
     _add_data_flags(p)
     _add_model_flags(p)
+    p.add_argument(
+        "--train-ann",
+        default=None,
+        metavar="FILE",
+        help="COCO-format annotation JSON of the training images (any export, e.g. Roboflow's "
+        "train/_annotations.coco.json), instead of --data-path",
+    )
+    p.add_argument(
+        "--train-images", default=None, metavar="DIR", help="the folder that --train-ann's file_names are relative to"
+    )
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
     p.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability")
@@ -347,7 +369,7 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def _eval_parser(sub) -> argparse.ArgumentParser:
+def _eval_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="COCO bbox (and segm) AP of a checkpoint; writes the detections JSON",
@@ -359,6 +381,13 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "--weights", required=True, dest="checkpoint")
     p.add_argument("--split", default="val")
     p.add_argument(
+        "--config",
+        default=None,
+        metavar="PRESET.toml",
+        help="an icd train preset (configs/): its data, model and size keys are defaults of these flags "
+        "(its training-only keys are ignored); flags given here win",
+    )
+    p.add_argument(
         "--attention-stats",
         action="store_true",
         help="also measure how instance-specific ICD's attention is (lift, distinctness, per level) "
@@ -367,6 +396,14 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the run's own)")
     _add_data_flags(p)
     _add_model_flags(p, defaults=False)
+    if preset is not None:
+        from icd.config import apply_preset
+
+        train_only = {a.dest for a in _train_parser(argparse.ArgumentParser().add_subparsers())._actions}
+        try:
+            apply_preset(p, preset, ignore=train_only)
+        except (OSError, ValueError) as err:
+            p.error(str(err))
     return p
 
 
@@ -407,17 +444,31 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser(train_preset: str | None = None) -> argparse.ArgumentParser:
-    """The ``icd`` parser; ``train_preset``: a --config file whose keys become train defaults."""
+def icd_version() -> str:
+    """The installed distribution's version (package metadata), else ``icd.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("icd")
+    except PackageNotFoundError:
+        import icd
+
+        return icd.__version__
+
+
+def build_parser(train_preset: str | None = None, eval_preset: str | None = None) -> argparse.ArgumentParser:
+    """The ``icd`` parser; ``train_preset`` / ``eval_preset``: a --config file whose keys become
+    defaults of ``icd train`` / ``icd eval``."""
     parser = argparse.ArgumentParser(
         prog="icd",
         description="Instance-Conditional Knowledge "
         "Distillation for object detection: training and evaluation",
     )
+    parser.add_argument("--version", action="version", version=f"icd {icd_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub, train_preset)
     _pretrain_parser(sub)
-    _eval_parser(sub)
+    _eval_parser(sub, eval_preset)
     _plot_parser(sub)
     _data_parser(sub)
     _demo_parser(sub)
@@ -425,7 +476,7 @@ def build_parser(train_preset: str | None = None) -> argparse.ArgumentParser:
 
 
 def _run_eval(args: argparse.Namespace) -> dict[str, float]:
-    from icd.data.coco import CocoDetection, split_paths
+    from icd.data.coco import CocoDetection, dataset_paths
     from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
     from icd.engine.checkpoint import load_checkpoint
     from icd.engine.distributed import cleanup, init_distributed
@@ -435,7 +486,7 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
 
     info = init_distributed(args.device)
     try:
-        image_dir, ann = split_paths(args.data_path, args.split)
+        image_dir, ann = dataset_paths(args.data_path, args.split, args.val_ann, args.val_images, "val")
         dataset = CocoDetection(image_dir, ann, on_bad_data=args.on_bad_data)
         ckpt = load_checkpoint(args.checkpoint)
         if "teacher_side" in ckpt:  # icd pretrain's output: attention statistics only
@@ -508,18 +559,39 @@ def _attention_stats(args: argparse.Namespace, ckpt: dict, dataset, info) -> dic
     return stats
 
 
-def _train_preset_of(argv: Sequence[str]) -> str | None:
-    """The --config of an ``icd train`` command line (None for other commands)."""
-    if not argv or argv[0] != "train":
+def _train_preset_of(argv: Sequence[str], command: str = "train") -> str | None:
+    """The --config of an ``icd train`` (or ``command``) command line (None for other commands)."""
+    if not argv or argv[0] != command:
         return None
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     return pre.parse_known_args(argv[1:])[0].config
 
 
+def _check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each split's files exist: --data-path's layout, or the --*-ann / --*-images pair."""
+    from icd.data.coco import dataset_paths
+
+    if args.command in ("train", "pretrain"):
+        splits = [(args.train_split, getattr(args, "train_ann", None), getattr(args, "train_images", None), "train")]
+        if not getattr(args, "no_eval", False):
+            splits.append((args.val_split, args.val_ann, args.val_images, "val"))
+    elif args.command == "eval":
+        splits = [(args.split, args.val_ann, args.val_images, "val")]
+    else:
+        return
+    for split, ann, images, flag in splits:
+        try:
+            dataset_paths(args.data_path, split, ann, images, flag)
+        except (OSError, ValueError) as err:
+            parser.error(str(err))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(_train_preset_of(argv)).parse_args(argv)
+    parser = build_parser(_train_preset_of(argv), _train_preset_of(argv, "eval"))
+    args = parser.parse_args(argv)
+    _check_data_flags(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         from icd.engine.trainer import train

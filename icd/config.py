@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+from collections.abc import Collection
 from typing import Any
 
 try:
@@ -74,16 +75,19 @@ def _flatten(table: dict[str, Any], path: str) -> dict[str, Any]:
     return out
 
 
-def apply_preset(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+def apply_preset(parser: argparse.ArgumentParser, path: str, ignore: Collection[str] = ()) -> dict[str, Any]:
     """Make the preset's values the defaults of ``parser`` (checked); returns them.
 
-    A required flag the preset sets stops being required on the command line.
+    A required flag the preset sets stops being required on the command line. Keys in ``ignore``
+    that ``parser`` has no flag for are skipped (``icd eval`` reads a train preset this way).
     """
     values = load_preset(path)
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     defaults = {}
     for key, value in values.items():
         action = actions.get(key)
+        if action is None and key in ignore:
+            continue
         if action is None:
             near = difflib.get_close_matches(key, list(actions), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""

@@ -1,4 +1,4 @@
-"""Fused masked feature MSE (SPEC.md 3.3): LayerNorm per head, weighted error, its gradient.
+"""Fused masked feature MSE (docs/method.md 3.3): LayerNorm per head, weighted error, its gradient.
 
 Forward: one pass over student and teacher; each program normalises its [BLOCK_S, D] tiles in
 registers and accumulates sum_s w * sum_d e and sum_s w for its (image, head); a one-program

@@ -1,4 +1,4 @@
-"""Fused instance attention (SPEC.md 3.1): flash-decoding forward, recomputing backward.
+"""Fused instance attention (docs/method.md 3.1): flash-decoding forward, recomputing backward.
 
 K (instance queries, <= 300) is small and S (keys of every FPN level, 20k-90k) is large, so
 the forward splits the keys into slices and runs one program per (slice, query block, head):

@@ -1,4 +1,4 @@
-"""Fused instance value mask (SPEC.md 3.2): sum_k weight[n, k] softmax_s(logits / T).
+"""Fused instance value mask (docs/method.md 3.2): sum_k weight[n, k] softmax_s(logits / T).
 
 One program per (key block, head) loops over the K queries, recomputes each probability
 exp(x / T - lse_T) from q, k and the row logsumexp, and adds weight[n, k] * p over k: one

@@ -17,7 +17,7 @@ from icd.ops.dispatch import triton_interpreted
 
 @dataclass(frozen=True)
 class Case:
-    """Sizes in SPEC letters; ``padding`` masks ~30% of keys, ``empty_image`` masks image 0 fully."""
+    """Sizes in the letters of docs/method.md; ``padding`` masks ~30% of keys, ``empty_image`` masks image 0 fully."""
 
     n: int
     h: int

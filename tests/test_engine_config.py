@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from icd.cli import _train_preset_of, build_parser
+from icd.cli import _train_preset_of, build_parser, main
 from icd.config import load_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +47,8 @@ def test_preset_may_supply_a_required_flag(tmp_path):
     preset = _write(tmp_path / "p.toml", 'data_path = "/data/coco"\namp = true\n')
     args = _parse(["train", "--config", preset])
     assert args.data_path == "/data/coco" and args.amp is True
-    with pytest.raises(SystemExit):  # without the preset --data-path is required again
-        _parse(["train"])
+    with pytest.raises(SystemExit):  # without the preset --data-path (or --train-ann ...) is required again
+        main(["train"])
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""flatten_levels, padding_mask, unflatten_levels and sine_position_embedding (SPEC 3.4)."""
+"""flatten_levels, padding_mask, unflatten_levels and sine_position_embedding (docs/method.md 3.4)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_padding_mask_follows_the_stride_rule():
 
 
 def _detr_embedding_by_hand(mask: torch.Tensor, num_feats: int, temperature: float) -> torch.Tensor:
-    """One position at a time, straight from the formula (SPEC 3.4)."""
+    """One position at a time, straight from the formula (docs/method.md 3.4)."""
     n, hh, ww = mask.shape
     out = torch.zeros(n, hh, ww, 2 * num_feats)
     for i in range(n):

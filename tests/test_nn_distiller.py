@@ -80,6 +80,11 @@ def test_parameter_groups_partition_the_parameters():
     assert not teacher_side & student_side
     assert teacher_side | student_side == {id(p) for p in distiller.parameters()}
     assert len(distiller.student_projections) == 2
+    # lists, not generators: an optimiser consuming one leaves it whole for clip_grad_norm_
+    groups = distiller.teacher_side_parameters()
+    assert isinstance(groups, list) and isinstance(distiller.student_side_parameters(), list)
+    torch.optim.AdamW(groups)
+    assert len(groups) == len(teacher_side) > 0
     assert distiller.student_projections[0].in_features == 12
     assert distiller.student_projections[0].out_features == 16
 
@@ -360,7 +365,7 @@ def test_constructor_checks():
 
 
 def _train(steps: int) -> list[dict[str, float]]:
-    """A seeded toy run with the SPEC 5 optimisers: fixed teacher maps, learnable student maps.
+    """A seeded toy run with the optimisers of docs/method.md 5: fixed teacher maps, learnable student maps.
 
     The fakes are drawn larger than any real box (scale bin 1 vs 0), so real and fake are
     separable from the descriptor and a short run can learn more than the class balance.

@@ -1,7 +1,7 @@
 // Shared pieces of the CPU kernels: argument checks, compute dtypes, key tiles and the
 // work-item scheduler.
 //
-// Letters as in SPEC.md: N images, h heads, K instance slots, S tokens, D head dim.
+// Letters as in docs/method.md: N images, h heads, K instance slots, S tokens, D head dim.
 #pragma once
 
 #include <ATen/ATen.h>

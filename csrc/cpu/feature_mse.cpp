@@ -1,4 +1,4 @@
-// CPU kernels of icd_ext::feature_mse_forward and icd_ext::feature_mse_backward (SPEC.md 3.3).
+// CPU kernels of icd_ext::feature_mse_forward and icd_ext::feature_mse_backward (docs/method.md 3.3).
 //
 // Both reductions are one weighted sum over rows (n, h, s) of E = sum_d (ŝ - t̂)^2, where ŝ,
 // t̂ are the (optionally LayerNormed) student and teacher rows:

@@ -1,4 +1,4 @@
-// CPU kernels of icd_ext::attention_forward and icd_ext::attention_backward (SPEC.md 3.1).
+// CPU kernels of icd_ext::attention_forward and icd_ext::attention_backward (docs/method.md 3.1).
 //
 // Flash-attention style: per (image, head) the unmasked keys are visited in tiles; a thread
 // holds one or two [rows, tile] blocks of logits at a time, never the [N, h, K, S] tensor.

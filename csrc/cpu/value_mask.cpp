@@ -1,4 +1,4 @@
-// CPU kernel of icd_ext::value_mask (SPEC.md 3.2):
+// CPU kernel of icd_ext::value_mask (docs/method.md 3.2):
 //   out[n, h, s] = sum_k weight[n, k] * softmax_s(scale q k^T / temperature)[k, s].
 //
 // Only the slots with weight > 0 matter (in ICD the real instances, ~1/6 of K), so their

@@ -1,7 +1,7 @@
 // Shared pieces of the CUDA kernels: argument checks, dtype and head-dim dispatch, strided
 // loads into shared-memory tiles, warp reductions and the launch geometry.
 //
-// Letters as in SPEC.md: N images, h heads, K instance slots, S tokens, D head dim. Inputs
+// Letters as in docs/method.md: N images, h heads, K instance slots, S tokens, D head dim. Inputs
 // of any strides are read in place (the kernels take every stride); outputs are contiguous.
 // Everything is computed in float32, whatever the input dtype.
 #pragma once

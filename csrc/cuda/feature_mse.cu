@@ -1,4 +1,4 @@
-// CUDA kernels of icd_ext::feature_mse_forward and icd_ext::feature_mse_backward (SPEC.md 3.3).
+// CUDA kernels of icd_ext::feature_mse_forward and icd_ext::feature_mse_backward (docs/method.md 3.3).
 //
 // e[n, h, s, d] = (a - b)^2 with a = LN(student) (norm "ln") or student, b = LN(teacher)
 // (norm "ln", "tln") or teacher, LN over D without affine. With num = sum_s w_s sum_d e and

@@ -1,4 +1,4 @@
-// CUDA kernels of icd_ext::attention_forward and icd_ext::attention_backward (SPEC.md 3.1).
+// CUDA kernels of icd_ext::attention_forward and icd_ext::attention_backward (docs/method.md 3.1).
 //
 // Flash-attention style on CUDA cores, never an [N, h, K, S] tensor. The forward pass is in
 // attention_forward.cuh. The backward pass recomputes each tile's probabilities from lse:

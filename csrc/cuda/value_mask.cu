@@ -1,4 +1,4 @@
-// CUDA kernel of icd_ext::value_mask (SPEC.md 3.2):
+// CUDA kernel of icd_ext::value_mask (docs/method.md 3.2):
 //   out[n, h, s] = sum_k weight[n, k] * exp(scale q_k . k_s / temperature - lse[n, h, k]),
 // masked keys 0, rows with lse = -inf (all keys masked) adding nothing.
 //

@@ -265,3 +265,31 @@ def split_paths(data_path: str, split: str) -> tuple[str, str]:
         f"no annotation file for split {split!r} under {data_path}/annotations "
         f"(looked for instances_{split}2017.json and instances_{split}.json)"
     )
+
+
+def dataset_paths(
+    data_path: str | None,
+    split: str,
+    annotation_file: str | None = None,
+    image_dir: str | None = None,
+    flag: str = "train",
+) -> tuple[str, str]:
+    """(image folder, annotation file) of one split: ``annotation_file`` + ``image_dir`` when given
+    (any COCO-format export: Roboflow's ``train/_annotations.coco.json`` with the images beside it,
+    a ``train.json`` next to ``train/``, CVAT, Label Studio), else ``split_paths(data_path, split)``.
+
+    ``flag`` names the command-line pair in errors (``--{flag}-ann``, ``--{flag}-images``).
+    """
+    ann_flag, images_flag = f"--{flag}-ann", f"--{flag}-images"
+    if annotation_file is None and image_dir is None:
+        if data_path is None:
+            raise ValueError(f"give --data-path (a COCO-layout root) or {ann_flag} FILE and {images_flag} DIR")
+        return split_paths(data_path, split)
+    if annotation_file is None or image_dir is None:
+        given, missing = (ann_flag, images_flag) if image_dir is None else (images_flag, ann_flag)
+        raise ValueError(f"{given} needs {missing} too (the annotation file and its image folder go together)")
+    if not os.path.isfile(annotation_file):
+        raise FileNotFoundError(f"{ann_flag} {annotation_file}: no such file")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"{images_flag} {image_dir}: no such folder")
+    return image_dir, annotation_file

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 DISTILL_METHODS = ("icd", "fpn-mse", "none")  # none: no distillation loss (--inherit-teacher alone)
-# SPEC 4.4: lambda = 8 for the one-stage detectors, 3 for Faster R-CNN.
+# docs/method.md 4.4: lambda = 8 for the one-stage detectors, 3 for Faster R-CNN.
 ICD_LOSS_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "fasterrcnn": 3.0, "maskrcnn": 3.0}
 # How FpnMseDistiller normalises both sides before the MSE (see _normalise).
 FPN_MSE_NORMS = ("channel", "layer", "none")

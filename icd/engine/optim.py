@@ -1,4 +1,4 @@
-"""Optimisers and per-iteration LR schedules of the student and of ICD's teacher side (SPEC 5).
+"""Optimisers and per-iteration LR schedules of the student and of ICD's teacher side (docs/method.md 5).
 
 Student: SGD, momentum 0.9, weight decay 1e-4, linear warm-up from ``warmup_factor`` * lr,
 then x0.1 at given iterations, by default ~2/3 and ~8/9 of the run (60k and 80k of 90k in the

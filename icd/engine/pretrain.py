@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from icd.data.coco import CocoDetection, collate, split_paths
+from icd.data.coco import CocoDetection, collate, dataset_paths
 from icd.detection.models import DetectorSpec
 from icd.engine import optim
 from icd.engine.attention import attention_statistics
@@ -185,12 +185,14 @@ class Pretrainer:
         self.args = args
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         seed_everything(args.seed)
-        train_dir, train_ann = split_paths(args.data_path, args.train_split)
+        train_dir, train_ann = dataset_paths(
+            args.data_path, args.train_split, getattr(args, "train_ann", None), getattr(args, "train_images", None)
+        )
         self.train_set = CocoDetection(
             train_dir, train_ann, train=True, flip_prob=args.flip_prob,
             on_bad_data=args.on_bad_data, seed=args.seed,
         )  # fmt: skip
-        val_dir, val_ann = split_paths(args.data_path, args.val_split)
+        val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
         self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data)
         num_classes = self.train_set.num_classes
         self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from icd.config import PRESET_IMAGES_PER_ITERATION
-from icd.data.coco import CocoDetection, collate, split_paths
+from icd.data.coco import CocoDetection, collate, dataset_paths
 from icd.detection.feature_tap import FeatureTap
 from icd.detection.inherit import inherit_from_teacher, parse_parts
 from icd.detection.models import MASK_DETECTORS, DetectorSpec, build_detector, load_detector_weights
@@ -212,7 +212,7 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------
     def _build_data(self) -> None:
         args = self.args
-        train_dir, train_ann = split_paths(args.data_path, args.train_split)
+        train_dir, train_ann = dataset_paths(args.data_path, args.train_split, args.train_ann, args.train_images)
         self.train_set = CocoDetection(
             train_dir,
             train_ann,
@@ -225,7 +225,7 @@ class Trainer:
         self.train_annotations = train_ann
         self.val_set = None
         if not args.no_eval:
-            val_dir, val_ann = split_paths(args.data_path, args.val_split)
+            val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
             self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data)
 
     def _build_distillation(self, num_classes: int) -> None:

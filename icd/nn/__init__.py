@@ -1,4 +1,4 @@
-"""icd.nn: the ICD method as framework-agnostic modules (SPEC.md 4).
+"""icd.nn: the ICD method as framework-agnostic modules (docs/method.md 4).
 
 Inputs are plain tensors: FPN feature lists [N, C, H_l, W_l], boxes (x1, y1, x2, y2) in
 input pixels, labels 0..num_classes-1 and image sizes. ``ICDDistiller`` is the drop-in

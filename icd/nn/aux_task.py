@@ -1,4 +1,4 @@
-"""Auxiliary task that trains the teacher-side encoder and decoder (SPEC 4.3).
+"""Auxiliary task that trains the teacher-side encoder and decoder (docs/method.md 4.3).
 
 A head MLP(C, C, 5, 3 layers) on each decoded instance: output 0 tells real from fake
 instances, outputs 1..4 regress the box from the jittered centre.

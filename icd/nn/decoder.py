@@ -1,4 +1,4 @@
-"""Conditional decoder: instance queries attend over the teacher's tokens (SPEC 4.2).
+"""Conditional decoder: instance queries attend over the teacher's tokens (docs/method.md 4.2).
 
 One layer, for queries [N, K, C], teacher tokens [N, S, C] and their position embedding:
   keys   = k_proj(tokens + pos_proj(pos)), values = v_proj(tokens), q = q_proj(queries)

@@ -1,4 +1,4 @@
-"""ICDDistiller: the whole ICD method as one module any trainer can call (SPEC 4.4, 5).
+"""ICDDistiller: the whole ICD method as one module any trainer can call (docs/method.md 4.4, 5).
 
 Teacher side (trained by the auxiliary task only, with its own optimiser): the instance
 encoder, the conditional decoder and the auxiliary head. Student side (trained with the
@@ -13,7 +13,7 @@ teacher detector's features are detached here; the student's are detached during
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -127,14 +127,14 @@ class ICDDistiller(nn.Module):
 
     # --- optimiser groups and warm-up ---------------------------------------------------------
 
-    def teacher_side_parameters(self) -> Iterator[nn.Parameter]:
-        """Encoder, decoder and auxiliary head: trained by the auxiliary losses (AdamW)."""
-        for module in (self.encoder, self.decoder, self.aux_task):
-            yield from module.parameters()
+    def teacher_side_parameters(self) -> list[nn.Parameter]:
+        """Encoder, decoder and auxiliary head: trained by the auxiliary losses (AdamW). A new list
+        on each call, so it can be handed to an optimiser and again to ``clip_grad_norm_``."""
+        return [p for m in (self.encoder, self.decoder, self.aux_task) for p in m.parameters()]
 
-    def student_side_parameters(self) -> Iterator[nn.Parameter]:
-        """The student's value projections: trained with the student (its optimiser)."""
-        yield from self.student_projections.parameters()
+    def student_side_parameters(self) -> list[nn.Parameter]:
+        """The student's value projections: trained with the student (its optimiser); a list."""
+        return list(self.student_projections.parameters())
 
     def step(self) -> int:
         """Count one training iteration (for the warm-up); returns the new count."""

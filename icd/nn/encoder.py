@@ -1,4 +1,4 @@
-"""Instance encoder: descriptor of each instance slot, then an MLP to a query vector (SPEC 4.1).
+"""Instance encoder: descriptor of each instance slot, then an MLP to a query vector (docs/method.md 4.1).
 
 Descriptor of an instance, num_classes + 266 values:
   one-hot class (num_classes)

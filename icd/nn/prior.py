@@ -1,4 +1,4 @@
-"""Class prior of the fake instances: class frequencies and box-size statistics (SPEC 4.1).
+"""Class prior of the fake instances: class frequencies and box-size statistics (docs/method.md 4.1).
 
 Fake instances draw their class from the per-class frequency and their width and height
 (fractions of the image) from a normal distribution with the class's mean and std. The

@@ -1,4 +1,4 @@
-"""Instance sampler: the real and fake instances of a batch, in K padded slots (SPEC 4.1).
+"""Instance sampler: the real and fake instances of a batch, in K padded slots (docs/method.md 4.1).
 
 Slot order per image: the n_gt real instances (ground truth, in the given order), then the
 fake ones, then padding up to K = the largest count in the batch. Image i gets

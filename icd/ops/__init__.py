@@ -1,6 +1,6 @@
 """icd.ops: the fused ops of Instance-Conditional Knowledge Distillation.
 
-Drop-in functions for any trainer (SPEC.md 3). Letters: N images, h heads, K instance
+Drop-in functions for any trainer (docs/method.md 3). Letters: N images, h heads, K instance
 slots, S tokens over all FPN levels, D head dim. Each op validates its arguments here,
 before any kernel runs, then calls the ``icd::`` custom op of the chosen backend (see
 ``icd.ops.dispatch``), or the plain-PyTorch reference.

@@ -1,6 +1,6 @@
 """Which backend computes an op: the default per device, ICD_BACKEND and set_backend().
 
-Backends (SPEC.md 3, "Backends and dispatch"):
+Backends (docs/method.md 3.5):
   reference  plain PyTorch, materialises [N, h, K, S]; any device; the oracle.
   cpu        the C++ extension's CPU kernels (icd._C).
   cuda       the C++ extension's CUDA kernels (icd._C built with nvcc).

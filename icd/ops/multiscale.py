@@ -1,7 +1,7 @@
 """Multi-scale helpers: flatten FPN levels into tokens, their padding mask and position embedding.
 
 Tokens are the levels concatenated in the given order, row-major inside a level
-(SPEC.md 2 and 3.4): S = sum_l H_l * W_l.
+(docs/method.md 2 and 3.4): S = sum_l H_l * W_l.
 """
 
 from __future__ import annotations

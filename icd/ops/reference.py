@@ -1,6 +1,6 @@
 """Plain-PyTorch definitions of the icd ops: the oracle every backend is tested against.
 
-This module is written to be read next to SPEC.md section 3. It materialises the
+This module is written to be read next to docs/method.md section 3. It materialises the
 [N, h, K, S] attention logits, so it is slow and memory-hungry at detection sizes; the
 fused backends compute the same functions without that tensor. Arguments are assumed to be
 validated already (see ``icd.ops``). Computation happens in float32, or float64 for
@@ -102,7 +102,7 @@ def masked_feature_mse(
     """Weighted MSE between (normalised) student and teacher features.
 
     student, teacher [N, h, S, D]; weight [N, h, S] >= 0 -> 0-dim float32 (float64 for
-    float64 inputs). Gradient flows to ``student`` only. See SPEC.md 3.3.
+    float64 inputs). Gradient flows to ``student`` only. See docs/method.md 3.3.
     """
     dtype = compute_dtype(student, teacher, weight)
     s = student.to(dtype)
