@@ -30,8 +30,9 @@ def _normalise(x: Tensor, valid: Tensor, norm: str) -> Tensor:
     """``x`` [N, C, H, W] normalised as ``norm`` says; ``valid`` float [N, 1, H, W], 1 on image pixels.
 
     "channel": each channel of each image to zero mean and unit variance over the image's valid
-    locations (PKD's per-channel standardisation, per image rather than per batch); "layer": each location to zero mean and
-    unit variance over its C channels (LayerNorm without affine parameters); "none": unchanged.
+    locations (PKD's per-channel standardisation, per image rather than per batch); "layer": each
+    location to zero mean and unit variance over its C channels (LayerNorm without affine
+    parameters); "none": unchanged.
     """
     if norm == "none":
         return x
