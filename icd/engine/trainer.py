@@ -259,9 +259,13 @@ class Trainer:
             num_layers=args.icd_layers,
             max_labels=args.icd_max_labels,
             neg_ratio=args.icd_neg_ratio,
+            clamp_fakes=getattr(args, "icd_clamp_fakes", False),
             backend=args.icd_backend,
             fpn_mse_norm=args.fpn_mse_norm,
         ).to(info.device)
+        self.teacher_levels = [f"P{lvl}" for lvl in teacher_spec.levels]
+        if getattr(args, "icd_init", None):
+            self._load_icd_init(args.icd_init, teacher_spec)
         self.tap = FeatureTap(self.model)
         self._inherit(teacher_spec)
 
@@ -274,6 +278,19 @@ class Trainer:
         )
         if self.info.is_main:
             log.info("inherited %s from the teacher: %d tensors", ",".join(self.inherit_parts), len(copied))
+
+    def _load_icd_init(self, path: str, teacher_spec: DetectorSpec) -> None:
+        """ICD's teacher side from ``icd pretrain``'s file, checked against this teacher."""
+        from icd.engine.pretrain import load_teacher_side, teacher_fingerprint, teacher_side_signature
+
+        if self.args.distill != "icd":
+            raise ValueError(f"--icd-init {path} needs --distill icd (got --distill {self.args.distill})")
+        expected = teacher_side_signature(self.distiller, teacher_spec, teacher_fingerprint(self.teacher))
+        meta = load_teacher_side(self.distiller, path, expected)
+        if self.info.is_main:
+            log.info("ICD teacher side from %s (pre-trained %s iterations; attention %s)", path,
+                     meta.get("iteration"), {k: round(v, 3) for k, v in meta.get("attention", {}).items()
+                                             if k in ("lift", "distinctness")})  # fmt: skip
 
     def _build_optimisers(self) -> None:
         """SGD over the student and the distiller's student side; AdamW over ICD's teacher side."""
@@ -288,7 +305,8 @@ class Trainer:
                 PRESET_IMAGES_PER_ITERATION, lr * total_batch / PRESET_IMAGES_PER_ITERATION,
             )
         student_params = list(self.model.parameters())
-        if self.distiller is not None:
+        projection_by_teacher_side = getattr(args, "icd_projection_optimizer", "student") == "teacher-side"
+        if self.distiller is not None and not projection_by_teacher_side:
             student_params += list(self.distiller.student_side_parameters())
         self.optimizer = optim.student_optimizer(
             student_params, lr, args.momentum, args.weight_decay
@@ -305,6 +323,10 @@ class Trainer:
             self.teacher_params = [
                 p for p in self.distiller.teacher_side_parameters() if p.requires_grad
             ]
+            if projection_by_teacher_side:  # the published code: one AdamW, one joint clip
+                self.teacher_params += [
+                    p for p in self.distiller.student_side_parameters() if p.requires_grad
+                ]
             if self.teacher_params:
                 self.teacher_optimizer = optim.teacher_side_optimizer(self.teacher_params, args.icd_lr)
                 self.teacher_lr_scheduler = optim.teacher_side_scheduler(
@@ -508,6 +530,10 @@ class Trainer:
             split=self.args.val_split,
             progress=not self.args.no_progress,
         )
+        if self.args.teacher and self.args.distill == "icd" and self.info.is_main:
+            from icd.engine.attention import attention_statistics
+
+            metrics.update(attention_statistics(self.distiller, self.teacher, self.val_set, self.teacher_levels))
         improved = self._track_best(metrics, epoch)
         best = {}
         if self.best is not None:
