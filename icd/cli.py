@@ -323,7 +323,7 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
         "--distill-weight",
         type=float,
         default=None,
-        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 2 normalised, 1 raw)",
+        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 4 normalised, 1 raw)",
     )
     g.add_argument(
         "--distill-warmup-iters",

@@ -175,14 +175,14 @@ def test_icd_distillation_keeps_the_ranks_in_step(tmp_path):
          "--distill", "icd", "--icd-heads", "4", "--distill-warmup-iters", "2", "--output-dir", str(out)]
     )
     try:
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=600)  # ~1 min on 2 idle cores
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail("the ranks hung")
+        pytest.fail("the ranks hung (or the machine is far too loaded)")
     assert proc.returncode == 0, err[-3000:]
     assert "find_unused_parameters" not in err
-    assert "blowing up" not in err and "stayed at" not in err  # no health warning: zeros are not a start
+    assert "blowing up" not in err and "stayed at" not in err, err[-2000:]  # no health warning
     ranks = [torch.load(out / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
     assert ranks[0]["iteration"] == ranks[1]["iteration"] == 6
     torch.manual_seed(0)  # the trainer seeds with --seed (0) before building the student

@@ -87,10 +87,15 @@ def test_growth_is_measured_against_a_floor_and_a_single_spike_counts():
     health = LossHealth(window=10, growth=1e3)
     found = _run(health, {"b": _noisy(10, 2.0) + [5e3]})
     assert [(p.kind, p.iteration) for p in found] == [(BLOW_UP, 11)]
+    # looked for from the 11th value on: a spike at the 10th is not a blow-up yet
+    assert _run(LossHealth(window=20), {"b": _noisy(9, 2.0) + [5e3]}) == []
     assert health.check(12, {"b": math.nan}) == []  # NaN: the trainer's own finite check stops on it
     # a term that is exactly 0 on batches without boxes, then ~1: inactive, not a blow-up from 0
     health = LossHealth(window=10, growth=1e3)
     assert _run(health, {"loss_aux_conf": [0.0, 0.0, 1.3, 0.0, 1.1, 1.2, 0.9] + _noisy(20, 1.0)}) == []
+    # the total of a box-less batch is tiny (negatives only): one such value is no reference
+    health = LossHealth(window=50, growth=1e3)
+    assert _run(health, {"loss": [0.004] + _noisy(30, 20.0)}) == []
 
 
 def test_bad_limits_are_refused():

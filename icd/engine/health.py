@@ -8,11 +8,12 @@ each once per loss term:
   row, e.g. FCOS's GIoU box loss at exactly 1.0 when every regressed box is empty, or a term
   that is 0 on every batch. Real losses of real batches always move a little.
 - **blow-up**: the term exceeds ``growth`` times where it stood up to ``window`` iterations
-  earlier (the median of the oldest fifth of its last ``window`` non-zero values, so one odd
-  batch does not count; below ``floor`` as ``floor``; exact zeros, as terms give on a batch
-  without boxes, are left out), e.g. a feature-imitation loss going from ~1 to 1e15
-  within a hundred iterations. A steady exponential growth is caught once it gains ``growth``
-  over about ``window`` iterations.
+  earlier: the median of the oldest fifth (at least 3) of its last ``window`` non-zero values,
+  so that one odd batch (e.g. one without boxes, whose losses are tiny or exactly zero) does not
+  count; below ``floor`` as ``floor``; looked for once the term has 10 such values (or
+  ``window``, if fewer). E.g. a feature-imitation loss going from ~1 to 1e15 within a hundred
+  iterations. A steady exponential growth is caught once it gains ``growth`` over about
+  ``window`` iterations.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 HEALTH_ACTIONS = ("warn", "stop")
 STUCK, BLOW_UP = "stuck", "blow-up"
+# blow-ups are looked for once a term has this many non-zero values (or --health-window, if fewer)
+MIN_HISTORY = 10
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class LossHealth:
         window: iterations a term must stay constant to count as stuck, and the history a
             new value is compared with for a blow-up (>= 2).
         rel_tol: values within ``rel_tol * max(|v|)`` of each other count as the same.
-        growth: a value above ``growth`` x the median of the oldest fifth of the history
-            (at least ``floor``) is a blow-up.
+        growth: a value above ``growth`` x the median of the oldest fifth (>= 3) of the non-zero
+            history (at least ``floor``) is a blow-up.
         floor: the smallest reference a blow-up is measured against (losses near zero).
     """
 
@@ -94,9 +97,9 @@ class LossHealth:
         if not history:
             return None
         active = [abs(v) for v in history if v != 0]  # a batch without boxes gives some terms exact zeros
-        if not active:
+        if len(active) < min(self.window, MIN_HISTORY):
             return None
-        reference = max(statistics.median(active[: max(1, len(active) // 5)]), self.floor)
+        reference = max(statistics.median(active[: max(3, len(active) // 5)]), self.floor)
         if abs(value) > self.growth * reference:  # False for NaN (the trainer stops on those itself)
             return HealthProblem(name, BLOW_UP, iteration, value, reference, len(history))
         return None
