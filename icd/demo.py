@@ -4,17 +4,18 @@ What it does, under ``--out`` (``demo_output/``)::
 
     data/                       icd data shapes (seeded; kept when the same settings exist)
     teacher/  baseline/         icd train runs: the big teacher and the small student alone
+    icd_pretrain/               ICD's teacher side pre-trained on the finished teacher (icd pretrain)
     icd/      fpn_mse/          the small student distilled from the teacher (ICD, FPN-MSE peer)
-    results.md                  AP, AP50, AP75 and training time of the four, as markdown
+    results.md                  AP, AP50, AP75, lift, distinctness and training time, as markdown
     curves.png                  loss and AP curves of the four runs (``icd plot``)
     attention_maps.png          ICD attention of each real instance over the FPN levels
 
-Every run is a separate ``python -m icd train`` process with one intra-op thread: on a small
-shared CPU, two single-threaded runs side by side finish much sooner than two-thread runs
-one after the other (OpenMP threads spin-waiting for a busy core). The teacher and the
-baseline start first; the two distilled students start once the teacher is done. A finished
-teacher with the same settings is reused. The parent process shows one progress bar per run,
-fed by the runs' ``metrics.jsonl``.
+Every run is a separate ``python -m icd`` process. Everything else waits for the teacher, so
+it runs alone with the threads of every job slot (``--jobs`` x ``--threads``, OpenMP threads
+waiting passively rather than spinning); then the runs take one slot and one thread each: the
+teacher-side pre-training beside the FPN-MSE student, the ICD student once the pre-training
+is done, the baseline last. A finished teacher with the same settings is reused. The parent
+process shows one progress bar per run, fed by the runs' ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from typing import IO
 import torch
 from tqdm import tqdm
 
-RUN_NAMES = ("teacher", "baseline", "fpn_mse", "icd")
+RUN_NAMES = ("teacher", "baseline", "fpn_mse", "icd")  # the runs of the results table
+PRETRAIN_RUN = "icd_pretrain"  # ICD's teacher side on the finished teacher, before the icd run
+PRETRAIN_ITERS = 600
 STAMP_FILE = "demo_run.json"  # per run dir: the settings and wall time of a finished run
 POLL_S = 0.5
 
@@ -60,11 +63,14 @@ class DemoConfig:
     student_channels: int = 64
     batch_size: int = 8
     lr: float = 0.02
-    teacher_epochs: int = 3
+    teacher_epochs: int = 4  # its AP at least 1.5x the baseline student's (results/README.md)
     student_epochs: int = 2
     distill_warmup_iters: int | None = None
     icd_weight: float | None = None
     fpn_mse_weight: float | None = None
+    # ICD's teacher side pre-trained on the finished teacher before the ICD student starts
+    # (`icd pretrain`, then `icd train --icd-init`); 0: the paper's recipe, no pre-training
+    pretrain_iters: int = PRETRAIN_ITERS
     jobs: int = 2
     threads: int = 1
     attention_images: int = 4
@@ -92,6 +98,7 @@ TINY = {  # seconds-long settings for the smoke test (`--tiny`)
     "batch_size": 4,
     "teacher_epochs": 1,
     "student_epochs": 1,
+    "pretrain_iters": 4,
     "attention_images": 2,
 }
 
@@ -108,6 +115,7 @@ class Run:
     argv: list[str]
     total_iters: int
     needs: tuple[str, ...] = ()
+    exclusive: bool = False  # runs alone, with every job slot's threads
     process: subprocess.Popen | None = None
     log_file: IO[str] | None = None
     started: float = 0.0
@@ -153,7 +161,29 @@ def train_argv(cfg: DemoConfig, name: str) -> list[str]:
             argv += ["--distill-weight", str(weight)]
         if name == "icd" and cfg.distill_warmup_iters is not None:
             argv += ["--distill-warmup-iters", str(cfg.distill_warmup_iters)]
+        if name == "icd" and cfg.pretrain_iters:
+            argv += ["--icd-init", os.path.join(cfg.run_dir(PRETRAIN_RUN), "teacher_side.pth")]
     return argv + list(cfg.extra_train_flags)
+
+
+def pretrain_argv(cfg: DemoConfig) -> list[str]:
+    """The ``icd pretrain`` arguments of the teacher-side pre-training run."""
+    return [
+        "pretrain",
+        "--data-path", cfg.data_dir,
+        "--output-dir", cfg.run_dir(PRETRAIN_RUN),
+        "--teacher", os.path.join(cfg.run_dir("teacher"), "checkpoint.pth"),
+        "--min-size", str(cfg.image_size),
+        "--max-size", str(cfg.image_size),
+        "--batch-size", str(cfg.batch_size),
+        "--iters", str(cfg.pretrain_iters),
+        "--eval-every", str(max(1, cfg.pretrain_iters // 6)),
+        "--seed", str(cfg.seed if cfg.student_seed is None else cfg.student_seed),
+        "--workers", "0",
+        "--device", "cpu",
+        "--print-freq", "5",
+        "--no-progress",
+    ]  # fmt: skip
 
 
 def plan_runs(cfg: DemoConfig) -> list[Run]:
@@ -164,12 +194,22 @@ def plan_runs(cfg: DemoConfig) -> list[Run]:
         "fpn_mse": f"{cfg.student_backbone} + FPN-MSE",
         "icd": f"{cfg.student_backbone} + ICD",
     }
-    runs = []
+    runs = {}
     for name in RUN_NAMES:
         epochs = cfg.teacher_epochs if name == "teacher" else cfg.student_epochs
         needs = ("teacher",) if name in ("icd", "fpn_mse") else ()
-        runs.append(Run(name, titles[name], train_argv(cfg, name), epochs * iters_per_epoch, needs))
-    return runs
+        if name == "icd" and cfg.pretrain_iters:
+            needs += (PRETRAIN_RUN,)
+        runs[name] = Run(name, titles[name], train_argv(cfg, name), epochs * iters_per_epoch, needs,
+                         exclusive=name == "teacher")  # fmt: skip
+    if cfg.pretrain_iters:
+        runs[PRETRAIN_RUN] = Run(PRETRAIN_RUN, "ICD teacher side", pretrain_argv(cfg), cfg.pretrain_iters,
+                                 ("teacher",))  # fmt: skip
+    # the order runs start in: everything waits for the teacher, which has the whole CPU; then the
+    # pre-training beside FPN-MSE, ICD once the pre-training is done, the baseline last (it needs
+    # nothing, so it fills the slot the others leave)
+    order = ["teacher", PRETRAIN_RUN, "fpn_mse", "icd", "baseline"]
+    return [runs[name] for name in order if name in runs]
 
 
 def finished_stamp(run_dir: str) -> dict | None:
@@ -192,7 +232,7 @@ def _iterations_done(run_dir: str) -> int:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("type") == "train":
+            if record.get("type") in ("train", "pretrain"):
                 done = max(done, int(record["iter"]))
     return done
 
@@ -204,7 +244,8 @@ def _start(run: Run, cfg: DemoConfig) -> None:
         path = os.path.join(run_dir, stale)
         if os.path.exists(path):
             os.remove(path)
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
+    threads = str(cfg.threads * (cfg.jobs if run.exclusive else 1))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
     run.log_file = open(os.path.join(run_dir, "train.log"), "w")  # noqa: SIM115 - closed in _finish
     run.process = subprocess.Popen(
         [sys.executable, "-m", "icd", *run.argv], stdout=run.log_file, stderr=subprocess.STDOUT, env=env
@@ -248,7 +289,8 @@ def execute(runs: Sequence[Run], cfg: DemoConfig, progress: bool = True) -> None
     try:
         while pending or active:
             for run in [r for r in pending if set(r.needs) <= done]:
-                if len(active) >= cfg.jobs:
+                busy = cfg.jobs if any(r.exclusive for r in active) else len(active)
+                if busy + (cfg.jobs if run.exclusive else 1) > cfg.jobs:
                     break
                 _start(run, cfg)
                 pending.remove(run)
@@ -290,7 +332,8 @@ def last_eval(run_dir: str) -> dict[str, float]:
 def results_table(runs: Sequence[Run], cfg: DemoConfig) -> tuple[list[dict], str]:
     """One row per run (AP, AP50, AP75 in %, training minutes) and the markdown table."""
     rows = []
-    for run in runs:
+    by_name = {run.name: run for run in runs}
+    for run in (by_name[name] for name in RUN_NAMES if name in by_name):
         metrics = last_eval(cfg.run_dir(run.name))
         rows.append(
             {
@@ -299,20 +342,24 @@ def results_table(runs: Sequence[Run], cfg: DemoConfig) -> tuple[list[dict], str
                 "AP": metrics["AP"],
                 "AP50": metrics["AP50"],
                 "AP75": metrics["AP75"],
+                "lift": metrics.get("lift"),
+                "distinctness": metrics.get("distinctness"),
                 "iters": run.total_iters,
                 "seconds": run.seconds,
                 "reused": run.reused,
             }
         )
     lines = [
-        "| run | model | AP | AP50 | AP75 | iterations | train + eval time |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| run | model | AP | AP50 | AP75 | lift | distinctness | iterations | train + eval time |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         when = f"{r['seconds']:.0f} s" + (" (reused)" if r["reused"] else "")
+        lift = "" if r["lift"] is None else f"{r['lift']:.2f}"
+        distinct = "" if r["distinctness"] is None else f"{r['distinctness']:.2f}"
         lines.append(
             f"| {r['run']} | {r['model']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | "
-            f"{r['iters']} | {when} |"
+            f"{lift} | {distinct} | {r['iters']} | {when} |"
         )
     return rows, "\n".join(lines) + "\n"
 
@@ -362,14 +409,18 @@ def _load_detector(ckpt_path: str):
 
 
 @torch.no_grad()
-def attention_maps_figure(cfg: DemoConfig, out_path: str, num_images: int) -> str:
+def attention_maps_figure(
+    teacher_path: str, source: str | None, data_dir: str, out_path: str, num_images: int, title: str = ""
+) -> str:
     """Validation images with each real instance's box and its ICD attention, as one PNG.
 
     One row per image, one panel per instance (at most 4): the image, the instance's box, and
-    the attention of the trained ICD decoder (the ``icd`` run's teacher side over the frozen
-    teacher's FPN maps) as a heat map. Each level's [H_l, W_l] map is spread over its cells
-    (mass / cell area) and the levels are summed, so the heat map is a density over the image;
-    the panel title gives the share of the attention on each level.
+    the attention of an ICD teacher side over the frozen teacher's FPN maps as a heat map.
+    ``source`` is an ``icd train --distill icd`` checkpoint or ``icd pretrain``'s
+    teacher_side.pth; None shows the untrained (freshly initialised) teacher side. Each
+    level's [H_l, W_l] map is spread over its cells (mass / cell area) and the levels are
+    summed, so the heat map is a density over the image; the panel title gives the share of
+    the attention on each level.
     """
     import matplotlib
 
@@ -378,31 +429,18 @@ def attention_maps_figure(cfg: DemoConfig, out_path: str, num_images: int) -> st
     from matplotlib.patches import Rectangle
 
     from icd.data.coco import CocoDetection, split_paths
-    from icd.engine.distill import build_distiller
+    from icd.engine.checkpoint import load_checkpoint
+    from icd.engine.distill import icd_distiller_of_run
     from icd.ops import unflatten_levels
 
-    teacher, teacher_spec, _ = _load_detector(os.path.join(cfg.run_dir("teacher"), "checkpoint.pth"))
-    student_ckpt = torch.load(
-        os.path.join(cfg.run_dir("icd"), "checkpoint.pth"), map_location="cpu", weights_only=True
-    )
-    args = student_ckpt["args"]
-    image_dir, ann = split_paths(cfg.data_dir, "val")
+    teacher, teacher_spec, _ = _load_detector(teacher_path)
+    image_dir, ann = split_paths(data_dir, "val")
     dataset = CocoDetection(image_dir, ann)
-    distiller = build_distiller(
-        "icd",
-        detector=args["detector"],
-        num_classes=dataset.num_classes,
-        teacher_channels=teacher_spec.fpn_channels,
-        student_channels=args["fpn_channels"],
-        num_levels=len(teacher_spec.levels),
-        loss_weight=args["distill_weight"],
-        warmup_iters=0,
-        heads=args["icd_heads"],
-        num_layers=args["icd_layers"],
-        max_labels=args["icd_max_labels"],
-        neg_ratio=args["icd_neg_ratio"],
-    )
-    distiller.load_state_dict(student_ckpt["distiller"])
+    blob = load_checkpoint(source) if source else {}
+    distiller = icd_distiller_of_run(blob.get("args", {}), teacher_spec, dataset.num_classes)
+    if source:
+        state = blob.get("distiller", blob.get("teacher_side"))
+        distiller.load_state_dict(state, strict="distiller" in blob)
     distiller.eval()
 
     # the images with the most instances show the most; ties by index keep it deterministic
@@ -461,8 +499,7 @@ def attention_maps_figure(cfg: DemoConfig, out_path: str, num_images: int) -> st
             levels = " ".join(f"{n} {s:.0%}" for n, s in zip(level_names, shares, strict=True))
             ax.set_title(f"val {index}: {name}\n{levels}", fontsize=7)
     fig.suptitle(
-        "ICD instance attention (teacher-side decoder of the icd run) over the frozen teacher's "
-        "FPN levels; cyan: the instance's box",
+        (title or "ICD instance attention") + " over the frozen teacher's FPN levels; cyan: the instance's box",
         fontsize=9,
     )
     fig.tight_layout()
@@ -520,7 +557,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         "curves": plot_runs([cfg.run_dir(r.name) for r in runs],
                             os.path.join(cfg.out_dir, "curves.png")),
         "attention": attention_maps_figure(
-            cfg, os.path.join(cfg.out_dir, "attention_maps.png"), cfg.attention_images
+            os.path.join(cfg.run_dir("teacher"), "checkpoint.pth"),
+            os.path.join(cfg.run_dir("icd"), "checkpoint.pth"),  # started from the pre-trained side
+            cfg.data_dir,
+            os.path.join(cfg.out_dir, "attention_maps.png"),
+            cfg.attention_images,
+            title="ICD attention of the icd run's teacher side",
         ),
     }
     header = (
