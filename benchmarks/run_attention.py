@@ -56,6 +56,7 @@ SECOND_IMAGE_SCALE = 0.6**0.5  # image 1 covers 60% of the padded area: ~20% key
 REAL_INSTANCES = (7, 12)  # ground-truth boxes per image (COCO averages ~7), weight 1
 
 OPS = ("attention", "value_mask", "feature_mse")
+LAYOUTS = ("tokens", "sequence", "heads")
 PASSES = {
     "attention": ("fwd", "fwd+bwd"),
     "value_mask": ("fwd",),
@@ -163,7 +164,9 @@ class Inputs:
 
     ``*_base`` tensors are the leaves that receive gradients. Layout "tokens": bases are
     [N, S, h, D] (how a [N, S, C] projection splits into heads) and the ops get the
-    [N, h, S, D] transpose, a strided view; layout "heads": bases are contiguous [N, h, S, D].
+    [N, h, S, D] transpose, a strided view; layout "sequence": bases are [S, N, h, D] (a
+    sequence-first [S, N, C] projection, as in nn.MultiheadAttention without batch_first)
+    viewed as [N, h, S, D] by permute; layout "heads": bases are contiguous [N, h, S, D].
     """
 
     q_base: Tensor
@@ -178,7 +181,11 @@ class Inputs:
     layout: str
 
     def heads(self, base: Tensor) -> Tensor:
-        return base.transpose(1, 2) if self.layout == "tokens" else base
+        if self.layout == "tokens":
+            return base.transpose(1, 2)
+        if self.layout == "sequence":
+            return base.permute(1, 2, 0, 3)
+        return base
 
     def leaves(self) -> tuple[Tensor, ...]:
         return self.q_base, self.k_base, self.v_base, self.student_base
@@ -200,7 +207,8 @@ def make_inputs(
 
     def rand(tokens: int) -> Tensor:
         n, h, d = w.n, w.heads, w.head_dim
-        shape = (n, tokens, h, d) if layout == "tokens" else (n, h, tokens, d)
+        shapes = {"tokens": (n, tokens, h, d), "sequence": (tokens, n, h, d), "heads": (n, h, tokens, d)}
+        shape = shapes[layout]
         return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
 
     mask = w.key_padding_mask().to(device)
@@ -734,10 +742,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument(
         "--layout",
-        choices=("tokens", "heads"),
+        choices=LAYOUTS,
         default="tokens",
         help="tokens: [N, S, h, D] transposed to [N, h, S, D] (as split from a [N, S, C] "
-        "projection); heads: contiguous [N, h, S, D]",
+        "projection); sequence: [S, N, h, D] permuted to [N, h, S, D] (a sequence-first "
+        "[S, N, C] projection); heads: contiguous [N, h, S, D]",
     )
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default cpu 2, cuda 3)")
     p.add_argument(

@@ -3,7 +3,8 @@
 // The public ops (icd::instance_attention, ...) are defined in Python
 // (icd/ops/library.py) with their fake kernels and autograd; for the "cpu" and "cuda"
 // backends they call these kernel ops, whose CPU kernels live in csrc/cpu/ and whose
-// CUDA kernels live in csrc/cuda/. Every kernel returns contiguous tensors.
+// CUDA kernels live in csrc/cuda/. Forward outputs are contiguous; gradients (dq, dk, dv,
+// the student's) have the strides of their inputs, as at::empty_like gives them.
 //
 // Letters as in docs/method.md: q [N, h, K, D]; k, v, student, teacher [N, h, S, D];
 // key_padding_mask bool [N, S] (True = ignore); weight [N, K] (value_mask) or
@@ -23,7 +24,8 @@ TORCH_LIBRARY(icd_ext, m) {
   // -> (out [N, h, K, D] in q's dtype, lse [N, h, K] float32)
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
         "float scale) -> (Tensor, Tensor)");
-  // grad_lse may be None (treated as zeros). -> (dq, dk, dv) in the dtypes of q, k, v.
+  // grad_lse may be None (treated as zeros). -> (dq, dk, dv) in the dtypes and strides of
+  // q, k, v.
   m.def("attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
         "Tensor? key_padding_mask, Tensor out, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
@@ -33,7 +35,7 @@ TORCH_LIBRARY(icd_ext, m) {
   // norm in {"ln", "tln", "none"}, reduction in {"per_head", "global"}. -> 0-dim float32.
   m.def("feature_mse_forward(Tensor student, Tensor teacher, Tensor weight, str norm, "
         "float eps, str reduction) -> Tensor");
-  // grad_loss 0-dim. -> grad of student, in the student's dtype.
+  // grad_loss 0-dim. -> grad of student, in the student's dtype and strides.
   m.def("feature_mse_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
         "Tensor weight, str norm, float eps, str reduction) -> Tensor");
 }

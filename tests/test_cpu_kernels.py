@@ -2,8 +2,9 @@
 
 The comparison with the reference on many shapes and dtypes lives in tests/test_<op>.py,
 parametrised over backends; here: no [N, h, K, S] allocation, no full copy of permuted
-k / v, TORCH_CHECK messages that name the argument, the same result for 1 and 2 threads,
-key tiles that are skipped because all their keys are masked, and grad_lse = None.
+k / v, gradients in the inputs' layout (no copy by autograd), TORCH_CHECK messages that name
+the argument, the same result for 1 and 2 threads, key tiles that are skipped because all
+their keys are masked, and grad_lse = None.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 import icd.ops as ops
 from icd.ops import reference
+from icd.ops.library import instance_attention_backward_op, masked_feature_mse_backward_op
 from icd.profiling import profile_cpu_allocations
 
 pytestmark = pytest.mark.skipif(
@@ -116,6 +118,129 @@ def test_value_mask_never_allocates_nhks():
     weight = (torch.arange(kq) < kq // 2).float().expand(n, kq).contiguous()
     largest = largest_allocation(lambda: ops.instance_value_mask(q, k, weight, mask, backend="cpu"))
     assert largest < n * h * kq * s * 4 / 8
+
+
+# --- gradients in the inputs' layout ----------------------------------------------------------
+
+# How ICD's tensors reach the ops: [N, h, L, D] views of [L, N, h, D] ("sequence"), of
+# [N, L, h, D] ("tokens", a [N, L, C] projection split into heads), or contiguous.
+LAYOUTS = {
+    "sequence": lambda x: x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3),
+    "tokens": lambda x: x.transpose(1, 2).contiguous().transpose(1, 2),
+    "contiguous": lambda x: x.contiguous(),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_attention_gradients_have_the_inputs_strides(layout, dtype):
+    n, h, kq, s, d = 2, 3, 7, 300, 16
+    q, k, v, mask = _inputs(n, h, kq, s, d, dtype=dtype)
+    q, k, v = (LAYOUTS[layout](x) for x in (q, k, v))
+    mask[1, :40] = True
+    out, lse = kernels.attention_forward(q, k, v, mask, 0.25)
+    grad_out = torch.randn(out.shape, dtype=dtype)
+    grad_lse = torch.randn(lse.shape, dtype=lse.dtype)
+    grads = kernels.attention_backward(grad_out, grad_lse, q, k, v, mask, out, lse, 0.25)  # no fix-up
+    for name, g, x in zip(("dq", "dk", "dv"), grads, (q, k, v), strict=True):
+        assert g.stride() == x.stride() and g.dtype == x.dtype, f"{name}: {g.stride()} vs {x.stride()}"
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = reference.instance_attention(*leaves, mask, 0.25)
+    finite = torch.isfinite(ref_lse)
+    want = torch.autograd.grad(
+        (ref_out * grad_out.double()).sum() + (ref_lse[finite] * grad_lse.double()[finite]).sum(), leaves
+    )
+    tol = dict(atol=1e-9, rtol=1e-7) if dtype == torch.float64 else dict(atol=3e-2, rtol=3e-2)
+    if dtype == torch.float32:
+        tol = dict(atol=2e-5, rtol=2e-4)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want, strict=True):
+        torch.testing.assert_close(g.double(), w, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_feature_mse_gradient_has_the_students_strides(layout, dtype):
+    gen = torch.Generator().manual_seed(3)
+    student, teacher = (LAYOUTS[layout](torch.randn(2, 3, 600, 24, generator=gen).to(dtype)) for _ in range(2))
+    weight = torch.rand(2, 3, 600, generator=gen).to(reference.compute_dtype(student))
+    weight[:, :, 100:200] = 0
+    for norm, reduction in (("ln", "per_head"), ("tln", "global"), ("none", "per_head")):
+        grad = kernels.feature_mse_backward(torch.tensor(1.25), student, teacher, weight, norm, 1e-5, reduction)
+        assert grad.stride() == student.stride() and grad.dtype == dtype, (norm, grad.stride(), student.stride())
+        leaf = student.detach().double().requires_grad_()
+        loss = reference.masked_feature_mse(leaf, teacher.double(), weight.double(), norm, 1e-5, reduction)
+        (want,) = torch.autograd.grad(loss * 1.25, leaf)
+        scale = want.abs().max()  # the gradients are ~1e-4: compare relative to their scale
+        atol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+        torch.testing.assert_close(grad.double() / scale, want / scale, atol=atol, rtol=0)
+
+
+def test_gradcheck_float64_sequence_first_layout():
+    q, k, v, mask = _inputs(2, 2, 3, 29, 8, dtype=torch.float64, permuted=True)
+    mask[0] = True  # a fully masked image
+    student, teacher = (torch.randn(29, 2, 2, 8, dtype=torch.float64).permute(1, 2, 0, 3) for _ in range(2))
+    weight = torch.rand(2, 2, 29, dtype=torch.float64)
+    weight[:, :, :5] = 0
+
+    def attention(q, k, v):
+        out, lse = ops.instance_attention(q, k, v, mask, backend="cpu")
+        return out, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    assert torch.autograd.gradcheck(attention, leaves, eps=1e-6, atol=1e-5)
+    mse = lambda s: ops.masked_feature_mse(s, teacher, weight, backend="cpu")  # noqa: E731
+    assert torch.autograd.gradcheck(mse, (student.detach().requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+def test_fake_kernels_state_the_real_strides():
+    """Under FakeTensorMode (torch.compile's tracing) the gradients have the real strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v, mask = _inputs(2, 2, 5, 40, 8, permuted=True)
+    out, lse = kernels.attention_forward(q, k, v, mask, 0.3)
+    student, teacher = torch.randn(40, 2, 2, 8).permute(1, 2, 0, 3), torch.randn(2, 2, 40, 8)
+    weight = torch.rand(2, 2, 40)
+    args = (torch.ones_like(out), None, q, k, v, mask, out, lse, 0.3, "cpu")
+    mse_args = (torch.tensor(1.0), student, teacher, weight, "ln", 1e-5, "per_head", "cpu")
+    real = (*instance_attention_backward_op(*args), masked_feature_mse_backward_op(*mse_args))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake_mse = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in mse_args]
+        fake = (*instance_attention_backward_op(*fake_args), masked_feature_mse_backward_op(*fake_mse))
+    for r, f, x in zip(real, fake, (q, k, v, student), strict=True):
+        assert r.stride() == f.stride() == x.stride()
+    torch.library.opcheck(torch.ops.icd.instance_attention_backward.default, args)
+    torch.library.opcheck(torch.ops.icd.masked_feature_mse_backward.default, mse_args)
+
+
+@pytest.mark.parametrize("layout", ["sequence", "tokens"])
+def test_permuted_leaves_get_their_gradients_without_a_copy(layout):
+    """fwd + bwd through autograd into [L, N, h, D] / [N, L, h, D] leaves allocates dk, dv and
+    the student gradient once each (plus K-sized tensors): autograd copies nothing."""
+    n, h, kq, s, d = 1, 2, 16, 65536, 8
+    shape = {"sequence": (s, n, h, d), "tokens": (n, s, h, d)}[layout]
+    to_heads = {"sequence": lambda x: x.permute(1, 2, 0, 3), "tokens": lambda x: x.transpose(1, 2)}[layout]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(n, h, kq, d, generator=gen, requires_grad=True)
+    k_base, v_base, student = (torch.randn(shape, generator=gen, requires_grad=True) for _ in range(3))
+    teacher = torch.randn(n, h, s, d, generator=gen)
+    mask = torch.rand(n, s, generator=gen) < 0.2
+    weight = torch.rand(n, h, s, generator=gen)
+    tensor_bytes = k_base.numel() * 4  # 4 MiB
+
+    def attention_step():
+        out, _ = ops.instance_attention(q, to_heads(k_base), to_heads(v_base), mask, backend="cpu")
+        out.square().sum().backward()
+
+    def mse_step():
+        ops.masked_feature_mse(to_heads(student), teacher, weight, backend="cpu").backward()
+
+    total = sum(allocations(attention_step))
+    assert 2 * tensor_bytes <= total < 2 * tensor_bytes + tensor_bytes // 2, total / tensor_bytes
+    total = sum(allocations(mse_step))
+    assert tensor_bytes <= total < tensor_bytes + tensor_bytes // 2, total / tensor_bytes
+    for base in (k_base, v_base, student):
+        assert base.grad.stride() == base.stride()
 
 
 # --- argument checks of the direct icd_ext ops -------------------------------------------------
@@ -271,8 +396,8 @@ def test_backward_without_grad_lse_matches_reference():
         t.requires_grad_(True)
     ref_out, _ = reference.instance_attention(q, k, v, mask, scale)
     want = torch.autograd.grad(ref_out, (q, k, v), grad_out)
-    for a, b in zip((dq, dk, dv), want, strict=True):
-        assert a.is_contiguous()
+    for a, b, x in zip((dq, dk, dv), want, (q, k, v), strict=True):
+        assert a.stride() == x.stride()
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 

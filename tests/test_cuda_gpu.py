@@ -5,11 +5,14 @@ on purpose: S not a multiple of any key tile, K = 1, head dims from 8 to 128 (10
 between two tile buckets), masked keys, a fully padded image, all-zero weights, permuted
 (non-contiguous) views, a stride-0 grad_out, and sizes that split the keys over several
 blocks (a combine step in the forward pass, a reduction of partial dq in the backward).
+Gradients must have the strides of their inputs, and non-finite inputs follow the rule of
+tests/test_nonfinite_inputs.py (whose checks run here too, on the cuda backend).
 """
 
 from __future__ import annotations
 
 import pytest
+import test_nonfinite_inputs as nonfinite
 import torch
 from op_cases import (
     Case,
@@ -251,6 +254,91 @@ def test_cuda_agrees_with_triton(case, dtype):
     student, teacher, mse_w = _mse_inputs(case.n, case.h, case.s, case.d, dtype, case.permuted)
     losses = [ops.masked_feature_mse(student, teacher, mse_w, backend=b) for b in BOTH]
     assert_close(losses[0].detach(), losses[1].detach(), dtype, f"mse {case.id} vs triton")
+
+
+# --- gradients in the inputs' layout ----------------------------------------------------------
+
+LAYOUTS = {
+    "sequence": lambda x: x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3),  # [L, N, h, D]
+    "tokens": lambda x: x.transpose(1, 2).contiguous().transpose(1, 2),  # [N, L, h, D]
+}
+# one key split, and enough keys for several (the backward then reduces partial dq)
+STRIDE_CASES = [Case(2, 3, 7, 300, 16, padding=True), Case(1, 2, 3, 4099, 32, padding=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", STRIDE_CASES, ids=_ids(STRIDE_CASES))
+def test_gradients_have_the_inputs_strides(case, layout, dtype):
+    q, k, v, mask = (t if t is None or t.dtype == torch.bool else LAYOUTS[layout](t)
+                     for t in attention_inputs(case, dtype, DEVICE))  # fmt: skip
+    out, lse = torch.ops.icd_ext.attention_forward(q, k, v, mask, 0.25)
+    grad_out = torch.randn_like(out)
+    grads = torch.ops.icd_ext.attention_backward(grad_out, None, q, k, v, mask, out, lse, 0.25)
+    for name, g, x in zip(("dq", "dk", "dv"), grads, (q, k, v), strict=True):
+        assert g.stride() == x.stride(), f"{name}: {g.stride()} vs the input's {x.stride()}"
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref_out, _ = ops.instance_attention(*leaves, mask, scale=0.25, backend="reference")
+    want = torch.autograd.grad(ref_out, leaves, grad_out.float())
+    _assert_grads_close(grads, [w.to(dtype) for w in want], dtype, f"{case.id} {layout}")
+
+    student, teacher, weight = _mse_inputs(case.n, case.h, case.s, case.d, dtype, permuted=False)
+    student, teacher = LAYOUTS[layout](student.detach()), LAYOUTS[layout](teacher)
+    grad = torch.ops.icd_ext.feature_mse_backward(
+        torch.tensor(1.0, device=DEVICE), student, teacher, weight, "ln", 1e-5, "per_head"
+    )
+    assert grad.stride() == student.stride()
+    leaf = student.detach().float().requires_grad_()
+    (want,) = torch.autograd.grad(ops.masked_feature_mse(leaf, teacher.float(), weight, backend="reference"), leaf)
+    scale = want.abs().max()
+    assert_close(grad / scale, (want / scale).to(dtype), dtype, f"mse grad {case.id} {layout}")
+
+
+# --- non-finite inputs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("poison", nonfinite.POISONS)
+def test_nonfinite_rule(poison):
+    """The masked-part checks of tests/test_nonfinite_inputs.py on the cuda backend."""
+    nonfinite.test_masked_keys_never_reach_attention(BACKEND, DEVICE, poison)
+    nonfinite.test_masked_keys_never_reach_value_mask(BACKEND, DEVICE, poison)
+    nonfinite.test_zero_weight_slots_never_reach_value_mask(BACKEND, DEVICE, poison)
+    nonfinite.test_zero_weight_locations_never_reach_feature_mse(BACKEND, DEVICE, poison)
+
+
+def test_nan_propagates():
+    """The NaN checks of tests/test_nonfinite_inputs.py on the cuda backend."""
+    nonfinite.test_masked_keys_are_zero_in_value_mask_of_a_nan_row(BACKEND, DEVICE)
+    nonfinite.test_nan_in_an_unmasked_key_gives_nan(BACKEND, DEVICE)
+    nonfinite.test_nan_in_a_query_row_gives_nan_in_that_row(BACKEND, DEVICE)
+    nonfinite.test_nan_in_an_unmasked_value_gives_nan_in_that_column(BACKEND, DEVICE)
+    nonfinite.test_nan_in_value_mask_inputs_gives_nan(BACKEND, DEVICE)
+    nonfinite.test_nan_in_weighted_features_gives_nan(BACKEND, DEVICE)
+
+
+@pytest.mark.parametrize("poison", nonfinite.POISONS)
+def test_nonfinite_rule_with_split_keys(poison):
+    """S = 4099, K = 3: the forward combines key splits and the backward sums partial dq, and
+    both keep the rule (masked keys never read, a NaN row stays NaN through the combine)."""
+    case = Case(2, 2, 3, 4099, 32, padding=True, permuted=True)
+    q, k, v, mask = attention_inputs(case, torch.float32, DEVICE)
+    mask[0, 1000:2500] = True  # whole splits of masked keys
+    mask[1] = False
+
+    def run(q, k, v):
+        return _attention_loss_grads(*(t.detach().requires_grad_() for t in (q, k, v)), mask, BACKEND)
+
+    clean = run(q, k, v)
+    keys = mask[:, None, :, None]
+    got = run(q, k.masked_fill(keys, poison), v.masked_fill(keys, poison))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, clean, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    k_bad = k.clone()
+    k_bad[1, 0, 4000, 5] = float("nan")  # an unmasked key in the last split of image 1, head 0
+    out, lse, dq, dk, dv = run(q, k_bad, v)
+    assert torch.isnan(out[1, 0]).all() and torch.isnan(lse[1, 0]).all() and torch.isnan(dq[1, 0]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, 1]).all() and torch.isfinite(dq[0]).all()
+    assert (dk[0][:, mask[0]] == 0).all() and (dv[0][:, mask[0]] == 0).all()
 
 
 # --- argument errors and torch.library checks ---------------------------------------------

@@ -104,8 +104,9 @@ inline int64_t key_block_for(int64_t rows) {
 }
 
 // The unmasked keys of each image, cut into tiles of at most `block` keys. Masked keys are in
-// no tile: no logit is computed for them (20% padding saves 20% of the GEMMs), and their
-// probabilities and gradients are exactly 0.
+// no tile: no logit is computed for them (20% padding saves 20% of the GEMMs), their k and v
+// rows are never read (NaN or inf there cannot reach any result), and their probabilities
+// and gradients are exactly 0.
 class KeyTiles {
  public:
   KeyTiles(const c10::optional<Tensor>& mask, int64_t n, int64_t s, int64_t block)
@@ -186,32 +187,47 @@ inline Tensor key_tile(const Tensor& head, const int64_t* keys, int64_t len, Ten
 
 template <typename scalar_t, typename acc_t>
 void scatter_rows_typed(const acc_t* src, const int64_t* keys, int64_t len, int64_t d,
-                        scalar_t* dst) {
+                        int64_t row_stride, int64_t col_stride, scalar_t* dst) {
   for (int64_t i = 0; i < len; ++i) {
-    for (int64_t j = 0; j < d; ++j) dst[keys[i] * d + j] = static_cast<scalar_t>(src[i * d + j]);
+    scalar_t* row = dst + keys[i] * row_stride;
+    const acc_t* from = src + i * d;
+    if (col_stride == 1) {
+      for (int64_t j = 0; j < d; ++j) row[j] = static_cast<scalar_t>(from[j]);
+    } else {
+      for (int64_t j = 0; j < d; ++j) row[j * col_stride] = static_cast<scalar_t>(from[j]);
+    }
   }
 }
 
-// Row keys[i] of `head` (a contiguous [S, D] output) = row i of `rows` ([len, D] contiguous,
-// the compute dtype), converted to head's dtype.
+// Row keys[i] of `head` (an [S, D] output of any strides) = row i of `rows` ([len, D]
+// contiguous, the compute dtype), converted to head's dtype.
 inline void scatter_rows(const Tensor& rows, const int64_t* keys, Tensor& head) {
   const int64_t len = rows.size(0), d = rows.size(1);
+  const int64_t row_stride = head.stride(0), col_stride = head.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, head.scalar_type(), "scatter_rows",
                                   [&] {
     scalar_t* dst = head.data_ptr<scalar_t>();
     if (rows.scalar_type() == at::kDouble) {
-      scatter_rows_typed(rows.data_ptr<double>(), keys, len, d, dst);
+      scatter_rows_typed(rows.data_ptr<double>(), keys, len, d, row_stride, col_stride, dst);
     } else {
-      scatter_rows_typed(rows.data_ptr<float>(), keys, len, d, dst);
+      scatter_rows_typed(rows.data_ptr<float>(), keys, len, d, row_stride, col_stride, dst);
     }
   });
 }
 
-// Zeroes the rows `keys` of `head`, a contiguous [S, D] output.
+// Zeroes the rows `keys` of `head`, an [S, D] output of any strides.
 inline void zero_rows(const std::vector<int64_t>& keys, Tensor& head) {
-  const int64_t row_bytes = head.size(1) * head.element_size();
+  const int64_t d = head.size(1), row_stride = head.stride(0), col_stride = head.stride(1);
+  const int64_t elem = head.element_size();
   char* base = static_cast<char*>(head.data_ptr());
-  for (int64_t key : keys) std::memset(base + key * row_bytes, 0, row_bytes);
+  for (int64_t key : keys) {
+    char* row = base + key * row_stride * elem;
+    if (col_stride == 1) {
+      std::memset(row, 0, d * elem);
+    } else {
+      for (int64_t j = 0; j < d; ++j) std::memset(row + j * col_stride * elem, 0, elem);
+    }
+  }
 }
 
 // ---- softmax over key tiles ---------------------------------------------------------------
@@ -248,18 +264,27 @@ void online_softmax_tile(acc_t* logits, int64_t rows, int64_t len, acc_t* run_ma
   }
 }
 
-// logsumexp of a row from its max and its sum of exp(logit - max); -inf without any key.
+// logsumexp of a row from its max and its sum of exp(logit - max): -inf without any key (a
+// sum of exactly 0), NaN when a NaN reached the sum (the row max skips NaN, the sum keeps it).
 template <typename acc_t>
 acc_t row_logsumexp(acc_t run_max, acc_t total) {
-  return total > acc_t(0) ? run_max + std::log(total)
-                          : -std::numeric_limits<acc_t>::infinity();
+  return total == acc_t(0) ? -std::numeric_limits<acc_t>::infinity()
+                           : run_max + std::log(total);
+}
+
+// 1 / sum of a row: 0 for a row without any key (its out is 0), NaN for a NaN sum.
+template <typename acc_t>
+acc_t row_inverse_sum(acc_t total) {
+  return total == acc_t(0) ? acc_t(0) : acc_t(1) / total;
 }
 
 // The shift that turns a logit into a probability, exp(logit - shift): lse, or +inf for a
-// row without any key (lse = -inf), whose probabilities are then 0.
+// row without any key (lse = -inf), whose probabilities are then 0. A NaN lse stays NaN, so
+// the row's probabilities (and what they reach) are NaN.
 template <typename acc_t>
 acc_t probability_shift(acc_t lse) {
-  return std::isfinite(lse) ? lse : std::numeric_limits<acc_t>::infinity();
+  return lse == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::infinity()
+                                                          : lse;
 }
 
 // ---- scheduling ---------------------------------------------------------------------------

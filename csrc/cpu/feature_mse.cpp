@@ -9,7 +9,9 @@
 // 2 g c w (ŝ - t̂), pulled back through the LayerNorm for "ln". No normalised copy is kept:
 // runs of kRowsPerItem rows are read as contiguous blocks (in place, or one block copied in
 // the compute dtype) and reduced by vectorised loops over D. The runs' partial sums are
-// added in order, so the loss does not depend on the number of threads.
+// added in order, so the loss does not depend on the number of threads. The gradient has the
+// student's strides (at::empty_like), so autograd hands it to a permuted view without a copy.
+// Rows of weight 0 are left out of the loss and get a zero gradient, whatever they hold.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -95,10 +97,11 @@ ICD_INLINE void to_lanes(const T* rows, int64_t count, int64_t d, T* lanes) {
   }
 }
 
+// Lane l goes to rows + l * ld (ld >= d: rows of a strided output).
 template <typename T>
-ICD_INLINE void from_lanes(const T* lanes, int64_t count, int64_t d, T* rows) {
+ICD_INLINE void from_lanes(const T* lanes, int64_t count, int64_t d, int64_t ld, T* rows) {
   for (int64_t l = 0; l < count; ++l) {
-    for (int64_t i = 0; i < d; ++i) rows[l * d + i] = lanes[i * kLanes + l];
+    for (int64_t i = 0; i < d; ++i) rows[l * ld + i] = lanes[i * kLanes + l];
   }
 }
 
@@ -152,8 +155,8 @@ struct LaneGroup {
   }
 };
 
-// sum over rows r of w[r] * sum_d (ŝ - t̂)^2, for contiguous [rows, d] blocks s and t.
-// scratch: 2 d kLanes values.
+// sum over rows r of w[r] * sum_d (ŝ - t̂)^2, for contiguous [rows, d] blocks s and t. Rows of
+// weight 0 are left out (whatever they hold, even NaN or inf). scratch: 2 d kLanes values.
 template <typename T>
 ICD_INLINE double weighted_errors(const T* s, const T* t, const T* w, int64_t rows, int64_t d,
                                   Norm norm, T eps, T* scratch) {
@@ -170,18 +173,19 @@ ICD_INLINE double weighted_errors(const T* s, const T* t, const T* w, int64_t ro
       }
     }
     for (int64_t l = 0; l < count; ++l) {
-      total += static_cast<double>(w[r0 + l]) * static_cast<double>(err[l]);
+      if (w[r0 + l] != T(0)) total += static_cast<double>(w[r0 + l]) * static_cast<double>(err[l]);
     }
   }
   return total;
 }
 
-// grad[r] = d loss / d s[r] for contiguous [rows, d] blocks, where row r adds
+// grad[r] = d loss / d s[r] for contiguous [rows, d] blocks s and t, where row r adds
 // factor * w[r] * sum_d (ŝ - t̂)^2 to the loss: gy = 2 factor w (ŝ - t̂), pulled back through
-// the LayerNorm for "ln": rstd * (gy - mean(gy) - ŝ mean(gy ŝ)). scratch: 3 d kLanes values.
+// the LayerNorm for "ln": rstd * (gy - mean(gy) - ŝ mean(gy ŝ)); exactly 0 for rows of weight
+// 0. Row r of grad starts at grad + r * ld. scratch: 3 d kLanes values.
 template <typename T>
 ICD_INLINE void error_grads(const T* s, const T* t, const T* w, T factor, int64_t rows,
-                            int64_t d, Norm norm, T eps, T* scratch, T* grad) {
+                            int64_t d, Norm norm, T eps, T* scratch, int64_t ld, T* grad) {
   T* g_lanes = scratch + 2 * d * kLanes;
   for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
     const int64_t count = std::min(kLanes, rows - r0);
@@ -219,7 +223,11 @@ ICD_INLINE void error_grads(const T* s, const T* t, const T* w, T factor, int64_
         }
       }
     }
-    from_lanes(g_lanes, count, d, grad + r0 * d);
+    for (int64_t l = 0; l < count; ++l) {
+      if (w[r0 + l] != T(0)) continue;
+      for (int64_t i = 0; i < d; ++i) g_lanes[i * kLanes + l] = T(0);
+    }
+    from_lanes(g_lanes, count, d, ld, grad + r0 * ld);
   }
 }
 
@@ -231,8 +239,8 @@ double weighted_errors_f(const float* s, const float* t, const float* w, int64_t
 
 ICD_VECTOR_CLONES
 void error_grads_f(const float* s, const float* t, const float* w, float factor, int64_t rows,
-                   int64_t d, Norm norm, float eps, float* scratch, float* grad) {
-  error_grads(s, t, w, factor, rows, d, norm, eps, scratch, grad);
+                   int64_t d, Norm norm, float eps, float* scratch, int64_t ld, float* grad) {
+  error_grads(s, t, w, factor, rows, d, norm, eps, scratch, ld, grad);
 }
 
 double weighted_errors_of(const float* s, const float* t, const float* w, int64_t rows,
@@ -246,14 +254,14 @@ double weighted_errors_of(const double* s, const double* t, const double* w, int
 }
 
 void error_grads_of(const float* s, const float* t, const float* w, float factor, int64_t rows,
-                    int64_t d, Norm norm, float eps, float* scratch, float* grad) {
-  error_grads_f(s, t, w, factor, rows, d, norm, eps, scratch, grad);
+                    int64_t d, Norm norm, float eps, float* scratch, int64_t ld, float* grad) {
+  error_grads_f(s, t, w, factor, rows, d, norm, eps, scratch, ld, grad);
 }
 
 void error_grads_of(const double* s, const double* t, const double* w, double factor,
-                    int64_t rows, int64_t d, Norm norm, double eps, double* scratch,
+                    int64_t rows, int64_t d, Norm norm, double eps, double* scratch, int64_t ld,
                     double* grad) {
-  error_grads(s, t, w, factor, rows, d, norm, eps, scratch, grad);
+  error_grads(s, t, w, factor, rows, d, norm, eps, scratch, ld, grad);
 }
 
 // Rows [s0, s0 + rows) of head nh of an [N, h, S, D] tensor as a contiguous [rows, D] block
@@ -316,7 +324,7 @@ void backward_kernel(double grad_loss, const Tensor& student, const Tensor& teac
   const std::vector<double> coef = row_coefficients<acc_t>(weight, dim, per_head);
   const acc_t* w = weight.data_ptr<acc_t>();
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const bool in_place = grad.scalar_type() == opts.dtype().toScalarType();
+  const bool same_dtype = grad.scalar_type() == opts.dtype().toScalarType();
   const RowRuns runs(dim);
   auto make_scratch = [&] {
     return BlockScratch{at::empty({kRowsPerItem * dim.d}, opts),
@@ -329,10 +337,13 @@ void backward_kernel(double grad_loss, const Tensor& student, const Tensor& teac
     const int64_t rows = std::min(kRowsPerItem, dim.s - s0);
     const acc_t* s = row_block<acc_t>(student, nh, s0, rows, sc.student);
     const acc_t* t = row_block<acc_t>(teacher, nh, s0, rows, sc.teacher);
-    Tensor grad_rows = grad.view({dim.n * dim.h, dim.s, dim.d})[nh].narrow(0, s0, rows);
+    // written through grad's strides when its rows are unit-stride in the compute dtype
+    Tensor grad_rows = grad[nh / dim.h][nh % dim.h].narrow(0, s0, rows);
+    const bool in_place = same_dtype && grad_rows.stride(1) == 1 && grad_rows.stride(0) >= dim.d;
     Tensor out = in_place ? grad_rows : scratch_view(sc.grad, rows, dim.d);
     error_grads_of(s, t, w + nh * dim.s + s0, static_cast<acc_t>(grad_loss * coef[nh]), rows,
-                   dim.d, norm, eps, sc.lanes.data_ptr<acc_t>(), out.data_ptr<acc_t>());
+                   dim.d, norm, eps, sc.lanes.data_ptr<acc_t>(), out.stride(0),
+                   out.data_ptr<acc_t>());
     if (!in_place) grad_rows.copy_(out);
   });
 }
@@ -365,7 +376,7 @@ Tensor feature_mse_backward_cpu(const Tensor& grad_loss, const Tensor& student,
   check_cpu(grad_loss, op, "grad_loss");
   const Norm norm_kind = parse_norm(norm, op);
   const bool per_head = parse_per_head(reduction, op);
-  Tensor grad = at::empty(student.sizes(), student.options());
+  Tensor grad = at::empty_like(student);  // the student's strides (see the header comment)
   if (student.numel() == 0) return grad;
   const double g = grad_loss.item<double>();
   AT_DISPATCH_FLOATING_TYPES(compute_type(student.scalar_type()), "feature_mse_backward", [&] {

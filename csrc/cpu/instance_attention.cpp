@@ -9,7 +9,11 @@
 //   dv = P^T dO,  dk = scale dS^T q,  dq = scale dS k.
 // GEMMs are ATen calls (MKL), single-threaded inside at::parallel_for, one work item
 // (image, head, piece) per thread at a time; the element-wise passes are the fused row
-// kernels of softmax_rows.cpp.
+// kernels of softmax_rows.cpp. dq, dk and dv have the strides of q, k and v.
+//
+// Non-finite inputs: masked keys are never read (KeyTiles). A NaN logit is skipped by the row
+// max but kept by the row sum, so the row's out and lse are NaN and so are the probabilities
+// the backward recomputes from that lse.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -98,7 +102,7 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v,
     acc_t* inv = rescale.data_ptr<acc_t>();
     acc_t* lse_row = lse[n][head].narrow(0, row0, rows).data_ptr<acc_t>();
     for (int64_t r = 0; r < rows; ++r) {
-      inv[r] = total[r] > acc_t(0) ? acc_t(1) / total[r] : acc_t(0);
+      inv[r] = row_inverse_sum(total[r]);
       lse_row[r] = row_logsumexp(run_max[r], total[r]);
     }
     out[n][head].narrow(0, row0, rows).copy_(acc.mul_(rescale.unsqueeze(1)));
@@ -145,11 +149,11 @@ void backward_kernel(const Tensor& grad_out, const Tensor& delta, const Tensor& 
                            at::empty({b * dim.d}, opts)};
   };
 
-  // dk / dv rows of tile keys: written in place when they are a slice of the output in the
-  // compute dtype, else computed into a buffer and scattered.
+  // dk / dv rows of tile keys: written in place (through the output's strides) when they are
+  // a slice of the output in the compute dtype, else computed into a buffer and scattered.
   auto write_rows = [&](Tensor& head, const int64_t* keys, int64_t len, Tensor& buffer,
                         const Tensor& a, const Tensor& b) {
-    if (same_dtype && consecutive(keys, len)) {
+    if (same_dtype && head.stride(1) == 1 && consecutive(keys, len)) {
       Tensor rows = head.narrow(0, keys[0], len);
       at::mm_out(rows, a, b);
     } else {
@@ -219,10 +223,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     check_shape(*grad_lse_in, {dim.n, dim.h, dim.k}, op, "grad_lse", "N, h, K");
   }
 
+  // Gradients have the strides of their inputs (at::empty_like keeps those of a dense,
+  // non-overlapping tensor), so autograd hands them to permuted views without a copy.
   const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
-  Tensor dk = at::empty(k.sizes(), k.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
-  if (q.numel() == 0) return {at::zeros(q.sizes(), q.options()), dk.zero_(), dv.zero_()};
+  Tensor dk = at::empty_like(k);
+  Tensor dv = at::empty_like(v);
+  if (q.numel() == 0) return {at::empty_like(q).zero_(), dk.zero_(), dv.zero_()};
 
   // Small [N, h, K(, D)] tensors: contiguous in the compute dtype (grads may be expanded).
   const auto stat_opts = at::TensorOptions().dtype(stat);
@@ -241,8 +247,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     backward_kernel<scalar_t>(d_out, delta, lse_shift, q, k, v, tiles, scale, dim, dq_parts,
                               dk, dv);
   });
-  Tensor dq = (pieces == 1 ? dq_parts.select(1, 0) : dq_parts.sum(1)).mul_(scale);
-  return {dq.view({dim.n, dim.h, dim.k, dim.d}).to(q.scalar_type()), dk, dv};
+  const Tensor dq_sum = (pieces == 1 ? dq_parts.select(1, 0) : dq_parts.sum(1)).mul_(scale);
+  Tensor dq = dq_sum.view({dim.n, dim.h, dim.k, dim.d});
+  // dq_sum is contiguous in the compute dtype: returned as it is when that is q's layout
+  const Tensor layout = at::empty_like(q, q.options().device(at::kMeta));
+  if (dq.scalar_type() != q.scalar_type() || dq.strides() != layout.strides()) {
+    dq = at::empty_like(q).copy_(dq);
+  }
+  return {dq, dk, dv};
 }
 
 }  // namespace

@@ -1,12 +1,12 @@
 // CPU kernel of icd_ext::value_mask (docs/method.md 3.2):
 //   out[n, h, s] = sum_k weight[n, k] * softmax_s(scale q k^T / temperature)[k, s].
 //
-// Only the slots with weight > 0 matter (in ICD the real instances, ~1/6 of K), so their
+// Only the slots with weight != 0 matter (in ICD the real instances, ~1/6 of K), so their
 // query rows are gathered first. Pass 1 finds each row's logsumexp with an online max/sum
 // over key tiles; it is skipped when lse is given (temperature 1). Pass 2 recomputes each
 // [rows, tile] block of logits and reduces it with the weights: out_tile = w^T exp(l - lse).
-// Tiles hold unmasked keys only (cpu/common.h, KeyTiles). A thread holds one tile at a
-// time, never the [N, h, K, S] tensor.
+// Tiles hold unmasked keys only (cpu/common.h, KeyTiles): masked keys are never read and get
+// exactly 0. A thread holds one tile at a time, never the [N, h, K, S] tensor.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,10 +20,11 @@
 namespace icd_cpu {
 namespace {
 
-// Per image, the slots k with weight[n, k] > 0 (int64 indices).
+// Per image, the slots k with weight[n, k] != 0 (int64 indices): a slot of weight 0 adds
+// nothing, whatever its query holds; a NaN weight is kept, so it reaches the output.
 std::vector<Tensor> weighted_slots(const Tensor& weight) {
   std::vector<Tensor> slots;
-  for (int64_t n = 0; n < weight.size(0); ++n) slots.push_back(at::nonzero(weight[n] > 0).view(-1));
+  for (int64_t n = 0; n < weight.size(0); ++n) slots.push_back(at::nonzero(weight[n] != 0).view(-1));
   return slots;
 }
 

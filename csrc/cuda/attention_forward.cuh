@@ -8,6 +8,11 @@
 // sum of exp(logit - m) v); a row that has seen only masked keys keeps m = -inf and l = 0.
 // With one split the block writes out = acc / l and lse = m + log l; with several, each
 // split writes (acc, m, l) and attention_combine_kernel merges them.
+//
+// Non-finite inputs: masked keys get logit -inf and zeroed k and v rows (load_key_rows), so
+// nothing stored there reaches a result. A NaN logit is skipped by the running max (fmaxf)
+// but kept by the running sum, so l is NaN and the row's out and lse are NaN; the tests
+// below therefore ask "l == 0" (no key) rather than "l > 0".
 #pragma once
 
 #include "cuda/common.cuh"
@@ -110,9 +115,9 @@ __global__ void __launch_bounds__(kThreads)
   const int j = tid % BS;  // this thread's key column in every tile
   for (int64_t s0 = s_begin; s0 < s_end; s0 += BS) {
     __syncthreads();  // the previous tile is fully consumed
-    load_rows<BS, DB>(k_tile, k_head, a.ks.row, a.ks.d, s0, s_end, a.dim);
+    load_key_rows<BS, DB>(k_tile, k_head, a.ks.row, a.ks.d, s0, s_end, a.dim, mask_row);
     if constexpr (kWithValues) {
-      load_rows<BS, DB>(v_tile, v_head, a.vs.row, a.vs.d, s0, s_end, a.dim);
+      load_key_rows<BS, DB>(v_tile, v_head, a.vs.row, a.vs.d, s0, s_end, a.dim, mask_row);
     }
     __syncthreads();
     const int64_t s = s0 + j;
@@ -150,13 +155,13 @@ __global__ void __launch_bounds__(kThreads)
         if (row < a.queries && d < a.dim) {
           const float total = row_sum[r];
           a.out[(nh * a.queries + row) * a.dim + d] =
-              static_cast<T>(total > 0.f ? acc[e] / total : 0.f);
+              static_cast<T>(total == 0.f ? 0.f : acc[e] / total);
         }
       }
     }
     if (tid < QB && q0 + tid < a.queries) {
       const float total = row_sum[tid];
-      a.lse[nh * a.queries + q0 + tid] = total > 0.f ? row_max[tid] + logf(total) : -INFINITY;
+      a.lse[nh * a.queries + q0 + tid] = total == 0.f ? -INFINITY : row_max[tid] + logf(total);
     }
   } else {
     const int64_t part = int64_t{blockIdx.z} * rows;
@@ -180,7 +185,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // Merges the splits' (acc, m, l) of each row: M = max m, L = sum l exp(m - M),
 // out = sum acc exp(m - M) / L, lse = M + log L; a row without any key gets out 0 and
-// lse -inf. One warp per row; out may be nullptr (lse only).
+// lse -inf. A split with m = -inf saw no finite logit: its l and acc are 0, or NaN when it
+// met NaN logits, and are added as they are, so a NaN reaches out and lse. One warp per row;
+// out may be nullptr (lse only).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     attention_combine_kernel(const float* part_acc, const float* part_max, const float* part_sum,
@@ -191,20 +198,20 @@ __global__ void __launch_bounds__(kThreads)
   float max_all = -INFINITY;
   for (int z = 0; z < splits; ++z) max_all = fmaxf(max_all, part_max[z * rows + row]);
   float total = 0.f;
-  if (max_all != -INFINITY) {
-    for (int z = 0; z < splits; ++z) {
-      const float m = part_max[z * rows + row];
-      if (m != -INFINITY) total += part_sum[z * rows + row] * expf(m - max_all);
-    }
+  for (int z = 0; z < splits; ++z) {
+    const float m = part_max[z * rows + row];
+    const float l = part_sum[z * rows + row];
+    total += m == -INFINITY ? l : l * expf(m - max_all);
   }
-  if (lane == 0) lse[row] = total > 0.f ? max_all + logf(total) : -INFINITY;
+  if (lane == 0) lse[row] = total == 0.f ? -INFINITY : max_all + logf(total);
   if (out == nullptr) return;
   for (int64_t d = lane; d < dim; d += kWarp) {
     float sum = 0.f;
-    if (total > 0.f) {
+    if (total != 0.f) {
       for (int z = 0; z < splits; ++z) {
         const float m = part_max[z * rows + row];
-        if (m != -INFINITY) sum += part_acc[(z * rows + row) * dim + d] * expf(m - max_all);
+        const float acc = part_acc[(z * rows + row) * dim + d];
+        sum += m == -INFINITY ? acc : acc * expf(m - max_all);
       }
       sum /= total;
     }

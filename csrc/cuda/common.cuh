@@ -2,8 +2,9 @@
 // loads into shared-memory tiles, warp reductions and the launch geometry.
 //
 // Letters as in docs/method.md: N images, h heads, K instance slots, S tokens, D head dim. Inputs
-// of any strides are read in place (the kernels take every stride); outputs are contiguous.
-// Everything is computed in float32, whatever the input dtype.
+// of any strides are read in place (the kernels take every stride); forward outputs are
+// contiguous, gradients have the strides of their inputs (at::empty_like) and are written
+// through them. Everything is computed in float32, whatever the input dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -135,10 +136,10 @@ inline HeadStrides strides_of(const Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// Start of head (n, h) of a strided [N, h, L, D] tensor.
-template <typename T>
-__host__ __device__ __forceinline__ const T* head_start(const T* base, const HeadStrides& st,
-                                                        int64_t n, int64_t h) {
+// Start of head (n, h) of a strided [N, h, L, D] tensor (Ptr: const T* or T*).
+template <typename Ptr>
+__host__ __device__ __forceinline__ Ptr head_start(Ptr base, const HeadStrides& st, int64_t n,
+                                                   int64_t h) {
   return base + n * st.n + h * st.h;
 }
 
@@ -188,6 +189,26 @@ __device__ __forceinline__ void load_rows(float (*tile)[DB + 1], const T* matrix
     const int64_t row = row0 + r;
     float x = 0.f;
     if (row < row_end && d < dim) x = to_float(matrix[row * row_stride + d * d_stride]);
+    tile[r][d] = x;
+  }
+}
+
+// As load_rows, for the keys or values of one head: the rows of masked keys (mask_row[row]
+// true; mask_row may be nullptr) are zero too. A masked key's probability is exactly 0, and
+// zeroing its row keeps NaN or inf stored there out of every product (0 * NaN = NaN).
+template <int ROWS, int DB, typename T>
+__device__ __forceinline__ void load_key_rows(float (*tile)[DB + 1], const T* matrix,
+                                              int64_t row_stride, int64_t d_stride, int64_t row0,
+                                              int64_t row_end, int64_t dim,
+                                              const bool* mask_row) {
+  for (int i = threadIdx.x; i < ROWS * DB; i += blockDim.x) {
+    const int r = i / DB;
+    const int d = i % DB;
+    const int64_t row = row0 + r;
+    float x = 0.f;
+    if (row < row_end && d < dim && (mask_row == nullptr || !mask_row[row])) {
+      x = to_float(matrix[row * row_stride + d * d_stride]);
+    }
     tile[r][d] = x;
   }
 }

@@ -9,7 +9,8 @@
 // stored). Forward: blocks over (S piece, image * h + head) write (num, W) partials that a
 // single block adds in a fixed order, so the loss is deterministic (no atomics). Backward:
 // dL/da = 2 c w_s (a - b) with c the reduction's factor, through LN when the student is
-// normalised: dx = rstd (g - mean(g) - a mean(g a)).
+// normalised: dx = rstd (g - mean(g) - a mean(g a)). Rows of weight 0 are skipped (forward)
+// and get a zero gradient, whatever they hold; the gradient has the student's strides.
 #include <torch/library.h>
 
 #include <string_view>
@@ -191,10 +192,12 @@ __global__ void __launch_bounds__(kMseThreads)
   for (int64_t i = threadIdx.x; i < nh_count; i += kMseThreads) factor[i] = value;
 }
 
-// Gradient of the student, contiguous [N, h, S, D] (x = block of tokens, y = image * h + head).
+// Gradient of the student, [N, h, S, D] with strides gs (the student's), x = block of tokens,
+// y = image * h + head. Rows of weight 0 get exact zeros, whatever the features hold.
 template <typename T>
 __global__ void __launch_bounds__(kMseThreads)
-    feature_mse_grad_kernel(const FeatureMseArgs<T> a, const float* factor, T* grad) {
+    feature_mse_grad_kernel(const FeatureMseArgs<T> a, const float* factor, T* grad,
+                            HeadStrides gs) {
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t nh = blockIdx.y;
@@ -206,12 +209,13 @@ __global__ void __launch_bounds__(kMseThreads)
   const T* s_head = head_start(a.student, a.ss, n, h);
   const T* t_head = head_start(a.teacher, a.ts, n, h);
   const float head_factor = factor[nh];
+  T* grad_head = head_start(grad, gs, n, h);
 
   for (int64_t s = s_begin + warp; s < s_end; s += kMseWarps) {
-    T* out = grad + (nh * a.tokens + s) * a.dim;
+    T* out = grad_head + s * gs.row;
     const float w = a.weight[nh * a.tokens + s];
     if (w == 0.f) {  // the same for the whole warp
-      for (int64_t d = lane; d < a.dim; d += kWarp) out[d] = static_cast<T>(0.f);
+      for (int64_t d = lane; d < a.dim; d += kWarp) out[d * gs.d] = static_cast<T>(0.f);
       continue;
     }
     const T* s_row = s_head + s * a.ss.row;
@@ -236,7 +240,7 @@ __global__ void __launch_bounds__(kMseThreads)
       const float x = (to_float(s_row[d * a.ss.d]) - r.s.mean) * r.s.rstd;
       const float g = c * (x - (to_float(t_row[d * a.ts.d]) - r.t.mean) * r.t.rstd);
       const float dx = a.norm == kNormBoth ? r.s.rstd * (g - mean_g - x * mean_ga) : g;
-      out[d] = static_cast<T>(dx);
+      out[d * gs.d] = static_cast<T>(dx);
     }
   }
 }
@@ -342,7 +346,7 @@ Tensor feature_mse_backward_cuda(const Tensor& grad_loss, const Tensor& student,
               "; expected a single value (the gradient of the 0-dim loss)");
   check_device(grad_loss, student, op, "grad_loss", "student");
   const c10::cuda::CUDAGuard guard(student.device());
-  Tensor grad = at::empty(student.sizes(), student.options());
+  Tensor grad = at::empty_like(student);  // the student's strides: no copy by autograd
   const int64_t nh = dims.n * dims.h;
   if (grad.numel() == 0) return grad;
   const Tensor grad_c = grad_loss.to(at::kFloat).contiguous();
@@ -363,7 +367,7 @@ Tensor feature_mse_backward_cuda(const Tensor& grad_loss, const Tensor& student,
     const dim3 grid(static_cast<unsigned>(ceil_div(dims.s, kTokensPerGradBlock)),
                     static_cast<unsigned>(nh));
     feature_mse_grad_kernel<scalar_t><<<grid, kMseThreads, 0, stream>>>(
-        a, factor.data_ptr<float>(), grad.data_ptr<scalar_t>());
+        a, factor.data_ptr<float>(), grad.data_ptr<scalar_t>(), strides_of(grad));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;

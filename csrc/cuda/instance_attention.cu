@@ -8,7 +8,10 @@
 // dk and dv: one block per key tile, looping over all query rows (no atomics). dq: one block
 // per query tile and key split, looping over the split's keys; several splits write float32
 // partials that a last kernel sums. A row with lse = -inf (all keys masked) has P = 0, so
-// it and the masked keys get exact zero gradients.
+// it gets exact zero gradients; masked keys are loaded as zero rows, get dS = 0 and are
+// written as exact zeros in dk and dv, whatever their k and v or the other rows hold. A NaN
+// lse (a NaN reached the row in the forward) makes the row's P, and what it reaches, NaN.
+// dq, dk and dv have the strides of q, k and v (at::empty_like) and are written through them.
 #include <torch/library.h>
 
 #include <tuple>
@@ -107,10 +110,11 @@ struct AttentionBackwardArgs {
   float scale;
   int64_t keys_per_split;  // dq pass: a multiple of the key tile
   int splits;
-  T* dq;           // [N, h, K, D] contiguous (one split)
-  T* dk;           // [N, h, S, D] contiguous
-  T* dv;           // [N, h, S, D] contiguous
-  float* part_dq;  // [splits, N * h * K, D] (several splits)
+  T* dq;  // [N, h, K, D], strides dqs (written by the q kernel with one split)
+  T* dk;  // [N, h, S, D], strides dks
+  T* dv;  // [N, h, S, D], strides dvs
+  HeadStrides dqs, dks, dvs;
+  float* part_dq;  // [splits, N * h * K, D] contiguous (several splits)
 };
 
 // delta[row] = sum_d grad_out[row, d] * out[row, d] - grad_lse[row]; one warp per row.
@@ -158,11 +162,14 @@ __global__ void __launch_bounds__(kThreads)
   const float* lse = a.lse + nh * a.queries;
   const float* delta = a.delta + nh * a.queries;
 
-  load_rows<BS, DB>(k_tile, head_start(a.k, a.ks, n, h), a.ks.row, a.ks.d, s0, a.keys, a.dim);
-  load_rows<BS, DB>(v_tile, head_start(a.v, a.vs, n, h), a.vs.row, a.vs.d, s0, a.keys, a.dim);
+  const bool* mask_row = a.mask == nullptr ? nullptr : a.mask + n * a.keys;
+  load_key_rows<BS, DB>(k_tile, head_start(a.k, a.ks, n, h), a.ks.row, a.ks.d, s0, a.keys, a.dim,
+                        mask_row);
+  load_key_rows<BS, DB>(v_tile, head_start(a.v, a.vs, n, h), a.vs.row, a.vs.d, s0, a.keys, a.dim,
+                        mask_row);
   const int j = tid % BS;  // this thread's key in the (row, key) pairs
   const int64_t s = s0 + j;
-  const bool live = s < a.keys && (a.mask == nullptr || !a.mask[n * a.keys + s]);
+  const bool live = s < a.keys && (mask_row == nullptr || !mask_row[s]);
   const int d = tid % DB;  // this thread's column in the (key, d) outputs
 
   float dk[kAcc], dv[kAcc];
@@ -185,13 +192,12 @@ __global__ void __launch_bounds__(kThreads)
       const int r = tid / BS + e * (kThreads / BS);
       const float row_lse = lse_tile[r];
       float p = 0.f;
-      float dp = 0.f;
+      ds[e] = 0.f;  // not p * (0 - delta): delta may be NaN
       if (live && row_lse != -INFINITY) {
         p = expf(a.scale * dot_rows<DB>(q_tile[r], k_tile[j]) - row_lse);
-        dp = dot_rows<DB>(g_tile[r], v_tile[j]);
+        ds[e] = p * (dot_rows<DB>(g_tile[r], v_tile[j]) - delta_tile[r]);
       }
       p_tile[r][j] = p;
-      ds[e] = p * (dp - delta_tile[r]);
     }
     __syncthreads();
 #pragma unroll
@@ -216,13 +222,17 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  T* dk_head = head_start(a.dk, a.dks, n, h);
+  T* dv_head = head_start(a.dv, a.dvs, n, h);
 #pragma unroll
   for (int e = 0; e < kAcc; ++e) {
     const int64_t key = s0 + tid / DB + e * (kThreads / DB);
     if (key < a.keys && d < a.dim) {
-      const int64_t at = (nh * a.keys + key) * a.dim + d;
-      a.dk[at] = static_cast<T>(dk[e] * a.scale);
-      a.dv[at] = static_cast<T>(dv[e]);
+      // a masked key's gradients are exact zeros (a NaN q or grad_out row times its P = 0
+      // would otherwise be NaN)
+      const bool masked = mask_row != nullptr && mask_row[key];
+      dk_head[key * a.dks.row + d * a.dks.d] = static_cast<T>(masked ? 0.f : dk[e] * a.scale);
+      dv_head[key * a.dvs.row + d * a.dvs.d] = static_cast<T>(masked ? 0.f : dv[e]);
     }
   }
 }
@@ -270,8 +280,8 @@ __global__ void __launch_bounds__(kThreads)
   const int d = tid % DB;  // this thread's column in the (row, d) outputs
   for (int64_t s0 = s_begin; s0 < s_end; s0 += BS) {
     __syncthreads();  // the previous key tile is fully consumed (and the query tile loaded)
-    load_rows<BS, DB>(k_tile, k_head, a.ks.row, a.ks.d, s0, s_end, a.dim);
-    load_rows<BS, DB>(v_tile, v_head, a.vs.row, a.vs.d, s0, s_end, a.dim);
+    load_key_rows<BS, DB>(k_tile, k_head, a.ks.row, a.ks.d, s0, s_end, a.dim, mask_row);
+    load_key_rows<BS, DB>(v_tile, v_head, a.vs.row, a.vs.d, s0, s_end, a.dim, mask_row);
     __syncthreads();
     const int64_t s = s0 + j;
     const bool live = s < s_end && (mask_row == nullptr || !mask_row[s]);
@@ -298,29 +308,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   const int64_t rows = gridDim.y * a.queries;  // N * h * K
+  T* dq_head = head_start(a.dq, a.dqs, n, h);
 #pragma unroll
   for (int e = 0; e < kAcc; ++e) {
     const int64_t row = q0 + tid / DB + e * (kThreads / DB);
     if (row < a.queries && d < a.dim) {
-      const int64_t at = (nh * a.queries + row) * a.dim + d;
       if (a.splits == 1) {
-        a.dq[at] = static_cast<T>(acc[e] * a.scale);
+        dq_head[row * a.dqs.row + d * a.dqs.d] = static_cast<T>(acc[e] * a.scale);
       } else {
+        const int64_t at = (nh * a.queries + row) * a.dim + d;
         a.part_dq[int64_t{blockIdx.z} * rows * a.dim + at] = acc[e] * a.scale;
       }
     }
   }
 }
 
-// dq = sum over splits of the partial dq, in the input dtype.
+// dq = sum over splits of the partial dq (contiguous [N * h * K, D]), in the input dtype,
+// written through dq's strides.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    attention_dq_reduce_kernel(const float* part_dq, int splits, int64_t size, T* dq) {
+    attention_dq_reduce_kernel(const float* part_dq, int splits, int64_t size, int64_t heads,
+                               int64_t queries, int64_t dim, HeadStrides dqs, T* dq) {
   const int64_t stride = int64_t{gridDim.x} * kThreads;
   for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < size; i += stride) {
     float sum = 0.f;
     for (int z = 0; z < splits; ++z) sum += part_dq[z * size + i];
-    dq[i] = static_cast<T>(sum);
+    const int64_t d = i % dim;
+    const int64_t row = (i / dim) % queries;
+    const int64_t nh = i / (dim * queries);
+    head_start(dq, dqs, nh / heads, nh % heads)[row * dqs.row + d * dqs.d] = static_cast<T>(sum);
   }
 }
 
@@ -358,7 +374,8 @@ void run_attention_backward(AttentionBackwardArgs<T> a, int64_t nh, const Tensor
   if (splits > 1) {
     const int64_t size = rows * a.dim;
     const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(size, kThreads), 4096));
-    attention_dq_reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(a.part_dq, splits, size, a.dq);
+    attention_dq_reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        a.part_dq, splits, size, a.heads, a.queries, a.dim, a.dqs, a.dq);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -384,9 +401,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
     grad_lse_c = checked_row_stat(*grad_lse, q, dims, op, "grad_lse");
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  Tensor dq = at::empty(q.sizes(), q.options());
-  Tensor dk = at::empty(k.sizes(), k.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
+  // the inputs' strides, so autograd hands the gradients to permuted views without a copy
+  Tensor dq = at::empty_like(q);
+  Tensor dk = at::empty_like(k);
+  Tensor dv = at::empty_like(v);
   if (dq.numel() == 0 || dk.numel() == 0) {  // no query or no key: nothing flows
     dq.zero_();
     dk.zero_();
@@ -417,6 +435,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
       a.dq = dq.data_ptr<scalar_t>();
       a.dk = dk.data_ptr<scalar_t>();
       a.dv = dv.data_ptr<scalar_t>();
+      a.dqs = strides_of(dq);
+      a.dks = strides_of(dk);
+      a.dvs = strides_of(dv);
       const float* grad_lse_ptr = grad_lse_c.defined() ? grad_lse_c.data_ptr<float>() : nullptr;
       run_attention_backward<scalar_t, DB>(a, dims.n * dims.h, out, grad_lse_ptr,
                                            delta.data_ptr<float>());

@@ -4,6 +4,12 @@ Drop-in functions for any trainer (docs/method.md 3). Letters: N images, h heads
 slots, S tokens over all FPN levels, D head dim. Each op validates its arguments here,
 before any kernel runs, then calls the ``icd::`` custom op of the chosen backend (see
 ``icd.ops.dispatch``), or the plain-PyTorch reference.
+
+Non-finite values, on every backend: what is masked is never read. Masked keys, slots of
+weight 0 (instance_value_mask) and locations of weight 0 (masked_feature_mse) may hold NaN or
+inf and change no output or gradient; outputs at masked keys (value mask, dk, dv) and the
+student gradient at weight-0 locations are exactly 0. A NaN anywhere else gives NaN in every
+output it reaches. Gradients have the strides of their inputs (``torch.empty_like``).
 """
 
 from __future__ import annotations

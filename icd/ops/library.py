@@ -4,6 +4,11 @@ Every op takes the resolved backend name as its last argument, so a traced graph
 which backend it runs and torch.compile never has to guess. The ops are opaque to
 torch.compile (their fake kernels state the output shapes), and work under
 ``torch.library.opcheck``. Validation happens before, in ``icd.ops``.
+
+Gradients come in the layout of their inputs: dq, dk, dv and the student's gradient have
+the strides ``torch.empty_like(input)`` gives (the input's own when it is dense and
+non-overlapping, e.g. a [S, N, h, D] tensor viewed as [N, h, S, D]), in the real kernels
+and in the fake ones alike, so autograd hands them to permuted views without a copy.
 """
 
 from __future__ import annotations
@@ -13,6 +18,19 @@ from torch import Tensor
 
 from icd.ops.backends import kernels_of
 from icd.ops.reference import compute_dtype
+
+
+def _in_layout_of(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` with the strides of ``torch.empty_like(like)``, copied only if it has others.
+
+    The contract of every backward op; the built-in kernels already keep it, so this is a
+    stride comparison for them (a meta tensor: nothing is allocated).
+    """
+    expected = torch.empty_like(like, device="meta").stride()
+    if grad.stride() == expected:
+        return grad
+    return torch.empty_like(like, dtype=grad.dtype).copy_(grad)
+
 
 # --- instance_attention ------------------------------------------------------------------
 
@@ -44,19 +62,16 @@ def instance_attention_backward_op(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv), contiguous, by recomputing the probabilities from q, k and lse."""
-    return kernels_of(backend).attention_backward(
+    """(dq, dk, dv) with the strides of q, k, v, by recomputing the probabilities from q, k, lse."""
+    dq, dk, dv = kernels_of(backend).attention_backward(
         grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale
     )
+    return _in_layout_of(dq, q), _in_layout_of(dk, k), _in_layout_of(dv, v)
 
 
 @instance_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale, backend):
-    return (
-        q.new_empty(q.shape),
-        k.new_empty(k.shape),
-        v.new_empty(v.shape),
-    )
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _attention_setup_context(ctx, inputs, output) -> None:
@@ -131,15 +146,16 @@ def masked_feature_mse_backward_op(
     reduction: str,
     backend: str,
 ) -> Tensor:
-    """Gradient of the loss with respect to ``student`` (contiguous, student's dtype)."""
-    return kernels_of(backend).feature_mse_backward(
+    """Gradient of the loss with respect to ``student`` (student's dtype and strides)."""
+    grad = kernels_of(backend).feature_mse_backward(
         grad_loss, student, teacher, weight, norm, eps, reduction
     )
+    return _in_layout_of(grad, student)
 
 
 @masked_feature_mse_backward_op.register_fake
 def _(grad_loss, student, teacher, weight, norm, eps, reduction, backend):
-    return student.new_empty(student.shape)
+    return torch.empty_like(student)
 
 
 def _mse_setup_context(ctx, inputs, output) -> None:

@@ -1,6 +1,8 @@
 """Kernel tables of the built backends, behind the icd:: custom ops.
 
-Each backend module provides the same five functions, with contiguous outputs:
+Each backend module provides the same five functions; forward outputs are contiguous and
+gradients have the strides of their inputs (``torch.empty_like``; icd.ops.library copies a
+gradient that does not):
 
     attention_forward(q, k, v, key_padding_mask, scale) -> (out, lse)
     attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Usage: student.sh METHOD SEED [EPOCHS] [extra flags...]  -> ${STUDY:-study}/runs/METHOD_eEPOCHS_sSEED
+set -euo pipefail
+m=$1; s=$2; e=${3:-2}; shift 3 || shift $#
+T=${STUDY:-study}/teacher4/checkpoint.pth
+out=${STUDY:-study}/runs/${m}_e${e}_s${s}
+case $m in
+  baseline) extra=() ;;
+  fpn_mse) extra=(--teacher $T --distill fpn-mse --fpn-mse-norm channel --distill-weight 2) ;;
+  icd_paper) extra=(--teacher $T --distill icd) ;;
+  icd_pre) extra=(--teacher $T --distill icd --icd-init ${STUDY:-study}/pre_s$s/teacher_side.pth) ;;
+  *) extra=(--teacher $T --distill icd) ;;   # variants: flags given after EPOCHS
+esac
+cd "$(dirname "$0")/../.."
+OMP_NUM_THREADS=1 .venv/bin/python -m icd train --data-path ${STUDY:-study}/data --output-dir $out \
+  --detector fcos --backbone resnet18 --fpn-channels 64 --min-size 96 --max-size 96 --batch-size 8 \
+  --lr 0.02 --epochs $e --eval-every 1 --seed $s --workers 0 --device cpu --print-freq 5 \
+  --epoch-checkpoint-every 0 --no-progress "${extra[@]}" "$@" > $out.log 2>&1
+echo "$m s$s e$e: $(grep '"type": "eval"' $out/metrics.jsonl | tail -1 | cut -c1-200)"
