@@ -314,17 +314,19 @@ def _backward_kernel(
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(delta_ptr + stats_base + rows, mask=row_ok, other=0.0)
 
-            x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            x = tl.where(valid[None, :], x, float("-inf"))
-            p = tl.exp2(x - lse2[:, None])
-            dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = (p * (dp - delta[:, None])).to(q.dtype)
-            dv += tl.dot(tl.trans(p.to(q.dtype)), grad_out, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+            # the tile transposed, [BLOCK_N, BLOCK_M]: P^T and dS^T feed the dk and dv dots as
+            # they are, only dq needs dS itself (one layout change instead of two)
+            x_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            x_t = tl.where(valid[:, None], x_t, float("-inf"))
+            p_t = tl.exp2(x_t - lse2[None, :])
+            dv += tl.dot(p_t.to(q.dtype), grad_out, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
 
             dq_ptrs = part_base + dense_offsets(rows, dims, head_dim)
             dq_ok = row_ok[:, None] & (dims[None, :] < head_dim)
-            dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
             dq += tl.load(dq_ptrs, mask=dq_ok & not_first, other=0.0)
             tl.store(dq_ptrs, dq, mask=dq_ok)
         key_ok = keys < num_keys

@@ -68,9 +68,10 @@ GPU_CONFIGS: dict[str, list[triton.Config]] = {
         (128, 64, 8, 2), (32, 32, 4, 1),
     ]),
     # one-pass backward: one program per (key slice, head); key blocks of BLOCK_N, query
-    # blocks of BLOCK_M in the inner loop
+    # blocks of BLOCK_M in the inner loop. dk and dv [BLOCK_N, D] stay in registers: 128-key
+    # blocks get 8 warps (with 4, ptxas spills at D = 32 on sm_90)
     "backward": _tiles([
-        (32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 2), (64, 128, 4, 3),
+        (32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2),
         (128, 64, 8, 2), (32, 32, 4, 1),
     ]),
     # merges and reductions over [K, D] rows (no dots)
@@ -163,6 +164,7 @@ def prune_by_shared_memory(family: str, tensor_arg: str) -> Callable:
 
 
 _CAN_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+FAMILY: dict[str, str] = {}  # kernel name -> its config family (tests pin GPU_CONFIGS[family])
 
 
 def autotune(family: str, key: Sequence[str], tensor_arg: str = "q_ptr") -> Callable:
@@ -171,7 +173,13 @@ def autotune(family: str, key: Sequence[str], tensor_arg: str = "q_ptr") -> Call
     results cached on disk."""
     extra = {"cache_results": True} if _CAN_CACHE_RESULTS else {}
     prune = {"early_config_prune": prune_by_shared_memory(family, tensor_arg)} if family in _STAGED else None
-    return triton.autotune(configs=configs(family), key=list(key), prune_configs_by=prune, **extra)
+    tune = triton.autotune(configs=configs(family), key=list(key), prune_configs_by=prune, **extra)
+
+    def decorate(fn):
+        FAMILY[fn.__name__] = family
+        return tune(fn)
+
+    return decorate
 
 
 def size_class(num_keys: int) -> int:
