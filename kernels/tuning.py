@@ -25,7 +25,7 @@ import functools
 import inspect
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import triton
@@ -180,6 +180,37 @@ def autotune(family: str, key: Sequence[str], tensor_arg: str = "q_ptr") -> Call
         return tune(fn)
 
     return decorate
+
+
+def autotuners() -> dict[str, triton.runtime.autotuner.Autotuner]:
+    """Every autotuned kernel of icd.kernels, by kernel name."""
+    from triton.runtime.autotuner import Autotuner
+
+    from . import feature_mse, instance_attention, value_mask
+
+    found = {}
+    for module in (instance_attention, value_mask, feature_mse):
+        found.update({name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)})
+    return found
+
+
+@contextlib.contextmanager
+def pinned(index: int) -> Iterator[None]:
+    """Within the block every autotuned kernel runs GPU config ``index`` of its family (modulo
+    the family's count), untuned; the configs and tunings are restored afterwards. For tests
+    and acceptance checks: each config can be checked in turn, under the interpreter too."""
+    tuners = autotuners()
+    saved = {name: t.configs for name, t in tuners.items()}
+    try:
+        for name, t in tuners.items():
+            family = GPU_CONFIGS[FAMILY[name]]
+            t.configs = [family[index % len(family)]]
+            t.cache.clear()
+        yield
+    finally:
+        for name, t in tuners.items():
+            t.configs = saved[name]
+            t.cache.clear()
 
 
 def size_class(num_keys: int) -> int:

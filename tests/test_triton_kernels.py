@@ -11,8 +11,6 @@ where blocks are 16 wide: the sizes below cross them.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from op_cases import TOLERANCES
@@ -24,8 +22,6 @@ from icd.ops.dispatch import triton_interpreted
 _CAN_RUN = torch.cuda.is_available() or triton_interpreted()
 if not _CAN_RUN or "triton" not in ops.available_backends():
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
-
-from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from icd.kernels import feature_mse as mse_kernels  # noqa: E402
 from icd.kernels import instance_attention as attention_kernels  # noqa: E402
@@ -348,33 +344,8 @@ def test_nan_in_unmasked_inputs_gives_nan():
 # --- autotuning ------------------------------------------------------------------------------
 
 
-def _autotuners() -> dict[str, Autotuner]:
-    """Every autotuned kernel of icd.kernels, by name (what GPU acceptance scripts pin too)."""
-    found = {}
-    for module in (attention_kernels, value_mask_kernels, mse_kernels):
-        found.update({name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)})
-    return found
-
-
-@contextlib.contextmanager
-def _pinned(index: int):
-    """Every autotuner runs GPU config number ``index`` (mod its family's count), untuned."""
-    tuners = _autotuners()
-    saved = {name: t.configs for name, t in tuners.items()}
-    try:
-        for name, t in tuners.items():
-            family = tuning.GPU_CONFIGS[tuning.FAMILY[name]]
-            t.configs = [family[index % len(family)]]
-            t.cache.clear()
-        yield
-    finally:
-        for name, t in tuners.items():
-            t.configs = saved[name]
-            t.cache.clear()
-
-
 def test_every_kernel_is_autotuned_with_coarse_keys():
-    tuners = _autotuners()
+    tuners = tuning.autotuners()
     assert set(tuners) == set(tuning.FAMILY)
     coarse = {"BLOCK_D", "S_CLASS", "HAS_MASK", "DOT_PRECISION", "WITH_VALUES", "HAS_GRAD_LSE",
               "NORM_STUDENT", "NORM_TEACHER"}
@@ -391,7 +362,7 @@ def test_every_gpu_config_pinned_in_turn(index):
     weight = (torch.rand(2, 70, device=DEVICE) < 0.4).float()
     student, teacher = torch.randn_like(k), torch.randn_like(v)
     mse_weight = torch.rand(2, 1, 150, device=DEVICE)
-    with _pinned(index):
+    with tuning.pinned(index):
         out, lse = attention_kernels.attention_forward(q, k, v, mask, scale, num_splits=2)
         grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
         grad_lse[0] = 0.0
@@ -421,7 +392,7 @@ def test_autotuning_happens_in_the_first_step_only(monkeypatch):
     import triton
 
     monkeypatch.setattr(tuning, "SMALL_PROBLEM_KEYS", 16)  # every S below is "detection-sized"
-    tuners = _autotuners()
+    tuners = tuning.autotuners()
     benchmarked = []
     for name, t in tuners.items():
         config = t.configs[0]
