@@ -54,13 +54,14 @@ def _tiles(rows: Sequence[tuple[int, int, int, int]], names: tuple[str, str] = (
     return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s) for a, b, w, s in rows]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The last config of each list fits every GPU at
-# D = 128 in float32 (see shared_memory_estimate), so pruning never leaves a list empty.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The last config of each list fits every GPU
+# (>= 99 KiB of shared memory per block: sm_80 to sm_90) at D = 128 in float32 (see
+# shared_memory_estimate): pruning never leaves a list without a config that launches.
 GPU_CONFIGS: dict[str, list[triton.Config]] = {
     # forward split-S pass: one program per (key slice, query block, head)
     "split": _tiles([
         (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4),
-        (128, 64, 8, 3), (32, 32, 4, 2),
+        (128, 64, 8, 3), (32, 16, 4, 1),
     ]),
     # value mask: one program per (key block, head), looping over the query blocks
     "key_block": _tiles([
@@ -72,7 +73,7 @@ GPU_CONFIGS: dict[str, list[triton.Config]] = {
     # blocks get 8 warps (with 4, ptxas spills at D = 32 on sm_90)
     "backward": _tiles([
         (32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2),
-        (128, 64, 8, 2), (32, 32, 4, 1),
+        (128, 64, 8, 2), (32, 16, 4, 1),
     ]),
     # merges and reductions over [K, D] rows (no dots)
     "row": [triton.Config({"BLOCK_M": 16}, num_warps=2, num_stages=1),
@@ -100,33 +101,40 @@ def configs(family: str) -> list[triton.Config]:
 
 # --- shared memory ---------------------------------------------------------------------------
 
-# Tiles staged through shared memory per family, as (rows, cols, bytes per element, pipelined):
-# dot operands are read from shared memory, and a loop's loads are multi-buffered num_stages
-# times when pipelined. "E" is the input element size; "P" marks the [BLOCK_M, BLOCK_N]
-# probability tile converted into a dot operand (in the input dtype).
-_STAGED: dict[str, tuple[tuple[str, str, str, bool], ...]] = {
-    "split": (("BLOCK_M", "BLOCK_D", "E", False), ("BLOCK_N", "BLOCK_D", "E", True),
-              ("BLOCK_N", "BLOCK_D", "E", True), ("BLOCK_M", "BLOCK_N", "E", False)),
-    "key_block": (("BLOCK_N", "BLOCK_D", "E", False), ("BLOCK_M", "BLOCK_D", "E", True),
-                  ("BLOCK_M", "BLOCK_N", "F", False)),
-    "backward": (("BLOCK_N", "BLOCK_D", "E", False), ("BLOCK_N", "BLOCK_D", "E", False),
-                 ("BLOCK_M", "BLOCK_D", "E", True), ("BLOCK_M", "BLOCK_D", "E", True),
-                 ("BLOCK_M", "BLOCK_D", "F", True), ("BLOCK_M", "BLOCK_N", "E", False),
-                 ("BLOCK_M", "BLOCK_N", "E", False)),
+# Tiles staged through shared memory per family, as (rows, cols, element, copies, pipelined):
+# dot operands and layout changes go through shared memory, a loop's loads are multi-buffered
+# num_stages times when pipelined. element "E" is the input's element size, "F" float32.
+# copies is (2-byte inputs, float32 inputs): 3xTF32 dots of float32 operands stage their
+# split halves too. Calibrated on Triton 3.8's ahead-of-time compiles for sm_80 and sm_90
+# (no GPU needed: triton.compile with a GPUTarget): the estimate was never below the
+# compiled kernel's shared memory, by a factor of 1.1 to 3.
+_STAGED: dict[str, tuple[tuple[str, str, str, tuple[int, int], bool], ...]] = {
+    "split": (("BLOCK_M", "BLOCK_D", "E", (1, 1), False),  # q
+              ("BLOCK_N", "BLOCK_D", "E", (1, 2), True),   # k
+              ("BLOCK_N", "BLOCK_D", "E", (1, 2), True),   # v
+              ("BLOCK_M", "BLOCK_N", "E", (1, 2), False)),  # P as a dot operand
+    "key_block": (("BLOCK_N", "BLOCK_D", "E", (1, 2), False),  # k
+                  ("BLOCK_M", "BLOCK_D", "E", (1, 2), True),   # q
+                  ("BLOCK_M", "BLOCK_N", "F", (1, 1), False)),  # column sums of P
+    "backward": (("BLOCK_N", "BLOCK_D", "E", (2, 3), False),  # k
+                 ("BLOCK_N", "BLOCK_D", "E", (2, 3), False),  # v
+                 ("BLOCK_M", "BLOCK_D", "E", (1, 1), True),   # q
+                 ("BLOCK_M", "BLOCK_D", "E", (1, 1), True),   # dO
+                 ("BLOCK_M", "BLOCK_N", "E", (1, 2), False)),  # P^T and dS^T as dot operands
 }
 
 
 def shared_memory_estimate(family: str, config: triton.Config, block_d: int, element_size: int) -> int:
     """Bytes of shared memory a config of ``family`` needs at head-dim block ``block_d``.
 
-    An upper-bound model: every staged tile counted in full, pipelined ones num_stages times
-    (Triton keeps num_stages - 1 buffers in flight plus one being read), plus 4 KiB of
-    scratch for reductions and layout conversions. Families without dots need only that.
+    An upper-bound model (see _STAGED) plus 4 KiB of scratch for reductions; families
+    without dots need only that scratch.
     """
     sizes = {**config.kwargs, "BLOCK_D": block_d}
     total = 4096
-    for rows, cols, kind, pipelined in _STAGED.get(family, ()):
+    for rows, cols, kind, copies, pipelined in _STAGED.get(family, ()):
         nbytes = sizes[rows] * sizes[cols] * (element_size if kind == "E" else 4)
+        nbytes *= copies[1] if element_size >= 4 else copies[0]
         total += nbytes * (max(1, config.num_stages) if pipelined else 1)
     return total
 
