@@ -9,7 +9,8 @@ student gradient, scaled by grad_loss / denominator. No normalised copy of eithe
 no un-scaled gradient is ever stored.
 
 Shapes: student, teacher [N, h, S, D] (any strides, one float dtype); weight [N, h, S]
-float32 contiguous; loss 0-dim float32; grad_student [N, h, S, D] contiguous, student's dtype.
+float32 contiguous; loss 0-dim float32; grad_student [N, h, S, D] in the student's dtype and
+layout (``torch.empty_like(student)``).
 norm: "ln" (both), "tln" (teacher only), "none".
 """
 
@@ -21,10 +22,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tuning
-from .tiles import dense_offsets, head_base, load_rows
+from .tiles import head_base, load_rows, store_tile
 
 _NORMALISED = {"ln": (True, True), "tln": (False, True), "none": (False, False)}
-MSE_KEY = ["BLOCK_D", "S_BUCKET"]
+MSE_KEY = ["BLOCK_D", "S_CLASS"]  # coarse: see tuning.py
 
 
 @triton.jit
@@ -52,21 +53,14 @@ def normalised_pair(s_base, t_base, rows, dims, stride_ss, stride_sd, stride_ts,
     return a, b, rstd
 
 
-@triton.autotune(
-    configs=tuning.configs(
-        gpu=[({"BLOCK_S": 32}, 4, 3), ({"BLOCK_S": 64}, 4, 3), ({"BLOCK_S": 128}, 8, 3),
-             ({"BLOCK_S": 64}, 8, 4)],
-        interpreted={"BLOCK_S": 16},
-    ),
-    key=[*MSE_KEY, "NORM_STUDENT", "NORM_TEACHER"],
-)
+@tuning.autotune("mse", key=[*MSE_KEY, "NORM_STUDENT", "NORM_TEACHER"], tensor_arg="s_ptr")
 @triton.jit
 def _mse_forward_kernel(
     s_ptr, t_ptr, w_ptr, part_err_ptr, part_w_ptr,
     stride_sn, stride_sh, stride_ss, stride_sd,
     stride_tn, stride_th, stride_ts, stride_td,
     heads, num_rows, head_dim, eps, programs_per_head,
-    S_BUCKET,
+    S_CLASS,
     NORM_STUDENT: tl.constexpr, NORM_TEACHER: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -130,21 +124,15 @@ def _weight_sum_kernel(w_ptr, sums_ptr, num_rows, BLOCK: tl.constexpr):
     tl.store(sums_ptr + pid_nh, tl.sum(acc, 0))
 
 
-@triton.autotune(
-    configs=tuning.configs(
-        gpu=[({"BLOCK_S": 32}, 4, 3), ({"BLOCK_S": 64}, 4, 3), ({"BLOCK_S": 128}, 8, 3),
-             ({"BLOCK_S": 64}, 8, 4)],
-        interpreted={"BLOCK_S": 16},
-    ),
-    key=[*MSE_KEY, "NORM_STUDENT", "NORM_TEACHER"],
-)
+@tuning.autotune("mse", key=[*MSE_KEY, "NORM_STUDENT", "NORM_TEACHER"], tensor_arg="s_ptr")
 @triton.jit
 def _mse_backward_kernel(
     s_ptr, t_ptr, w_ptr, sums_ptr, grad_loss_ptr, grad_ptr,
     stride_sn, stride_sh, stride_ss, stride_sd,
     stride_tn, stride_th, stride_ts, stride_td,
+    stride_gn, stride_gh, stride_gs, stride_gd,
     heads, num_heads_total, num_rows, head_dim, eps, floor, programs_per_head,
-    S_BUCKET,
+    S_CLASS,
     PER_HEAD: tl.constexpr, NORM_STUDENT: tl.constexpr, NORM_TEACHER: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -165,7 +153,7 @@ def _mse_backward_kernel(
 
     s_base = head_base(s_ptr, pid_nh, heads, stride_sn, stride_sh)
     t_base = head_base(t_ptr, pid_nh, heads, stride_tn, stride_th)
-    dim_ok = dims[None, :] < head_dim
+    g_base = head_base(grad_ptr, pid_nh, heads, stride_gn, stride_gh)
     for tile in range(pid_s, tl.cdiv(num_rows, BLOCK_S), programs_per_head):
         rows = tile * BLOCK_S + tl.arange(0, BLOCK_S)
         w = tl.load(w_ptr + pid_nh.to(tl.int64) * num_rows + rows, mask=rows < num_rows, other=0.0)
@@ -177,8 +165,7 @@ def _mse_backward_kernel(
             mean_g = tl.sum(grad, 1) / head_dim
             mean_ga = tl.sum(grad * a, 1) / head_dim
             grad = rstd[:, None] * (grad - mean_g[:, None] - a * mean_ga[:, None])
-        ptrs = grad_ptr + dense_offsets(pid_nh * num_rows + rows, dims, head_dim)
-        tl.store(ptrs, grad.to(grad_ptr.dtype.element_ty), mask=(rows[:, None] < num_rows) & dim_ok)
+        store_tile(g_base, rows, dims, stride_gs, stride_gd, rows < num_rows, head_dim, grad)
 
 
 def _programs_per_head(student: Tensor) -> int:
@@ -204,7 +191,7 @@ def feature_mse_forward(
     _mse_forward_kernel[(programs, nh)](
         student, teacher, weight, part_err, part_w,
         *student.stride(), *teacher.stride(),
-        heads, num_rows, head_dim, float(eps), programs, tuning.bucket(num_rows),
+        heads, num_rows, head_dim, float(eps), programs, tuning.size_class(num_rows),
         NORM_STUDENT=norm_student, NORM_TEACHER=norm_teacher, BLOCK_D=tuning.block_d(head_dim),
     )
     loss = torch.empty((), **f32)
@@ -228,7 +215,7 @@ def feature_mse_backward(
     reduction: str,
     floor: float = 1e-6,
 ) -> Tensor:
-    """Gradient of the loss for ``student``: [N, h, S, D] contiguous, student's dtype.
+    """Gradient of the loss for ``student``: [N, h, S, D], ``torch.empty_like(student)``.
 
     ``grad_loss`` is the 0-dim incoming gradient, read on the device (no host sync).
     """
@@ -238,12 +225,12 @@ def feature_mse_backward(
     weight = weight.to(torch.float32).contiguous()
     sums = torch.empty((nh,), device=student.device, dtype=torch.float32)
     _weight_sum_kernel[(nh,)](weight, sums, num_rows, BLOCK=16 if tuning.INTERPRETED else 1024)
-    grad = torch.empty((n, heads, num_rows, head_dim), device=student.device, dtype=student.dtype)
+    grad = torch.empty_like(student)  # the student's layout: autograd passes it on without a copy
     programs = _programs_per_head(student)
     _mse_backward_kernel[(programs, nh)](
         student, teacher, weight, sums, grad_loss, grad,
-        *student.stride(), *teacher.stride(),
-        heads, nh, num_rows, head_dim, float(eps), float(floor), programs, tuning.bucket(num_rows),
+        *student.stride(), *teacher.stride(), *grad.stride(),
+        heads, nh, num_rows, head_dim, float(eps), float(floor), programs, tuning.size_class(num_rows),
         PER_HEAD=reduction == "per_head", NORM_STUDENT=norm_student, NORM_TEACHER=norm_teacher,
         BLOCK_D=tuning.block_d(head_dim), BLOCK_H=min(triton.next_power_of_2(nh), 1024),
     )

@@ -1,16 +1,22 @@
-"""Fused instance attention (docs/method.md 3.1): flash-decoding forward, recomputing backward.
+"""Fused instance attention (docs/method.md 3.1): flash-decoding forward, one-pass backward.
 
 K (instance queries, <= 300) is small and S (keys of every FPN level, 20k-90k) is large, so
 the forward splits the keys into slices and runs one program per (slice, query block, head):
 each keeps an online softmax over its slice and writes un-normalised partial results, which
-a second small kernel merges into out and lse. The backward never stores probabilities: it
-recomputes them from q, k and lse. dk and dv come from one program per key block that loops
-over the few query blocks (no atomics); dq comes from a split-S pass whose partial sums a
-small kernel adds up. Logits are kept in base 2 (scaled by log2(e)) so that exp is exp2.
+a second small kernel merges into out and lse. The backward never stores probabilities: one
+program per (key slice, head) walks its key blocks, and for each key block every query
+block (K is small): P and dP are computed once per tile and give dk and dv (kept in
+registers, stored once per key block) and the slice's partial dq (float32, one buffer per
+slice, updated in place by its own program only); a small kernel adds the slices' partial
+dq up, in a fixed order, so the result is deterministic. Logits are kept in base 2 (scaled
+by log2(e)) so that exp is exp2.
 
 Shapes: q [N, h, K, D]; k, v [N, h, S, D]; key_padding_mask bool [N, S] (True = ignore);
-out [N, h, K, D]; lse [N, h, K] float32. Inputs of any strides; outputs contiguous.
-A row whose keys are all masked gets out 0, lse -inf and zero gradients.
+out [N, h, K, D]; lse [N, h, K] float32. Inputs of any strides; out contiguous; dq, dk, dv
+laid out like ``torch.empty_like`` of q, k, v (the inputs' strides when those are dense).
+A row whose keys are all masked gets out 0, lse -inf and zero gradients. Masked keys are
+never read (their k and v may hold NaN or inf without effect); NaN in the unmasked inputs
+gives NaN.
 """
 
 from __future__ import annotations
@@ -23,14 +29,18 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tuning
-from .tiles import dense_offsets, head_base, key_is_valid, load_rows
+from .tiles import dense_offsets, head_base, key_is_valid, load_rows, load_tile, store_tile
 
 LOG2E = math.log2(math.e)
 
 # --- forward -----------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=tuning.SPLIT_CONFIGS, key=[*tuning.ATTENTION_KEY, "WITH_VALUES"])
+# Autotune keys: coarse on purpose (see tuning.py); Triton adds every tensor argument's dtype.
+ATTENTION_KEY = ["BLOCK_D", "S_CLASS", "HAS_MASK", "DOT_PRECISION"]
+
+
+@tuning.autotune("split", key=[*ATTENTION_KEY, "WITH_VALUES"])
 @triton.jit
 def _forward_split_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
@@ -38,7 +48,7 @@ def _forward_split_kernel(
     stride_kn, stride_kh, stride_ks, stride_kd,
     stride_vn, stride_vh, stride_vs, stride_vd,
     heads, num_queries, num_keys, head_dim, qk_scale, num_splits,
-    S_BUCKET, K_BUCKET,
+    S_CLASS,
     HAS_MASK: tl.constexpr, WITH_VALUES: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -68,7 +78,8 @@ def _forward_split_kernel(
     for key_start in range(start, end, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
         valid = key_is_valid(mask_ptr, n, keys, num_keys, HAS_MASK)
-        k = load_rows(k_base, keys, dims, stride_ks, stride_kd, num_keys, head_dim)
+        # masked keys are not loaded: their k and v read as 0, whatever memory holds
+        k = load_tile(k_base, keys, dims, stride_ks, stride_kd, valid, head_dim)
         x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         x = tl.where(valid[None, :], x, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(x, 1))
@@ -78,7 +89,7 @@ def _forward_split_kernel(
         p = tl.exp2(x - shift[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
         if WITH_VALUES:
-            v = load_rows(v_base, keys, dims, stride_vs, stride_vd, num_keys, head_dim)
+            v = load_tile(v_base, keys, dims, stride_vs, stride_vd, valid, head_dim)
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
 
@@ -91,15 +102,19 @@ def _forward_split_kernel(
         tl.store(ptrs, acc, mask=row_ok[:, None] & (dims[None, :] < head_dim))
 
 
-@triton.autotune(configs=tuning.ROW_CONFIGS, key=["BLOCK_D", "K_BUCKET", "WITH_VALUES"])
+@tuning.autotune("row", key=["BLOCK_D", "S_CLASS", "WITH_VALUES"], tensor_arg="part_sum_ptr")
 @triton.jit
 def _forward_merge_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, lse_ptr,
     num_queries, head_dim, num_splits,
-    K_BUCKET,
+    S_CLASS,
     WITH_VALUES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Merge the per-slice softmax states: lse [N h, K] (natural log) and out [N h, K, D]."""
+    """Merge the per-slice softmax states: lse [N h, K] (natural log) and out [N h, K, D].
+
+    A row sum of 0 means no valid key (lse -inf, out 0); a NaN row sum (NaN in the row's
+    unmasked inputs) stays NaN in lse and out.
+    """
     pid_m = tl.program_id(0)
     pid_nh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,7 +140,7 @@ def _forward_merge_kernel(
             acc = acc * old_scale[:, None] + split_out * split_scale[:, None]
         row_max = new_max
 
-    has_keys = row_sum > 0
+    has_keys = row_sum != 0.0  # True for NaN: a NaN row is not mistaken for an empty one
     safe_sum = tl.where(has_keys, row_sum, 1.0)
     lse = tl.where(has_keys, (row_max + tl.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
     tl.store(lse_ptr + pid_nh * num_queries + rows, lse, mask=row_ok)
@@ -174,7 +189,7 @@ def softmax_statistics(
     values = v if with_values else k
     mask, has_mask = key_mask_argument(key_padding_mask, q)
     bd = tuning.block_d(head_dim)
-    k_bucket = tuning.bucket(num_queries)
+    s_class = tuning.size_class(num_keys)
 
     def split_grid(meta):
         return (num_splits, triton.cdiv(num_queries, meta["BLOCK_M"]), nh)
@@ -182,8 +197,7 @@ def softmax_statistics(
     _forward_split_kernel[split_grid](
         q, k, values, mask, part_out, part_max, part_sum,
         *_strides(q), *_strides(k), *_strides(values),
-        heads, num_queries, num_keys, head_dim, scale * LOG2E, num_splits,
-        tuning.bucket(num_keys), k_bucket,
+        heads, num_queries, num_keys, head_dim, scale * LOG2E, num_splits, s_class,
         HAS_MASK=has_mask, WITH_VALUES=with_values, DOT_PRECISION=tuning.dot_precision(q.dtype),
         BLOCK_D=bd,
     )
@@ -197,7 +211,7 @@ def softmax_statistics(
 
     _forward_merge_kernel[merge_grid](
         part_out, part_max, part_sum, out if with_values else lse, lse,
-        num_queries, head_dim, num_splits, k_bucket,
+        num_queries, head_dim, num_splits, s_class,
         WITH_VALUES=with_values, BLOCK_D=bd,
     )
     return out, lse
@@ -216,7 +230,7 @@ def attention_forward(
 # --- backward ----------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=tuning.ROW_CONFIGS, key=["BLOCK_D", "K_BUCKET", "HAS_GRAD_LSE"])
+@tuning.autotune("row", key=["BLOCK_D", "S_CLASS", "HAS_GRAD_LSE"], tensor_arg="grad_out_ptr")
 @triton.jit
 def _backward_delta_kernel(
     grad_out_ptr, out_ptr, grad_lse_ptr, delta_ptr,
@@ -224,7 +238,7 @@ def _backward_delta_kernel(
     stride_on, stride_oh, stride_ok, stride_od,
     stride_ln, stride_lh, stride_lk,
     heads, num_queries, head_dim,
-    K_BUCKET,
+    S_CLASS,
     HAS_GRAD_LSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta [N h, K] = rowsum(dO * O) - grad_lse: dS = P (dP - delta) for out and lse."""
@@ -244,136 +258,113 @@ def _backward_delta_kernel(
     tl.store(delta_ptr + pid_nh * num_queries + rows, delta, mask=row_ok)
 
 
+@tuning.autotune("backward", key=ATTENTION_KEY)
 @triton.jit
-def recompute_probabilities(q, k, valid, lse_ptr, delta_ptr, pid_nh, rows, num_queries,
-                            qk_scale, DOT_PRECISION: tl.constexpr):
-    """(P [BLOCK_M, BLOCK_N] float32, delta [BLOCK_M]) of one tile, from q, k and lse.
-
-    Fully masked rows (lse -inf) and rows past K get P = 0 instead of exp2(-inf + inf).
-    """
-    row_ok = rows < num_queries
-    lse = tl.load(lse_ptr + pid_nh * num_queries + rows, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(delta_ptr + pid_nh * num_queries + rows, mask=row_ok, other=0.0)
-    x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    x = tl.where(valid[None, :], x, float("-inf"))
-    return tl.exp2(x - lse2[:, None]), delta
-
-
-@triton.autotune(configs=tuning.KEY_BLOCK_CONFIGS, key=tuning.ATTENTION_KEY)
-@triton.jit
-def _backward_key_block_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+def _backward_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, part_dq_ptr,
     stride_qn, stride_qh, stride_qk, stride_qd,
     stride_kn, stride_kh, stride_ks, stride_kd,
     stride_vn, stride_vh, stride_vs, stride_vd,
     stride_gn, stride_gh, stride_gk, stride_gd,
-    heads, num_queries, num_keys, head_dim, scale, qk_scale,
-    S_BUCKET, K_BUCKET,
+    stride_dkn, stride_dkh, stride_dks, stride_dkd,
+    stride_dvn, stride_dvh, stride_dvs, stride_dvd,
+    heads, num_queries, num_keys, head_dim, scale, qk_scale, num_splits,
+    S_CLASS,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dk, dv of one key block: loop over every query block (K is small), no atomics."""
-    pid_s = tl.program_id(0)
+    """dk, dv of the key blocks of one slice, and the slice's partial dq / scale.
+
+    For each key block (k, v held), for each query block: P = 2^(x - lse2) and
+    dP = dO v^T once; dv += P^T dO, dS = P (dP - delta), dk += dS^T q, and the slice's
+    partial dq [K, D] (float32, part_dq[nh, slice]) += dS k, read and written by this
+    program only. Fully masked rows (lse -inf) and rows past K get P = 0.
+    """
+    pid_split = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = pid_nh // heads
-    keys = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    valid = key_is_valid(mask_ptr, n, keys, num_keys, HAS_MASK)
-    k = load_rows(head_base(k_ptr, pid_nh, heads, stride_kn, stride_kh), keys, dims,
-                  stride_ks, stride_kd, num_keys, head_dim)
-    v = load_rows(head_base(v_ptr, pid_nh, heads, stride_vn, stride_vh), keys, dims,
-                  stride_vs, stride_vd, num_keys, head_dim)
     q_base = head_base(q_ptr, pid_nh, heads, stride_qn, stride_qh)
     g_base = head_base(grad_out_ptr, pid_nh, heads, stride_gn, stride_gh)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for row_start in range(0, num_queries, BLOCK_M):
-        rows = row_start + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, rows, dims, stride_qk, stride_qd, num_queries, head_dim)
-        grad_out = load_rows(g_base, rows, dims, stride_gk, stride_gd, num_queries, head_dim)
-        grad_out = grad_out.to(q.dtype)
-        p, delta = recompute_probabilities(q, k, valid, lse_ptr, delta_ptr, pid_nh, rows,
-                                           num_queries, qk_scale, DOT_PRECISION)
-        dv += tl.dot(tl.trans(p.to(q.dtype)), grad_out, input_precision=DOT_PRECISION)
-        dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-
-    out_rows = dense_offsets(pid_nh * num_keys + keys, dims, head_dim)
-    tile_ok = (keys[:, None] < num_keys) & (dims[None, :] < head_dim)
-    tl.store(dk_ptr + out_rows, (dk * scale).to(dk_ptr.dtype.element_ty), mask=tile_ok)
-    tl.store(dv_ptr + out_rows, dv.to(dv_ptr.dtype.element_ty), mask=tile_ok)
-
-
-@triton.autotune(configs=tuning.SPLIT_CONFIGS, key=tuning.ATTENTION_KEY)
-@triton.jit
-def _backward_query_split_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, grad_out_ptr, lse_ptr, delta_ptr, part_dq_ptr,
-    stride_qn, stride_qh, stride_qk, stride_qd,
-    stride_kn, stride_kh, stride_ks, stride_kd,
-    stride_vn, stride_vh, stride_vs, stride_vd,
-    stride_gn, stride_gh, stride_gk, stride_gd,
-    heads, num_queries, num_keys, head_dim, qk_scale, num_splits,
-    S_BUCKET, K_BUCKET,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Partial dq / scale of one query block over one slice of keys -> [N h, splits, K, D]."""
-    pid_split = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_nh = tl.program_id(2)
-    n = pid_nh // heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    q = load_rows(head_base(q_ptr, pid_nh, heads, stride_qn, stride_qh), rows, dims,
-                  stride_qk, stride_qd, num_queries, head_dim)
-    grad_out = load_rows(head_base(grad_out_ptr, pid_nh, heads, stride_gn, stride_gh), rows, dims,
-                         stride_gk, stride_gd, num_queries, head_dim).to(q.dtype)
     k_base = head_base(k_ptr, pid_nh, heads, stride_kn, stride_kh)
     v_base = head_base(v_ptr, pid_nh, heads, stride_vn, stride_vh)
+    dk_base = head_base(dk_ptr, pid_nh, heads, stride_dkn, stride_dkh)
+    dv_base = head_base(dv_ptr, pid_nh, heads, stride_dvn, stride_dvh)
+    part_base = part_dq_ptr + (pid_nh * num_splits + pid_split).to(tl.int64) * num_queries * head_dim
+    stats_base = pid_nh * num_queries
 
     blocks_per_split = tl.cdiv(tl.cdiv(num_keys, BLOCK_N), num_splits)
     start = pid_split * blocks_per_split * BLOCK_N
     end = tl.minimum(start + blocks_per_split * BLOCK_N, num_keys)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for key_start in range(start, end, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
         valid = key_is_valid(mask_ptr, n, keys, num_keys, HAS_MASK)
-        k = load_rows(k_base, keys, dims, stride_ks, stride_kd, num_keys, head_dim)
-        v = load_rows(v_base, keys, dims, stride_vs, stride_vd, num_keys, head_dim)
-        p, delta = recompute_probabilities(q, k, valid, lse_ptr, delta_ptr, pid_nh, rows,
-                                           num_queries, qk_scale, DOT_PRECISION)
-        dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PRECISION)
+        # masked keys are not loaded: their k and v read as 0, whatever memory holds
+        k = load_tile(k_base, keys, dims, stride_ks, stride_kd, valid, head_dim)
+        v = load_tile(v_base, keys, dims, stride_vs, stride_vd, valid, head_dim)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        not_first = key_start != start  # the slice's first key block writes its dq, the others add
+        for row_start in range(0, num_queries, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < num_queries
+            q = load_tile(q_base, rows, dims, stride_qk, stride_qd, row_ok, head_dim)
+            grad_out = load_tile(g_base, rows, dims, stride_gk, stride_gd, row_ok, head_dim).to(q.dtype)
+            lse = tl.load(lse_ptr + stats_base + rows, mask=row_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(delta_ptr + stats_base + rows, mask=row_ok, other=0.0)
 
-    part_rows = (pid_nh * num_splits + pid_split) * num_queries + rows
-    ptrs = part_dq_ptr + dense_offsets(part_rows, dims, head_dim)
-    tl.store(ptrs, dq, mask=(rows[:, None] < num_queries) & (dims[None, :] < head_dim))
+            # the tile transposed, [BLOCK_N, BLOCK_M]: P^T and dS^T feed the dk and dv dots as
+            # they are, only dq needs dS itself (one layout change instead of two)
+            x_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            x_t = tl.where(valid[:, None], x_t, float("-inf"))
+            p_t = tl.exp2(x_t - lse2[None, :])
+            dv += tl.dot(p_t.to(q.dtype), grad_out, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+
+            dq_ptrs = part_base + dense_offsets(rows, dims, head_dim)
+            dq_ok = row_ok[:, None] & (dims[None, :] < head_dim)
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+            dq += tl.load(dq_ptrs, mask=dq_ok & not_first, other=0.0)
+            tl.store(dq_ptrs, dq, mask=dq_ok)
+        key_ok = keys < num_keys
+        store_tile(dk_base, keys, dims, stride_dks, stride_dkd, key_ok, head_dim, dk * scale)
+        store_tile(dv_base, keys, dims, stride_dvs, stride_dvd, key_ok, head_dim, dv)
+        # the next key block reads the partial dq tiles back, possibly from other threads:
+        # Triton orders global stores and loads of one program only across a barrier
+        tl.debug_barrier()
+    if start >= end:  # a slice without keys (more slices than key blocks) adds nothing to dq
+        for row_start in range(0, num_queries, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            tl.store(part_base + dense_offsets(rows, dims, head_dim),
+                     tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                     mask=(rows[:, None] < num_queries) & (dims[None, :] < head_dim))
 
 
-@triton.autotune(configs=tuning.ROW_CONFIGS, key=["BLOCK_D", "K_BUCKET"])
+@tuning.autotune("row", key=["BLOCK_D", "S_CLASS"], tensor_arg="part_dq_ptr")
 @triton.jit
-def _backward_query_merge_kernel(
-    part_dq_ptr, dq_ptr, num_queries, head_dim, num_splits, scale,
-    K_BUCKET,
+def _backward_dq_merge_kernel(
+    part_dq_ptr, dq_ptr,
+    stride_dqn, stride_dqh, stride_dqk, stride_dqd,
+    heads, num_queries, head_dim, num_splits, scale,
+    S_CLASS,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dq [N h, K, D] = scale * sum over slices of the partial dq."""
+    """dq [N, h, K, D] (any strides) = scale * the sum over slices of the partial dq."""
     pid_m = tl.program_id(0)
     pid_nh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    tile_ok = (rows[:, None] < num_queries) & (dims[None, :] < head_dim)
+    row_ok = rows < num_queries
+    tile_ok = row_ok[:, None] & (dims[None, :] < head_dim)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for split in range(0, num_splits):
         part_rows = (pid_nh * num_splits + split) * num_queries + rows
-        ptrs = part_dq_ptr + dense_offsets(part_rows, dims, head_dim)
-        dq += tl.load(ptrs, mask=tile_ok, other=0.0)
-    ptrs = dq_ptr + dense_offsets(pid_nh * num_queries + rows, dims, head_dim)
-    tl.store(ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_ok)
+        dq += tl.load(part_dq_ptr + dense_offsets(part_rows, dims, head_dim), mask=tile_ok, other=0.0)
+    dq_base = head_base(dq_ptr, pid_nh, heads, stride_dqn, stride_dqh)
+    store_tile(dq_base, rows, dims, stride_dqk, stride_dqd, row_ok, head_dim, dq * scale)
 
 
 def attention_backward(
@@ -388,21 +379,22 @@ def attention_backward(
     scale: float,
     num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv), contiguous in the inputs' dtype, by recomputing P from q, k and lse.
+    """(dq, dk, dv) in the inputs' dtypes and layouts (``torch.empty_like`` of q, k, v), by
+    recomputing the probabilities from q, k and lse.
 
     grad_out [N, h, K, D] and grad_lse [N, h, K] (or None: zeros) may have any strides,
-    stride-0 expanded ones included. ``num_splits`` as in ``softmax_statistics``.
+    stride-0 expanded ones included. ``num_splits`` overrides the number of key slices
+    (tests); by default they fill the GPU.
     """
     n, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
     nh = n * heads
     if num_splits is None:
-        num_splits = tuning.num_key_splits(q.device, nh, num_queries, num_keys)
+        num_splits = tuning.num_backward_splits(q.device, nh, num_keys)
     lse = lse.to(torch.float32).contiguous()  # [N, h, K] float32: already so from the forward
     mask, has_mask = key_mask_argument(key_padding_mask, q)
     bd = tuning.block_d(head_dim)
-    s_bucket, k_bucket = tuning.bucket(num_keys), tuning.bucket(num_queries)
-    precision = tuning.dot_precision(q.dtype)
+    s_class = tuning.size_class(num_keys)
 
     def row_grid(meta):
         return (triton.cdiv(num_queries, meta["BLOCK_M"]), nh)
@@ -412,39 +404,23 @@ def attention_backward(
     _backward_delta_kernel[row_grid](
         grad_out, out, grad_lse_arg, delta,
         *_strides(grad_out), *_strides(out), *_strides(grad_lse_arg),
-        heads, num_queries, head_dim, k_bucket,
+        heads, num_queries, head_dim, s_class,
         HAS_GRAD_LSE=grad_lse is not None, BLOCK_D=bd,
     )
 
-    dk = torch.empty((n, heads, num_keys, head_dim), device=k.device, dtype=k.dtype)
-    dv = torch.empty((n, heads, num_keys, head_dim), device=v.device, dtype=v.dtype)
-
-    def key_grid(meta):
-        return (triton.cdiv(num_keys, meta["BLOCK_N"]), nh)
-
-    _backward_key_block_kernel[key_grid](
-        q, k, v, mask, grad_out, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-        heads, num_queries, num_keys, head_dim, scale, scale * LOG2E,
-        s_bucket, k_bucket,
-        HAS_MASK=has_mask, DOT_PRECISION=precision, BLOCK_D=bd,
-    )
-
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
     part_dq = torch.empty((nh, num_splits, num_queries, head_dim), device=q.device,
                           dtype=torch.float32)
-
-    def split_grid(meta):
-        return (num_splits, triton.cdiv(num_queries, meta["BLOCK_M"]), nh)
-
-    _backward_query_split_kernel[split_grid](
-        q, k, v, mask, grad_out, lse, delta, part_dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-        heads, num_queries, num_keys, head_dim, scale * LOG2E, num_splits,
-        s_bucket, k_bucket,
-        HAS_MASK=has_mask, DOT_PRECISION=precision, BLOCK_D=bd,
+    _backward_kernel[(num_splits, nh)](
+        q, k, v, mask, grad_out, lse, delta, dk, dv, part_dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        heads, num_queries, num_keys, head_dim, scale, scale * LOG2E, num_splits, s_class,
+        HAS_MASK=has_mask, DOT_PRECISION=tuning.dot_precision(q.dtype), BLOCK_D=bd,
     )
-    dq = torch.empty((n, heads, num_queries, head_dim), device=q.device, dtype=q.dtype)
-    _backward_query_merge_kernel[row_grid](
-        part_dq, dq, num_queries, head_dim, num_splits, scale, k_bucket, BLOCK_D=bd,
+    _backward_dq_merge_kernel[row_grid](
+        part_dq, dq, *_strides(dq), heads, num_queries, head_dim, num_splits, scale, s_class,
+        BLOCK_D=bd,
     )
     return dq, dk, dv

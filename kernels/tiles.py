@@ -17,10 +17,31 @@ def key_is_valid(mask_ptr, n, keys, num_keys, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def tile_pointers(base, rows, dims, stride_row, stride_dim):
+    """[BLOCK, BLOCK_D] pointers to rows of a strided [rows, D] matrix (int64 offsets)."""
+    return base + rows[:, None].to(tl.int64) * stride_row + dims[None, :].to(tl.int64) * stride_dim
+
+
+@triton.jit
+def load_tile(base, rows, dims, stride_row, stride_dim, row_ok, head_dim):
+    """[BLOCK, BLOCK_D] tile of a strided [rows, D] matrix; rows where ``row_ok`` is False and
+    columns past D read as 0 and are never loaded (their memory may hold NaN or inf)."""
+    ptrs = tile_pointers(base, rows, dims, stride_row, stride_dim)
+    return tl.load(ptrs, mask=row_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
+
+
+@triton.jit
 def load_rows(base, rows, dims, stride_row, stride_dim, num_rows, head_dim):
     """[BLOCK, BLOCK_D] tile of a strided [rows, D] matrix, zeros outside it."""
-    ptrs = base + rows[:, None].to(tl.int64) * stride_row + dims[None, :] * stride_dim
-    return tl.load(ptrs, mask=(rows[:, None] < num_rows) & (dims[None, :] < head_dim), other=0.0)
+    return load_tile(base, rows, dims, stride_row, stride_dim, rows < num_rows, head_dim)
+
+
+@triton.jit
+def store_tile(base, rows, dims, stride_row, stride_dim, row_ok, head_dim, value):
+    """Store ``value`` [BLOCK, BLOCK_D] into the rows ``row_ok`` of a strided [rows, D] matrix,
+    converted to its element type."""
+    ptrs = tile_pointers(base, rows, dims, stride_row, stride_dim)
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=row_ok[:, None] & (dims[None, :] < head_dim))
 
 
 @triton.jit

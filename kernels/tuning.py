@@ -1,47 +1,237 @@
-"""Launch choices shared by the icd Triton kernels: autotune configs, buckets, grid sizes.
+"""Launch choices shared by the icd Triton kernels: autotune configs and keys, shared-memory
+pruning, grid sizes.
+
+Autotuning is meant to happen once per process and kernel, in the first training step, and
+never again: the keys are coarse (head-dim block, dtypes, compile-time flags and a size
+class that only separates toy problems from detection-sized ones), never the number of
+instances K or a bucket of the number of keys S, which change from batch to batch. Before
+benchmarking, configs whose shared-memory estimate exceeds what the device grants one block
+are dropped (``prune_by_shared_memory``); each family keeps a small config that fits every
+supported GPU. The chosen configs are written to Triton's cache (``TRITON_CACHE_DIR``,
+default ``~/.triton/cache``) where the installed Triton supports ``cache_results``, so later
+processes do not benchmark again.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors, how CI runs the kernels) every kernel gets ONE
 small config, since autotuning an interpreted kernel would run it once per config, and the
 split counts assume a pretend 2-multiprocessor device so that small test shapes still cross
-every code path (several splits, several blocks).
+every code path (several splits, several blocks). ``GPU_CONFIGS`` keeps the GPU lists there
+too, so that tests can pin each of them in turn.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Programs per multiprocessor that a split grid aims for (latency hiding on H100-class GPUs).
+# Programs per multiprocessor that a split-S forward grid aims for (latency hiding).
 PROGRAMS_PER_SM = 4
+# The one-pass backward holds dk, dv and a dq tile in registers: about two programs fit on a
+# multiprocessor, and every extra key slice costs a K x D float32 partial dq to write and add.
+BACKWARD_PROGRAMS_PER_SM = 2
 # A split of the keys is never shorter than this many keys (the partial results cost a write).
 MIN_KEYS_PER_SPLIT = 32 if INTERPRETED else 1024
 # The query block assumed when sizing a split grid (the autotuned one is not known yet).
 ROW_BLOCK_GUESS = 16 if INTERPRETED else 64
+# Problems with fewer keys than this are tuned apart from detection-sized ones (a unit test's
+# tuning must not become a training run's, through the cache on disk). ICD's inputs of >= 400
+# px give S >= 3,000 keys, so a training run stays on one side.
+SMALL_PROBLEM_KEYS = 2048
+
+# Shared memory one block may use, for devices whose properties cannot be read (sm_86/89).
+DEFAULT_SHARED_MEMORY = 101_376
 
 
-def configs(gpu: list[tuple[dict[str, int], int, int]], interpreted: dict[str, int]) -> list:
-    """triton.Config list: ``gpu`` as (block sizes, num_warps, num_stages), or the one
-    ``interpreted`` config under the interpreter."""
+def _tiles(rows: Sequence[tuple[int, int, int, int]], names: tuple[str, str] = ("BLOCK_M", "BLOCK_N")) -> list:
+    return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s) for a, b, w, s in rows]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The last config of each list fits every GPU
+# (>= 99 KiB of shared memory per block: sm_80 to sm_90) at D = 128 in float32 (see
+# shared_memory_estimate): pruning never leaves a list without a config that launches.
+GPU_CONFIGS: dict[str, list[triton.Config]] = {
+    # forward split-S pass: one program per (key slice, query block, head)
+    "split": _tiles([
+        (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4),
+        (128, 64, 8, 3), (32, 16, 4, 1),
+    ]),
+    # value mask: one program per (key block, head), looping over the query blocks
+    "key_block": _tiles([
+        (32, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2),
+        (128, 64, 8, 2), (32, 32, 4, 1),
+    ]),
+    # one-pass backward: one program per (key slice, head); key blocks of BLOCK_N, query
+    # blocks of BLOCK_M in the inner loop. dk and dv [BLOCK_N, D] stay in registers: 128-key
+    # blocks get 8 warps (with 4, ptxas spills at D = 32 on sm_90)
+    "backward": _tiles([
+        (32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2),
+        (128, 64, 8, 2), (32, 16, 4, 1),
+    ]),
+    # merges and reductions over [K, D] rows (no dots)
+    "row": [triton.Config({"BLOCK_M": 16}, num_warps=2, num_stages=1),
+            triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)],
+    # feature MSE: row tiles of [BLOCK_S, D] (no dots)
+    "mse": [triton.Config({"BLOCK_S": s}, num_warps=w, num_stages=st)
+            for s, w, st in ((32, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 4))],
+}
+INTERPRETED_BLOCKS: dict[str, dict[str, int]] = {
+    "split": {"BLOCK_M": 16, "BLOCK_N": 16},
+    "key_block": {"BLOCK_M": 16, "BLOCK_N": 16},
+    "backward": {"BLOCK_M": 16, "BLOCK_N": 16},
+    "row": {"BLOCK_M": 16},
+    "mse": {"BLOCK_S": 16},
+}
+
+
+def configs(family: str) -> list[triton.Config]:
+    """The configs an autotuner of ``family`` starts from: the GPU list, or one small config
+    under the interpreter."""
     if INTERPRETED:
-        return [triton.Config(interpreted, num_warps=1, num_stages=1)]
-    return [triton.Config(blocks, num_warps=w, num_stages=s) for blocks, w, s in gpu]
+        return [triton.Config(dict(INTERPRETED_BLOCKS[family]), num_warps=1, num_stages=1)]
+    return list(GPU_CONFIGS[family])
+
+
+# --- shared memory ---------------------------------------------------------------------------
+
+# Tiles staged through shared memory per family, as (rows, cols, element, copies, pipelined):
+# dot operands and layout changes go through shared memory, a loop's loads are multi-buffered
+# num_stages times when pipelined. element "E" is the input's element size, "F" float32.
+# copies is (2-byte inputs, float32 inputs): 3xTF32 dots of float32 operands stage their
+# split halves too. Calibrated on Triton 3.8's ahead-of-time compiles for sm_80 and sm_90
+# (no GPU needed: triton.compile with a GPUTarget): the estimate was never below the
+# compiled kernel's shared memory, by a factor of 1.1 to 3.
+_STAGED: dict[str, tuple[tuple[str, str, str, tuple[int, int], bool], ...]] = {
+    "split": (("BLOCK_M", "BLOCK_D", "E", (1, 1), False),  # q
+              ("BLOCK_N", "BLOCK_D", "E", (1, 2), True),   # k
+              ("BLOCK_N", "BLOCK_D", "E", (1, 2), True),   # v
+              ("BLOCK_M", "BLOCK_N", "E", (1, 2), False)),  # P as a dot operand
+    "key_block": (("BLOCK_N", "BLOCK_D", "E", (1, 2), False),  # k
+                  ("BLOCK_M", "BLOCK_D", "E", (1, 2), True),   # q
+                  ("BLOCK_M", "BLOCK_N", "F", (1, 1), False)),  # column sums of P
+    "backward": (("BLOCK_N", "BLOCK_D", "E", (2, 3), False),  # k
+                 ("BLOCK_N", "BLOCK_D", "E", (2, 3), False),  # v
+                 ("BLOCK_M", "BLOCK_D", "E", (1, 1), True),   # q
+                 ("BLOCK_M", "BLOCK_D", "E", (1, 1), True),   # dO
+                 ("BLOCK_M", "BLOCK_N", "E", (1, 2), False)),  # P^T and dS^T as dot operands
+}
+
+
+def shared_memory_estimate(family: str, config: triton.Config, block_d: int, element_size: int) -> int:
+    """Bytes of shared memory a config of ``family`` needs at head-dim block ``block_d``.
+
+    An upper-bound model (see _STAGED) plus 4 KiB of scratch for reductions; families
+    without dots need only that scratch.
+    """
+    sizes = {**config.kwargs, "BLOCK_D": block_d}
+    total = 4096
+    for rows, cols, kind, copies, pipelined in _STAGED.get(family, ()):
+        nbytes = sizes[rows] * sizes[cols] * (element_size if kind == "E" else 4)
+        nbytes *= copies[1] if element_size >= 4 else copies[0]
+        total += nbytes * (max(1, config.num_stages) if pipelined else 1)
+    return total
+
+
+@functools.cache
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may opt into on ``device``."""
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter has no such limit
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or DEFAULT_SHARED_MEMORY)
+
+
+def fitting_configs(
+    family: str, candidates: Sequence[triton.Config], block_d: int, element_size: int, limit: int
+) -> list[triton.Config]:
+    """The configs whose estimate fits ``limit``; if none does, the smallest one alone."""
+    estimates = [shared_memory_estimate(family, c, block_d, element_size) for c in candidates]
+    kept = [c for c, need in zip(candidates, estimates, strict=True) if need <= limit]
+    if kept:
+        return kept
+    return [candidates[min(range(len(candidates)), key=estimates.__getitem__)]]
+
+
+def prune_by_shared_memory(family: str, tensor_arg: str) -> Callable:
+    """An ``early_config_prune`` for ``family``: drops the configs that do not fit the shared
+    memory of the device of argument ``tensor_arg`` (whose dtype sets the element size)."""
+
+    def prune(candidates: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        t = named_args[tensor_arg]
+        block_d = int(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16)))
+        return fitting_configs(family, candidates, block_d, t.element_size(), shared_memory_limit(t.device))
+
+    return prune
+
+
+_CAN_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+FAMILY: dict[str, str] = {}  # kernel name -> its config family (tests pin GPU_CONFIGS[family])
+
+
+def autotune(family: str, key: Sequence[str], tensor_arg: str = "q_ptr") -> Callable:
+    """``triton.autotune`` with the configs of ``family``, coarse ``key`` (argument names;
+    Triton adds every tensor argument's dtype), shared-memory pruning and, where supported,
+    results cached on disk."""
+    extra = {"cache_results": True} if _CAN_CACHE_RESULTS else {}
+    prune = {"early_config_prune": prune_by_shared_memory(family, tensor_arg)} if family in _STAGED else None
+    tune = triton.autotune(configs=configs(family), key=list(key), prune_configs_by=prune, **extra)
+
+    def decorate(fn):
+        FAMILY[fn.__name__] = family
+        return tune(fn)
+
+    return decorate
+
+
+def autotuners() -> dict[str, triton.runtime.autotuner.Autotuner]:
+    """Every autotuned kernel of icd.kernels, by kernel name."""
+    from triton.runtime.autotuner import Autotuner
+
+    from . import feature_mse, instance_attention, value_mask
+
+    found = {}
+    for module in (instance_attention, value_mask, feature_mse):
+        found.update({name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)})
+    return found
+
+
+@contextlib.contextmanager
+def pinned(index: int) -> Iterator[None]:
+    """Within the block every autotuned kernel runs GPU config ``index`` of its family (modulo
+    the family's count), untuned; the configs and tunings are restored afterwards. For tests
+    and acceptance checks: each config can be checked in turn, under the interpreter too."""
+    tuners = autotuners()
+    saved = {name: t.configs for name, t in tuners.items()}
+    try:
+        for name, t in tuners.items():
+            family = GPU_CONFIGS[FAMILY[name]]
+            t.configs = [family[index % len(family)]]
+            t.cache.clear()
+        yield
+    finally:
+        for name, t in tuners.items():
+            t.configs = saved[name]
+            t.cache.clear()
+
+
+def size_class(num_keys: int) -> int:
+    """The autotune size class of a problem with ``num_keys`` keys: 0 toy, 1 detection-sized."""
+    return int(num_keys >= SMALL_PROBLEM_KEYS)
+
+
+# --- sizes and grids -------------------------------------------------------------------------
 
 
 def block_d(head_dim: int) -> int:
     """The padded head-dim block: a power of two >= 16 (tl.dot's smallest operand side)."""
     return max(16, triton.next_power_of_2(head_dim))
-
-
-def bucket(size: int) -> int:
-    """The autotune bucket of a size: the next power of two (few distinct tunings over a run)."""
-    return triton.next_power_of_2(max(1, size))
 
 
 @functools.cache
@@ -51,16 +241,23 @@ def multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
+def target_programs(device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
     """How many programs a grid should have to fill the device."""
-    return PROGRAMS_PER_SM * multiprocessor_count(device)
+    return per_sm * multiprocessor_count(device)
 
 
 def num_key_splits(device: torch.device, heads_total: int, num_queries: int, num_keys: int) -> int:
-    """How many slices of the S keys a split-S kernel uses: enough programs to fill the device
+    """How many slices of the S keys a split-S forward uses: enough programs to fill the device
     with the N h ceil(K / ROW_BLOCK_GUESS) query blocks, never slices under MIN_KEYS_PER_SPLIT."""
     rows = heads_total * math.ceil(num_queries / ROW_BLOCK_GUESS)
     wanted = math.ceil(target_programs(device) / rows)
+    return max(1, min(wanted, math.ceil(num_keys / MIN_KEYS_PER_SPLIT)))
+
+
+def num_backward_splits(device: torch.device, heads_total: int, num_keys: int) -> int:
+    """How many slices of the S keys the one-pass backward uses (one program per slice and
+    head): enough to fill the device, never slices under MIN_KEYS_PER_SPLIT."""
+    wanted = math.ceil(target_programs(device, BACKWARD_PROGRAMS_PER_SM) / heads_total)
     return max(1, min(wanted, math.ceil(num_keys / MIN_KEYS_PER_SPLIT)))
 
 
@@ -81,32 +278,3 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-SPLIT_CONFIGS = configs(  # one program per (key slice, query block, head)
-    gpu=[
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 3),
-        ({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 3),
-        ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 4),
-        ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-    ],
-    interpreted={"BLOCK_M": 16, "BLOCK_N": 16},
-)
-KEY_BLOCK_CONFIGS = configs(  # dk/dv and the value mask: one program per key block
-    gpu=[
-        ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
-        ({"BLOCK_M": 32, "BLOCK_N": 128}, 4, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 2),
-        ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
-    ],
-    interpreted={"BLOCK_M": 16, "BLOCK_N": 16},
-)
-ROW_CONFIGS = configs(  # merge / reduce kernels over [K, D] rows
-    gpu=[({"BLOCK_M": 16}, 2, 1), ({"BLOCK_M": 64}, 4, 1)],
-    interpreted={"BLOCK_M": 16},
-)
-ATTENTION_KEY = ["BLOCK_D", "S_BUCKET", "K_BUCKET"]

@@ -4,7 +4,8 @@ One program per (key block, head) loops over the K queries, recomputes each prob
 exp(x / T - lse_T) from q, k and the row logsumexp, and adds weight[n, k] * p over k: one
 write per [n, h, s], no atomics, no [N, h, K, S] tensor. The row logsumexp is the given lse
 (temperature 1) or comes from the attention forward's split-S pass run without values.
-Query blocks whose weights are all zero (fake and padding slots) are skipped.
+Query blocks whose weights are all zero (fake and padding slots) are skipped. Masked keys
+are never read (their k may hold NaN or inf without effect).
 
 Shapes: q [N, h, K, D]; k [N, h, S, D] (any strides); weight [N, K] float32 contiguous;
 key_padding_mask bool [N, S] or None; lse [N, h, K] float32 or None; out [N, h, S] float32.
@@ -18,18 +19,18 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tuning
-from .instance_attention import LOG2E, key_mask_argument, softmax_statistics
-from .tiles import head_base, key_is_valid, load_rows
+from .instance_attention import ATTENTION_KEY, LOG2E, key_mask_argument, softmax_statistics
+from .tiles import head_base, key_is_valid, load_rows, load_tile
 
 
-@triton.autotune(configs=tuning.KEY_BLOCK_CONFIGS, key=tuning.ATTENTION_KEY)
+@tuning.autotune("key_block", key=ATTENTION_KEY)
 @triton.jit
 def _value_mask_kernel(
     q_ptr, k_ptr, mask_ptr, weight_ptr, lse_ptr, out_ptr,
     stride_qn, stride_qh, stride_qk, stride_qd,
     stride_kn, stride_kh, stride_ks, stride_kd,
     heads, num_queries, num_keys, head_dim, qk_scale,
-    S_BUCKET, K_BUCKET,
+    S_CLASS,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -40,8 +41,9 @@ def _value_mask_kernel(
     keys = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     valid = key_is_valid(mask_ptr, n, keys, num_keys, HAS_MASK)
-    k = load_rows(head_base(k_ptr, pid_nh, heads, stride_kn, stride_kh), keys, dims,
-                  stride_ks, stride_kd, num_keys, head_dim)
+    # masked keys are not loaded: their k reads as 0, whatever memory holds
+    k = load_tile(head_base(k_ptr, pid_nh, heads, stride_kn, stride_kh), keys, dims,
+                  stride_ks, stride_kd, valid, head_dim)
     q_base = head_base(q_ptr, pid_nh, heads, stride_qn, stride_qh)
 
     total = tl.zeros([BLOCK_N], tl.float32)
@@ -93,7 +95,7 @@ def value_mask(
         q, k, mask, weight, lse, out,
         *q.stride(), *k.stride(),
         heads, num_queries, num_keys, head_dim, logit_scale * LOG2E,
-        tuning.bucket(num_keys), tuning.bucket(num_queries),
+        tuning.size_class(num_keys),
         HAS_MASK=has_mask, DOT_PRECISION=tuning.dot_precision(q.dtype),
         BLOCK_D=tuning.block_d(head_dim),
     )

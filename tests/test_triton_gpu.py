@@ -2,7 +2,8 @@
 
 N = 2 images, h = 8 heads, K = 300 instance slots, S = 22,400 keys (P3-P7 of an 800x1333
 input), D = 32, ~20% padded keys; bfloat16 included; gradients; an image whose keys are all
-padding; [S, N, h, D] buffers viewed as [N, h, S, D]; torch.compile(fullgraph=True) of a
+padding; [S, N, h, D] buffers viewed as [N, h, S, D] (gradients come back in that layout);
+NaN behind the key mask; autotuning only in the first step; torch.compile(fullgraph=True) of a
 step that calls the three icd.ops ops; and the memory bound (no [N, h, K, S] tensor).
 """
 
@@ -71,8 +72,8 @@ def test_attention_full_size(dtype, empty_image):
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_close(got[0], want[0], dtype, f"out {dtype}")
     assert_close(got[1], want[1], torch.float32, f"lse {dtype}")
-    for name, a, b in zip(("dq", "dk", "dv"), got[2:], want[2:], strict=True):
-        assert a.dtype == dtype and a.is_contiguous()
+    for name, a, b, x in zip(("dq", "dk", "dv"), got[2:], want[2:], (q, k, v), strict=True):
+        assert a.dtype == dtype and a.stride() == x.stride(), f"{name}: not in its input's layout"
         _relative(a, b, dtype, f"{name} {dtype}")
     if empty_image:
         assert torch.all(got[0][0] == 0) and torch.all(torch.isneginf(got[1][0]))
@@ -116,9 +117,47 @@ def test_feature_mse_full_size(dtype):
                 grads.append(torch.autograd.grad(loss, student)[0])
             assert losses[0].dtype == torch.float32 and losses[0].dim() == 0
             assert_close(losses[0], losses[1], dtype, f"loss {what}")
-            assert grads[0].dtype == dtype and grads[0].is_contiguous()
+            assert grads[0].dtype == dtype and grads[0].stride() == student.stride()
             scale = grads[1].float().abs().max().clamp_min(1e-12)
             assert_close(grads[0] / scale, grads[1] / scale, dtype, f"grad {what}")
+
+
+def test_masked_nan_keys_change_nothing():
+    q, k, v, mask = _attention_inputs(torch.bfloat16, empty_image=True, requires_grad=True)
+    grad_out = torch.randn(N, H, K, D, device="cuda")
+    grad_lse = torch.randn(N, H, K, device="cuda")
+    clean = _forward_backward(q, k, v, mask, "triton", grad_out, grad_lse)
+    masked = mask[:, None, :, None].expand(N, H, S, D)
+    with torch.no_grad():
+        k_bad = k.detach().masked_fill(masked, float("nan")).requires_grad_(True)
+        v_bad = v.detach().masked_fill(masked, float("inf")).requires_grad_(True)
+    bad = _forward_backward(q, k_bad, v_bad, mask, "triton", grad_out, grad_lse)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), bad, clean, strict=True):
+        assert torch.equal(a, b), f"{name}: NaN/inf behind the mask changed it"
+
+
+def test_autotuning_only_in_the_first_step():
+    """Box counts (K) and image sizes (S) change every step; the autotune keys must not."""
+    from icd.kernels import tuning
+
+    def step(kq, s):
+        q = torch.randn(N, H, kq, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = _permuted(N, H, s, D, dtype=torch.bfloat16).requires_grad_(True)
+        v = _permuted(N, H, s, D, dtype=torch.bfloat16).requires_grad_(True)
+        mask = torch.rand(N, s, device="cuda") < 0.2
+        out, lse = ops.instance_attention(q, k, v, mask, backend="triton")
+        weight = torch.ones(N, kq, device="cuda")
+        vm = ops.instance_value_mask(q.detach(), k.detach(), weight, mask, lse=lse.detach(), backend="triton")
+        loss = ops.masked_feature_mse(v, k.detach(), vm, backend="triton")
+        (out.float().square().sum() + lse.sum() + loss).backward()
+
+    step(K, S)
+    tuners = tuning.autotuners()
+    sizes = {name: len(t.cache) for name, t in tuners.items()}
+    for kq, s in ((57, 19_803), (300, 26_111), (12, 14_000)):
+        step(kq, s)
+    torch.cuda.synchronize()
+    assert {name: len(t.cache) for name, t in tuners.items()} == sizes, "autotuned again"
 
 
 def test_no_logits_sized_tensor():

@@ -3,7 +3,10 @@
 Same five functions and signatures as ``extension``; see this package's docstring. Inputs
 arrive validated (float32, float16 or bfloat16; float64 is rejected before this point) and
 are passed with their strides, never copied. Any head dim D works (padded to a power of two
->= 16 inside the kernels).
+>= 16 inside the kernels). Gradients come back in their inputs' layout (``torch.empty_like``:
+a permuted [S, N, h, D] buffer's view gets a gradient with the same strides), so autograd
+hands them on without a copy. Autotuning happens in the first call per head dim and dtype
+and is cached on disk (see icd/kernels/tuning.py).
 """
 
 from __future__ import annotations
