@@ -35,6 +35,7 @@ from torch import Tensor, nn
 try:
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.nn.distill_model import DistillationModel
+    from ultralytics.nn.tasks import load_checkpoint
     from ultralytics.utils import DEFAULT_CFG, LOGGER
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
@@ -238,16 +239,25 @@ class ICDTrainer(DetectionTrainer):
     def distiller(self) -> ICDDistiller:
         return self.model.icd
 
+    def setup_model(self) -> dict[str, Any] | None:
+        """The student (wrapped with the teacher in ``set_model_attributes``); on resume, the
+        student of an ICDTrainer checkpoint and the checkpoint itself."""
+        if isinstance(self.model, nn.Module) or not self.resume:
+            return super().setup_model()
+        weights, ckpt = load_checkpoint(self.model)
+        if not isinstance(weights, ICDDetectionModel):
+            raise ValueError(
+                f"ICDTrainer: resume = {self.args.resume!r} is not a checkpoint written by ICDTrainer "
+                "(expected its weights/last.pt)"
+            )
+        self.model = self.get_model(cfg=weights.yaml, weights=weights.student_model, verbose=False)
+        return ckpt
+
     def set_model_attributes(self) -> None:
-        model = self.model
-        teacher: str | nn.Module = self.icd_config.teacher
-        if isinstance(model, DistillationModel) and not isinstance(model, ICDDetectionModel):
-            # resume: ultralytics rebuilt its own DistillationModel; keep its student and teacher
-            model._remove_feature_hooks()
-            teacher, self.model = model.teacher_model, model.student_model
         super().set_model_attributes()
         if not isinstance(self.model, ICDDetectionModel):
-            self.model = ICDDetectionModel(teacher, self.model, self.icd_config, self._class_prior())
+            prior = self._class_prior()
+            self.model = ICDDetectionModel(self.icd_config.teacher, self.model, self.icd_config, prior)
 
     def _class_prior(self) -> ClassPrior:
         prior, nc = self.icd_config.prior, int(self.data["nc"])
