@@ -35,6 +35,7 @@ def _common(args: argparse.Namespace, seed: int) -> dict:
         plots=False,
         amp=False,
         val=False,  # validate once, after the last epoch
+        nbs=args.nbs,
         seed=seed,
         deterministic=True,
         project=os.path.abspath(args.out),
@@ -56,7 +57,8 @@ def train_teacher(args: argparse.Namespace) -> None:
 
     SETTINGS.update(sync=False)
     start = time.time()
-    metrics = YOLO(args.teacher_cfg).train(epochs=args.teacher_epochs, name="teacher", **_common(args, 0))
+    kwargs = {**_common(args, 0), "nbs": 64}
+    metrics = YOLO(args.teacher_cfg).train(epochs=args.teacher_epochs, name="teacher", **kwargs)
     _record(args, dict(method="teacher", seed=0, weight=None, map=metrics.box.map, map50=metrics.box.map50,
                        seconds=round(time.time() - start, 1)))
 
@@ -78,7 +80,9 @@ def train_student(args: argparse.Namespace) -> None:
     elif args.method == "icd":
         from icd.integrations.ultralytics import ICDTrainer
 
-        trainer = ICDTrainer.configure(teacher=teacher, loss_weight=args.weight, warmup_iters=args.icd_warmup)
+        trainer = ICDTrainer.configure(
+            teacher=teacher, loss_weight=args.weight, warmup_iters=args.icd_warmup, icd_lr=args.icd_lr
+        )
         metrics = model.train(trainer=trainer, **kwargs)
     else:
         raise SystemExit(f"--method {args.method!r}; expected baseline, ultralytics or icd")
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="baseline")
     p.add_argument("--weight", type=float, default=None, help="dis= for ultralytics, loss_weight for icd")
     p.add_argument("--icd-warmup", type=int, default=20, help="ICD warm-up (optimiser steps)")
+    p.add_argument("--icd-lr", type=float, default=1e-3, help="teacher-side AdamW lr (short schedules)")
+    p.add_argument("--nbs", type=int, default=64, help="ultralytics' nominal batch (accumulation)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     {"teacher": train_teacher, "student": train_student, "summary": summary}[args.command](args)
