@@ -89,10 +89,11 @@ def test_a_short_icd_run_trains_and_keeps_the_student_alone_in_the_weights(tiny)
     assert in_icd == {id(p) for p in trainer.distiller.teacher_side_parameters()}
 
 
-def test_gradients_reach_the_student_and_both_distiller_sides_but_never_the_teacher(tiny):
+@pytest.mark.parametrize("student", ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"])
+def test_gradients_reach_the_student_and_both_distiller_sides_but_never_the_teacher(tiny, student):
     data, teacher, runs = tiny
     trainer_class = ICDTrainer.configure(teacher, warmup_iters=0)
-    trainer = trainer_class(overrides={"model": "yolov8n.yaml", **_args(data, runs, name="grads", epochs=1)})
+    trainer = trainer_class(overrides={"model": student, **_args(data, runs, name="grads", epochs=1)})
     trainer._setup_train()
     trainer.model.train()
     batch = trainer.preprocess_batch(next(iter(trainer.train_loader)))
@@ -109,7 +110,8 @@ def test_gradients_reach_the_student_and_both_distiller_sides_but_never_the_teac
     for p in trainer.distiller.parameters():
         p.grad = None
     trainer.distiller.warmup_iters = 10**6
-    trainer.model.student_model.loss = lambda batch, preds: (torch.zeros(3), {})  # ICD terms alone
+    n_losses = len(items) - 2
+    trainer.model.student_model.loss = lambda batch, preds: (torch.zeros(n_losses), {})  # ICD terms alone
     loss, _ = trainer.model(batch)
     loss.sum().backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.student_model.parameters())
