@@ -427,6 +427,13 @@ def _data_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--num-val", type=int, default=500)
     s.add_argument("--image-size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--format",
+        choices=("coco", "yolo"),
+        default="coco",
+        help="yolo: also write DIR/yolo/{images,labels}/{train,val} (txt labels) and DIR/yolo/data.yaml "
+        "for ultralytics",
+    )
     return p
 
 
@@ -614,6 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed)
         for split, path in paths.items():
             print(f"{split}: {path}")
+        if args.format == "yolo":
+            from icd.data.yolo import export_yolo
+
+            image_dirs = {split: os.path.join(args.out, split) for split in paths}
+            print(f"yolo: {export_yolo(paths, image_dirs, os.path.join(args.out, 'yolo'))}")
     elif args.command == "demo":
         from icd.demo import config_from_args, run_demo, summarize
 

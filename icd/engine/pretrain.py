@@ -71,7 +71,7 @@ def teacher_side_signature(distiller: nn.Module, teacher_spec: DetectorSpec, fin
     """What a teacher side is only valid for: the teacher and the distiller's shape."""
     return {
         "num_classes": int(distiller.num_classes),
-        "channels": int(distiller.teacher_channels),
+        "channels": int(distiller.channels),
         "heads": int(distiller.heads),
         "num_layers": len(distiller.decoder.layers),
         "levels": list(teacher_spec.levels),

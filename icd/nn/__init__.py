@@ -6,6 +6,7 @@ module; the pieces it is built from are exported for reuse and testing.
 """
 
 from icd.nn.aux_task import AuxiliaryTask, regression_targets
+from icd.nn.boxes import unpack_boxes
 from icd.nn.decoder import (
     AttentionResult,
     ConditionalDecoder,
@@ -18,6 +19,7 @@ from icd.nn.distiller import LOSS_NAMES, ICDDistiller
 from icd.nn.encoder import InstanceEncoder, centre_embedding, instance_descriptor, scale_indicator
 from icd.nn.mlp import MLP
 from icd.nn.prior import ClassPrior
+from icd.nn.projection import LevelProjection
 from icd.nn.sampler import InstanceBatch, InstanceSampler, instance_count
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "InstanceBatch",
     "InstanceEncoder",
     "InstanceSampler",
+    "LevelProjection",
     "centre_embedding",
     "instance_count",
     "instance_descriptor",
@@ -40,4 +43,5 @@ __all__ = [
     "regression_targets",
     "scale_indicator",
     "split_heads",
+    "unpack_boxes",
 ]

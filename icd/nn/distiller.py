@@ -1,9 +1,11 @@
 """ICDDistiller: the whole ICD method as one module any trainer can call (docs/method.md 4.4, 5).
 
 Teacher side (trained by the auxiliary task only, with its own optimiser): the instance
-encoder, the conditional decoder and the auxiliary head. Student side (trained with the
-student detector): one value projection Linear(C_student, C) per decoder layer. The
-teacher detector's features are detached here; the student's are detached during warm-up.
+encoder, the conditional decoder, the auxiliary head and, for per-level teacher widths, one
+Linear(C_l, C) per level. Student side (trained with the student detector): one value
+projection Linear(C_student, C) per decoder layer (one per level and layer for per-level
+student widths). The teacher detector's features are detached here; the student's are
+detached during warm-up.
 
     losses = distiller(teacher_feats, student_feats, boxes, labels, image_sizes, padded_size)
     # {"distill": ..., "aux_conf": ..., "aux_reg": ...}: sum them with the detector's losses
@@ -24,8 +26,9 @@ from icd.nn.aux_task import AuxiliaryTask
 from icd.nn.decoder import ConditionalDecoder, DecoderLayerOutput, split_heads
 from icd.nn.encoder import InstanceEncoder
 from icd.nn.prior import ClassPrior
+from icd.nn.projection import LevelProjection, as_level_widths
 from icd.nn.sampler import InstanceBatch, InstanceSampler
-from icd.nn.validation import check_feature_levels, check_image_sizes, check_padded_size
+from icd.nn.validation import check_feature_levels, check_padded_size, check_valid_regions
 from icd.ops.validation import NORMS, REDUCTIONS
 
 LOSS_NAMES = ("distill", "aux_conf", "aux_reg")
@@ -36,8 +39,11 @@ class ICDDistiller(nn.Module):
 
     Args:
         num_classes: classes of the dataset (labels 0..num_classes-1).
-        teacher_channels: C, channels of the teacher's FPN maps (and of the decoder).
-        student_channels: C_student, channels of the student's FPN maps (may differ from C).
+        teacher_channels: channels of the teacher's FPN maps: an int (every level; the
+            decoder works at this width C) or one width per level (each level then gets a
+            Linear(C_l, C) trained by the auxiliary task).
+        student_channels: channels of the student's FPN maps: an int (may differ from C) or
+            one width per level (the value projections are then per level).
         heads: h attention heads (C % h == 0).
         loss_weight: lambda of the distillation loss (8 for RetinaNet/FCOS, 3 for R-CNNs).
         warmup_iters: iterations (``step()`` calls) during which the student's tokens are
@@ -53,6 +59,8 @@ class ICDDistiller(nn.Module):
         norm: normalisation of masked_feature_mse ("ln", "tln", "none").
         reduction: reduction of masked_feature_mse ("per_head", "global").
         backend: icd.ops backend of every op call (None: the per-device default).
+        decoder_channels: C, the decoder width; default: teacher_channels when an int, else
+            the largest teacher width.
     """
 
     num_steps: Tensor
@@ -60,8 +68,8 @@ class ICDDistiller(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        teacher_channels: int = 256,
-        student_channels: int = 256,
+        teacher_channels: int | Sequence[int] = 256,
+        student_channels: int | Sequence[int] = 256,
         heads: int = 8,
         loss_weight: float = 8.0,
         warmup_iters: int = 1000,
@@ -75,22 +83,37 @@ class ICDDistiller(nn.Module):
         norm: str = "ln",
         reduction: str = "per_head",
         backend: str | None = None,
+        decoder_channels: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"ICDDistiller: num_classes = {num_classes}; expected >= 1")
-        if teacher_channels % heads != 0 or (teacher_channels // heads) < 1:
+        teacher_widths = as_level_widths(teacher_channels, "ICDDistiller: teacher_channels")
+        student_widths = as_level_widths(student_channels, "ICDDistiller: student_channels")
+        if teacher_widths and student_widths and len(teacher_widths) != len(student_widths):
             raise ValueError(
-                f"ICDDistiller: teacher_channels = {teacher_channels}; "
-                f"expected a multiple of heads = {heads}"
+                f"ICDDistiller: teacher_channels = {list(teacher_widths)} and student_channels = "
+                f"{list(student_widths)} give different numbers of levels; expected one width per level"
             )
-        if teacher_channels % 4 != 0:
+        if decoder_channels is None:
+            decoder_channels = teacher_channels if teacher_widths is None else max(teacher_widths)
+        channels = int(decoder_channels)
+        name = "teacher_channels" if teacher_widths is None else "decoder_channels"
+        if channels < 1 or channels % heads != 0:
             raise ValueError(
-                f"ICDDistiller: teacher_channels = {teacher_channels}; expected a multiple of 4 "
+                f"ICDDistiller: {name} = {channels}; expected a multiple of heads = {heads}"
+            )
+        if channels % 4 != 0:
+            raise ValueError(
+                f"ICDDistiller: {name} = {channels}; expected a multiple of 4 "
                 "(the 2-D sine position embedding uses C / 2 features per axis, an even number)"
             )
-        if student_channels < 1:
-            raise ValueError(f"ICDDistiller: student_channels = {student_channels}; expected >= 1")
+        if teacher_widths is None and decoder_channels != teacher_channels:
+            raise ValueError(
+                f"ICDDistiller: decoder_channels = {decoder_channels} with teacher_channels = "
+                f"{teacher_channels} (an int); expected them equal, or teacher_channels as one "
+                "width per level (which adds the per-level projections to decoder_channels)"
+            )
         if norm not in NORMS:
             raise ValueError(f"ICDDistiller: norm = {norm!r}; expected one of {', '.join(NORMS)}")
         if reduction not in REDUCTIONS:
@@ -107,8 +130,9 @@ class ICDDistiller(nn.Module):
         prior = _as_prior(prior, num_classes)
 
         self.num_classes = num_classes
-        self.teacher_channels = teacher_channels
-        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels if teacher_widths is None else teacher_widths
+        self.student_channels = student_channels if student_widths is None else student_widths
+        self.channels = channels
         self.heads = heads
         self.loss_weight = float(loss_weight)
         self.warmup_iters = int(warmup_iters)
@@ -117,23 +141,32 @@ class ICDDistiller(nn.Module):
         self.backend = backend
 
         self.sampler = InstanceSampler(prior, neg_ratio, max_labels, sample_range, clamp_fakes)
-        self.encoder = InstanceEncoder(num_classes, teacher_channels)
-        self.decoder = ConditionalDecoder(teacher_channels, heads, num_layers, backend)
-        self.aux_task = AuxiliaryTask(teacher_channels)
+        self.encoder = InstanceEncoder(num_classes, channels)
+        self.decoder = ConditionalDecoder(channels, heads, num_layers, backend)
+        self.aux_task = AuxiliaryTask(channels)
+        self.teacher_projection = (
+            None if teacher_widths is None else LevelProjection(teacher_widths, channels)
+        )
         self.student_projections = nn.ModuleList(
-            nn.Linear(student_channels, teacher_channels) for _ in range(num_layers)
+            nn.Linear(student_channels, channels)
+            if student_widths is None
+            else LevelProjection(student_widths, channels)
+            for _ in range(num_layers)
         )
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
 
     # --- optimiser groups and warm-up ---------------------------------------------------------
 
     def teacher_side_parameters(self) -> list[nn.Parameter]:
-        """Encoder, decoder and auxiliary head: trained by the auxiliary losses (AdamW). A new list
-        on each call, so it can be handed to an optimiser and again to ``clip_grad_norm_``."""
-        return [p for m in (self.encoder, self.decoder, self.aux_task) for p in m.parameters()]
+        """Encoder, decoder, auxiliary head and the per-level teacher projections (if any):
+        trained by the auxiliary losses (AdamW). A new list on each call, so it can be handed to
+        an optimiser and again to ``clip_grad_norm_``."""
+        modules = (self.encoder, self.decoder, self.aux_task, self.teacher_projection)
+        return [p for m in modules if m is not None for p in m.parameters()]
 
     def student_side_parameters(self) -> list[nn.Parameter]:
-        """The student's value projections: trained with the student (its optimiser); a list."""
+        """The student's value projections (per level, for per-level student widths): trained
+        with the student (its optimiser); a list."""
         return list(self.student_projections.parameters())
 
     def step(self) -> int:
@@ -154,19 +187,21 @@ class ICDDistiller(nn.Module):
         student_features: Sequence[Tensor],
         boxes: Sequence[Tensor],
         labels: Sequence[Tensor],
-        image_sizes: Tensor | Sequence[Sequence[int]],
+        image_sizes: Tensor | Sequence[Sequence[float]],
         padded_size: Sequence[int],
     ) -> dict[str, Tensor]:
         """The ICD losses of a batch.
 
         Args:
-            teacher_features: L teacher FPN maps [N, C, H_l, W_l] (detached here).
-            student_features: L student FPN maps [N, C_student, H_l, W_l], same levels and
+            teacher_features: L teacher FPN maps [N, C_l, H_l, W_l] (detached here).
+            student_features: L student FPN maps [N, C_student_l, H_l, W_l], same levels and
                 spatial sizes as the teacher's.
             boxes: N float tensors [n_i, 4], (x1, y1, x2, y2) in input pixels of the padded
                 batch; boxes slightly outside their image are clipped, far outside raise.
             labels: N int64 tensors [n_i], 0 <= label < num_classes.
-            image_sizes: [N, 2] valid (h, w) of each image.
+            image_sizes: the valid region of each image: [N, 2] valid (h, w) of images placed
+                top-left, or [N, 4] valid boxes (x1, y1, x2, y2) in padded-input pixels
+                (letterboxed images); padding outside it is masked out of the attention.
             padded_size: (Hp, Wp) of the padded batch.
 
         Returns:
@@ -179,20 +214,27 @@ class ICDDistiller(nn.Module):
         )
         padded = check_padded_size(padded_size)
         device = teacher_features[0].device
-        sizes = check_image_sizes(image_sizes, teacher_features[0].shape[0], padded, device)
-        instances = self.sampler(boxes, labels, sizes)
+        regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
+        instances = self.sampler(boxes, labels, regions)
         if sum(int(b.shape[0]) for b in boxes) == 0:
             return self._zero_losses()
 
-        teacher_tokens, _, mask, pos = self._teacher_tokens(teacher_features, sizes, padded)
+        teacher_tokens, _, mask, pos = self._teacher_tokens(teacher_features, regions, padded)
         layers = self._decode(teacher_tokens, mask, pos, instances)
 
-        student_tokens, _, _ = ops.flatten_levels(list(student_features))
+        student_features = list(student_features)
         if self.in_warmup:
-            student_tokens = student_tokens.detach()
+            student_features = [f.detach() for f in student_features]
+        student_tokens = None
         distill = []
         for layer, projection in zip(layers, self.student_projections, strict=True):
-            student_values = split_heads(projection(student_tokens), self.heads)
+            if isinstance(projection, LevelProjection):
+                projected = projection(student_features)
+            else:
+                if student_tokens is None:
+                    student_tokens, _, _ = ops.flatten_levels(student_features)
+                projected = projection(student_tokens)
+            student_values = split_heads(projected, self.heads)
             teacher_values = layer.values.detach().to(student_values.dtype)
             distill.append(
                 ops.masked_feature_mse(
@@ -211,7 +253,7 @@ class ICDDistiller(nn.Module):
         teacher_features: Sequence[Tensor],
         boxes: Sequence[Tensor],
         labels: Sequence[Tensor],
-        image_sizes: Tensor | Sequence[Sequence[int]],
+        image_sizes: Tensor | Sequence[Sequence[float]],
         padded_size: Sequence[int],
     ) -> dict[str, Tensor]:
         """The teacher side's own losses, without a student: what teacher-side pre-training
@@ -222,12 +264,12 @@ class ICDDistiller(nn.Module):
         )
         padded = check_padded_size(padded_size)
         device = teacher_features[0].device
-        sizes = check_image_sizes(image_sizes, teacher_features[0].shape[0], padded, device)
-        instances = self.sampler(boxes, labels, sizes)
+        regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
+        instances = self.sampler(boxes, labels, regions)
         if sum(int(b.shape[0]) for b in boxes) == 0:
             zeros = self._zero_losses()
             return {"aux_conf": zeros["aux_conf"], "aux_reg": zeros["aux_reg"]}
-        tokens, _, mask, pos = self._teacher_tokens(teacher_features, sizes, padded)
+        tokens, _, mask, pos = self._teacher_tokens(teacher_features, regions, padded)
         layers = self._decode(tokens, mask, pos, instances, with_value_mask=False)
         return self._aux_losses(layers, instances)
 
@@ -237,7 +279,7 @@ class ICDDistiller(nn.Module):
         teacher_features: Sequence[Tensor],
         boxes: Sequence[Tensor],
         labels: Sequence[Tensor],
-        image_sizes: Tensor | Sequence[Sequence[int]],
+        image_sizes: Tensor | Sequence[Sequence[float]],
         padded_size: Sequence[int],
     ) -> tuple[list[Tensor], Tensor]:
         """Where each real instance looks: its last-layer attention, averaged over heads.
@@ -257,10 +299,10 @@ class ICDDistiller(nn.Module):
         )
         padded = check_padded_size(padded_size)
         device = teacher_features[0].device
-        sizes = check_image_sizes(image_sizes, teacher_features[0].shape[0], padded, device)
-        instances = self.sampler(boxes, labels, sizes, with_fakes=False, jitter=False)
+        regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
+        instances = self.sampler(boxes, labels, regions, with_fakes=False, jitter=False)
         teacher_tokens, spatial_shapes, mask, pos = self._teacher_tokens(
-            teacher_features, sizes, padded
+            teacher_features, regions, padded
         )
         last = self._decode(teacher_tokens, mask, pos, instances, with_value_mask=False)[-1]
         one = torch.ones(1, 1, device=device)
@@ -283,14 +325,22 @@ class ICDDistiller(nn.Module):
     # --- helpers ------------------------------------------------------------------------------
 
     def _teacher_tokens(
-        self, teacher_features: Sequence[Tensor], sizes: Tensor, padded: tuple[int, int]
+        self, teacher_features: Sequence[Tensor], regions: Tensor, padded: tuple[int, int]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Detached teacher tokens [N, S, C], spatial shapes [L, 2], key padding mask bool
-        [N, S] and position embedding [N, S, C]."""
-        tokens, spatial_shapes, _ = ops.flatten_levels([f.detach() for f in teacher_features])
-        mask = ops.padding_mask(sizes.long(), spatial_shapes, padded)
+        """Teacher tokens [N, S, C] (of the detached features, through the per-level
+        projections if any), spatial shapes [L, 2], key padding mask bool [N, S] and position
+        embedding [N, S, C]. ``regions``: valid boxes [N, 4] (x1, y1, x2, y2)."""
+        features = [f.detach() for f in teacher_features]
+        if self.teacher_projection is None:
+            tokens, spatial_shapes, _ = ops.flatten_levels(features)
+        else:
+            tokens = self.teacher_projection(features)
+            spatial_shapes = torch.tensor(
+                [list(f.shape[-2:]) for f in features], dtype=torch.long, device=tokens.device
+            )
+        mask = ops.padding_mask(regions, spatial_shapes, padded)
         level_masks = ops.unflatten_levels(mask, spatial_shapes)
-        pos = ops.sine_position_embedding(level_masks, num_feats=self.teacher_channels // 2)
+        pos = ops.sine_position_embedding(level_masks, num_feats=self.channels // 2)
         return tokens, spatial_shapes, mask, pos
 
     def _decode(
@@ -328,7 +378,7 @@ class ICDDistiller(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, teacher_channels={self.teacher_channels}, "
-            f"student_channels={self.student_channels}, heads={self.heads}, "
+            f"student_channels={self.student_channels}, channels={self.channels}, heads={self.heads}, "
             f"loss_weight={self.loss_weight}, "
             f"warmup_iters={self.warmup_iters}, norm={self.norm!r}, reduction={self.reduction!r}, "
             f"backend={self.backend!r}"

@@ -30,7 +30,8 @@ class ClassPrior(nn.Module):
         size_mean [C, 2]: mean (width / image width, height / image height) of the boxes.
         size_std [C, 2]: their standard deviation (population std).
 
-    Build it with ``ClassPrior.from_coco(path)`` or ``ClassPrior.uniform(C)``; a prior
+    Build it with ``ClassPrior.from_coco(path)``, ``ClassPrior.from_yolo_labels(folder, C)``,
+    ``ClassPrior.from_boxes(boxes, labels, C)`` or ``ClassPrior.uniform(C)``; a prior
     restored with ``load_state_dict`` needs a module of the same C, e.g. ``uniform(C)``.
     """
 
@@ -127,6 +128,81 @@ class ClassPrior(nn.Module):
         return cls._from_fractions(fractions)
 
     @classmethod
+    def from_boxes(
+        cls,
+        boxes: Tensor,
+        labels: Tensor,
+        num_classes: int,
+        image_sizes: Tensor | None = None,
+    ) -> ClassPrior:
+        """Statistics of plain boxes and labels.
+
+        Args:
+            boxes: float [M, 4] (x1, y1, x2, y2), as fractions of their image when
+                ``image_sizes`` is None, else in pixels.
+            labels: integer [M], 0 <= label < num_classes.
+            num_classes: C.
+            image_sizes: optional [M, 2] (h, w) of each box's image, in pixels.
+
+        Classes without boxes and a set without boxes are handled as in ``from_coco``.
+        """
+        if num_classes < 1:
+            raise ValueError(f"ClassPrior.from_boxes: num_classes = {num_classes}; expected >= 1")
+        boxes = torch.as_tensor(boxes, dtype=torch.float64)
+        labels = torch.as_tensor(labels)
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(
+                f"ClassPrior.from_boxes: `boxes` has shape {list(boxes.shape)}; expected [M, 4] (x1, y1, x2, y2)"
+            )
+        m = boxes.shape[0]
+        if labels.shape != (m,) or labels.is_floating_point():
+            raise ValueError(
+                f"ClassPrior.from_boxes: `labels` is {labels.dtype} {list(labels.shape)}; "
+                f"expected integer [M] = [{m}]"
+            )
+        if m and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"ClassPrior.from_boxes: `labels` has values in [{int(labels.min())}, {int(labels.max())}]; "
+                f"expected 0 <= label < num_classes = {num_classes}"
+            )
+        sizes = boxes[:, 2:] - boxes[:, :2]  # (w, h)
+        if image_sizes is not None:
+            image_sizes = torch.as_tensor(image_sizes, dtype=torch.float64)
+            if image_sizes.shape != (m, 2) or bool((image_sizes <= 0).any()):
+                raise ValueError(
+                    f"ClassPrior.from_boxes: `image_sizes` has shape {list(image_sizes.shape)}; "
+                    f"expected [M, 2] = [{m}, 2] positive (h, w) of each box's image"
+                )
+            sizes = sizes / image_sizes.flip(-1)
+        if m and (not bool(torch.isfinite(sizes).all()) or bool((sizes < 0).any())):
+            raise ValueError("ClassPrior.from_boxes: `boxes` has x2 < x1, y2 < y1 or non-finite values")
+        fractions: list[list[tuple[float, float]]] = [[] for _ in range(num_classes)]
+        for (w, h), label in zip(sizes.tolist(), labels.tolist(), strict=True):
+            fractions[label].append((w, h))
+        return cls._from_fractions(fractions)
+
+    @classmethod
+    def from_yolo_labels(cls, folder: str | os.PathLike[str], num_classes: int) -> ClassPrior:
+        """Statistics of a YOLO label folder: one ``.txt`` per image, one line per box,
+        ``class cx cy w h`` with the box as fractions of the image (searched recursively).
+
+        Raises ValueError naming the file and line for a malformed line or a class id
+        outside 0..num_classes-1.
+        """
+        root = os.fspath(folder)
+        if not os.path.isdir(root):
+            raise ValueError(f"ClassPrior.from_yolo_labels: `folder` = {root!r} is not a directory")
+        if num_classes < 1:
+            raise ValueError(f"ClassPrior.from_yolo_labels: num_classes = {num_classes}; expected >= 1")
+        fractions: list[list[tuple[float, float]]] = [[] for _ in range(num_classes)]
+        for path in sorted(_label_files(root)):
+            for line_no, line in enumerate(_read_lines(path), start=1):
+                label, w, h = _parse_yolo_line(line, path, line_no, num_classes)
+                if label is not None:
+                    fractions[label].append((w, h))
+        return cls._from_fractions(fractions)
+
+    @classmethod
     def _from_fractions(cls, fractions: list[list[tuple[float, float]]]) -> ClassPrior:
         num_classes = len(fractions)
         counts = torch.tensor([len(f) for f in fractions], dtype=torch.float64)
@@ -142,6 +218,44 @@ class ClassPrior(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}"
+
+
+def _label_files(root: str) -> list[str]:
+    out = []
+    for directory, _, names in os.walk(root):
+        out.extend(os.path.join(directory, n) for n in names if n.endswith(".txt"))
+    return out
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def _parse_yolo_line(
+    line: str, path: str, line_no: int, num_classes: int
+) -> tuple[int | None, float, float]:
+    """``class cx cy w h [...]`` -> (class, w, h); a blank line -> (None, 0, 0)."""
+    fields = line.split()
+    if not fields:
+        return None, 0.0, 0.0
+    where = f"{path}:{line_no}"
+    try:
+        label_value = float(fields[0])
+        values = [float(v) for v in fields[1:5]]
+    except ValueError:
+        raise ValueError(
+            f"ClassPrior.from_yolo_labels: {where}: {line!r}; expected 'class cx cy w h' numbers"
+        ) from None
+    if len(values) != 4 or label_value != int(label_value):
+        raise ValueError(f"ClassPrior.from_yolo_labels: {where}: {line!r}; expected 'class cx cy w h'")
+    label = int(label_value)
+    if not 0 <= label < num_classes:
+        raise ValueError(
+            f"ClassPrior.from_yolo_labels: {where}: class id {label}; expected "
+            f"0 <= class < num_classes = {num_classes} (the dataset's names)"
+        )
+    return label, values[2], values[3]
 
 
 def _load_coco(annotations: str | os.PathLike[str] | Mapping[str, Any]) -> Any:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from icd.nn.prior import ClassPrior
-from icd.nn.validation import check_image_sizes, check_instances
+from icd.nn.validation import check_instances, check_valid_regions, region_sizes
 
 FAKE_CENTRE_RANGE = (0.03, 0.97)  # fake centres, fractions of the image
 FAKE_SIZE_RANGE = (0.002, 0.7)  # fake widths and heights, fractions of the image
@@ -32,6 +32,8 @@ class InstanceBatch:
         is_real: bool [N, K], the ground-truth slots.
         is_valid: bool [N, K], real or fake (not padding).
         image_sizes: float [N, 2] valid (h, w) of each image.
+        image_origins: float [N, 2] (x, y) top-left corner of each image's valid region in
+            the padded input (letterbox offsets); None means (0, 0).
     """
 
     boxes: Tensor
@@ -40,6 +42,7 @@ class InstanceBatch:
     is_real: Tensor
     is_valid: Tensor
     image_sizes: Tensor
+    image_origins: Tensor | None = None
 
     @property
     def num_slots(self) -> int:
@@ -53,8 +56,12 @@ class InstanceBatch:
 
     @property
     def normalized_centers(self) -> Tensor:
-        """float [N, K, 2] jittered centres as fractions of each image's own (w, h)."""
-        return self.centers / self.image_sizes.flip(-1)[:, None, :]
+        """float [N, K, 2] jittered centres as fractions of each image's own valid (w, h),
+        measured from its valid region's top-left corner."""
+        centers = self.centers
+        if self.image_origins is not None:
+            centers = centers - self.image_origins[:, None, :]
+        return centers / self.image_sizes.flip(-1)[:, None, :]
 
 
 def instance_count(num_gt: int, neg_ratio: float, max_labels: int) -> int:
@@ -78,7 +85,8 @@ class InstanceSampler(nn.Module):
 
     Fake instances: class ~ prior.class_freq; centre ~ U(0.03, 0.97) of the image; width and
     height ~ Normal(class mean, class std), clipped to mean +- 2 std and then to
-    [0.002, 0.7] of the image. All sizes are relative to each image's own valid size.
+    [0.002, 0.7] of the image. All sizes are relative to each image's own valid size, and
+    fake centres lie inside its valid region (a letterboxed image's box, when given).
     """
 
     def __init__(
@@ -124,7 +132,8 @@ class InstanceSampler(nn.Module):
             boxes: N float tensors [n_i, 4], (x1, y1, x2, y2) in input pixels; boxes slightly
                 outside their image are clipped to it, boxes far outside raise ValueError.
             labels: N int64 tensors [n_i], 0 <= label < num_classes.
-            image_sizes: [N, 2] valid (h, w) of each image.
+            image_sizes: [N, 2] valid (h, w) of each image (top-left), or [N, 4] valid boxes
+                (x1, y1, x2, y2) in input pixels (letterboxed images).
             with_fakes: False gives the real instances only (K = max n_gt, at least 1).
             jitter: jitter the centres; default: in training mode.
             generator: optional random generator, on the prior's device.
@@ -133,17 +142,18 @@ class InstanceSampler(nn.Module):
             InstanceBatch with K slots per image.
         """
         device = self.prior.class_freq.device
-        sizes = check_image_sizes(image_sizes, None, None, device)
-        real_boxes, real_labels = check_instances(boxes, labels, sizes, self.num_classes)
+        regions = check_valid_regions(image_sizes, None, None, device)
+        sizes = region_sizes(regions)
+        real_boxes, real_labels = check_instances(boxes, labels, regions, self.num_classes)
         jitter = self.training if jitter is None else jitter
 
         per_image_boxes, per_image_labels, counts = [], [], []
-        for b, lab, size in zip(real_boxes, real_labels, sizes, strict=True):
+        for b, lab, region in zip(real_boxes, real_labels, regions, strict=True):
             n_gt = b.shape[0]
             n_fake = (
                 instance_count(n_gt, self.neg_ratio, self.max_labels) - n_gt if with_fakes else 0
             )
-            fake_boxes, fake_labels = self._sample_fakes(n_fake, size, generator)
+            fake_boxes, fake_labels = self._sample_fakes(n_fake, region, generator)
             per_image_boxes.append(torch.cat([b, fake_boxes]))
             per_image_labels.append(torch.cat([lab, fake_labels]))
             counts.append((n_gt, n_gt + n_fake))
@@ -168,12 +178,13 @@ class InstanceSampler(nn.Module):
             u = torch.rand(n, k, 2, device=device, generator=generator)
             centers = centers + (u - 0.5) * 2 * self.sample_range * wh
         centers = centers * is_valid[..., None]
-        return InstanceBatch(out_boxes, out_labels, centers, is_real, is_valid, sizes)
+        return InstanceBatch(out_boxes, out_labels, centers, is_real, is_valid, sizes, regions[:, :2])
 
     def _sample_fakes(
-        self, count: int, image_size: Tensor, generator: torch.Generator | None
+        self, count: int, region: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """``count`` fake boxes [count, 4] (pixels) and labels [count] for an image of (h, w)."""
+        """``count`` fake boxes [count, 4] (pixels) and labels [count] inside the valid box
+        ``region`` [4] (x1, y1, x2, y2) of an image."""
         prior = self.prior
         device = prior.class_freq.device
         if count == 0:
@@ -185,9 +196,9 @@ class InstanceSampler(nn.Module):
         size = mean + std * torch.randn(count, 2, device=device, generator=generator)
         size = torch.minimum(torch.maximum(size, mean - 2 * std), mean + 2 * std)
         size = size.clamp(*FAKE_SIZE_RANGE)
-        wh = image_size.flip(0)  # (w, h)
-        centre, size = centre * wh, size * wh
+        wh = region[2:] - region[:2]  # (w, h)
+        centre, size = centre * wh + region[:2], size * wh
         fakes = torch.cat([centre - size / 2, centre + size / 2], dim=1)
         if self.clamp_fakes:
-            fakes = torch.minimum(fakes.clamp(min=0), wh.repeat(2))
+            fakes = torch.minimum(fakes.clamp(min=region[:2].repeat(2)), region[2:].repeat(2))
         return fakes, labels

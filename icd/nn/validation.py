@@ -59,6 +59,60 @@ def check_image_sizes(
     return sizes
 
 
+def check_valid_regions(
+    image_sizes: Tensor | Sequence[Sequence[float]],
+    num_images: int | None,
+    padded_size: tuple[int, int] | None,
+    device: torch.device,
+) -> Tensor:
+    """The valid region of each image, as [N, 2] sizes or [N, 4] boxes -> float32 [N, 4] boxes.
+
+    Args:
+        image_sizes: [N, 2] valid (h, w) of images placed top-left in the padded batch, or
+            [N, 4] valid boxes (x1, y1, x2, y2) in padded-input pixels (letterboxed images:
+            the box is the image inside its padding).
+        num_images: the expected N, or None to take it from ``image_sizes``.
+        padded_size: (Hp, Wp) the boxes must lie in, or None.
+
+    Returns:
+        float32 [N, 4] (x1, y1, x2, y2) on ``device``; a size (h, w) becomes (0, 0, w, h).
+    """
+    regions = torch.as_tensor(image_sizes).to(device=device, dtype=torch.float32)
+    if regions.dim() == 2 and regions.shape[1] == 2:
+        sizes = check_image_sizes(regions, num_images, padded_size, device)
+        return torch.cat([torch.zeros_like(sizes), sizes.flip(-1)], dim=1)
+    expected = "N" if num_images is None else str(num_images)
+    if regions.dim() != 2 or regions.shape[1] != 4 or (
+        num_images is not None and regions.shape[0] != num_images
+    ):
+        raise ValueError(
+            f"`image_sizes` has shape {list(regions.shape)}; expected [{expected}, 2] valid (h, w) "
+            f"or [{expected}, 4] valid boxes (x1, y1, x2, y2) in padded-input pixels"
+        )
+    if regions.shape[0] == 0:
+        return regions
+    if not bool(torch.isfinite(regions).all()):
+        raise ValueError("`image_sizes` has NaN or infinite entries; expected finite pixels")
+    if bool((regions[:, :2] < 0).any()) or bool((regions[:, 2:] - regions[:, :2] < 1).any()):
+        raise ValueError(
+            f"`image_sizes` = {regions.tolist()}; expected valid boxes (x1, y1, x2, y2) with "
+            "x1, y1 >= 0 and at least 1 pixel wide and high (x2 - x1 >= 1, y2 - y1 >= 1)"
+        )
+    if padded_size is not None:
+        hp, wp = padded_size
+        if bool((regions[:, 2] > wp).any()) or bool((regions[:, 3] > hp).any()):
+            raise ValueError(
+                f"`image_sizes` = {regions.tolist()} lie outside `padded_size` = (Hp, Wp) = "
+                f"{padded_size}; expected every valid box inside the padded image (x2 <= Wp, y2 <= Hp)"
+            )
+    return regions
+
+
+def region_sizes(regions: Tensor) -> Tensor:
+    """Valid boxes [N, 4] (x1, y1, x2, y2) -> their (h, w) [N, 2]."""
+    return (regions[:, 2:] - regions[:, :2]).flip(-1)
+
+
 def check_instances(
     boxes: Sequence[Tensor],
     labels: Sequence[Tensor],
@@ -70,10 +124,12 @@ def check_instances(
     Args:
         boxes: N float tensors [n_i, 4], (x1, y1, x2, y2) in input pixels.
         labels: N integer tensors [n_i], 0 <= label < num_classes.
-        image_sizes: float [N, 2] valid (h, w), already checked.
+        image_sizes: float [N, 2] valid (h, w), or [N, 4] valid boxes (x1, y1, x2, y2),
+            already checked.
 
     Returns:
-        float32 boxes clipped to [0, w_i] x [0, h_i], and int64 labels, on image_sizes' device.
+        float32 boxes clipped to the valid region ([0, w_i] x [0, h_i] for sizes), and int64
+        labels, on image_sizes' device.
     """
     n = image_sizes.shape[0]
     if len(boxes) != n or len(labels) != n:
@@ -105,12 +161,17 @@ def check_instances(
     return out_boxes, out_labels
 
 
-def _clip_boxes(b: Tensor, size: Tensor, i: int) -> Tensor:
+def _clip_boxes(b: Tensor, region: Tensor, i: int) -> Tensor:
+    """Clip boxes [n, 4] to a valid size (h, w) [2] or a valid box (x1, y1, x2, y2) [4]."""
     if b.numel() == 0:
         return b
     if not bool(torch.isfinite(b).all()):
         raise ValueError(f"`boxes[{i}]` has NaN or infinite coordinates; expected finite pixels")
-    h, w = float(size[0]), float(size[1])
+    if region.numel() == 4:
+        origin = torch.cat([region[:2], region[:2]])
+        size = (region[2:] - region[:2]).flip(0)
+        return _clip_boxes(b - origin, size, i) + origin
+    h, w = float(region[0]), float(region[1])
     if bool((b[:, 2:] < b[:, :2]).any()):
         bad = int(torch.nonzero((b[:, 2:] < b[:, :2]).any(dim=1))[0])
         raise ValueError(
@@ -136,10 +197,13 @@ def _clip_boxes(b: Tensor, size: Tensor, i: int) -> Tensor:
 def check_feature_levels(
     teacher_features: Sequence[Tensor],
     student_features: Sequence[Tensor],
-    teacher_channels: int,
-    student_channels: int,
+    teacher_channels: int | Sequence[int],
+    student_channels: int | Sequence[int],
 ) -> None:
-    """Teacher and student FPN lists: same levels, N and spatial sizes; the expected channels."""
+    """Teacher and student FPN lists: same levels, N and spatial sizes; the expected channels.
+
+    Channels: one width for every level (int) or one width per level (a sequence of L ints).
+    """
     for name, feats in (
         ("teacher_features", teacher_features),
         ("student_features", student_features),
@@ -159,17 +223,28 @@ def check_feature_levels(
             f"expected {len(teacher_features)}, "
             "the levels of `teacher_features`"
         )
+    levels = len(teacher_features)
+    expected_widths = {}
+    for name, channels in (("teacher_channels", teacher_channels), ("student_channels", student_channels)):
+        if isinstance(channels, int):
+            expected_widths[name] = ([channels] * levels, f"{name} = {channels}")
+        elif len(channels) != levels:
+            raise ValueError(
+                f"{name} = {list(channels)} gives {len(channels)} levels; the features have {levels}"
+            )
+        else:
+            expected_widths[name] = (list(channels), None)
     for lvl, (t, s) in enumerate(zip(teacher_features, student_features, strict=True)):
-        if t.shape[1] != teacher_channels:
-            raise ValueError(
-                f"`teacher_features[{lvl}]` has {t.shape[1]} channels; "
-                f"expected teacher_channels = {teacher_channels}"
-            )
-        if s.shape[1] != student_channels:
-            raise ValueError(
-                f"`student_features[{lvl}]` has {s.shape[1]} channels; "
-                f"expected student_channels = {student_channels}"
-            )
+        for name, feature, side in (
+            ("teacher_features", t, "teacher_channels"),
+            ("student_features", s, "student_channels"),
+        ):
+            widths, label = expected_widths[side]
+            if feature.shape[1] != widths[lvl]:
+                raise ValueError(
+                    f"`{name}[{lvl}]` has {feature.shape[1]} channels; "
+                    f"expected {label or f'{side}[{lvl}] = {widths[lvl]}'}"
+                )
         if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
             raise ValueError(
                 f"`student_features[{lvl}]` has [N, H, W] = {[s.shape[0], *s.shape[2:]]}; expected "

@@ -50,23 +50,40 @@ def _as_size_list(sizes: Tensor | Sequence[Sequence[int]], name: str) -> list[tu
     return [(int(a), int(b)) for a, b in rows]
 
 
+def _as_region_list(regions: Tensor | Sequence[Sequence[float]], name: str) -> list[tuple[float, ...]]:
+    """[N, 2] sizes (h, w) or [N, 4] boxes (x1, y1, x2, y2) -> N boxes (x1, y1, x2, y2)."""
+    rows = regions.tolist() if isinstance(regions, Tensor) else [list(r) for r in regions]
+    out = []
+    for i, row in enumerate(rows):
+        if len(row) == 2:
+            out.append((0.0, 0.0, float(row[1]), float(row[0])))
+        elif len(row) == 4:
+            out.append(tuple(float(v) for v in row))
+        else:
+            raise ValueError(f"{name}[{i}] = {row}; expected a (height, width) pair or a box (x1, y1, x2, y2)")
+    return out
+
+
 def padding_mask(
-    image_sizes: Tensor | Sequence[Sequence[int]],
+    image_sizes: Tensor | Sequence[Sequence[float]],
     spatial_shapes: Tensor | Sequence[Sequence[int]],
     padded_size: Sequence[int],
 ) -> Tensor:
     """Key padding mask of the flattened tokens: True where a token lies in padding.
 
     Args:
-        image_sizes: [N, 2] valid (h_i, w_i) of each image in input pixels.
+        image_sizes: [N, 2] valid (h_i, w_i) of each image in input pixels (the image sits
+            top-left), or [N, 4] valid boxes (x1, y1, x2, y2) in input pixels (letterboxed
+            images, padding on any side).
         spatial_shapes: [L, 2] (H_l, W_l) of each level.
         padded_size: (Hp, Wp), the padded batch size in input pixels.
 
     Returns:
         bool [N, S]. On level l with stride r = (Hp / H_l + Wp / W_l) / 2, token (y, x) of
-        image i is valid when y < ceil(h_i / r) and x < ceil(w_i / r).
+        image i is valid when floor(y1_i / r) <= y < ceil(y2_i / r) and
+        floor(x1_i / r) <= x < ceil(x2_i / r); a size (h, w) is the box (0, 0, w, h).
     """
-    images = _as_size_list(image_sizes, "image_sizes")
+    images = _as_region_list(image_sizes, "image_sizes")
     levels = _as_size_list(spatial_shapes, "spatial_shapes")
     if len(padded_size) != 2:
         raise ValueError(f"padded_size = {tuple(padded_size)}; expected (Hp, Wp)")
@@ -78,9 +95,9 @@ def padding_mask(
         rows = torch.arange(h_l, device=device)
         cols = torch.arange(w_l, device=device)
         masks = []
-        for h_i, w_i in images:
-            valid_rows = rows < math.ceil(h_i / stride)
-            valid_cols = cols < math.ceil(w_i / stride)
+        for x1, y1, x2, y2 in images:
+            valid_rows = (rows >= math.floor(y1 / stride)) & (rows < math.ceil(y2 / stride))
+            valid_cols = (cols >= math.floor(x1 / stride)) & (cols < math.ceil(x2 / stride))
             masks.append(~(valid_rows[:, None] & valid_cols[None, :]))
         per_level.append(torch.stack(masks).flatten(1))
     return torch.cat(per_level, dim=1)
@@ -106,6 +123,9 @@ def sine_position_embedding(
     normalize: bool = True,
 ) -> Tensor:
     """DETR's 2-D sine position embedding of every level, flattened like the tokens.
+
+    Positions count valid tokens only, so they start at each image's valid region (a
+    letterboxed image's first valid row and column get position 1, as at the top-left).
 
     Args:
         level_masks: L bool padding masks [N, H_l, W_l] (True = padding), e.g.

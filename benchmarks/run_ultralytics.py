@@ -1,0 +1,135 @@
+"""YOLO n student from a trained YOLO s teacher on the shapes data: baseline, ultralytics'
+own distillation (``distill_model=``, ``dis=``) and ICD (``icd.integrations.ultralytics``).
+
+    python -m icd data shapes --out shapes64 --num-train 300 --num-val 100 --image-size 64 --format yolo
+    python benchmarks/run_ultralytics.py teacher --data shapes64/yolo/data.yaml --out study
+    python benchmarks/run_ultralytics.py student --method baseline --seed 0 --data ... --out study
+    python benchmarks/run_ultralytics.py student --method ultralytics --dis 6 --seed 0 ...
+    python benchmarks/run_ultralytics.py student --method icd --loss-weight 1 --seed 0 ...
+    python benchmarks/run_ultralytics.py summary --out study
+
+Every run appends one JSON line (method, seed, weight, mAP50-95, mAP50, seconds) to
+``OUT/results.jsonl``; ``summary`` prints mean +- std per method and weight. Runs are offline
+(YOLO_OFFLINE=1, settings sync=False, plots=False: no font or weight downloads) and on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def _common(args: argparse.Namespace, seed: int) -> dict:
+    return dict(
+        data=args.data,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        workers=0,
+        device="cpu",
+        plots=False,
+        amp=False,
+        val=False,  # validate once, after the last epoch
+        nbs=args.nbs,
+        seed=seed,
+        deterministic=True,
+        project=os.path.abspath(args.out),
+        exist_ok=True,
+        verbose=False,
+    )
+
+
+def _record(args: argparse.Namespace, row: dict) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def train_teacher(args: argparse.Namespace) -> None:
+    from ultralytics import YOLO
+    from ultralytics.utils import SETTINGS
+
+    SETTINGS.update(sync=False)
+    start = time.time()
+    kwargs = {**_common(args, 0), "nbs": 64}
+    metrics = YOLO(args.teacher_cfg).train(epochs=args.teacher_epochs, name="teacher", **kwargs)
+    _record(args, dict(method="teacher", seed=0, weight=None, map=metrics.box.map, map50=metrics.box.map50,
+                       seconds=round(time.time() - start, 1)))
+
+
+def train_student(args: argparse.Namespace) -> None:
+    from ultralytics import YOLO
+    from ultralytics.utils import SETTINGS
+
+    SETTINGS.update(sync=False)
+    teacher = os.path.join(os.path.abspath(args.out), "teacher", "weights", "best.pt")
+    name = f"{args.method}_w{args.weight}_s{args.seed}"
+    kwargs = dict(epochs=args.epochs, name=name, **_common(args, args.seed))
+    start = time.time()
+    model = YOLO(args.student_cfg)
+    if args.method == "baseline":
+        metrics = model.train(**kwargs)
+    elif args.method == "ultralytics":
+        metrics = model.train(distill_model=teacher, dis=args.weight, **kwargs)
+    elif args.method == "icd":
+        from icd.integrations.ultralytics import ICDTrainer
+
+        trainer = ICDTrainer.configure(
+            teacher=teacher, loss_weight=args.weight, warmup_iters=args.icd_warmup, icd_lr=args.icd_lr
+        )
+        metrics = model.train(trainer=trainer, **kwargs)
+    else:
+        raise SystemExit(f"--method {args.method!r}; expected baseline, ultralytics or icd")
+    _record(args, dict(method=args.method, seed=args.seed, weight=args.weight, map=metrics.box.map,
+                       map50=metrics.box.map50, seconds=round(time.time() - start, 1)))
+
+
+def summary(args: argparse.Namespace) -> None:
+    rows = [json.loads(line) for line in open(os.path.join(args.out, "results.jsonl"), encoding="utf-8")]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["weight"]), []).append(row)
+    print("| method | weight | seeds | mAP50-95 | mAP50 | s/run |")
+    print("|---|---|---|---|---|---|")
+    for (method, weight), runs in groups.items():
+        maps = [100 * r["map"] for r in runs]
+        maps50 = [100 * r["map50"] for r in runs]
+        std = statistics.stdev(maps) if len(maps) > 1 else 0.0
+        std50 = statistics.stdev(maps50) if len(maps50) > 1 else 0.0
+        print(
+            f"| {method} | {weight if weight is not None else '-'} | {sorted(r['seed'] for r in runs)} | "
+            f"{statistics.mean(maps):.2f} +- {std:.2f} | {statistics.mean(maps50):.2f} +- {std50:.2f} | "
+            f"{statistics.mean(r['seconds'] for r in runs):.0f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("teacher", "student", "summary"))
+    p.add_argument("--data", default="shapes64/yolo/data.yaml")
+    p.add_argument("--out", default="ultralytics_study")
+    p.add_argument("--imgsz", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--teacher-cfg", default="yolov8s.yaml")
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--student-cfg", default="yolov8n.yaml")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--method", default="baseline")
+    p.add_argument("--weight", type=float, default=None, help="dis= for ultralytics, loss_weight for icd")
+    p.add_argument("--icd-warmup", type=int, default=20, help="ICD warm-up (optimiser steps)")
+    p.add_argument("--icd-lr", type=float, default=1e-3, help="teacher-side AdamW lr (short schedules)")
+    p.add_argument("--nbs", type=int, default=64, help="ultralytics' nominal batch (accumulation)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    {"teacher": train_teacher, "student": train_student, "summary": summary}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
