@@ -1,24 +1,43 @@
-"""Mean ± sample std of the last evaluation of study runs: python summarize.py RUNS_DIR"""
-import json, os, re, statistics, sys
+"""Mean ± sample std of each study run's last evaluation: python summarize.py RUNS_DIR"""
+
+import json
+import os
+import re
+import statistics
+import sys
 from collections import defaultdict
-runs = sys.argv[1]
-groups = defaultdict(list)
-for name in sorted(os.listdir(runs)):
-    m = re.match(r"(.+)_e(\d+)_s(\d+)$", name)
-    if not m or not os.path.exists(os.path.join(runs, name, "metrics.jsonl")):
-        continue
-    evals = [json.loads(l) for l in open(os.path.join(runs, name, "metrics.jsonl")) if '"eval"' in l]
-    evals = [e for e in evals if e.get("type") == "eval"]
-    if not evals: continue
-    last = max(evals, key=lambda e: e["iter"])
-    groups[(m.group(1), int(m.group(2)))].append((int(m.group(3)), last))
-print("| run | epochs | AP mean ± std | AP50 | AP per seed | lift | distinctness |")
-print("| --- | ---: | --- | --- | --- | --- | --- |")
-for (method, e), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-    rows.sort()
-    def ms(key):
-        v = [r[key] for _, r in rows if key in r]
-        if not v: return ""
-        return f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
-    per = ", ".join(f"s{s}: {r['AP']:.2f}" for s, r in rows)
-    print(f"| {method} | {e} | {ms('AP')} | {ms('AP50')} | {per} | {ms('lift')} | {ms('distinctness')} |")
+
+
+def mean_std(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if key in r]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main(runs: str) -> None:
+    groups = defaultdict(list)
+    for name in sorted(os.listdir(runs)):
+        match = re.match(r"(.+)_e(\d+)_s(\d+)$", name)
+        path = os.path.join(runs, name, "metrics.jsonl")
+        if not match or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            evals = [r for r in map(json.loads, f) if r.get("type") == "eval"]
+        if evals and max(r["iter"] for r in evals) > 0:
+            last = max(evals, key=lambda r: r["iter"])
+            groups[(match.group(1), int(match.group(2)))].append((int(match.group(3)), last))
+    print("| run | epochs | AP mean ± std | AP50 | AP per seed | lift | distinctness |")
+    print("| --- | ---: | --- | --- | --- | --- | --- |")
+    for (method, epochs), seeded in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        seeded.sort(key=lambda x: x[0])
+        rows = [r for _, r in seeded]
+        per_seed = ", ".join(f"s{s}: {r['AP']:.2f}" for s, r in seeded)
+        print(f"| {method} | {epochs} | {mean_std(rows, 'AP')} | {mean_std(rows, 'AP50')} | {per_seed} | "
+              f"{mean_std(rows, 'lift')} | {mean_std(rows, 'distinctness')} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
