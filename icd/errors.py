@@ -31,3 +31,7 @@ class NonFiniteError(IcdError, FloatingPointError):
     """A loss or parameter became NaN or infinite: the run stops before writing it."""
 
     exit_code = 1
+
+
+class WeightsMismatchError(ConfigError, KeyError):
+    """A checkpoint whose tensors do not fit the model built from the flags (names or shapes)."""
