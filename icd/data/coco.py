@@ -98,7 +98,7 @@ def _segmentation_problem(segm: Any, height: Any, width: Any) -> str | None:
         elif isinstance(counts, (str, bytes)):
             runs = _compressed_rle_counts(counts)
             if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
-                return f"segmentation RLE counts {_short(counts)} do not decode to the {height}x{width} image"
+                return f"segmentation RLE counts {_short(counts)} do not decode to the {width}x{height} image"
         else:
             return f"segmentation RLE counts of type {type(counts).__name__} (expected str or a list)"
         return None

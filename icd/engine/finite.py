@@ -7,6 +7,7 @@ so it adds no host synchronisation. Before a checkpoint is written every tensor 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -16,11 +17,12 @@ from torch import Tensor
 def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     """0-dim bool tensor on the tensors' device: no NaN or inf in any of them (no host sync).
 
-    One fused norm over all of them (finite tensors whose norm overflows count as non-finite).
+    One fused max-norm over all of them: NaN propagates through it, and unlike a 2-norm it
+    cannot overflow for large finite values.
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    total = torch.nn.utils.get_total_norm(list(tensors), norm_type=2.0, foreach=None)
+    total = torch.nn.utils.get_total_norm(list(tensors), norm_type=math.inf, foreach=None)
     return torch.isfinite(total)
 
 
