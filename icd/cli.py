@@ -27,7 +27,7 @@ from icd.errors import ConfigError, IcdError
 from icd.flags import CheckedType, check_teacher_flags, finite_float, int_at_least
 
 # errors a user causes: one line "icd: error: ..." and exit 2 (IcdError: its exit_code), no traceback
-USER_ERRORS = (IcdError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+USER_ERRORS = (IcdError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 DEBUG_ENV = "ICD_DEBUG"
 
 
@@ -351,10 +351,13 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
     from icd.engine.distributed import cleanup, init_distributed
     from icd.engine.evaluator import eval_loader, evaluate
     from icd.engine.metrics import MetricsLog
+    from icd.engine.output_dir import probe_writable
     from icd.engine.trainer import detector_spec_from_args
 
     info = init_distributed(args.device)
     try:
+        if info.is_main:  # the detections and metrics are written at the end: fail now, not then
+            probe_writable(args.output_dir)
         image_dir, ann = split_paths(args.data_path, args.split)
         dataset = CocoDetection(image_dir, ann, on_bad_data=args.on_bad_data)
         ckpt = load_checkpoint(args.checkpoint)

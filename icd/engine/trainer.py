@@ -395,7 +395,7 @@ class Trainer:
         return [opt for opt in (self.optimizer, self.teacher_optimizer) if opt is not None]
 
     # -- non-finite guard --------------------------------------------------------------------
-    def _stop_non_finite(self, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
+    def _stop_non_finite(self, losses: dict[str, torch.Tensor]) -> None:
         """NonFiniteError naming what went non-finite at this iteration (a failure path: syncs)."""
         step = self.iteration + 1
         if self._params_finite is not None and not bool(self._params_finite):
@@ -461,7 +461,7 @@ class Trainer:
         if self._params_finite is not None:  # the last step's parameters: no sync of their own
             finite = finite & self._params_finite
         if not finite:
-            self._stop_non_finite(losses, total)
+            self._stop_non_finite(losses)
         self._teacher_maps = None
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher_optimizer is not None:
