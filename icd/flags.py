@@ -79,9 +79,9 @@ def finite_float(
     return CheckedType(float, minimum=minimum, above=above, maximum=maximum, below=below)
 
 
-# flags that only mean something with --teacher: every --icd-*, --distill*, --teacher-* flag
-# (so flags added later are covered) and --inherit-teacher
-_TEACHER_ONLY_PREFIXES = ("icd_", "distill", "teacher_")
+# flags that only mean something with --teacher: every --icd-*, --distill*, --teacher-*,
+# --fpn-mse-* flag (so flags added later are covered) and --inherit-teacher
+_TEACHER_ONLY_PREFIXES = ("icd_", "distill", "teacher_", "fpn_mse")
 _TEACHER_ONLY = ("inherit_teacher",)
 
 

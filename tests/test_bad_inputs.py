@@ -83,6 +83,7 @@ BAD_FLAGS = [
     ("--distill-weight", "nan"),
     ("--icd-clip", "0"),
     ("--icd-lr", "inf"),
+    ("--icd-lr", "-1"),
     ("--min-size", "0"),
     ("--max-size", "0"),
     ("--fpn-channels", "0"),

@@ -49,6 +49,7 @@ class ICDDistiller(nn.Module):
         num_layers: decoder layers; the distill loss is averaged over them, and so are the
             auxiliary losses (the head is shared by the layers).
         sample_range: jitter amplitude of the instance centres (training mode only).
+        clamp_fakes: clip fake instance boxes to their image (the published code does).
         norm: normalisation of masked_feature_mse ("ln", "tln", "none").
         reduction: reduction of masked_feature_mse ("per_head", "global").
         backend: icd.ops backend of every op call (None: the per-device default).
@@ -70,6 +71,7 @@ class ICDDistiller(nn.Module):
         *,
         num_layers: int = 1,
         sample_range: float = 0.3,
+        clamp_fakes: bool = False,
         norm: str = "ln",
         reduction: str = "per_head",
         backend: str | None = None,
@@ -114,7 +116,7 @@ class ICDDistiller(nn.Module):
         self.reduction = reduction
         self.backend = backend
 
-        self.sampler = InstanceSampler(prior, neg_ratio, max_labels, sample_range)
+        self.sampler = InstanceSampler(prior, neg_ratio, max_labels, sample_range, clamp_fakes)
         self.encoder = InstanceEncoder(num_classes, teacher_channels)
         self.decoder = ConditionalDecoder(teacher_channels, heads, num_layers, backend)
         self.aux_task = AuxiliaryTask(teacher_channels)
@@ -184,7 +186,6 @@ class ICDDistiller(nn.Module):
 
         teacher_tokens, _, mask, pos = self._teacher_tokens(teacher_features, sizes, padded)
         layers = self._decode(teacher_tokens, mask, pos, instances)
-        aux = [self.aux_task(layer.features, instances) for layer in layers]
 
         student_tokens, _, _ = ops.flatten_levels(list(student_features))
         if self.in_warmup:
@@ -203,11 +204,32 @@ class ICDDistiller(nn.Module):
                     backend=self.backend,
                 )
             )
-        return {
-            "distill": self.loss_weight * torch.stack(distill).mean(),
-            "aux_conf": torch.stack([a["aux_conf"] for a in aux]).mean(),
-            "aux_reg": torch.stack([a["aux_reg"] for a in aux]).mean(),
-        }
+        return {"distill": self.loss_weight * torch.stack(distill).mean(), **self._aux_losses(layers, instances)}
+
+    def auxiliary_losses(
+        self,
+        teacher_features: Sequence[Tensor],
+        boxes: Sequence[Tensor],
+        labels: Sequence[Tensor],
+        image_sizes: Tensor | Sequence[Sequence[int]],
+        padded_size: Sequence[int],
+    ) -> dict[str, Tensor]:
+        """The teacher side's own losses, without a student: what teacher-side pre-training
+        minimises. Arguments as in ``forward``; returns {"aux_conf", "aux_reg"} (zeros still
+        connected to the parameters for a batch without boxes)."""
+        check_feature_levels(
+            teacher_features, teacher_features, self.teacher_channels, self.teacher_channels
+        )
+        padded = check_padded_size(padded_size)
+        device = teacher_features[0].device
+        sizes = check_image_sizes(image_sizes, teacher_features[0].shape[0], padded, device)
+        instances = self.sampler(boxes, labels, sizes)
+        if sum(int(b.shape[0]) for b in boxes) == 0:
+            zeros = self._zero_losses()
+            return {"aux_conf": zeros["aux_conf"], "aux_reg": zeros["aux_reg"]}
+        tokens, _, mask, pos = self._teacher_tokens(teacher_features, sizes, padded)
+        layers = self._decode(tokens, mask, pos, instances, with_value_mask=False)
+        return self._aux_losses(layers, instances)
 
     @torch.no_grad()
     def instance_attention_maps(
@@ -282,6 +304,16 @@ class ICDDistiller(nn.Module):
         queries = self.encoder(instances)
         weight = instances.is_real.float() if with_value_mask else None
         return self.decoder(queries, tokens, pos, mask, weight)
+
+    def _aux_losses(
+        self, layers: Sequence[DecoderLayerOutput], instances: InstanceBatch
+    ) -> dict[str, Tensor]:
+        """aux_conf and aux_reg averaged over the decoder layers (one shared head)."""
+        aux = [self.aux_task(layer.features, instances) for layer in layers]
+        return {
+            "aux_conf": torch.stack([a["aux_conf"] for a in aux]).mean(),
+            "aux_reg": torch.stack([a["aux_reg"] for a in aux]).mean(),
+        }
 
     def _zero_losses(self) -> dict[str, Tensor]:
         """Zeros that still reach every parameter, so backward and DDP see them all used."""

@@ -73,6 +73,8 @@ class InstanceSampler(nn.Module):
         max_labels: cap of real + fake instances per image (unless n_gt is larger).
         sample_range: jitter amplitude, fraction of the box size: centre' = centre +
             (U(0, 1) - 0.5) * 2 * sample_range * (w, h). Applied in training mode only.
+        clamp_fakes: clip each fake box to its image, as the published code does (a fake
+            near a border then gets a smaller box and a centre nearer the image).
 
     Fake instances: class ~ prior.class_freq; centre ~ U(0.03, 0.97) of the image; width and
     height ~ Normal(class mean, class std), clipped to mean +- 2 std and then to
@@ -85,6 +87,7 @@ class InstanceSampler(nn.Module):
         neg_ratio: float = 5.0,
         max_labels: int = 300,
         sample_range: float = 0.3,
+        clamp_fakes: bool = False,
     ) -> None:
         super().__init__()
         if neg_ratio < 0:
@@ -99,6 +102,7 @@ class InstanceSampler(nn.Module):
         self.neg_ratio = float(neg_ratio)
         self.max_labels = int(max_labels)
         self.sample_range = float(sample_range)
+        self.clamp_fakes = bool(clamp_fakes)
 
     @property
     def num_classes(self) -> int:
@@ -183,4 +187,7 @@ class InstanceSampler(nn.Module):
         size = size.clamp(*FAKE_SIZE_RANGE)
         wh = image_size.flip(0)  # (w, h)
         centre, size = centre * wh, size * wh
-        return torch.cat([centre - size / 2, centre + size / 2], dim=1), labels
+        fakes = torch.cat([centre - size / 2, centre + size / 2], dim=1)
+        if self.clamp_fakes:
+            fakes = torch.minimum(fakes.clamp(min=0), wh.repeat(2))
+        return fakes, labels
