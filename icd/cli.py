@@ -175,6 +175,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         default=PRETRAIN_ATTENTION_GAIN,
         help="multiply the decoder's query projection weights by this at the start (sharper logits)",
     )
+
     p.add_argument("--eval-every", type=int_at_least(1), default=200, help="iterations between attention statistics")
     p.add_argument(
         "--cache-gb",

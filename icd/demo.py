@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 RUN_NAMES = ("teacher", "baseline", "fpn_mse", "icd")  # the runs of the results table
 PRETRAIN_RUN = "icd_pretrain"  # ICD's teacher side on the finished teacher, before the icd run
-PRETRAIN_ITERS = 1000
+PRETRAIN_ITERS = 600
 STAMP_FILE = "demo_run.json"  # per run dir: the settings and wall time of a finished run
 POLL_S = 0.5
 
@@ -176,7 +176,7 @@ def pretrain_argv(cfg: DemoConfig) -> list[str]:
         "--max-size", str(cfg.image_size),
         "--batch-size", str(cfg.batch_size),
         "--iters", str(cfg.pretrain_iters),
-        "--eval-every", str(max(1, cfg.pretrain_iters // 5)),
+        "--eval-every", str(max(1, cfg.pretrain_iters // 6)),
         "--seed", str(cfg.seed if cfg.student_seed is None else cfg.student_seed),
         "--workers", "0",
         "--device", "cpu",
