@@ -25,6 +25,19 @@ from icd.engine.distill import DISTILL_METHODS, FPN_MSE_NORMS
 from icd.engine.health import HEALTH_ACTIONS
 from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
 from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
+from icd.errors import ConfigError, IcdError
+from icd.flags import CheckedType, check_teacher_flags, finite_float, int_at_least
+
+# errors a user causes: one line "icd: error: ..." and exit 2 (IcdError: its exit_code), no traceback
+USER_ERRORS = (IcdError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+DEBUG_ENV = "ICD_DEBUG"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``icd: error: <message> (see: icd train --help)``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"icd: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -46,8 +59,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="the folder that --val-ann's file_names are relative to",
     )
-    p.add_argument("--batch-size", "-b", type=int, default=2, help="images per process")
-    p.add_argument("--workers", "-j", type=int, default=4, help="data loading processes")
+    p.add_argument("--batch-size", "-b", type=int_at_least(1), default=2, help="images per process")
+    p.add_argument("--workers", "-j", type=int_at_least(0), default=4, help="data loading processes")
     p.add_argument(
         "--on-bad-data",
         choices=BAD_DATA_CHOICES,
@@ -67,6 +80,15 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output-dir", default="output", help="checkpoints, metrics.jsonl, detections")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    _add_debug_flag(p)
+
+
+def _add_debug_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the traceback, not only the one-line message (also: ICD_DEBUG=1)",
+    )
 
 
 def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -80,7 +102,7 @@ def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     )
     p.add_argument(
         "--trainable-backbone-layers",
-        type=int,
+        type=CheckedType(int, minimum=0, maximum=5),
         default=None,
         help="ResNet stages that train, 0..5 (default 3 with --backbone-weights, else 5)",
     )
@@ -90,30 +112,30 @@ def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
         default=None,
         help="backbone normalisation (default frozen_bn with --backbone-weights, else gn)",
     )
-    p.add_argument("--fpn-channels", type=int, default=d(256))
+    p.add_argument("--fpn-channels", type=int_at_least(1), default=d(256))
     p.add_argument(
         "--min-level",
-        type=int,
+        type=CheckedType(int, minimum=2, maximum=5),
         default=None,
         help="lowest FPN level P_k (default 3; 2 for fasterrcnn and maskrcnn)",
     )
     p.add_argument(
         "--max-level",
-        type=int,
+        type=CheckedType(int, minimum=2, maximum=8),
         default=None,
         help="highest FPN level (default 7; 6 for fasterrcnn and maskrcnn)",
     )
     p.add_argument(
         "--min-size",
-        type=int,
+        type=int_at_least(1),
         nargs="+",
         default=d([800]),
         help="shorter side after resizing; several values: one drawn per batch",
     )
-    p.add_argument("--max-size", type=int, default=d(1333), help="longer side cap after resizing")
+    p.add_argument("--max-size", type=int_at_least(1), default=d(1333), help="longer side cap after resizing")
     p.add_argument(
         "--score-thresh",
-        type=float,
+        type=finite_float(minimum=0.0, maximum=1.0),
         default=d(0.05),
         help="lowest score of a kept detection at evaluation",
     )
@@ -121,15 +143,15 @@ def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 
 def _add_icd_flags(g) -> None:
     """ICD's distiller settings and the bare-state-dict teacher flags (train and pretrain)."""
-    g.add_argument("--icd-heads", type=int, default=8)
-    g.add_argument("--icd-layers", type=int, default=1)
+    g.add_argument("--icd-heads", type=int_at_least(1), default=8)
+    g.add_argument("--icd-layers", type=int_at_least(1), default=1)
     g.add_argument(
         "--icd-max-labels",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="real + fake instances per image (default 300, 100 for fasterrcnn and maskrcnn)",
     )
-    g.add_argument("--icd-neg-ratio", type=float, default=5.0)
+    g.add_argument("--icd-neg-ratio", type=finite_float(minimum=0.0), default=5.0)
     g.add_argument(
         "--icd-clamp-fakes",
         action="store_true",
@@ -138,7 +160,7 @@ def _add_icd_flags(g) -> None:
     g.add_argument("--icd-backend", default=None, help="icd.ops backend (default per device)")
     g.add_argument("--teacher-detector", choices=DETECTORS, default=None)
     g.add_argument("--teacher-backbone", choices=BACKBONES, default=None)
-    g.add_argument("--teacher-fpn-channels", type=int, default=256)
+    g.add_argument("--teacher-fpn-channels", type=int_at_least(1), default=256)
     g.add_argument("--teacher-norm", choices=NORMS, default="frozen_bn")
 
 
@@ -154,9 +176,11 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     )
     _add_data_flags(p)
     p.add_argument("--teacher", required=True, help="teacher checkpoint (icd train's)")
-    p.add_argument("--iters", type=int, default=2000, help="pre-training iterations")
-    p.add_argument("--lr", type=float, default=PRETRAIN_LR, help="AdamW lr (cosine decay over --iters)")
-    p.add_argument("--clip", type=float, default=PRETRAIN_CLIP, help="gradient-norm clip")
+    p.add_argument("--iters", type=int_at_least(1), default=2000, help="pre-training iterations")
+    p.add_argument(
+        "--lr", type=finite_float(above=0.0), default=PRETRAIN_LR, help="AdamW lr (cosine decay over --iters)"
+    )
+    p.add_argument("--clip", type=finite_float(above=0.0), default=PRETRAIN_CLIP, help="gradient-norm clip")
     p.add_argument(
         "--attention-gain",
         type=float,
@@ -164,20 +188,22 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         help="multiply the decoder's query projection weights by this at the start (sharper logits)",
     )
 
-    p.add_argument("--eval-every", type=int, default=200, help="iterations between attention statistics")
+    p.add_argument("--eval-every", type=int_at_least(1), default=200, help="iterations between attention statistics")
     p.add_argument(
         "--cache-gb",
-        type=float,
+        type=finite_float(minimum=0.0),
         default=2.0,
         help="memory for the teacher's FPN maps of training images, reused across epochs (0: recompute)",
     )
     p.add_argument(
-        "--attention-images", type=int, default=None, help="val images for the statistics (default all)"
+        "--attention-images", type=int_at_least(1), default=None, help="val images for the statistics (default all)"
     )
-    p.add_argument("--print-freq", type=int, default=20, help="iterations per metrics line")
+    p.add_argument("--print-freq", type=int_at_least(1), default=20, help="iterations per metrics line")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
-    p.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument(
+        "--flip-prob", type=finite_float(minimum=0.0, maximum=1.0), default=0.5, help="horizontal flip probability"
+    )
     p.add_argument("--min-level", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max-level", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--min-size", type=int, nargs="+", default=[800], help=argparse.SUPPRESS)
@@ -186,7 +212,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="checkpoint.pth of an interrupted pre-training")
     p.add_argument(
         "--stop-after-iters",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="stop after this many iterations with a checkpoint (continue with --resume)",
     )
@@ -216,66 +242,74 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
-    p.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument(
+        "--flip-prob", type=finite_float(minimum=0.0, maximum=1.0), default=0.5, help="horizontal flip probability"
+    )
     p.add_argument(
         "--config",
         default=None,
         metavar="PRESET.toml",
         help="a preset (configs/): its keys are defaults of these flags; flags given here win",
     )
-    p.add_argument("--epochs", type=int, default=12, help="length of the run (unless --iters)")
+    p.add_argument("--epochs", type=int_at_least(1), default=12, help="length of the run (unless --iters)")
     p.add_argument(
         "--iters",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="length of the run in iterations (the 1x schedule: 90000 at 16 images per "
         "iteration); overrides --epochs",
     )
     p.add_argument(
         "--lr-steps",
-        type=int,
+        type=int_at_least(1),
         nargs="+",
         default=None,
         help="iterations where the lr drops x0.1 (default 2/3 and 8/9 of the run)",
     )
     p.add_argument(
         "--stop-after-iters",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="stop after this many iterations of the schedule with a checkpoint written "
         "(continue with --resume); the schedule stays that of the whole run",
     )
     p.add_argument(
         "--lr",
-        type=float,
+        type=finite_float(above=0.0),
         default=None,
         help="SGD lr (default: 0.01 per 16 images, 0.02 for fasterrcnn and maskrcnn, scaled to "
         "batch-size x processes)",
     )
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", "--wd", type=float, default=1e-4)
+    p.add_argument("--momentum", type=finite_float(minimum=0.0, below=1.0), default=0.9)
+    p.add_argument("--weight-decay", "--wd", type=finite_float(minimum=0.0), default=1e-4)
     p.add_argument(
         "--warmup-iters",
-        type=int,
+        type=int_at_least(0),
         default=None,
         help="linear lr warm-up (default min(1000, 10%% of the run))",
     )
     p.add_argument("--resume", default=None, help="checkpoint to continue from exactly")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --output-dir that holds another run's checkpoint or metrics "
+        "(they are deleted when training starts); without it such a directory is refused",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=20, help="iterations per metrics line")
+    p.add_argument("--print-freq", type=int_at_least(1), default=20, help="iterations per metrics line")
     p.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=int_at_least(0),
         default=0,
         help="also write checkpoint.pth every N iterations (0: each epoch only)",
     )
     p.add_argument(
         "--epoch-checkpoint-every",
-        type=int,
+        type=int_at_least(0),
         default=1,
         help="keep model_{epoch}.pth every N epochs, as torchvision does each epoch (0: never)",
     )
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and last)")
+    p.add_argument("--eval-every", type=int_at_least(0), default=1, help="evaluate every N epochs (and last)")
     p.add_argument("--no-eval", action="store_true", help="no evaluation (no val split needed)")
     p.add_argument(
         "--on-unhealthy",
@@ -286,7 +320,7 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--health-window",
-        type=int,
+        type=int_at_least(2),
         default=50,
         help="iterations a loss must stay constant to count as stuck (and the history of the "
         "blow-up check)",
@@ -321,13 +355,13 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--distill-weight",
-        type=float,
+        type=finite_float(minimum=0.0),
         default=None,
-        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 4 normalised, 1 raw)",
+        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 2 normalised, 1 raw)",
     )
     g.add_argument(
         "--distill-warmup-iters",
-        type=int,
+        type=int_at_least(0),
         default=None,
         help="ICD: iterations with the student's features detached "
         "(default min(1000, 10%% of the run))",
@@ -335,13 +369,13 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     _add_icd_flags(g)
     g.add_argument(
         "--icd-lr",
-        type=float,
+        type=finite_float(minimum=0.0),
         default=TEACHER_SIDE_LR,
         help="AdamW lr of ICD's teacher side (encoder, decoder, aux head); cosine decay over the run",
     )
     g.add_argument(
         "--icd-clip",
-        type=float,
+        type=finite_float(above=0.0),
         default=TEACHER_SIDE_CLIP,
         help="gradient-norm clip of ICD's teacher side",
     )
@@ -411,6 +445,7 @@ def _plot_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="loss and AP curves of runs as a PNG")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output dirs with metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png of the first)")
+    _add_debug_flag(p)
     return p
 
 
@@ -423,9 +458,9 @@ def _data_parser(sub) -> argparse.ArgumentParser:
         description="Write DIR/train, DIR/val PNGs and DIR/annotations/instances_{train,val}.json.",
     )
     s.add_argument("--out", required=True, metavar="DIR")
-    s.add_argument("--num-train", type=int, default=2000)
-    s.add_argument("--num-val", type=int, default=500)
-    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--num-train", type=int_at_least(1), default=2000)
+    s.add_argument("--num-val", type=int_at_least(1), default=500)
+    s.add_argument("--image-size", type=int_at_least(48), default=256)  # smaller: the backgrounds fail
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--format",
@@ -434,6 +469,7 @@ def _data_parser(sub) -> argparse.ArgumentParser:
         help="yolo: also write DIR/yolo/{images,labels}/{train,val} (txt labels) and DIR/yolo/data.yaml "
         "for ultralytics",
     )
+    _add_debug_flag(s)
     return p
 
 
@@ -448,6 +484,7 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
         "the attention maps under --out. A finished teacher there is reused.",
     )
     add_demo_flags(p)
+    _add_debug_flag(p)
     return p
 
 
@@ -466,7 +503,7 @@ def icd_version() -> str:
 def build_parser(train_preset: str | None = None, eval_preset: str | None = None) -> argparse.ArgumentParser:
     """The ``icd`` parser; ``train_preset`` / ``eval_preset``: a --config file whose keys become
     defaults of ``icd train`` / ``icd eval``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="icd",
         description="Instance-Conditional Knowledge "
         "Distillation for object detection: training and evaluation",
@@ -489,10 +526,13 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
     from icd.engine.distributed import cleanup, init_distributed
     from icd.engine.evaluator import eval_loader, evaluate
     from icd.engine.metrics import MetricsLog
+    from icd.engine.output_dir import probe_writable
     from icd.engine.trainer import detector_spec_from_args
 
     info = init_distributed(args.device)
     try:
+        if info.is_main:  # the detections and metrics are written at the end: fail now, not then
+            probe_writable(args.output_dir)
         image_dir, ann = dataset_paths(args.data_path, args.split, args.val_ann, args.val_images, "val")
         dataset = CocoDetection(image_dir, ann, on_bad_data=args.on_bad_data)
         ckpt = load_checkpoint(args.checkpoint)
@@ -508,7 +548,7 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
                 spec.score_thresh = args.score_thresh
         else:
             if args.detector is None or args.backbone is None:
-                raise SystemExit(
+                raise ConfigError(
                     f"{args.checkpoint} holds no detector_spec; give --detector and "
                     "--backbone (and --fpn-channels, --norm if not the defaults)"
                 )
@@ -519,7 +559,7 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
             args.score_thresh = 0.05 if args.score_thresh is None else args.score_thresh
             spec = detector_spec_from_args(args, dataset.num_classes)
         if spec.num_classes != dataset.num_classes:
-            raise SystemExit(
+            raise ConfigError(
                 f"{args.checkpoint} has {spec.num_classes} classes; {ann} has {dataset.num_classes}"
             )
         model = build_detector(spec)
@@ -594,11 +634,46 @@ def _check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(str(err))
 
 
+def _train_flags_set(argv: Sequence[str], preset: str | None) -> set[str]:
+    """The train flags (dests) given on the command line or by the --config preset, whatever
+    their value (also a value equal to the default)."""
+    from icd.config import load_preset
+
+    p = _train_parser(argparse.ArgumentParser(prog="icd", add_help=False).add_subparsers())
+    for action in p._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    given = set(vars(p.parse_known_args(list(argv[1:]))[0]))
+    return given | (set(load_preset(preset)) if preset else set())
+
+
+def _debugging(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``icd``: 0 when done; a user's error prints one line ``icd: error: ...`` and gives 2 (1 for
+    a run that failed, e.g. went non-finite); --debug or ICD_DEBUG=1 raises it instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except USER_ERRORS as err:
+        if _debugging(argv):
+            raise
+        print(f"icd: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        return getattr(err, "exit_code", 2)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(_train_preset_of(argv), _train_preset_of(argv, "eval"))
     args = parser.parse_args(argv)
     _check_data_flags(parser, args)
+    if args.command == "train":
+        check_teacher_flags(args, _train_flags_set(argv, args.config), args.config)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         from icd.engine.trainer import train

@@ -115,14 +115,17 @@ _KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
 
 
 def _checked_scalar(action: argparse.Action, value: Any, where: str) -> Any:
-    kind = action.type or str
+    convert = action.type or str
+    kind = getattr(convert, "base", convert)  # icd.flags.CheckedType: int or float plus a range
     expected = f"{where}: expected {_KIND_NAMES.get(kind, 'a value')}"
     if isinstance(value, (bool, list, dict)) or (kind is str and not isinstance(value, str)):
         raise ValueError(expected)
     if (kind is int and not isinstance(value, int)) or (kind is float and not isinstance(value, (int, float))):
         raise ValueError(expected)
     try:
-        value = kind(value)
+        value = convert(value)
+    except argparse.ArgumentTypeError as err:  # out of range: the flag's own message
+        raise ValueError(f"{where}: {str(err).split(': ', 1)[-1]}") from None
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None
     if action.choices is not None and value not in action.choices:

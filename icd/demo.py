@@ -21,6 +21,7 @@ process shows one progress bar per run, fed by the runs' ``metrics.jsonl``.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -240,7 +241,9 @@ def _iterations_done(run_dir: str) -> int:
 def _start(run: Run, cfg: DemoConfig) -> None:
     run_dir = cfg.run_dir(run.name)
     os.makedirs(run_dir, exist_ok=True)
-    for stale in ("metrics.jsonl", STAMP_FILE, "checkpoint.pth"):  # a fresh run, not a resume
+    # a fresh run, not a resume: nothing of an earlier run may stay (icd train refuses to start on it)
+    epoch_files = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(run_dir), "model_*.pth"))]
+    for stale in ["metrics.jsonl", STAMP_FILE, "checkpoint.pth", *epoch_files]:
         path = os.path.join(run_dir, stale)
         if os.path.exists(path):
             os.remove(path)

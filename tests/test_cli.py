@@ -129,12 +129,16 @@ def test_icd_distillation(detector, extra, data, tmp_path):
     assert torch.is_tensor(ckpt["rng"]["torch"])
 
 
-def test_teacher_with_other_levels_is_refused(data, tmp_path):
+def test_teacher_with_other_levels_is_refused(data, tmp_path, capsys):
     spec = DetectorSpec("retinanet", "resnet18", num_classes=7, fpn_channels=32, norm="gn",
                         min_level=3, max_level=6, min_size=(64,), max_size=64)
     teacher = str(tmp_path / "teacher.pth")
     save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()},
                 teacher)
-    with pytest.raises(ValueError, match="levels"):
-        main(f"train --data-path {data} {TINY} --max-level 5 --teacher {teacher} --no-eval "
-             f"--output-dir {tmp_path / 'x'}".split())
+    argv = (f"train --data-path {data} {TINY} --max-level 5 --teacher {teacher} --no-eval "
+            f"--output-dir {tmp_path / 'x'}").split()
+    assert main(argv) == 2  # a user's error: one line, no traceback
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("icd: error: teacher levels P[3, 4, 5, 6] differ")
+    with pytest.raises(ValueError, match="levels"):  # --debug: the exception itself
+        main([*argv, "--debug"])

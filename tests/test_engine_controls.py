@@ -92,7 +92,7 @@ def test_distill_none_with_a_teacher_needs_inheritance(data, tmp_path):
     teacher_path = _teacher(tmp_path)
     with pytest.raises(ValueError, match="--distill none: the teacher would not be used; add --inherit-teacher"):
         main(["train", "--data-path", data, *TINY.split(), "--teacher", teacher_path, "--distill", "none",
-              "--output-dir", str(tmp_path / "x")])
+              "--output-dir", str(tmp_path / "x"), "--debug"])  # --debug: the exception, not the one-line error
 
 
 def test_best_metric_is_mask_ap_for_mask_rcnn():

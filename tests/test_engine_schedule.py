@@ -66,13 +66,15 @@ def test_a_stop_in_the_last_epoch_is_not_the_end_of_the_run(tmp_path):
     assert [r["iter"] for r in _records(out) if r["type"] == "eval"] == [2]  # epoch 0's only
 
 
-def test_run_length_flags_are_checked(tmp_path):
+def test_run_length_flags_are_checked(tmp_path, capsys):
     data = str(tmp_path / "data")
     generate(data, num_train=2, num_val=1, image_size=64, seed=5)
-    with pytest.raises(ValueError, match="--stop-after-iters 0: expected a positive number"):
+    with pytest.raises(SystemExit) as exit_info:  # out of range: a parse error
         _train(data, str(tmp_path / "a"), "--stop-after-iters 0")
-    with pytest.raises(ValueError, match=r"lr steps \[2\]: expected .* in 1\.\.1 "):
+    assert exit_info.value.code == 2
+    assert "argument --stop-after-iters: 0: expected an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"lr steps \[2\]: expected .* in 1\.\.1 "):  # --debug: raised
         main(["train", "--data-path", data, "--output-dir", str(tmp_path / "b"),
-              *TINY.replace("--iters 3", "--iters 1").split()])
-    with pytest.raises(ValueError, match="--inherit-teacher neck needs --teacher"):
-        _train(data, str(tmp_path / "c"), "--inherit-teacher neck")
+              *TINY.replace("--iters 3", "--iters 1").split(), "--debug"])
+    with pytest.raises(ValueError, match="--inherit-teacher neck: distillation flags need --teacher"):
+        _train(data, str(tmp_path / "c"), "--inherit-teacher neck --debug")

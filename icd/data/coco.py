@@ -7,17 +7,29 @@ images without boxes are kept with ``boxes`` [0, 4]. With ``with_masks`` (Mask R
 also has ``masks`` uint8 [n, H, W], one per box in the same order, decoded by pycocotools from
 the annotation's ``segmentation`` (polygons, compressed or uncompressed RLE).
 
-Bad data: a malformed annotation (bbox not four finite numbers, negative width or height,
-unknown category or image id; with masks, a non-crowd annotation without a decodable
-``segmentation``) is found when the dataset is built; a corrupt image when it is read. Either
-is reported with the file name / annotation id and then skipped
-(``on_bad_data="skip"``) or raised (``"error"``).
+Bad data is found before any model is built, except a corrupt image (found when it is read):
+
+- file level, always an error: not JSON (or truncated), a top level that is not an object, no
+  ``images`` / ``annotations`` / ``categories`` list, no category, a category without an integer
+  ``id`` and a ``name``, no image (left);
+- per image: no integer ``id``, a ``file_name`` that is missing or resolves outside the image
+  folder, a ``width`` / ``height`` that is not a positive integer or (when the image is read) is
+  not the image's real size;
+- per annotation: no ``id``, ``image_id``, ``category_id`` or ``bbox``; a bbox not four finite
+  numbers or of negative size; an unknown category or image; with masks, a non-crowd annotation
+  without a ``segmentation`` that decodes at its image's size.
+
+Per-image and per-annotation problems are reported with the file, the field and the id, then
+skipped (``on_bad_data="skip"``) or raised (``"error"``); the masks are decoded only once the
+image's declared size is checked against the real one (a JSON field never sizes an allocation).
+An annotation without ``area`` gets its bbox's (COCOeval needs one), without ``iscrowd`` 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -31,13 +43,18 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from icd.errors import IcdError
+
 log = logging.getLogger(__name__)
 
 BAD_DATA_CHOICES = ("skip", "error")
 
 
-class BadDataError(RuntimeError):
-    """A corrupt image or a malformed annotation, with what and where in the message."""
+class BadDataError(IcdError, RuntimeError):
+    """A corrupt image or a malformed annotation file, with what and where in the message."""
+
+
+REQUIRED_LISTS = ("images", "annotations", "categories")
 
 
 def _bbox_problem(bbox: Any) -> str | None:
@@ -66,6 +83,10 @@ def _segmentation_problem(segm: Any, height: Any, width: Any) -> str | None:
                 return f"segmentation polygon {poly!r} is not 3 or more finite (x, y) points"
         if not (isinstance(height, int) and isinstance(width, int)):
             return "its image has no integer 'height' and 'width' to draw the polygons in"
+        for poly in segm:  # pycocotools allocates along the outline: keep it near the image
+            if not (-width <= min(poly[0::2]) and max(poly[0::2]) <= 2 * width
+                    and -height <= min(poly[1::2]) and max(poly[1::2]) <= 2 * height):  # fmt: skip
+                return f"segmentation polygon {_short(poly)} lies far outside the {width}x{height} image"
         return None
     if isinstance(segm, dict):  # RLE {"size": [h, w], "counts": str | bytes | [run lengths]}
         size, counts = segm.get("size"), segm.get("counts")
@@ -74,10 +95,129 @@ def _segmentation_problem(segm: Any, height: Any, width: Any) -> str | None:
         if isinstance(counts, list):
             if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
                 return f"segmentation RLE counts do not cover the {height}x{width} image"
-        elif not isinstance(counts, (str, bytes)):
+        elif isinstance(counts, (str, bytes)):
+            runs = _compressed_rle_counts(counts)
+            if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
+                return f"segmentation RLE counts {_short(counts)} do not decode to the {width}x{height} image"
+        else:
             return f"segmentation RLE counts of type {type(counts).__name__} (expected str or a list)"
         return None
     return f"segmentation of type {type(segm).__name__} is neither polygons nor RLE"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _compressed_rle_counts(counts: str | bytes) -> list[int] | None:
+    """The run lengths of COCO's compressed RLE string (None when it is malformed).
+
+    The format (pycocotools' maskApi): each run is a little-endian sequence of 5-bit groups, one
+    character each (value + 48), bit 0x20 set on all but the last, the last's bit 0x10 the sign;
+    from the third run on, the value is the difference to the run two before. Checked here in
+    Python because pycocotools' decoder trusts the string and writes past its buffer otherwise.
+    """
+    data = counts.encode("ascii", "replace") if isinstance(counts, str) else bytes(counts)
+    runs: list[int] = []
+    i = 0
+    while i < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            if i >= len(data):
+                return None  # the string ends inside a number
+            c = data[i] - 48
+            if not 0 <= c < 64:
+                return None
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            i += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def _image_problem(image: Any, image_dir: str) -> str | None:
+    """Why an ``images`` entry cannot be used; None when it can."""
+    if not isinstance(image, dict):
+        return f"is a {type(image).__name__}, not an object"
+    if not isinstance(image.get("id"), int) or isinstance(image.get("id"), bool):
+        return f"has no integer 'id' ({_short(image.get('id'))})"
+    name = image.get("file_name")
+    if not isinstance(name, str) or not name:
+        return "has no 'file_name'"
+    root = os.path.normpath(os.path.abspath(image_dir))
+    path = os.path.normpath(os.path.join(root, name))
+    if os.path.isabs(name) or os.path.commonpath([root, path]) != root or path == root:
+        return f"file_name {name!r} resolves outside the image folder {image_dir}"
+    for key in ("width", "height"):
+        value = image.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            return f"'{key}' {_short(value)} is not a positive integer"
+    return None
+
+
+_ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox")
+
+
+def _annotation_fields_problem(ann: Any) -> str | None:
+    """A missing or mistyped field of an ``annotations`` entry; None when all are there."""
+    if not isinstance(ann, dict):
+        return f"is a {type(ann).__name__}, not an object"
+    for field in _ANNOTATION_FIELDS:
+        if field not in ann:
+            return f"has no '{field}'"
+    if not isinstance(ann["id"], int) or isinstance(ann["id"], bool):
+        return f"'id' {_short(ann['id'])} is not an integer"
+    return None
+
+
+def read_annotation_file(path: str) -> dict:
+    """The JSON of a COCO annotation file with its file-level structure checked (BadDataError
+    naming the file and the field otherwise); entries are checked by :class:`CocoDetection`."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadDataError(f"{path}: not valid JSON ({err}); is the file truncated?") from None
+    if not isinstance(data, dict):
+        raise BadDataError(
+            f"{path}: the top level is a JSON {type(data).__name__}; expected an object with "
+            f"{', '.join(map(repr, REQUIRED_LISTS))}"
+        )
+    for key in REQUIRED_LISTS:
+        if key not in data:
+            raise BadDataError(f"{path}: no {key!r} (a COCO annotation file has {', '.join(REQUIRED_LISTS)})")
+        if not isinstance(data[key], list):
+            raise BadDataError(f"{path}: {key!r} is a JSON {type(data[key]).__name__}; expected a list")
+    if not data["categories"]:
+        raise BadDataError(f"{path}: 'categories' is empty; a detector needs at least one category")
+    seen = set()
+    for i, cat in enumerate(data["categories"]):
+        cat_id = cat.get("id") if isinstance(cat, dict) else None
+        if not isinstance(cat_id, int) or isinstance(cat_id, bool) or not isinstance(cat.get("name"), str):
+            raise BadDataError(f"{path}: categories[{i}] {_short(cat)} has no integer 'id' and string 'name'")
+        if cat_id in seen:
+            raise BadDataError(f"{path}: categories[{i}]: category id {cat_id} appears twice")
+        seen.add(cat_id)
+    if not data["images"]:
+        raise BadDataError(f"{path}: 'images' is empty; nothing to train or evaluate on")
+    return data
+
+
+def coco_index(data: dict):
+    """pycocotools.coco.COCO over an already loaded (and checked) annotation dict."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 class CocoDetection(Dataset):
@@ -114,16 +254,26 @@ class CocoDetection(Dataset):
         self.seed = seed
         self.with_masks = with_masks
         self.epoch = 0
-        self.coco = load_coco(annotation_file)
+        data = read_annotation_file(annotation_file)
+        data["images"] = self._checked_images(data["images"])
+        data["annotations"] = self._checked_annotations(data)
+        self.coco = coco_index(data)
         self.category_ids: list[int] = sorted(self.coco.getCatIds())
         self.category_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
         self.label_of_category = {c: i for i, c in enumerate(self.category_ids)}
         self.image_ids: list[int] = sorted(self.coco.imgs.keys())
-        self._annotations = self._checked_annotations()
+        self._annotations: dict[int, list[dict]] = {i: [] for i in self.image_ids}
+        for ann in data["annotations"]:
+            self._annotations[ann["image_id"]].append(ann)
 
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
+
+    @property
+    def num_annotations(self) -> int:
+        """Annotations kept (crowd ones included)."""
+        return sum(len(anns) for anns in self._annotations.values())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -133,26 +283,55 @@ class CocoDetection(Dataset):
             raise BadDataError(f"{message} (pass --on-bad-data skip to leave it out)")
         log.warning("skipping: %s", message)
 
-    def _checked_annotations(self) -> dict[int, list[dict]]:
-        per_image: dict[int, list[dict]] = {i: [] for i in self.image_ids}
-        for ann in self.coco.dataset.get("annotations", []):
-            where = (f"{self.annotation_file}: annotation id {ann.get('id')} "
-                     f"(image id {ann.get('image_id')})")
-            problem = _bbox_problem(ann.get("bbox"))
-            if problem is None and ann.get("category_id") not in self.label_of_category:
-                problem = f"category_id {ann.get('category_id')!r} is not in 'categories'"
-            if problem is None and ann.get("image_id") not in per_image:
-                problem = "image_id is not in 'images'"
+    def _checked_images(self, images: list) -> list[dict]:
+        kept, seen = [], set()
+        for i, image in enumerate(images):
+            problem = _image_problem(image, self.image_dir)
+            if problem is None and image["id"] in seen:
+                problem = f"image id {image['id']} appears twice"
+            if problem is not None:
+                image_id = image.get("id") if isinstance(image, dict) else None
+                self._bad(f"{self.annotation_file}: images[{i}] (image id {image_id}) {problem}")
+                continue
+            seen.add(image["id"])
+            kept.append(image)
+        if not kept:
+            raise BadDataError(f"{self.annotation_file}: no usable image is left (every entry was skipped)")
+        return kept
+
+    def _checked_annotations(self, data: dict) -> list[dict]:
+        images = {image["id"]: image for image in data["images"]}
+        categories = {cat["id"] for cat in data["categories"]}
+        kept, seen, no_area = [], set(), 0
+        for i, ann in enumerate(data["annotations"]):
+            problem = _annotation_fields_problem(ann)
+            if problem is not None:
+                ann_id = ann.get("id") if isinstance(ann, dict) else None
+                self._bad(f"{self.annotation_file}: annotations[{i}] (annotation id {ann_id}) {problem}")
+                continue
+            where = f"{self.annotation_file}: annotation id {ann['id']} (image id {ann['image_id']})"
+            problem = _bbox_problem(ann["bbox"])
+            if problem is None and ann["id"] in seen:
+                problem = "its id appears twice"
+            if problem is None and ann["category_id"] not in categories:
+                problem = f"category_id {ann['category_id']!r} is not in 'categories'"
+            if problem is None and ann["image_id"] not in images:
+                problem = "image_id is not in 'images' (or its image entry was skipped)"
             if problem is None and self.with_masks and not ann.get("iscrowd", 0):
-                image = self.coco.imgs[ann["image_id"]]
-                problem = _segmentation_problem(
-                    ann.get("segmentation"), image.get("height"), image.get("width")
-                )
+                image = images[ann["image_id"]]
+                problem = _segmentation_problem(ann.get("segmentation"), image.get("height"), image.get("width"))
             if problem is not None:
                 self._bad(f"{where}: {problem}")
                 continue
-            per_image[ann["image_id"]].append(ann)
-        return per_image
+            seen.add(ann["id"])
+            ann.setdefault("iscrowd", 0)
+            if "area" not in ann:
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+                no_area += 1
+            kept.append(ann)
+        if no_area:
+            log.info("%s: %d annotations have no 'area'; using their bbox's (w x h)", self.annotation_file, no_area)
+        return kept
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -199,6 +378,14 @@ class CocoDetection(Dataset):
             self._bad(f"image {path} (image id {image_id}) cannot be read: {err}")
             return None
         width, height = image.size
+        declared = self.coco.imgs[image_id]
+        if (declared.get("width", width), declared.get("height", height)) != (width, height):
+            # checked before any mask is decoded at the declared size
+            self._bad(
+                f"{self.annotation_file}: image {path} (image id {image_id}) is {width}x{height} but "
+                f"its entry says {declared.get('width')}x{declared.get('height')} ('width'/'height')"
+            )
+            return None
         tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         tensor = tensor.float().div_(255.0)
         target = self._target(image_id, width, height)
@@ -235,11 +422,8 @@ def encode_rle(masks: np.ndarray) -> list[dict]:
 
 
 def load_coco(annotation_file: str):
-    """pycocotools.coco.COCO of a JSON file, without its progress prints on stdout."""
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(annotation_file)
+    """pycocotools.coco.COCO of a JSON file (file-level structure checked), without its prints."""
+    return coco_index(read_annotation_file(annotation_file))
 
 
 def collate(batch: Sequence[tuple[Tensor, dict] | None]) -> tuple[list[Tensor], list[dict]]:

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from icd.errors import ConfigError
+
 INHERITABLE_PARTS = ("neck", "head")
 _HEAD_PREFIXES = {
     "retinanet": ("head.",),
@@ -36,7 +38,7 @@ def parse_parts(text: str | Iterable[str] | None) -> tuple[str, ...]:
     parts = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
     unknown = [p for p in parts if p not in INHERITABLE_PARTS]
     if unknown:
-        raise ValueError(f"inherit-teacher parts {unknown}: expected a comma list of {INHERITABLE_PARTS}")
+        raise ConfigError(f"inherit-teacher parts {unknown}: expected a comma list of {INHERITABLE_PARTS}")
     return parts
 
 
@@ -64,7 +66,7 @@ def inherit_from_teacher(
     if not parts:
         return []
     if student_detector != teacher_detector:
-        raise ValueError(
+        raise ConfigError(
             f"--inherit-teacher {','.join(parts)}: the student is a {student_detector} and the teacher "
             f"a {teacher_detector}; only the same detector can inherit its neck and head"
         )
@@ -85,7 +87,7 @@ def inherit_from_teacher(
             details.append(f"missing in the teacher: {missing}")
         if mismatched:
             details.append("shape mismatches: " + "; ".join(mismatched))
-        raise ValueError(
+        raise ConfigError(
             f"--inherit-teacher {','.join(parts)}: cannot initialise the student from the teacher "
             f"({' | '.join(details)}). Match --fpn-channels, --min-level/--max-level and the "
             "detector to the teacher's, or inherit fewer parts."

@@ -27,6 +27,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
+from icd.errors import ConfigError, WeightsMismatchError
+
 DETECTORS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
 MASK_DETECTORS = ("maskrcnn",)
 TWO_STAGE_DETECTORS = ("fasterrcnn", "maskrcnn")  # RPN + RoI heads, background label 0
@@ -53,22 +55,22 @@ class DetectorSpec:
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
-            raise ValueError(f"detector={self.detector!r}; expected one of {DETECTORS}")
+            raise ConfigError(f"detector={self.detector!r}; expected one of {DETECTORS}")
         if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone={self.backbone!r}; expected one of {BACKBONES}")
+            raise ConfigError(f"backbone={self.backbone!r}; expected one of {BACKBONES}")
         if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r}; expected one of {NORMS}")
+            raise ConfigError(f"norm={self.norm!r}; expected one of {NORMS}")
         lo, hi = DEFAULT_LEVELS[self.detector]
         self.min_level = lo if self.min_level is None else int(self.min_level)
         self.max_level = hi if self.max_level is None else int(self.max_level)
         if not 2 <= self.min_level <= 5:
-            raise ValueError(f"min_level={self.min_level}; expected 2..5 (P2..P5 come from ResNet)")
+            raise ConfigError(f"min_level={self.min_level}; expected 2..5 (P2..P5 come from ResNet)")
         if self.max_level < self.min_level or self.max_level > 8:
-            raise ValueError(f"max_level={self.max_level}; expected {self.min_level}..8")
+            raise ConfigError(f"max_level={self.max_level}; expected {self.min_level}..8")
         if not 0 <= self.trainable_layers <= 5:
-            raise ValueError(f"trainable_layers={self.trainable_layers}; expected 0..5")
+            raise ConfigError(f"trainable_layers={self.trainable_layers}; expected 0..5")
         if self.detector == "fcos" and self.fpn_channels % 16:
-            raise ValueError(
+            raise ConfigError(
                 f"fcos: fpn_channels={self.fpn_channels}; its head's GroupNorm(16) "
                 "needs a multiple of 16"
             )
@@ -167,7 +169,7 @@ def load_backbone_weights(body: nn.Module, path: str) -> None:
     own = {k for k in body.state_dict() if not any(s in k for s in skip)}
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
-        raise KeyError(
+        raise WeightsMismatchError(
             f"backbone weights {path}: missing keys {missing}; unexpected keys {unexpected}"
         )
     body.load_state_dict(state, strict=False)
@@ -218,12 +220,22 @@ def load_detector_weights(model: nn.Module, checkpoint: str | dict, what: str = 
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    own = set(model.state_dict())
-    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    src = checkpoint if isinstance(checkpoint, str) else "the given state dict"
     if missing or unexpected:
-        src = checkpoint if isinstance(checkpoint, str) else "the given state dict"
-        raise KeyError(
+        raise WeightsMismatchError(
             f"{what} weights from {src} do not match the {what} detector: "
             f"missing keys {missing}; unexpected keys {unexpected}"
+        )
+    reshaped = [
+        f"{k}: checkpoint {list(v.shape)}, model {list(own[k].shape)}"
+        for k, v in state.items()
+        if hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if reshaped:
+        raise WeightsMismatchError(
+            f"{what} weights from {src} do not match the {what} detector's shapes ({len(reshaped)} "
+            f"tensors; match the flags to the checkpoint): " + "; ".join(reshaped[:3])
         )
     model.load_state_dict(state, strict=True)

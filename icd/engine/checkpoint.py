@@ -20,11 +20,14 @@ reads it back.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from typing import Any
 
 import numpy as np
 import torch
+
+from icd.errors import ConfigError
 
 
 def save_atomic(obj: Any, path: str) -> None:
@@ -39,7 +42,21 @@ def save_atomic(obj: Any, path: str) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The dict saved at ``path`` (weights_only); ConfigError when the file is no torch checkpoint."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory; expected a checkpoint file (e.g. {path}/checkpoint.pth)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint file {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ConfigError(
+            f"{path} is not a readable torch checkpoint ({type(err).__name__}); expected a file written by "
+            "icd train or torch.save (tensors, numbers, strings, lists, dicts)"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{path} holds a {type(ckpt).__name__}; expected a checkpoint dict or a state dict")
+    return ckpt
 
 
 def capture_rng_state() -> dict:

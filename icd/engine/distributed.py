@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from icd.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,9 +33,12 @@ def resolve_device(name: str | None) -> torch.device:
     """``--device``: "cuda", "cuda:1", "cpu", or None for cuda when available else cpu."""
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device; expected cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigError(
             f"--device {name}: CUDA is not available on this machine; use --device cpu"
         )
     return device

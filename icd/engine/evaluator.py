@@ -20,6 +20,7 @@ from icd.detection.evaluation import (
 )
 from icd.engine.distributed import DistInfo, all_gather_objects
 from icd.engine.sampler import ResumableSampler
+from icd.errors import NothingDoneError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,11 @@ def evaluate(
         gives_masks = gives_masks or rank_gives_masks
         for image_id, dets in rank_dets.items():
             merged.setdefault(image_id, dets)
+    if not merged:  # the same on every rank (gathered)
+        raise NothingDoneError(
+            f"evaluation of {dataset.annotation_file}: none of its {len(dataset)} images could be read "
+            "(all skipped as bad data); no metrics"
+        )
     metrics = {}
     if info.is_main:
         detections = [d for image_id in sorted(merged) for d in merged[image_id]]

@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from icd.errors import IcdError
+
 HEALTH_ACTIONS = ("warn", "stop")
 STUCK, BLOW_UP = "stuck", "blow-up"
 # blow-ups are looked for once a term has this many non-zero values (or --health-window, if fewer)
@@ -52,8 +54,10 @@ class HealthProblem:
                 f"blowing up")
 
 
-class UnhealthyTrainingError(RuntimeError):
-    """Raised by the trainer under ``--on-unhealthy stop``."""
+class UnhealthyTrainingError(IcdError, RuntimeError):
+    """Raised by the trainer under ``--on-unhealthy stop`` (the CLI: one line, exit status 1)."""
+
+    exit_code = 1
 
 
 class LossHealth:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from icd.errors import ConfigError
+
 BASE_LR_PER_16_IMAGES = {"retinanet": 0.01, "fcos": 0.01, "fasterrcnn": 0.02, "maskrcnn": 0.02}
 TEACHER_SIDE_LR = 1e-4
 TEACHER_SIDE_WEIGHT_DECAY = 1e-4
@@ -74,7 +76,7 @@ def check_decay_steps(steps: Sequence[int], total_iters: int) -> tuple[int, ...]
     if any(b <= a for a, b in zip(steps, steps[1:], strict=False)) or any(
         not 0 < s <= total_iters for s in steps
     ):
-        raise ValueError(
+        raise ConfigError(
             f"lr steps {list(steps)}: expected strictly increasing iterations in 1..{total_iters} "
             "(the run's length)"
         )

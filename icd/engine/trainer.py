@@ -45,9 +45,13 @@ from icd.engine.checkpoint import (
 from icd.engine.distill import build_distiller
 from icd.engine.distributed import DistInfo, all_ranks, barrier, cleanup, init_distributed
 from icd.engine.evaluator import autocast, eval_loader, evaluate
+from icd.engine.finite import all_finite, first_non_finite, loss_report, nested_tensors
 from icd.engine.health import LossHealth, UnhealthyTrainingError
 from icd.engine.metrics import MetricsLog
+from icd.engine.output_dir import claim_output_dir, remove_previous_run
+from icd.engine.resume_settings import check_resume_compatible
 from icd.engine.sampler import ResumableSampler
+from icd.errors import ConfigError, NonFiniteError, NothingDoneError
 
 log = logging.getLogger("icd.train")
 
@@ -90,7 +94,9 @@ def run_length(args: argparse.Namespace, iters_per_epoch: int) -> tuple[int, int
     for flag in ("iters", "epochs", "stop_after_iters"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
+            raise ConfigError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
+    if iters_per_epoch <= 0:
+        raise NothingDoneError("the training split has no image: nothing to train on")
     if args.iters is None:
         return args.epochs * iters_per_epoch, args.epochs
     return args.iters, math.ceil(args.iters / iters_per_epoch)
@@ -106,7 +112,7 @@ def load_teacher(
         spec = DetectorSpec(**ckpt["detector_spec"])
     else:
         if args.teacher_detector is None or args.teacher_backbone is None:
-            raise ValueError(
+            raise ConfigError(
                 f"--teacher {path} holds no detector_spec (not written by icd train); "
                 "give --teacher-detector and --teacher-backbone"
             )
@@ -122,11 +128,14 @@ def load_teacher(
             max_size=args.max_size,
         )
     if spec.num_classes != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"teacher {path} has {spec.num_classes} classes; the data has {num_classes}"
         )
     teacher = build_detector(spec)
     load_detector_weights(teacher, ckpt, what="teacher")
+    bad = first_non_finite(teacher.state_dict().items())
+    if bad is not None:
+        raise NonFiniteError(f"--teacher {path}: its weight {bad} has NaN or inf values; it cannot teach")
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -146,6 +155,20 @@ def average_across_ranks(record: dict[str, float], info: DistInfo) -> dict[str, 
     values = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=info.device)
     torch.distributed.all_reduce(values)
     return {k: float(v) / info.world_size for k, v in zip(keys, values.tolist(), strict=True)}
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of a torchrun launch, or a single process (before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _refuse_non_finite(ckpt: dict, iteration: int) -> None:
+    """NonFiniteError instead of writing a checkpoint with a NaN or inf tensor in it."""
+    bad = first_non_finite(nested_tensors({k: v for k, v in ckpt.items() if k != "rng"}))
+    if bad is not None:
+        raise NonFiniteError(
+            f"iteration {iteration}: {bad} is non-finite (NaN or inf); the checkpoint was not written"
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -169,14 +192,18 @@ class Trainer:
         self.args = args
         self.inherit_parts = parse_parts(args.inherit_teacher)  # checked before anything is built
         if self.inherit_parts and not args.teacher:
-            raise ValueError(f"--inherit-teacher {args.inherit_teacher} needs --teacher")
+            raise ConfigError(f"--inherit-teacher {args.inherit_teacher} needs --teacher")
         if args.teacher and args.distill == "none" and not self.inherit_parts:
-            raise ValueError(
+            raise ConfigError(
                 f"--teacher {args.teacher} --distill none: the teacher would not be used; add "
                 "--inherit-teacher neck,head (inheritance only) or leave --teacher out (a baseline)"
             )
         if args.health_window < 2:
-            raise ValueError(f"--health-window {args.health_window}: expected at least 2 iterations")
+            raise ConfigError(f"--health-window {args.health_window}: expected at least 2 iterations")
+        # another run's files there stop this one before anything is built; rank 0 probes a write
+        self.overwritten = claim_output_dir(
+            args.output_dir, args.resume, getattr(args, "overwrite", False), probe=_is_rank_zero()
+        )
         self.info: DistInfo = init_distributed(args.device)
         seed_everything(args.seed)
         self._build_data()
@@ -197,6 +224,11 @@ class Trainer:
         if args.teacher:
             self._build_distillation(num_classes)
         self._build_optimisers()
+        self.trained_params = [
+            p for group in self._optimisers() for g in group.param_groups for p in g["params"] if p.requires_grad
+        ]
+        self._params_finite: torch.Tensor | None = None  # on the device, read at the next loss check
+        self._teacher_maps: list[torch.Tensor] | None = None
         use_scaler = args.amp and self.info.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self._wrap_ddp()
@@ -223,6 +255,10 @@ class Trainer:
             with_masks=args.detector in MASK_DETECTORS,
         )
         self.train_annotations = train_ann
+        if self.train_set.num_annotations == 0 and self.info.is_main:
+            log.warning(
+                "%s has no (usable) annotations: the detector learns only background", train_ann
+            )
         self.val_set = None
         if not args.no_eval:
             val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
@@ -234,7 +270,7 @@ class Trainer:
         args, info = self.args, self.info
         self.teacher, teacher_spec = load_teacher(args.teacher, num_classes, args, info.device)
         if teacher_spec.levels != self.spec.levels:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher levels P{teacher_spec.levels} differ from the student's "
                 f"P{self.spec.levels}; pass --min-level/--max-level to match"
             )
@@ -254,7 +290,7 @@ class Trainer:
             num_levels=len(self.spec.levels),
             loss_weight=args.distill_weight,
             warmup_iters=warmup,
-            annotation_file=self.train_annotations,
+            annotation_file=self.train_set.coco.dataset,  # as checked (bad annotations skipped)
             heads=args.icd_heads,
             num_layers=args.icd_layers,
             max_labels=args.icd_max_labels,
@@ -374,6 +410,7 @@ class Trainer:
         if not self.info.is_main:
             return None
         ckpt = self.state(epoch, epoch_batches)
+        _refuse_non_finite(ckpt, self.iteration)
         save_atomic(ckpt, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
         if also_epoch_file:
             save_atomic(ckpt, os.path.join(self.args.output_dir, f"model_{epoch - 1}.pth"))
@@ -401,6 +438,7 @@ class Trainer:
 
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path)
+        check_resume_compatible(ckpt, path, self.args, self.spec.to_dict())
         load_detector_weights(_unwrap(self.model), ckpt, what="resumed")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -426,6 +464,36 @@ class Trainer:
                 "resumed from %s at epoch %d, iteration %d", path, self.start_epoch, self.iteration
             )
 
+    def _optimisers(self) -> list[torch.optim.Optimizer]:
+        return [opt for opt in (self.optimizer, self.teacher_optimizer) if opt is not None]
+
+    # -- non-finite guard --------------------------------------------------------------------
+    def _stop_non_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        """NonFiniteError naming what went non-finite at this iteration (a failure path: syncs)."""
+        step = self.iteration + 1
+        if self._params_finite is not None and not bool(self._params_finite):
+            named = [(n, p) for n, p in _unwrap(self.model).named_parameters()]
+            if self.distiller is not None:
+                named += [(f"distiller.{n}", p) for n, p in self.distiller.named_parameters()]
+            bad = first_non_finite(named) or "a parameter"
+            raise NonFiniteError(
+                f"iteration {self.iteration}: the optimiser step made {bad} non-finite (NaN or inf) "
+                f"with finite losses; stopped before checkpointing it. Lower --lr ({self._lr_text()})"
+            )
+        message = f"non-finite loss at iteration {step}: {loss_report(losses)}"
+        teacher_maps, self._teacher_maps = self._teacher_maps, None
+        if teacher_maps is not None and first_non_finite(enumerate(teacher_maps)) is not None:
+            message += (
+                f"; the teacher's FPN outputs are non-finite (teacher {self.args.teacher}): the teacher, "
+                "not the student, is at fault" + (" (float16 overflow? try without --amp)" if self.args.amp else "")
+            )
+        else:
+            message += f"; the student diverged or the batch is bad: lower --lr ({self._lr_text()})"
+        raise NonFiniteError(message + "; nothing non-finite was checkpointed")
+
+    def _lr_text(self) -> str:
+        return f"now {self.optimizer.param_groups[0]['lr']:.3g}"
+
     # -- one iteration -----------------------------------------------------------------------
     def _losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
         offset = self.spec.label_offset
@@ -435,6 +503,7 @@ class Trainer:
                 batch = self.tap.batch
                 with torch.no_grad():
                     teacher_maps = list(self.teacher.backbone(batch.images).values())
+                self._teacher_maps = teacher_maps  # kept until the loss check (its report)
                 labels = [lab - offset for lab in batch.labels]
                 extra = self.distiller_ddp(
                     teacher_maps,
@@ -461,11 +530,12 @@ class Trainer:
         ]
         losses = self._losses(images, targets)
         total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"non-finite loss at iteration {self.iteration + 1}: "
-                f"{ {k: float(v) for k, v in losses.items()} }"
-            )
+        finite = torch.isfinite(total)
+        if self._params_finite is not None:  # the last step's parameters: no sync of their own
+            finite = finite & self._params_finite
+        if not finite:
+            self._stop_non_finite(losses)
+        self._teacher_maps = None
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher_optimizer is not None:
             self.teacher_optimizer.zero_grad(set_to_none=True)
@@ -491,6 +561,7 @@ class Trainer:
             self.teacher_lr_scheduler.step()
         if self.distiller is not None:
             self.distiller.step()
+        self._params_finite = all_finite(self.trained_params)
         self.iteration += 1
         record = {
             k if k.startswith("loss_") else f"loss_{k}": float(v.detach())
@@ -568,6 +639,10 @@ class Trainer:
         args, info = self.args, self.info
         kill_after = int(os.environ.get(_KILL_AFTER_ENV, "0"))
         stop_at = min(self.total_iters, args.stop_after_iters or self.total_iters)
+        if self.overwritten and info.is_main:
+            log.warning("--overwrite: removing the previous run's %s", ", ".join(self.overwritten))
+            remove_previous_run(self.overwritten)
+        first_iteration = self.iteration
         self.model.train()
         final = {}
         for epoch in range(self.start_epoch, self.num_epochs):
@@ -611,6 +686,8 @@ class Trainer:
                 if self.iteration >= stop_at:
                     break
             bar.close()
+            if self.iteration == first_iteration and batches > skip:
+                self._stop_nothing_trained(epoch, batches - skip)
             self.epoch_batches = 0
             epoch_done = batches >= self.iters_per_epoch  # else left mid-epoch: end of --iters or a stop
             run_over = self.iteration >= self.total_iters or (epoch_done and epoch + 1 == self.num_epochs)
@@ -625,7 +702,19 @@ class Trainer:
             barrier(info)
             if self.iteration >= stop_at:
                 break
+        if self.iteration == first_iteration:
+            raise NothingDoneError(
+                f"--resume {args.resume} is at iteration {self.iteration} and this run stops at iteration "
+                f"{stop_at}: nothing to train; raise --iters, --epochs or --stop-after-iters to go on"
+            )
         return final
+
+    def _stop_nothing_trained(self, epoch: int, batches: int) -> None:
+        raise NothingDoneError(
+            f"epoch {epoch}: no optimiser step in {batches} batches: every image of {self.train_annotations} "
+            f"that was read was skipped as bad data (--on-bad-data {self.args.on_bad_data}); "
+            "nothing was trained or checkpointed"
+        )
 
     def close(self) -> None:
         if self.tap is not None:

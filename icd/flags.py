@@ -1,0 +1,114 @@
+"""Checked value types of ``icd`` flags and the check that distillation flags have a teacher.
+
+The types are argparse ``type=`` callables that :mod:`icd.config` also applies to a preset's
+values, so ``--batch-size 0`` and ``batch_size = 0`` in a ``--config`` file are the same error::
+
+    p.add_argument("--batch-size", type=int_at_least(1))     # "0: expected an integer >= 1"
+    p.add_argument("--lr", type=finite_float(above=0.0))     # "nan: expected a finite number > 0"
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from icd.errors import ConfigError
+
+
+class CheckedType:
+    """A callable argparse type: converts with ``base`` (int or float), then checks the range.
+
+    ``base`` lets :mod:`icd.config` tell which TOML values fit (integers for int flags, numbers
+    for float flags) before the range is checked.
+    """
+
+    def __init__(
+        self,
+        base: type,
+        *,
+        minimum: float | None = None,
+        above: float | None = None,
+        maximum: float | None = None,
+        below: float | None = None,
+    ) -> None:
+        self.base = base
+        self.minimum, self.above, self.maximum, self.below = minimum, above, maximum, below
+        bounds = [f">= {_fmt(minimum)}" if minimum is not None else None,
+                  f"> {_fmt(above)}" if above is not None else None,
+                  f"<= {_fmt(maximum)}" if maximum is not None else None,
+                  f"< {_fmt(below)}" if below is not None else None]  # fmt: skip
+        kind = "an integer" if base is int else "a finite number"
+        self.expected = " ".join([kind, " and ".join(b for b in bounds if b)]).strip()
+        self.__name__ = base.__name__  # argparse names the type in its "invalid ... value" error
+
+    def __call__(self, text: Any) -> int | float:
+        try:
+            value = self.base(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {self.expected}") from None
+        if (
+            (isinstance(value, float) and not math.isfinite(value))
+            or (self.minimum is not None and value < self.minimum)
+            or (self.above is not None and value <= self.above)
+            or (self.maximum is not None and value > self.maximum)
+            or (self.below is not None and value >= self.below)
+        ):
+            raise argparse.ArgumentTypeError(f"{text}: expected {self.expected}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"CheckedType({self.expected})"
+
+
+def _fmt(bound: float) -> str:
+    return f"{bound:g}"
+
+
+def int_at_least(minimum: int) -> CheckedType:
+    """An integer >= ``minimum`` (sizes, counts, frequencies)."""
+    return CheckedType(int, minimum=minimum)
+
+
+def finite_float(
+    *, minimum: float | None = None, above: float | None = None, maximum: float | None = None,
+    below: float | None = None,
+) -> CheckedType:  # fmt: skip
+    """A finite float within the given bounds (lr, momentum, weight decay, loss weights)."""
+    return CheckedType(float, minimum=minimum, above=above, maximum=maximum, below=below)
+
+
+# flags that only mean something with --teacher: every --icd-*, --distill*, --teacher-*,
+# --fpn-mse-* flag (so flags added later are covered) and --inherit-teacher
+_TEACHER_ONLY_PREFIXES = ("icd_", "distill", "teacher_", "fpn_mse")
+_TEACHER_ONLY = ("inherit_teacher",)
+
+
+def teacher_only(dest: str) -> bool:
+    """Whether the train flag stored in ``dest`` needs --teacher."""
+    return dest.startswith(_TEACHER_ONLY_PREFIXES) or dest in _TEACHER_ONLY
+
+
+def check_teacher_flags(
+    args: argparse.Namespace, given: Iterable[str], preset: str | None = None
+) -> None:
+    """ConfigError when a distillation flag is set (``given``: dests set on the command line or
+    by the --config preset) but --teacher is not."""
+    if getattr(args, "teacher", None):
+        return
+    stray = sorted(dest for dest in set(given) if teacher_only(dest))
+    if not stray:
+        return
+    flags = ", ".join(f"--{d.replace('_', '-')} {_shown(getattr(args, d, None))}" for d in stray)
+    where = f" (command line or --config {preset})" if preset else ""
+    raise ConfigError(
+        f"{flags}{where}: distillation flags need --teacher CKPT; without a teacher the run is plain "
+        "training and they would be ignored"
+    )
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
