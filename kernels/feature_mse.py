@@ -78,7 +78,8 @@ def _mse_forward_kernel(
         a, b, _ = normalised_pair(s_base, t_base, rows, dims, stride_ss, stride_sd, stride_ts,
                                   stride_td, num_rows, head_dim, eps, NORM_STUDENT, NORM_TEACHER)
         diff = a - b  # 0 in the padded columns and rows: both tiles are 0 there
-        err_acc += tl.sum(diff * diff, 1) * w
+        # a location of weight 0 adds exactly nothing, whatever its features hold
+        err_acc += tl.where(w > 0, tl.sum(diff * diff, 1) * w, 0.0)
         w_acc += w
     slot = pid_nh * programs_per_head + pid_s
     tl.store(part_err_ptr + slot, tl.sum(err_acc, 0))
@@ -165,6 +166,7 @@ def _mse_backward_kernel(
             mean_g = tl.sum(grad, 1) / head_dim
             mean_ga = tl.sum(grad * a, 1) / head_dim
             grad = rstd[:, None] * (grad - mean_g[:, None] - a * mean_ga[:, None])
+        grad = tl.where((w > 0)[:, None], grad, 0.0)  # weight 0: exactly 0, even for NaN features
         store_tile(g_base, rows, dims, stride_gs, stride_gd, rows < num_rows, head_dim, grad)
 
 

@@ -59,7 +59,9 @@ def _value_mask_kernel(
             x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             x = tl.where(valid[None, :], x, float("-inf"))
             p = tl.exp2(x - lse2[:, None])
-            total += tl.sum(p * weight[:, None], 0)
+            # masked keys and slots of weight 0 add exactly nothing, even where p is NaN
+            keep = valid[None, :] & (weight[:, None] > 0)
+            total += tl.sum(tl.where(keep, p * weight[:, None], 0.0), 0)
     tl.store(out_ptr + pid_nh * num_keys + keys, total, mask=keys < num_keys)
 
 

@@ -26,9 +26,10 @@ def main(runs: str) -> None:
             continue
         with open(path) as f:
             evals = [r for r in map(json.loads, f) if r.get("type") == "eval"]
-        if evals and max(r["iter"] for r in evals) > 0:
-            last = max(evals, key=lambda r: r["iter"])
-            groups[(match.group(1), int(match.group(2)))].append((int(match.group(3)), last))
+        epochs = int(match.group(2))
+        finished = [r for r in evals if r["epoch"] == epochs - 1]  # unfinished runs are left out
+        if finished:
+            groups[(match.group(1), epochs)].append((int(match.group(3)), finished[-1]))
     print("| run | epochs | AP mean ± std | AP50 | AP per seed | lift | distinctness |")
     print("| --- | ---: | --- | --- | --- | --- | --- |")
     for (method, epochs), seeded in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
