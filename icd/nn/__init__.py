@@ -18,7 +18,7 @@ from icd.nn.distiller import LOSS_NAMES, ICDDistiller
 from icd.nn.encoder import InstanceEncoder, centre_embedding, instance_descriptor, scale_indicator
 from icd.nn.mlp import MLP
 from icd.nn.prior import ClassPrior
-from icd.nn.sampler import InstanceBatch, InstanceSampler, instance_count
+from icd.nn.sampler import InstanceBatch, InstanceSampler, instance_count, pad_instances, unpad_instances
 
 __all__ = [
     "LOSS_NAMES",
@@ -37,7 +37,9 @@ __all__ = [
     "instance_count",
     "instance_descriptor",
     "merge_heads",
+    "pad_instances",
     "regression_targets",
     "scale_indicator",
     "split_heads",
+    "unpad_instances",
 ]

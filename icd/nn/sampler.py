@@ -1,8 +1,16 @@
 """Instance sampler: the real and fake instances of a batch, in K padded slots (SPEC 4.1).
 
-Slot order per image: the n_gt real instances (ground truth, in the given order), then the
-fake ones, then padding up to K = the largest count in the batch. Image i gets
-n_eff = min(max(1, floor(n_gt * (neg_ratio + 1))), max(max_labels, n_gt)) instances.
+Image i gets n_eff = min(max(1, floor(n_gt * (neg_ratio + 1))), max(max_labels, n_gt))
+instances: its n_gt real ones (ground truth) and n_eff - n_gt fake ones. Two slot layouts:
+
+- dynamic (default): K = the largest n_eff of the batch; per image the real instances in
+  the given order, then the fake ones, then padding. Counts are read from the boxes' shapes
+  on the host, so K (and every shape after it) changes from batch to batch.
+- static (``static_shapes=True``): K = max_labels always, whatever the boxes. Fake
+  candidates are drawn for every slot and the first n_eff - n_gt slots not taken by a real
+  instance keep theirs: the choice is a mask computed on the device, never a count read on
+  the host, so torch.compile sees one graph and a CUDA graph can replay it. An image may
+  then hold at most max_labels real instances.
 """
 
 from __future__ import annotations
@@ -12,10 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icd.nn.prior import ClassPrior
-from icd.nn.validation import check_image_sizes, check_instances
+from icd.nn.validation import check_image_sizes, check_instances, check_padded_instances
 
 FAKE_CENTRE_RANGE = (0.03, 0.97)  # fake centres, fractions of the image
 FAKE_SIZE_RANGE = (0.002, 0.7)  # fake widths and heights, fractions of the image
@@ -57,11 +66,50 @@ class InstanceBatch:
         return self.centers / self.image_sizes.flip(-1)[:, None, :]
 
 
-def instance_count(num_gt: int, neg_ratio: float, max_labels: int) -> int:
-    """n_eff: real plus fake instances of an image with ``num_gt`` ground-truth boxes."""
+def instance_count(num_gt: int | Tensor, neg_ratio: float, max_labels: int) -> int | Tensor:
+    """n_eff: real plus fake instances of an image with ``num_gt`` ground-truth boxes.
+
+    ``num_gt`` an int, or an int64 tensor of counts (then computed on its device, in float64
+    like the int version, so both agree exactly).
+    """
     # the small epsilon keeps e.g. 10 * 1.3 = 12.9999... from losing an instance
+    if isinstance(num_gt, Tensor):
+        scaled = torch.floor(num_gt.double() * (neg_ratio + 1.0) + 1e-9).long()
+        return torch.minimum(scaled.clamp_min(1), num_gt.clamp_min(max_labels))
     scaled = math.floor(num_gt * (neg_ratio + 1.0) + 1e-9)
     return min(max(1, scaled), max(max_labels, num_gt))
+
+
+def pad_instances(
+    boxes: Sequence[Tensor], labels: Sequence[Tensor], slots: int
+) -> tuple[Tensor, Tensor]:
+    """Per-image boxes [n_i, 4] and labels [n_i] -> padded boxes [N, slots, 4] and labels
+    [N, slots] (zeros and -1 after row n_i): the fixed-shape input of the static layout.
+
+    Run it outside a compiled region (e.g. in the data loader's collate): its own work
+    depends on the n_i. Raises ValueError when an image has more than ``slots`` boxes.
+    """
+    if len(boxes) != len(labels):
+        raise ValueError(f"`boxes` has {len(boxes)} entries and `labels` {len(labels)}; expected one per image")
+    for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.shape[0] > slots:
+            raise ValueError(
+                f"`boxes[{i}]` has shape {list(b.shape)}; expected [n_i, 4] with n_i <= {slots} slots "
+                "(raise max_labels, or use the dynamic layout)"
+            )
+    device = boxes[0].device if len(boxes) else None
+    out_boxes = torch.zeros(len(boxes), slots, 4, device=device)
+    out_labels = torch.full((len(boxes), slots), -1, dtype=torch.long, device=device)
+    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
+        out_boxes[i, : b.shape[0]] = b
+        out_labels[i, : lab.shape[0]] = lab
+    return out_boxes, out_labels
+
+
+def unpad_instances(boxes: Tensor, labels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """The inverse of pad_instances: the rows whose label is >= 0, per image (a host sync)."""
+    real = labels >= 0
+    return [b[r] for b, r in zip(boxes, real, strict=True)], [lab[r] for lab, r in zip(labels, real, strict=True)]
 
 
 class InstanceSampler(nn.Module):
@@ -73,6 +121,8 @@ class InstanceSampler(nn.Module):
         max_labels: cap of real + fake instances per image (unless n_gt is larger).
         sample_range: jitter amplitude, fraction of the box size: centre' = centre +
             (U(0, 1) - 0.5) * 2 * sample_range * (w, h). Applied in training mode only.
+        static_shapes: the static layout (K = max_labels for every batch; see the module
+            docstring) instead of the dynamic one.
 
     Fake instances: class ~ prior.class_freq; centre ~ U(0.03, 0.97) of the image; width and
     height ~ Normal(class mean, class std), clipped to mean +- 2 std and then to
@@ -85,6 +135,7 @@ class InstanceSampler(nn.Module):
         neg_ratio: float = 5.0,
         max_labels: int = 300,
         sample_range: float = 0.3,
+        static_shapes: bool = False,
     ) -> None:
         super().__init__()
         if neg_ratio < 0:
@@ -99,6 +150,7 @@ class InstanceSampler(nn.Module):
         self.neg_ratio = float(neg_ratio)
         self.max_labels = int(max_labels)
         self.sample_range = float(sample_range)
+        self.static_shapes = bool(static_shapes)
 
     @property
     def num_classes(self) -> int:
@@ -106,33 +158,63 @@ class InstanceSampler(nn.Module):
 
     def forward(
         self,
-        boxes: Sequence[Tensor],
-        labels: Sequence[Tensor],
+        boxes: Sequence[Tensor] | Tensor,
+        labels: Sequence[Tensor] | Tensor,
         image_sizes: Tensor | Sequence[Sequence[int]],
         *,
         with_fakes: bool = True,
         jitter: bool | None = None,
         generator: torch.Generator | None = None,
+        static_shapes: bool | None = None,
     ) -> InstanceBatch:
         """Sample the instances of a batch.
 
         Args:
-            boxes: N float tensors [n_i, 4], (x1, y1, x2, y2) in input pixels; boxes slightly
-                outside their image are clipped to it, boxes far outside raise ValueError.
-            labels: N int64 tensors [n_i], 0 <= label < num_classes.
+            boxes: N float tensors [n_i, 4], (x1, y1, x2, y2) in input pixels, or one padded
+                tensor [N, M, 4] (see ``pad_instances``); boxes slightly outside their image
+                are clipped to it, boxes far outside raise ValueError.
+            labels: N int64 tensors [n_i], 0 <= label < num_classes, or [N, M] with -1 (any
+                label < 0) in the empty rows of padded boxes.
             image_sizes: [N, 2] valid (h, w) of each image.
-            with_fakes: False gives the real instances only (K = max n_gt, at least 1).
+            with_fakes: False gives the real instances only (dynamic: K = max n_gt, at least 1).
             jitter: jitter the centres; default: in training mode.
             generator: optional random generator, on the prior's device.
+            static_shapes: the slot layout of this call; default: the sampler's.
 
         Returns:
             InstanceBatch with K slots per image.
         """
         device = self.prior.class_freq.device
         sizes = check_image_sizes(image_sizes, None, None, device)
-        real_boxes, real_labels = check_instances(boxes, labels, sizes, self.num_classes)
         jitter = self.training if jitter is None else jitter
+        static = self.static_shapes if static_shapes is None else static_shapes
+        if static:
+            if not isinstance(boxes, Tensor):
+                boxes, labels = pad_instances(boxes, labels, self.max_labels)
+            elif boxes.dim() == 3 and boxes.shape[1] > self.max_labels:
+                raise ValueError(
+                    f"`boxes` has shape {list(boxes.shape)}; the static layout holds at most "
+                    f"max_labels = {self.max_labels} boxes per image (raise max_labels)"
+                )
+            boxes, labels = check_padded_instances(boxes, labels, sizes, self.num_classes)
+            return self._static_slots(boxes, labels, sizes, with_fakes, jitter, generator)
+        if isinstance(boxes, Tensor):
+            boxes, labels = unpad_instances(boxes, labels)
+        real_boxes, real_labels = check_instances(boxes, labels, sizes, self.num_classes)
+        return self._dynamic_slots(real_boxes, real_labels, sizes, with_fakes, jitter, generator)
 
+    @torch.compiler.disable(reason="the dynamic layout reads instance counts on the host")
+    def _dynamic_slots(
+        self,
+        real_boxes: list[Tensor],
+        real_labels: list[Tensor],
+        sizes: Tensor,
+        with_fakes: bool,
+        jitter: bool,
+        generator: torch.Generator | None,
+    ) -> InstanceBatch:
+        """K = the largest n_eff; real, then fake, then padding (counts from the shapes)."""
+        device = sizes.device
         per_image_boxes, per_image_labels, counts = [], [], []
         for b, lab, size in zip(real_boxes, real_labels, sizes, strict=True):
             n_gt = b.shape[0]
@@ -157,14 +239,50 @@ class InstanceSampler(nn.Module):
             out_labels[i, :total] = lab
             is_real[i, :n_gt] = True
             is_valid[i, :total] = True
-
-        centers = (out_boxes[..., :2] + out_boxes[..., 2:]) / 2
-        if jitter and self.sample_range > 0:
-            wh = out_boxes[..., 2:] - out_boxes[..., :2]
-            u = torch.rand(n, k, 2, device=device, generator=generator)
-            centers = centers + (u - 0.5) * 2 * self.sample_range * wh
-        centers = centers * is_valid[..., None]
+        centers = self._centres(out_boxes, is_valid, jitter, generator)
         return InstanceBatch(out_boxes, out_labels, centers, is_real, is_valid, sizes)
+
+    def _static_slots(
+        self,
+        boxes: Tensor,
+        labels: Tensor,
+        sizes: Tensor,
+        with_fakes: bool,
+        jitter: bool,
+        generator: torch.Generator | None,
+    ) -> InstanceBatch:
+        """K = max_labels; the M padded input rows first, fakes in the first free slots.
+
+        boxes [N, M, 4] clipped, labels [N, M] (-1 empty), M <= max_labels. Only device ops
+        with shapes fixed by (N, max_labels).
+        """
+        k = self.max_labels
+        boxes = F.pad(boxes, (0, 0, 0, k - boxes.shape[1]))
+        labels = F.pad(labels, (0, k - labels.shape[1]), value=-1)
+        is_real = labels >= 0
+        is_valid = is_real
+        if with_fakes:
+            n_gt = is_real.sum(dim=1)
+            n_fake = instance_count(n_gt, self.neg_ratio, self.max_labels) - n_gt
+            free = ~is_real
+            is_fake = free & (free.cumsum(dim=1) <= n_fake[:, None])
+            fake_boxes, fake_labels = self._sample_fake_slots(sizes, k, generator)
+            boxes = torch.where(is_fake[..., None], fake_boxes, boxes)
+            labels = torch.where(is_fake, fake_labels, labels)
+            is_valid = is_real | is_fake
+        centers = self._centres(boxes, is_valid, jitter, generator)
+        return InstanceBatch(boxes, labels, centers, is_real, is_valid, sizes)
+
+    def _centres(
+        self, boxes: Tensor, is_valid: Tensor, jitter: bool, generator: torch.Generator | None
+    ) -> Tensor:
+        """[N, K, 2] box centres, jittered when asked; 0 in padding slots."""
+        centers = (boxes[..., :2] + boxes[..., 2:]) / 2
+        if jitter and self.sample_range > 0:
+            wh = boxes[..., 2:] - boxes[..., :2]
+            u = torch.rand(*boxes.shape[:2], 2, device=boxes.device, generator=generator)
+            centers = centers + (u - 0.5) * 2 * self.sample_range * wh
+        return centers * is_valid[..., None]
 
     def _sample_fakes(
         self, count: int, image_size: Tensor, generator: torch.Generator | None
@@ -175,12 +293,45 @@ class InstanceSampler(nn.Module):
         if count == 0:
             return torch.zeros(0, 4, device=device), torch.zeros(0, dtype=torch.long, device=device)
         labels = torch.multinomial(prior.class_freq, count, replacement=True, generator=generator)
+        centre_u = torch.rand(count, 2, device=device, generator=generator)
+        size_z = torch.randn(count, 2, device=device, generator=generator)
+        return self._fake_boxes(labels, centre_u, size_z, image_size.flip(0)), labels
+
+    def _sample_fake_slots(
+        self, sizes: Tensor, slots: int, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """A fake candidate for every slot: boxes [N, slots, 4] and labels [N, slots].
+
+        The class is drawn by inverting the prior's cumulative frequencies (no host sync,
+        fixed shapes), the rest as in the dynamic layout.
+        """
+        n = sizes.shape[0]
+        device = sizes.device
+        u = torch.rand(n, slots, device=device, generator=generator)
+        labels = (u[..., None] >= self._class_thresholds()).sum(dim=-1)
+        centre_u = torch.rand(n, slots, 2, device=device, generator=generator)
+        size_z = torch.randn(n, slots, 2, device=device, generator=generator)
+        return self._fake_boxes(labels, centre_u, size_z, sizes.flip(-1)[:, None, :]), labels
+
+    def _class_thresholds(self) -> Tensor:
+        """[C - 1]: class c is drawn for U(0, 1) in [t_{c-1}, t_c) (t_{-1} = 0, t_{C-1} = 1).
+
+        t_c is the cumulative frequency up to class c, or +inf when no later class has a
+        positive frequency, so rounding never draws a class of frequency 0.
+        """
+        freq = self.prior.class_freq
+        later = freq.flip(0).cumsum(0).flip(0)[1:]  # total frequency of the classes after c
+        return torch.where(later > 0, freq.cumsum(0)[:-1], math.inf)
+
+    def _fake_boxes(self, labels: Tensor, centre_u: Tensor, size_z: Tensor, image_wh: Tensor) -> Tensor:
+        """Fake boxes [..., 4] in pixels from labels [...], U(0, 1) [..., 2] for the centre and
+        N(0, 1) [..., 2] for the size, in images of (w, h) = image_wh (broadcast to [..., 2])."""
+        prior = self.prior
         low, high = FAKE_CENTRE_RANGE
-        centre = low + (high - low) * torch.rand(count, 2, device=device, generator=generator)
+        centre = low + (high - low) * centre_u
         mean, std = prior.size_mean[labels], prior.size_std[labels]
-        size = mean + std * torch.randn(count, 2, device=device, generator=generator)
+        size = mean + std * size_z
         size = torch.minimum(torch.maximum(size, mean - 2 * std), mean + 2 * std)
         size = size.clamp(*FAKE_SIZE_RANGE)
-        wh = image_size.flip(0)  # (w, h)
-        centre, size = centre * wh, size * wh
-        return torch.cat([centre - size / 2, centre + size / 2], dim=1), labels
+        centre, size = centre * image_wh, size * image_wh
+        return torch.cat([centre - size / 2, centre + size / 2], dim=-1)

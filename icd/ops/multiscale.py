@@ -20,8 +20,9 @@ def flatten_levels(features: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         features: L maps [N, C, H_l, W_l], same N, C, dtype and device.
 
     Returns:
-        tokens [N, S, C]; spatial_shapes int64 [L, 2] holding (H_l, W_l);
-        level_start int64 [L], the index of each level's first token.
+        tokens [N, S, C] on the maps' device; spatial_shapes int64 [L, 2] holding (H_l, W_l)
+        and level_start int64 [L], the index of each level's first token, both on the CPU:
+        they are host-side sizes, so reading them never waits for an accelerator.
     """
     if len(features) == 0:
         raise ValueError("flatten_levels: `features` is empty; expected at least one [N, C, H, W] map")
@@ -36,7 +37,7 @@ def flatten_levels(features: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
                 f"has {list(first.shape[:2])}; every level must share N and C"
             )
     tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)
-    shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long, device=first.device)
+    shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long)
     sizes = shapes.prod(dim=1)
     level_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     return tokens, shapes, level_start
@@ -50,6 +51,12 @@ def _as_size_list(sizes: Tensor | Sequence[Sequence[int]], name: str) -> list[tu
     return [(int(a), int(b)) for a, b in rows]
 
 
+def _valid_cells(extent: Tensor, stride: float, cells: int) -> Tensor:
+    """bool [N, cells]: cell j is valid when j < ceil(extent_i / stride) (extent float64 [N])."""
+    limit = torch.ceil(extent / stride)
+    return torch.arange(cells, device=extent.device) < limit[:, None]
+
+
 def padding_mask(
     image_sizes: Tensor | Sequence[Sequence[int]],
     spatial_shapes: Tensor | Sequence[Sequence[int]],
@@ -58,31 +65,35 @@ def padding_mask(
     """Key padding mask of the flattened tokens: True where a token lies in padding.
 
     Args:
-        image_sizes: [N, 2] valid (h_i, w_i) of each image in input pixels.
-        spatial_shapes: [L, 2] (H_l, W_l) of each level.
+        image_sizes: [N, 2] valid (h_i, w_i) of each image in input pixels; a tensor on any
+            device (the mask is built there, without reading its values on the host).
+        spatial_shapes: [L, 2] (H_l, W_l) of each level; a list or a CPU tensor (a tensor on
+            an accelerator is read on the host: a synchronisation).
         padded_size: (Hp, Wp), the padded batch size in input pixels.
 
     Returns:
-        bool [N, S]. On level l with stride r = (Hp / H_l + Wp / W_l) / 2, token (y, x) of
-        image i is valid when y < ceil(h_i / r) and x < ceil(w_i / r).
+        bool [N, S] on image_sizes' device (when a tensor, else spatial_shapes', else the CPU).
+        On level l with stride r = (Hp / H_l + Wp / W_l) / 2, token (y, x) of image i is valid
+        when y < ceil(h_i / r) and x < ceil(w_i / r).
     """
-    images = _as_size_list(image_sizes, "image_sizes")
     levels = _as_size_list(spatial_shapes, "spatial_shapes")
     if len(padded_size) != 2:
         raise ValueError(f"padded_size = {tuple(padded_size)}; expected (Hp, Wp)")
     hp, wp = (float(x) for x in padded_size)
-    device = spatial_shapes.device if isinstance(spatial_shapes, Tensor) else None
+    if isinstance(image_sizes, Tensor):
+        sizes = image_sizes
+    else:
+        device = spatial_shapes.device if isinstance(spatial_shapes, Tensor) else None
+        sizes = torch.tensor(_as_size_list(image_sizes, "image_sizes"), device=device).reshape(-1, 2)
+    if sizes.dim() != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"image_sizes has shape {list(sizes.shape)}; expected [N, 2] (valid h, w)")
+    sizes = sizes.to(torch.float64)  # the rule in double precision, like Python's math.ceil
     per_level = []
     for h_l, w_l in levels:
         stride = (hp / h_l + wp / w_l) / 2
-        rows = torch.arange(h_l, device=device)
-        cols = torch.arange(w_l, device=device)
-        masks = []
-        for h_i, w_i in images:
-            valid_rows = rows < math.ceil(h_i / stride)
-            valid_cols = cols < math.ceil(w_i / stride)
-            masks.append(~(valid_rows[:, None] & valid_cols[None, :]))
-        per_level.append(torch.stack(masks).flatten(1))
+        valid_rows = _valid_cells(sizes[:, 0], stride, h_l)
+        valid_cols = _valid_cells(sizes[:, 1], stride, w_l)
+        per_level.append(~(valid_rows[:, :, None] & valid_cols[:, None, :]).flatten(1))
     return torch.cat(per_level, dim=1)
 
 
