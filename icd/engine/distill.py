@@ -97,8 +97,12 @@ def build_distiller(
     max_labels: int | None = None,
     neg_ratio: float = 5.0,
     backend: str | None = None,
+    static_shapes: bool = False,
 ) -> nn.Module:
-    """ICD (with the class prior of the training annotations) or the FPN-MSE peer."""
+    """ICD (with the class prior of the training annotations) or the FPN-MSE peer.
+
+    ``static_shapes``: ICD's fixed instance-slot layout (for torch.compile / CUDA graphs).
+    """
     if method == "fpn-mse":
         weight = FPN_MSE_LOSS_WEIGHT if loss_weight is None else loss_weight
         return FpnMseDistiller(student_channels, teacher_channels, num_levels, weight)
@@ -125,4 +129,5 @@ def build_distiller(
         prior=prior,
         num_layers=num_layers,
         backend=backend,
+        static_shapes=static_shapes,
     )
