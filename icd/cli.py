@@ -21,8 +21,10 @@ from collections.abc import Sequence
 
 from icd.data.coco import BAD_DATA_CHOICES
 from icd.detection.models import BACKBONES, DETECTORS, NORMS
-from icd.engine.distill import DISTILL_METHODS
+from icd.engine.distill import DISTILL_METHODS, FPN_MSE_NORMS
+from icd.engine.health import HEALTH_ACTIONS
 from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
+from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -105,13 +107,88 @@ def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     )
 
 
+def _add_icd_flags(g) -> None:
+    """ICD's distiller settings and the bare-state-dict teacher flags (train and pretrain)."""
+    g.add_argument("--icd-heads", type=int, default=8)
+    g.add_argument("--icd-layers", type=int, default=1)
+    g.add_argument(
+        "--icd-max-labels",
+        type=int,
+        default=None,
+        help="real + fake instances per image (default 300, 100 for fasterrcnn and maskrcnn)",
+    )
+    g.add_argument("--icd-neg-ratio", type=float, default=5.0)
+    g.add_argument(
+        "--icd-clamp-fakes",
+        action="store_true",
+        help="clip fake instance boxes to their image (the published code does; default: not)",
+    )
+    g.add_argument("--icd-backend", default=None, help="icd.ops backend (default per device)")
+    g.add_argument("--teacher-detector", choices=DETECTORS, default=None)
+    g.add_argument("--teacher-backbone", choices=BACKBONES, default=None)
+    g.add_argument("--teacher-fpn-channels", type=int, default=256)
+    g.add_argument("--teacher-norm", choices=NORMS, default="frozen_bn")
+
+
+def _pretrain_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train ICD's teacher side on a frozen teacher (once per teacher)",
+        description="Train ICD's instance encoder, decoder and auxiliary head on the frozen "
+        "teacher's FPN maps alone (no student), with lift and distinctness of the attention "
+        "measured on the val split every --eval-every iterations. Writes teacher_side.pth (the "
+        "best-scoring evaluation) for `icd train --icd-init`, checkpoint.pth for --resume, "
+        "metrics.jsonl and attention_curve.png.",
+    )
+    _add_data_flags(p)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (icd train's)")
+    p.add_argument("--iters", type=int, default=2000, help="pre-training iterations")
+    p.add_argument("--lr", type=float, default=PRETRAIN_LR, help="AdamW lr (cosine decay over --iters)")
+    p.add_argument("--clip", type=float, default=PRETRAIN_CLIP, help="gradient-norm clip")
+    p.add_argument(
+        "--attention-gain",
+        type=float,
+        default=PRETRAIN_ATTENTION_GAIN,
+        help="multiply the decoder's query projection weights by this at the start (sharper logits)",
+    )
+
+    p.add_argument("--eval-every", type=int, default=200, help="iterations between attention statistics")
+    p.add_argument(
+        "--cache-gb",
+        type=float,
+        default=2.0,
+        help="memory for the teacher's FPN maps of training images, reused across epochs (0: recompute)",
+    )
+    p.add_argument(
+        "--attention-images", type=int, default=None, help="val images for the statistics (default all)"
+    )
+    p.add_argument("--print-freq", type=int, default=20, help="iterations per metrics line")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument("--min-level", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-level", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--min-size", type=int, nargs="+", default=[800], help=argparse.SUPPRESS)
+    p.add_argument("--max-size", type=int, default=1333, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, help="checkpoint.pth of an interrupted pre-training")
+    p.add_argument(
+        "--stop-after-iters",
+        type=int,
+        default=None,
+        help="stop after this many iterations with a checkpoint (continue with --resume)",
+    )
+    _add_icd_flags(p.add_argument_group("ICD teacher side"))
+    return p
+
+
 def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a detector, plain or distilled from a teacher",
         description="Train a torchvision detector on a COCO-format dataset. "
         "Without --teacher: plain training (teachers, baselines). With "
-        "--teacher CKPT: distillation (--distill icd or fpn-mse).",
+        "--teacher CKPT: distillation (--distill icd or fpn-mse) and/or --inherit-teacher.",
     )
     _add_data_flags(p)
     _add_model_flags(p)
@@ -178,14 +255,41 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and last)")
     p.add_argument("--no-eval", action="store_true", help="no evaluation (no val split needed)")
+    p.add_argument(
+        "--on-unhealthy",
+        choices=HEALTH_ACTIONS,
+        default="warn",
+        help="a loss term stuck at one value for --health-window iterations, or growing 1000x "
+        "over its recent median: warn once per loss, or stop the run (exit status 1)",
+    )
+    p.add_argument(
+        "--health-window",
+        type=int,
+        default=50,
+        help="iterations a loss must stay constant to count as stuck (and the history of the "
+        "blow-up check)",
+    )
     g = p.add_argument_group("distillation")
     g.add_argument(
         "--teacher",
         default=None,
-        help="teacher checkpoint (icd train's, or a state "
+        help="teacher checkpoint (icd train's checkpoint.pth or model_best.pth, or a state "
         "dict with --teacher-detector/--teacher-backbone)",
     )
-    g.add_argument("--distill", choices=DISTILL_METHODS, default="icd")
+    g.add_argument(
+        "--distill",
+        choices=DISTILL_METHODS,
+        default="icd",
+        help="icd, fpn-mse (normalised FPN feature imitation, see --fpn-mse-norm) or none (no "
+        "distillation loss: with --inherit-teacher, the inheritance-only control)",
+    )
+    g.add_argument(
+        "--fpn-mse-norm",
+        choices=FPN_MSE_NORMS,
+        default="channel",
+        help="fpn-mse: normalise both maps per channel over each image's locations (channel, as "
+        "PKD), per location over channels (layer), or not at all (none: the raw MSE)",
+    )
     g.add_argument(
         "--inherit-teacher",
         default="",
@@ -197,7 +301,7 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
         "--distill-weight",
         type=float,
         default=None,
-        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 1)",
+        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 2 normalised, 1 raw)",
     )
     g.add_argument(
         "--distill-warmup-iters",
@@ -206,15 +310,7 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
         help="ICD: iterations with the student's features detached "
         "(default min(1000, 10%% of the run))",
     )
-    g.add_argument("--icd-heads", type=int, default=8)
-    g.add_argument("--icd-layers", type=int, default=1)
-    g.add_argument(
-        "--icd-max-labels",
-        type=int,
-        default=None,
-        help="real + fake instances per image (default 300, 100 for fasterrcnn and maskrcnn)",
-    )
-    g.add_argument("--icd-neg-ratio", type=float, default=5.0)
+    _add_icd_flags(g)
     g.add_argument(
         "--icd-lr",
         type=float,
@@ -227,11 +323,20 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
         default=TEACHER_SIDE_CLIP,
         help="gradient-norm clip of ICD's teacher side",
     )
-    g.add_argument("--icd-backend", default=None, help="icd.ops backend (default per device)")
-    g.add_argument("--teacher-detector", choices=DETECTORS, default=None)
-    g.add_argument("--teacher-backbone", choices=BACKBONES, default=None)
-    g.add_argument("--teacher-fpn-channels", type=int, default=256)
-    g.add_argument("--teacher-norm", choices=NORMS, default="frozen_bn")
+    g.add_argument(
+        "--icd-init",
+        default=None,
+        metavar="TEACHER_SIDE.pth",
+        help="start ICD's teacher side from `icd pretrain`'s teacher_side.pth (checked against "
+        "this teacher: classes, channels, heads, layers, levels, weights)",
+    )
+    g.add_argument(
+        "--icd-projection-optimizer",
+        choices=("student", "teacher-side"),
+        default="student",
+        help="who trains the student's ICD value projection: the student's SGD (default) or, as "
+        "the published code does, the teacher side's AdamW under its joint norm clip",
+    )
     if preset is not None:
         from icd.config import apply_preset
 
@@ -253,6 +358,13 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", "--weights", required=True, dest="checkpoint")
     p.add_argument("--split", default="val")
+    p.add_argument(
+        "--attention-stats",
+        action="store_true",
+        help="also measure how instance-specific ICD's attention is (lift, distinctness, per level) "
+        "for an ICD student checkpoint; a file of `icd pretrain` gives these statistics only",
+    )
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the run's own)")
     _add_data_flags(p)
     _add_model_flags(p, defaults=False)
     return p
@@ -304,6 +416,7 @@ def build_parser(train_preset: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub, train_preset)
+    _pretrain_parser(sub)
     _eval_parser(sub)
     _plot_parser(sub)
     _data_parser(sub)
@@ -325,6 +438,8 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
         image_dir, ann = split_paths(args.data_path, args.split)
         dataset = CocoDetection(image_dir, ann, on_bad_data=args.on_bad_data)
         ckpt = load_checkpoint(args.checkpoint)
+        if "teacher_side" in ckpt:  # icd pretrain's output: attention statistics only
+            return _attention_stats(args, ckpt, dataset, info)
         if "detector_spec" in ckpt:
             spec = DetectorSpec(**ckpt["detector_spec"])
             if args.min_size is not None:
@@ -364,6 +479,10 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
             split=args.split,
             progress=not args.no_progress,
         )
+        if args.attention_stats and info.is_main:
+            from icd.engine.attention import checkpoint_attention_statistics
+
+            metrics.update(checkpoint_attention_statistics(ckpt, args.teacher, dataset, info.device))
         if info.is_main:
             MetricsLog(args.output_dir).write(
                 {
@@ -378,6 +497,15 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
         return metrics
     finally:
         cleanup(info)
+
+
+def _attention_stats(args: argparse.Namespace, ckpt: dict, dataset, info) -> dict[str, float]:
+    from icd.engine.attention import checkpoint_attention_statistics
+
+    stats = checkpoint_attention_statistics(ckpt, args.teacher, dataset, info.device)
+    if info.is_main:
+        print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+    return stats
 
 
 def _train_preset_of(argv: Sequence[str]) -> str | None:
@@ -397,6 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from icd.engine.trainer import train
 
         train(args)
+    elif args.command == "pretrain":
+        from icd.engine.pretrain import pretrain
+
+        pretrain(args)
     elif args.command == "eval":
         _run_eval(args)
     elif args.command == "plot":

@@ -33,7 +33,9 @@ from typing import IO
 import torch
 from tqdm import tqdm
 
-RUN_NAMES = ("teacher", "baseline", "fpn_mse", "icd")
+RUN_NAMES = ("teacher", "baseline", "fpn_mse", "icd")  # the runs of the results table
+PRETRAIN_RUN = "icd_pretrain"  # ICD's teacher side on the finished teacher, before the icd run
+PRETRAIN_ITERS = 600
 STAMP_FILE = "demo_run.json"  # per run dir: the settings and wall time of a finished run
 POLL_S = 0.5
 
@@ -65,6 +67,9 @@ class DemoConfig:
     distill_warmup_iters: int | None = None
     icd_weight: float | None = None
     fpn_mse_weight: float | None = None
+    # ICD's teacher side pre-trained on the finished teacher before the ICD student starts
+    # (`icd pretrain`, then `icd train --icd-init`); 0: the paper's recipe, no pre-training
+    pretrain_iters: int = PRETRAIN_ITERS
     jobs: int = 2
     threads: int = 1
     attention_images: int = 4
@@ -92,6 +97,7 @@ TINY = {  # seconds-long settings for the smoke test (`--tiny`)
     "batch_size": 4,
     "teacher_epochs": 1,
     "student_epochs": 1,
+    "pretrain_iters": 4,
     "attention_images": 2,
 }
 
@@ -153,7 +159,29 @@ def train_argv(cfg: DemoConfig, name: str) -> list[str]:
             argv += ["--distill-weight", str(weight)]
         if name == "icd" and cfg.distill_warmup_iters is not None:
             argv += ["--distill-warmup-iters", str(cfg.distill_warmup_iters)]
+        if name == "icd" and cfg.pretrain_iters:
+            argv += ["--icd-init", os.path.join(cfg.run_dir(PRETRAIN_RUN), "teacher_side.pth")]
     return argv + list(cfg.extra_train_flags)
+
+
+def pretrain_argv(cfg: DemoConfig) -> list[str]:
+    """The ``icd pretrain`` arguments of the teacher-side pre-training run."""
+    return [
+        "pretrain",
+        "--data-path", cfg.data_dir,
+        "--output-dir", cfg.run_dir(PRETRAIN_RUN),
+        "--teacher", os.path.join(cfg.run_dir("teacher"), "checkpoint.pth"),
+        "--min-size", str(cfg.image_size),
+        "--max-size", str(cfg.image_size),
+        "--batch-size", str(cfg.batch_size),
+        "--iters", str(cfg.pretrain_iters),
+        "--eval-every", str(max(1, cfg.pretrain_iters // 6)),
+        "--seed", str(cfg.seed if cfg.student_seed is None else cfg.student_seed),
+        "--workers", "0",
+        "--device", "cpu",
+        "--print-freq", "5",
+        "--no-progress",
+    ]  # fmt: skip
 
 
 def plan_runs(cfg: DemoConfig) -> list[Run]:
@@ -168,7 +196,12 @@ def plan_runs(cfg: DemoConfig) -> list[Run]:
     for name in RUN_NAMES:
         epochs = cfg.teacher_epochs if name == "teacher" else cfg.student_epochs
         needs = ("teacher",) if name in ("icd", "fpn_mse") else ()
+        if name == "icd" and cfg.pretrain_iters:
+            needs += (PRETRAIN_RUN,)
         runs.append(Run(name, titles[name], train_argv(cfg, name), epochs * iters_per_epoch, needs))
+    if cfg.pretrain_iters:  # before fpn_mse in the queue: the icd run waits for it
+        pretrain = Run(PRETRAIN_RUN, "ICD teacher side", pretrain_argv(cfg), cfg.pretrain_iters, ("teacher",))
+        runs.insert(RUN_NAMES.index("fpn_mse"), pretrain)
     return runs
 
 
@@ -192,7 +225,7 @@ def _iterations_done(run_dir: str) -> int:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("type") == "train":
+            if record.get("type") in ("train", "pretrain"):
                 done = max(done, int(record["iter"]))
     return done
 
@@ -291,6 +324,8 @@ def results_table(runs: Sequence[Run], cfg: DemoConfig) -> tuple[list[dict], str
     """One row per run (AP, AP50, AP75 in %, training minutes) and the markdown table."""
     rows = []
     for run in runs:
+        if run.name not in RUN_NAMES:
+            continue
         metrics = last_eval(cfg.run_dir(run.name))
         rows.append(
             {
@@ -299,20 +334,24 @@ def results_table(runs: Sequence[Run], cfg: DemoConfig) -> tuple[list[dict], str
                 "AP": metrics["AP"],
                 "AP50": metrics["AP50"],
                 "AP75": metrics["AP75"],
+                "lift": metrics.get("lift"),
+                "distinctness": metrics.get("distinctness"),
                 "iters": run.total_iters,
                 "seconds": run.seconds,
                 "reused": run.reused,
             }
         )
     lines = [
-        "| run | model | AP | AP50 | AP75 | iterations | train + eval time |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| run | model | AP | AP50 | AP75 | lift | distinctness | iterations | train + eval time |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         when = f"{r['seconds']:.0f} s" + (" (reused)" if r["reused"] else "")
+        lift = "" if r["lift"] is None else f"{r['lift']:.2f}"
+        distinct = "" if r["distinctness"] is None else f"{r['distinctness']:.2f}"
         lines.append(
             f"| {r['run']} | {r['model']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | "
-            f"{r['iters']} | {when} |"
+            f"{lift} | {distinct} | {r['iters']} | {when} |"
         )
     return rows, "\n".join(lines) + "\n"
 
@@ -362,14 +401,18 @@ def _load_detector(ckpt_path: str):
 
 
 @torch.no_grad()
-def attention_maps_figure(cfg: DemoConfig, out_path: str, num_images: int) -> str:
+def attention_maps_figure(
+    teacher_path: str, source: str | None, data_dir: str, out_path: str, num_images: int, title: str = ""
+) -> str:
     """Validation images with each real instance's box and its ICD attention, as one PNG.
 
     One row per image, one panel per instance (at most 4): the image, the instance's box, and
-    the attention of the trained ICD decoder (the ``icd`` run's teacher side over the frozen
-    teacher's FPN maps) as a heat map. Each level's [H_l, W_l] map is spread over its cells
-    (mass / cell area) and the levels are summed, so the heat map is a density over the image;
-    the panel title gives the share of the attention on each level.
+    the attention of an ICD teacher side over the frozen teacher's FPN maps as a heat map.
+    ``source`` is an ``icd train --distill icd`` checkpoint or ``icd pretrain``'s
+    teacher_side.pth; None shows the untrained (freshly initialised) teacher side. Each
+    level's [H_l, W_l] map is spread over its cells (mass / cell area) and the levels are
+    summed, so the heat map is a density over the image; the panel title gives the share of
+    the attention on each level.
     """
     import matplotlib
 
@@ -378,31 +421,18 @@ def attention_maps_figure(cfg: DemoConfig, out_path: str, num_images: int) -> st
     from matplotlib.patches import Rectangle
 
     from icd.data.coco import CocoDetection, split_paths
-    from icd.engine.distill import build_distiller
+    from icd.engine.checkpoint import load_checkpoint
+    from icd.engine.distill import icd_distiller_of_run
     from icd.ops import unflatten_levels
 
-    teacher, teacher_spec, _ = _load_detector(os.path.join(cfg.run_dir("teacher"), "checkpoint.pth"))
-    student_ckpt = torch.load(
-        os.path.join(cfg.run_dir("icd"), "checkpoint.pth"), map_location="cpu", weights_only=True
-    )
-    args = student_ckpt["args"]
-    image_dir, ann = split_paths(cfg.data_dir, "val")
+    teacher, teacher_spec, _ = _load_detector(teacher_path)
+    image_dir, ann = split_paths(data_dir, "val")
     dataset = CocoDetection(image_dir, ann)
-    distiller = build_distiller(
-        "icd",
-        detector=args["detector"],
-        num_classes=dataset.num_classes,
-        teacher_channels=teacher_spec.fpn_channels,
-        student_channels=args["fpn_channels"],
-        num_levels=len(teacher_spec.levels),
-        loss_weight=args["distill_weight"],
-        warmup_iters=0,
-        heads=args["icd_heads"],
-        num_layers=args["icd_layers"],
-        max_labels=args["icd_max_labels"],
-        neg_ratio=args["icd_neg_ratio"],
-    )
-    distiller.load_state_dict(student_ckpt["distiller"])
+    blob = load_checkpoint(source) if source else {}
+    distiller = icd_distiller_of_run(blob.get("args", {}), teacher_spec, dataset.num_classes)
+    if source:
+        state = blob.get("distiller", blob.get("teacher_side"))
+        distiller.load_state_dict(state, strict="distiller" in blob)
     distiller.eval()
 
     # the images with the most instances show the most; ties by index keep it deterministic
@@ -461,8 +491,7 @@ def attention_maps_figure(cfg: DemoConfig, out_path: str, num_images: int) -> st
             levels = " ".join(f"{n} {s:.0%}" for n, s in zip(level_names, shares, strict=True))
             ax.set_title(f"val {index}: {name}\n{levels}", fontsize=7)
     fig.suptitle(
-        "ICD instance attention (teacher-side decoder of the icd run) over the frozen teacher's "
-        "FPN levels; cyan: the instance's box",
+        (title or "ICD instance attention") + " over the frozen teacher's FPN levels; cyan: the instance's box",
         fontsize=9,
     )
     fig.tight_layout()
@@ -520,7 +549,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         "curves": plot_runs([cfg.run_dir(r.name) for r in runs],
                             os.path.join(cfg.out_dir, "curves.png")),
         "attention": attention_maps_figure(
-            cfg, os.path.join(cfg.out_dir, "attention_maps.png"), cfg.attention_images
+            os.path.join(cfg.run_dir("teacher"), "checkpoint.pth"),
+            os.path.join(cfg.run_dir("icd"), "checkpoint.pth"),  # started from the pre-trained side
+            cfg.data_dir,
+            os.path.join(cfg.out_dir, "attention_maps.png"),
+            cfg.attention_images,
+            title="ICD attention of the icd run's teacher side",
         ),
     }
     header = (

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from icd import cli
-from icd.demo import DemoConfig, finished_stamp, plan_runs, results_table
+from icd.demo import PRETRAIN_RUN, RUN_NAMES, DemoConfig, finished_stamp, plan_runs, results_table
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -39,6 +39,12 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
         assert any(r["type"] == "train" and "loss" in r for r in records)
     icd_train = [json.loads(x) for x in (tiny_demo / "icd" / "metrics.jsonl").read_text().split("\n") if x]
     assert any("loss_distill" in r and "loss_aux_conf" in r for r in icd_train)
+    # the icd student started from the pre-trained teacher side, and its evaluation measured it
+    assert any("--icd-init" in a for a in plan_runs(DemoConfig(out_dir=str(tiny_demo)))[-1].argv)
+    assert (tiny_demo / PRETRAIN_RUN / "teacher_side.pth").exists()
+    assert any(r["type"] == "eval" and r["lift"] > 0 and "distinctness_count" in r for r in icd_train)
+    lift_column = [r.split("|")[6].strip() for r in rows[1:]]
+    assert lift_column[:3] == ["", "", ""] and float(lift_column[3]) > 0
 
 
 def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):
@@ -56,7 +62,7 @@ def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):
 
 def test_results_table_takes_each_runs_last_evaluation(tmp_path):
     cfg = DemoConfig(out_dir=str(tmp_path))
-    runs = plan_runs(cfg)
+    runs = [run for run in plan_runs(cfg) if run.name in RUN_NAMES]  # the pre-training has no AP
     for i, run in enumerate(runs):
         (tmp_path / run.name).mkdir()
         lines = [
@@ -68,6 +74,7 @@ def test_results_table_takes_each_runs_last_evaluation(tmp_path):
     rows, table = results_table(runs, cfg)
     assert [r["AP"] for r in rows] == [10.0, 11.0, 12.0, 13.0]
     assert "| icd | resnet18 + ICD | 13.0 | 20.0 | 5.2 |" in table
+    assert "| teacher | teacher resnet34 | 10.0 | 20.0 | 5.2 |  |  | 300 |" in table  # no lift: not ICD
     assert "240 s" in table
 
 
@@ -103,7 +110,7 @@ def test_run_distill_main_on_a_tiny_step(tmp_path):
 
 
 def test_summarize_gives_mean_and_sample_std_over_outputs(tmp_path):
-    from icd.demo import RUN_NAMES, summarize
+    from icd.demo import summarize
 
     outs = []
     for seed, ap in enumerate((10.0, 12.0, 14.0)):

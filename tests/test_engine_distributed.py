@@ -14,7 +14,7 @@ from tiny_runs import ON_CPU, THREE_LEVELS, TINY_MODEL
 
 from icd.data.shapes import generate
 from icd.detection.models import DetectorSpec, build_detector
-from icd.engine.checkpoint import load_checkpoint
+from icd.engine.checkpoint import load_checkpoint, save_atomic
 
 ATOL = 1e-8  # float32 sums in another order (DDP's all-reduce); seen: <= 4e-9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,3 +146,55 @@ def test_a_rank_whose_batch_is_all_corrupt_skips_the_step_with_the_others(tmp_pa
     assert "000002.png" in err and "cannot be read" in err
     # 4 images over 2 ranks with batch 1: 2 steps, of which the one with the corrupt image is skipped
     assert load_checkpoint(str(out / "checkpoint.pth"))["iteration"] == 1
+
+
+def test_icd_distillation_keeps_the_ranks_in_step(tmp_path):
+    """Two gloo ranks distilling with ICD hold identical student and distiller weights after every
+    step, including steps where one rank's batch has no box (ICD's zero losses); every parameter
+    takes part in every step, so DDP runs without find_unused_parameters and says nothing about it."""
+    data = tmp_path / "data"
+    generate(str(data), num_train=6, num_val=1, image_size=64, seed=5)
+    annotations = data / "annotations" / "instances_train.json"
+    coco = json.loads(annotations.read_text())
+    empty = coco["images"][2]["id"]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != empty]
+    annotations.write_text(json.dumps(coco))
+    spec = DetectorSpec("retinanet", "resnet18", num_classes=7, fpn_channels=32, norm="gn", min_level=3,
+                        max_level=5, min_size=(64,), max_size=64)
+    torch.manual_seed(3)
+    teacher = tmp_path / "teacher.pth"
+    save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()}, str(teacher))
+    out = tmp_path / "run"
+    # batch 1 per rank, 3 steps per epoch, 2 epochs: the box-less image is alone on its rank twice;
+    # distillation warm-up for the first 2 steps (the student's features detached)
+    proc = _launch(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(ROOT, "tests", "ddp_rank_state.py"), "--data-path", str(data),
+         *f"{TINY_MODEL} {THREE_LEVELS} {ON_CPU}".split(), "--fpn-channels", "16", "--epochs", "2",
+         "--batch-size", "1", "--no-eval", "--print-freq", "1", "--lr", "0.02", "--teacher", str(teacher),
+         "--distill", "icd", "--icd-heads", "4", "--distill-warmup-iters", "2", "--output-dir", str(out)]
+    )
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the ranks hung")
+    assert proc.returncode == 0, err[-3000:]
+    assert "find_unused_parameters" not in err
+    assert "blowing up" not in err and "stayed at" not in err  # no health warning: zeros are not a start
+    ranks = [torch.load(out / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["iteration"] == ranks[1]["iteration"] == 6
+    torch.manual_seed(0)  # the trainer seeds with --seed (0) before building the student
+    start = build_detector(DetectorSpec(**load_checkpoint(str(out / "checkpoint.pth"))["detector_spec"]))
+    for part in ("model", "distiller"):
+        assert ranks[0][part].keys() == ranks[1][part].keys()
+        for key, value in ranks[0][part].items():
+            torch.testing.assert_close(ranks[1][part][key], value, rtol=0, atol=0, msg=f"{part}.{key}")
+    moved = [k for k, v in ranks[0]["model"].items() if v.is_floating_point() and
+             not torch.equal(v, start.state_dict()[k])]
+    assert len(moved) > 20
+    assert int(ranks[0]["distiller"]["num_steps"]) == 6
+    train = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["type"] == "train"]
+    assert [r["iter"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss_distill"] > 0 and r["loss_aux_conf"] > 0 for r in train)  # averaged over the ranks

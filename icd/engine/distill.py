@@ -1,4 +1,4 @@
-"""The two distillers the trainer offers: ICD (icd.nn.ICDDistiller) and plain FPN feature MSE.
+"""The two distillers the trainer offers: ICD (icd.nn.ICDDistiller) and normalised FPN feature MSE.
 
 Both take the same call as ICDDistiller::
 
@@ -16,17 +16,65 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-DISTILL_METHODS = ("icd", "fpn-mse")
+DISTILL_METHODS = ("icd", "fpn-mse", "none")  # none: no distillation loss (--inherit-teacher alone)
 # SPEC 4.4: lambda = 8 for the one-stage detectors, 3 for Faster R-CNN.
 ICD_LOSS_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "fasterrcnn": 3.0, "maskrcnn": 3.0}
-FPN_MSE_LOSS_WEIGHT = 1.0
+# How FpnMseDistiller normalises both sides before the MSE (see _normalise).
+FPN_MSE_NORMS = ("channel", "layer", "none")
+# Default weight per normalisation; the normalised ones chosen on the demo data (results/README.md).
+FPN_MSE_LOSS_WEIGHT = {"channel": 2.0, "layer": 2.0, "none": 1.0}
+NORM_EPS = 1e-5
+
+
+def _normalise(x: Tensor, valid: Tensor, norm: str) -> Tensor:
+    """``x`` [N, C, H, W] normalised as ``norm`` says; ``valid`` float [N, 1, H, W], 1 on image pixels.
+
+    "channel": each channel of each image to zero mean and unit variance over the image's valid
+    locations (PKD's per-channel standardisation, per image rather than per batch); "layer": each location to zero mean and
+    unit variance over its C channels (LayerNorm without affine parameters); "none": unchanged.
+    """
+    if norm == "none":
+        return x
+    if norm == "layer":
+        return nn.functional.layer_norm(x.movedim(1, -1), x.shape[1:2], eps=NORM_EPS).movedim(-1, 1)
+    count = valid.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)  # [N, 1, 1, 1]
+    mean = (x * valid).sum(dim=(2, 3), keepdim=True) / count  # [N, C, 1, 1]
+    var = ((x - mean).square() * valid).sum(dim=(2, 3), keepdim=True) / count
+    return (x - mean) * torch.rsqrt(var + NORM_EPS)
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """float16 / bfloat16 maps (autocast) in float32; float32 and float64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _valid_maps(
+    features: Sequence[Tensor], image_sizes: Tensor | Sequence[Sequence[int]] | None, padded_size
+) -> list[Tensor]:
+    """Per level a float [N, 1, H_l, W_l] map: 1 where the location lies inside its image, 0 in
+    the batch padding (all ones without ``image_sizes``)."""
+    if image_sizes is None or padded_size is None:
+        return [f.new_ones(f.shape[0], 1, *f.shape[-2:], dtype=torch.float32) for f in features]
+    from icd import ops
+
+    shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long, device=features[0].device)
+    padding = ops.padding_mask(image_sizes, shapes, padded_size)  # bool [N, S], True in padding
+    return [(~m).float().unsqueeze(1) for m in ops.unflatten_levels(padding, shapes)]
 
 
 class FpnMseDistiller(nn.Module):
-    """Mean squared error between adapted student FPN maps and the teacher's, averaged over levels.
+    """Mean squared error between the normalised, adapted student FPN maps and the normalised
+    teacher maps, averaged over levels.
 
-    A 1x1 conv per level maps C_s to C_t when they differ (identity otherwise). The whole
-    module is student side: it trains with the student's optimiser.
+    Per level l: a 1x1 conv maps the student's C_s channels to the teacher's C_t (identity when
+    they are equal); both maps [N, C_t, H_l, W_l] are normalised (``norm``: "channel" = each
+    channel of each image standardised over its valid locations, as PKD does; "layer" = each
+    location standardised over channels; "none" = raw maps) and compared by the MSE over the
+    valid locations (batch padding left out) and channels. Raw maps can be large and grow with
+    training (the raw variant diverged on real images at weight 1); normalised ones keep the loss
+    near [0, 4] whatever the teacher's scale. A level with one valid location per image has
+    nothing to standardise under "channel" and contributes 0. The whole module is student side:
+    it trains with the student's optimiser.
     """
 
     def __init__(
@@ -34,10 +82,14 @@ class FpnMseDistiller(nn.Module):
         student_channels: int,
         teacher_channels: int,
         num_levels: int,
-        loss_weight: float = FPN_MSE_LOSS_WEIGHT,
+        loss_weight: float | None = None,
+        norm: str = "channel",
     ) -> None:
         super().__init__()
-        self.loss_weight = loss_weight
+        if norm not in FPN_MSE_NORMS:
+            raise ValueError(f"FpnMseDistiller: norm = {norm!r}; expected one of {FPN_MSE_NORMS}")
+        self.norm = norm
+        self.loss_weight = FPN_MSE_LOSS_WEIGHT[norm] if loss_weight is None else float(loss_weight)
         if student_channels == teacher_channels:
             self.adapters = nn.ModuleList(nn.Identity() for _ in range(num_levels))
         else:
@@ -51,9 +103,11 @@ class FpnMseDistiller(nn.Module):
         student_features: Sequence[Tensor],
         boxes=None,
         labels=None,
-        image_sizes=None,
-        padded_size=None,
+        image_sizes: Tensor | Sequence[Sequence[int]] | None = None,
+        padded_size: Sequence[int] | None = None,
     ) -> dict[str, Tensor]:
+        """{"distill": weighted loss}; ``image_sizes`` [N, 2] and ``padded_size`` (Hp, Wp) leave
+        the batch padding out (without them every location counts); boxes and labels are unused."""
         if len(teacher_features) != len(self.adapters) or len(student_features) != len(
             self.adapters
         ):
@@ -61,14 +115,19 @@ class FpnMseDistiller(nn.Module):
                 f"FpnMseDistiller: got {len(teacher_features)} teacher and {len(student_features)} "
                 f"student levels; expected {len(self.adapters)} each"
             )
-        losses = []
-        for adapter, t, s in zip(self.adapters, teacher_features, student_features, strict=True):
-            if t.shape[-2:] != s.shape[-2:]:
+        for t, s in zip(teacher_features, student_features, strict=True):
+            if t.shape[-2:] != s.shape[-2:] or t.shape[0] != s.shape[0]:
                 raise ValueError(
                     f"FpnMseDistiller: level sizes differ, teacher {list(t.shape)} "
                     f"student {list(s.shape)}"
                 )
-            losses.append(nn.functional.mse_loss(adapter(s).float(), t.detach().float()))
+        valid = _valid_maps(teacher_features, image_sizes, padded_size)
+        losses = []
+        for adapter, t, s, v in zip(self.adapters, teacher_features, student_features, valid, strict=True):
+            student = _normalise(_at_least_float32(adapter(s)), v, self.norm)
+            teacher = _normalise(_at_least_float32(t.detach()), v, self.norm)
+            squared = (student - teacher).square() * v
+            losses.append(squared.sum() / (v.sum() * t.shape[1]).clamp_min(1.0))
         return {"distill": self.loss_weight * torch.stack(losses).mean()}
 
     def student_side_parameters(self) -> list[nn.Parameter]:
@@ -79,6 +138,9 @@ class FpnMseDistiller(nn.Module):
 
     def step(self) -> None:
         """No warm-up: nothing to count."""
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm!r}, loss_weight={self.loss_weight}"
 
 
 def build_distiller(
@@ -96,18 +158,20 @@ def build_distiller(
     num_layers: int = 1,
     max_labels: int | None = None,
     neg_ratio: float = 5.0,
+    clamp_fakes: bool = False,
     backend: str | None = None,
     static_shapes: bool = False,
+    fpn_mse_norm: str = "channel",
 ) -> nn.Module:
-    """ICD (with the class prior of the training annotations) or the FPN-MSE peer.
+    """ICD (with the class prior of the training annotations) or the FPN-MSE peer; ``method``
+    "none" has no distiller (the trainer then only inherits from the teacher).
 
     ``static_shapes``: ICD's fixed instance-slot layout (for torch.compile / CUDA graphs).
     """
     if method == "fpn-mse":
-        weight = FPN_MSE_LOSS_WEIGHT if loss_weight is None else loss_weight
-        return FpnMseDistiller(student_channels, teacher_channels, num_levels, weight)
+        return FpnMseDistiller(student_channels, teacher_channels, num_levels, loss_weight, fpn_mse_norm)
     if method != "icd":
-        raise ValueError(f"distill method {method!r}; expected one of {DISTILL_METHODS}")
+        raise ValueError(f"distill method {method!r}: no distiller to build; expected icd or fpn-mse")
     from icd.nn import ClassPrior, ICDDistiller
 
     prior = (
@@ -128,6 +192,27 @@ def build_distiller(
         max_labels=max_labels,
         prior=prior,
         num_layers=num_layers,
+        clamp_fakes=clamp_fakes,
         backend=backend,
         static_shapes=static_shapes,
+    )
+
+
+def icd_distiller_of_run(run_args: dict, teacher_spec, num_classes: int) -> nn.Module:
+    """The ICD distiller a finished ``icd train --distill icd`` or ``icd pretrain`` run built,
+    from the args saved in its checkpoint (load its state dict into it afterwards)."""
+    return build_distiller(
+        "icd",
+        detector=teacher_spec.detector,
+        num_classes=num_classes,
+        teacher_channels=teacher_spec.fpn_channels,
+        student_channels=run_args.get("fpn_channels") or teacher_spec.fpn_channels,
+        num_levels=len(teacher_spec.levels),
+        loss_weight=run_args.get("distill_weight"),
+        warmup_iters=0,
+        heads=run_args.get("icd_heads", 8),
+        num_layers=run_args.get("icd_layers", 1),
+        max_labels=run_args.get("icd_max_labels"),
+        neg_ratio=run_args.get("icd_neg_ratio", 5.0),
+        clamp_fakes=run_args.get("icd_clamp_fakes", False),
     )

@@ -45,12 +45,14 @@ from icd.engine.checkpoint import (
 from icd.engine.distill import build_distiller
 from icd.engine.distributed import DistInfo, all_ranks, barrier, cleanup, init_distributed
 from icd.engine.evaluator import autocast, eval_loader, evaluate
+from icd.engine.health import LossHealth, UnhealthyTrainingError
 from icd.engine.metrics import MetricsLog
 from icd.engine.sampler import ResumableSampler
 
 log = logging.getLogger("icd.train")
 
 LAST_CHECKPOINT = "checkpoint.pth"
+BEST_CHECKPOINT = "model_best.pth"  # the evaluation with the highest best_metric() so far
 # Tests only: SIGKILL this process right after the checkpoint of this iteration is written.
 _KILL_AFTER_ENV = "ICD_TEST_SIGKILL_AFTER_ITER"
 
@@ -131,6 +133,11 @@ def load_teacher(
     return teacher, spec
 
 
+def best_metric(detector: str, metrics: dict[str, float]) -> str:
+    """The metric model_best.pth is chosen by: mask AP for Mask R-CNN (when evaluated), else box AP."""
+    return "segm_AP" if detector in MASK_DETECTORS and "segm_AP" in metrics else "AP"
+
+
 def average_across_ranks(record: dict[str, float], info: DistInfo) -> dict[str, float]:
     """The mean of each value over the ranks (what the whole batch's loss is)."""
     if not info.distributed:
@@ -163,6 +170,13 @@ class Trainer:
         self.inherit_parts = parse_parts(args.inherit_teacher)  # checked before anything is built
         if self.inherit_parts and not args.teacher:
             raise ValueError(f"--inherit-teacher {args.inherit_teacher} needs --teacher")
+        if args.teacher and args.distill == "none" and not self.inherit_parts:
+            raise ValueError(
+                f"--teacher {args.teacher} --distill none: the teacher would not be used; add "
+                "--inherit-teacher neck,head (inheritance only) or leave --teacher out (a baseline)"
+            )
+        if args.health_window < 2:
+            raise ValueError(f"--health-window {args.health_window}: expected at least 2 iterations")
         self.info: DistInfo = init_distributed(args.device)
         seed_everything(args.seed)
         self._build_data()
@@ -190,6 +204,8 @@ class Trainer:
         self.start_epoch = 0
         self.epoch_batches = 0
         self.metrics = MetricsLog(args.output_dir, enabled=self.info.is_main)
+        self.health = LossHealth(args.health_window)
+        self.best: dict | None = None  # {"metric", "value", "epoch", "iter"} of the best evaluation
         if args.resume:
             self._resume(args.resume)
 
@@ -213,7 +229,8 @@ class Trainer:
             self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data)
 
     def _build_distillation(self, num_classes: int) -> None:
-        """The frozen teacher, the distiller and the tap on the student."""
+        """The frozen teacher, the distiller and the tap on the student (``--distill none``: only
+        the --inherit-teacher copy, after which the teacher is released)."""
         args, info = self.args, self.info
         self.teacher, teacher_spec = load_teacher(args.teacher, num_classes, args, info.device)
         if teacher_spec.levels != self.spec.levels:
@@ -221,6 +238,10 @@ class Trainer:
                 f"teacher levels P{teacher_spec.levels} differ from the student's "
                 f"P{self.spec.levels}; pass --min-level/--max-level to match"
             )
+        if args.distill == "none":
+            self._inherit(teacher_spec)
+            self.teacher = None  # inheritance only: no teacher forward passes, its memory goes
+            return
         warmup = args.distill_warmup_iters
         if warmup is None:
             warmup = optim.default_warmup_iters(self.total_iters)
@@ -238,15 +259,38 @@ class Trainer:
             num_layers=args.icd_layers,
             max_labels=args.icd_max_labels,
             neg_ratio=args.icd_neg_ratio,
+            clamp_fakes=getattr(args, "icd_clamp_fakes", False),
             backend=args.icd_backend,
+            fpn_mse_norm=args.fpn_mse_norm,
         ).to(info.device)
+        self.teacher_levels = [f"P{lvl}" for lvl in teacher_spec.levels]
+        if getattr(args, "icd_init", None):
+            self._load_icd_init(args.icd_init, teacher_spec)
         self.tap = FeatureTap(self.model)
-        if self.inherit_parts:
-            copied = inherit_from_teacher(
-                self.model, self.teacher, self.inherit_parts, self.spec.detector, teacher_spec.detector
-            )
-            if info.is_main:
-                log.info("inherited %s from the teacher: %d tensors", ",".join(self.inherit_parts), len(copied))
+        self._inherit(teacher_spec)
+
+    def _inherit(self, teacher_spec: DetectorSpec) -> None:
+        """--inherit-teacher: copy the teacher's parts into the student."""
+        if not self.inherit_parts:
+            return
+        copied = inherit_from_teacher(
+            self.model, self.teacher, self.inherit_parts, self.spec.detector, teacher_spec.detector
+        )
+        if self.info.is_main:
+            log.info("inherited %s from the teacher: %d tensors", ",".join(self.inherit_parts), len(copied))
+
+    def _load_icd_init(self, path: str, teacher_spec: DetectorSpec) -> None:
+        """ICD's teacher side from ``icd pretrain``'s file, checked against this teacher."""
+        from icd.engine.pretrain import load_teacher_side, teacher_fingerprint, teacher_side_signature
+
+        if self.args.distill != "icd":
+            raise ValueError(f"--icd-init {path} needs --distill icd (got --distill {self.args.distill})")
+        expected = teacher_side_signature(self.distiller, teacher_spec, teacher_fingerprint(self.teacher))
+        meta = load_teacher_side(self.distiller, path, expected)
+        if self.info.is_main:
+            log.info("ICD teacher side from %s (pre-trained %s iterations; attention %s)", path,
+                     meta.get("iteration"), {k: round(v, 3) for k, v in meta.get("attention", {}).items()
+                                             if k in ("lift", "distinctness")})  # fmt: skip
 
     def _build_optimisers(self) -> None:
         """SGD over the student and the distiller's student side; AdamW over ICD's teacher side."""
@@ -261,7 +305,8 @@ class Trainer:
                 PRESET_IMAGES_PER_ITERATION, lr * total_batch / PRESET_IMAGES_PER_ITERATION,
             )
         student_params = list(self.model.parameters())
-        if self.distiller is not None:
+        projection_by_teacher_side = getattr(args, "icd_projection_optimizer", "student") == "teacher-side"
+        if self.distiller is not None and not projection_by_teacher_side:
             student_params += list(self.distiller.student_side_parameters())
         self.optimizer = optim.student_optimizer(
             student_params, lr, args.momentum, args.weight_decay
@@ -278,6 +323,10 @@ class Trainer:
             self.teacher_params = [
                 p for p in self.distiller.teacher_side_parameters() if p.requires_grad
             ]
+            if projection_by_teacher_side:  # the published code: one AdamW, one joint clip
+                self.teacher_params += [
+                    p for p in self.distiller.student_side_parameters() if p.requires_grad
+                ]
             if self.teacher_params:
                 self.teacher_optimizer = optim.teacher_side_optimizer(self.teacher_params, args.icd_lr)
                 self.teacher_lr_scheduler = optim.teacher_side_scheduler(
@@ -292,10 +341,9 @@ class Trainer:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
             if self.distiller is not None and any(True for _ in self.distiller.parameters()):
-                # an image batch without boxes leaves ICD's teacher side unused
-                self.distiller_ddp = DistributedDataParallel(
-                    self.distiller, device_ids=ids, find_unused_parameters=True
-                )
+                # every parameter takes part in every step: a batch without boxes gives ICD's
+                # zero losses, which are still connected to all of them
+                self.distiller_ddp = DistributedDataParallel(self.distiller, device_ids=ids)
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self, epoch: int, epoch_batches: int) -> dict:
@@ -317,15 +365,39 @@ class Trainer:
             ckpt["teacher_lr_scheduler"] = self.teacher_lr_scheduler.state_dict()
         if self.scaler is not None:
             ckpt["scaler"] = self.scaler.state_dict()
+        if self.best is not None:
+            ckpt["best"] = dict(self.best)
         return ckpt
 
-    def save(self, epoch: int, epoch_batches: int, also_epoch_file: bool = False) -> None:
+    def save(self, epoch: int, epoch_batches: int, also_epoch_file: bool = False) -> dict | None:
+        """Write checkpoint.pth (and model_{epoch-1}.pth) on rank 0; returns what was written."""
         if not self.info.is_main:
-            return
+            return None
         ckpt = self.state(epoch, epoch_batches)
         save_atomic(ckpt, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
         if also_epoch_file:
             save_atomic(ckpt, os.path.join(self.args.output_dir, f"model_{epoch - 1}.pth"))
+        return ckpt
+
+    def _track_best(self, metrics: dict[str, float], epoch: int) -> bool:
+        """Update the best evaluation so far with ``metrics``; True when it is the new best."""
+        key = best_metric(self.spec.detector, metrics)
+        if key not in metrics:
+            return False
+        value = float(metrics[key])
+        if self.best is not None and self.best["metric"] == key and not value > self.best["value"]:
+            return False
+        self.best = {"metric": key, "value": value, "epoch": epoch, "iter": self.iteration}
+        return True
+
+    def _save_best(self, saved: dict | None) -> None:
+        """model_best.pth: the checkpoint just written (``saved``) with the new best in it; also
+        rewrites checkpoint.pth so that a resume from it knows the best so far."""
+        if saved is None:
+            return
+        saved["best"] = dict(self.best)
+        save_atomic(saved, os.path.join(self.args.output_dir, BEST_CHECKPOINT))
+        save_atomic(saved, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
 
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path)
@@ -347,6 +419,7 @@ class Trainer:
         self.iteration = int(ckpt["iteration"])
         self.start_epoch = int(ckpt["epoch"])
         self.epoch_batches = int(ckpt.get("epoch_batches", 0))
+        self.best = dict(ckpt["best"]) if "best" in ckpt else None
         restore_rng_state(ckpt["rng"])
         if self.info.is_main:
             log.info(
@@ -442,7 +515,9 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.args.seed + epoch),
         )
 
-    def run_evaluation(self, epoch: int) -> dict[str, float]:
+    def run_evaluation(self, epoch: int, saved: dict | None = None) -> dict[str, float]:
+        """Evaluate on the val split and log it; a new best AP also writes model_best.pth from
+        ``saved``, the checkpoint of this very state (rank 0)."""
         loader = eval_loader(self.val_set, self.info, self.args.batch_size, self.args.workers)
         metrics = evaluate(
             _unwrap(self.model),
@@ -455,7 +530,18 @@ class Trainer:
             split=self.args.val_split,
             progress=not self.args.no_progress,
         )
-        self.metrics.write({"type": "eval", "iter": self.iteration, "epoch": epoch, **metrics})
+        if self.args.teacher and self.args.distill == "icd" and self.info.is_main:
+            from icd.engine.attention import attention_statistics
+
+            metrics.update(attention_statistics(self.distiller, self.teacher, self.val_set, self.teacher_levels))
+        improved = self._track_best(metrics, epoch)
+        best = {}
+        if self.best is not None:
+            best = {f"best_{self.best['metric']}": self.best["value"], "best_epoch": self.best["epoch"],
+                    "best_iter": self.best["iter"]}
+        self.metrics.write({"type": "eval", "iter": self.iteration, "epoch": epoch, **metrics, **best})
+        if improved:
+            self._save_best(saved)
         if self.info.is_main:
             print(
                 f"epoch {epoch} iter {self.iteration}: "
@@ -463,6 +549,18 @@ class Trainer:
                 flush=True,
             )
         return metrics
+
+    def _check_health(self, record: dict[str, float]) -> None:
+        """Warn (once per loss and problem) about stuck or blowing-up losses of this rank, or stop
+        under --on-unhealthy stop; reads only the record's floats (no device synchronisation).
+        Under torchrun a stopping rank ends the whole job, as any rank's error does."""
+        for problem in self.health.check(self.iteration, record):
+            self.metrics.write({"type": "health", "iter": problem.iteration, "loss": problem.loss,
+                                "problem": problem.kind, "value": problem.value})
+            where = f"rank {self.info.rank}: " if self.info.distributed else ""
+            if self.args.on_unhealthy == "stop":
+                raise UnhealthyTrainingError(f"{where}{problem.message} (--on-unhealthy stop)")
+            log.warning("%s%s", where, problem.message)
 
     def run(self) -> dict[str, float]:
         """Train to the end of the schedule (or --stop-after-iters), evaluating per --eval-every
@@ -494,6 +592,7 @@ class Trainer:
                 if not all_ranks(bool(images), info):
                     continue
                 record = self.train_step(images, targets)
+                self._check_health(record)
                 if self.iteration % args.print_freq == 0 or self.iteration == stop_at:
                     record = average_across_ranks(record, info)
                     record.update(
@@ -517,12 +616,12 @@ class Trainer:
             run_over = self.iteration >= self.total_iters or (epoch_done and epoch + 1 == self.num_epochs)
             if epoch_done:
                 every = args.epoch_checkpoint_every
-                self.save(epoch + 1, 0, also_epoch_file=bool(every) and (epoch + 1) % every == 0)
+                saved = self.save(epoch + 1, 0, also_epoch_file=bool(every) and (epoch + 1) % every == 0)
             else:
-                self.save(epoch, batches)
+                saved = self.save(epoch, batches)
             periodic = epoch_done and args.eval_every and (epoch + 1) % args.eval_every == 0
             if self.val_set is not None and (run_over or periodic):
-                final = self.run_evaluation(epoch)
+                final = self.run_evaluation(epoch, saved)
             barrier(info)
             if self.iteration >= stop_at:
                 break

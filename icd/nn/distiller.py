@@ -61,6 +61,7 @@ class ICDDistiller(nn.Module):
         num_layers: decoder layers; the distill loss is averaged over them, and so are the
             auxiliary losses (the head is shared by the layers).
         sample_range: jitter amplitude of the instance centres (training mode only).
+        clamp_fakes: clip fake instance boxes to their image (the published code does).
         norm: normalisation of masked_feature_mse ("ln", "tln", "none").
         reduction: reduction of masked_feature_mse ("per_head", "global").
         backend: icd.ops backend of every op call (None: the per-device default).
@@ -85,6 +86,7 @@ class ICDDistiller(nn.Module):
         *,
         num_layers: int = 1,
         sample_range: float = 0.3,
+        clamp_fakes: bool = False,
         norm: str = "ln",
         reduction: str = "per_head",
         backend: str | None = None,
@@ -131,7 +133,9 @@ class ICDDistiller(nn.Module):
         self.backend = backend
         self.static_shapes = bool(static_shapes)
 
-        self.sampler = InstanceSampler(prior, neg_ratio, max_labels, sample_range, self.static_shapes)
+        self.sampler = InstanceSampler(
+            prior, neg_ratio, max_labels, sample_range, clamp_fakes, static_shapes=self.static_shapes
+        )
         self.encoder = InstanceEncoder(num_classes, teacher_channels)
         self.decoder = ConditionalDecoder(teacher_channels, heads, num_layers, backend)
         self.aux_task = AuxiliaryTask(teacher_channels)
@@ -217,7 +221,6 @@ class ICDDistiller(nn.Module):
 
         teacher_tokens, _, mask, pos = self._teacher_tokens(teacher_features, sizes, padded)
         layers = self._decode(teacher_tokens, mask, pos, instances)
-        aux = [self.aux_task(layer.features, instances) for layer in layers]
 
         student_tokens, _, _ = ops.flatten_levels(list(student_features))
         if self.in_warmup:
@@ -236,15 +239,39 @@ class ICDDistiller(nn.Module):
                     backend=self.backend,
                 )
             )
-        losses = {
-            "distill": self.loss_weight * torch.stack(distill).mean(),
-            "aux_conf": torch.stack([a["aux_conf"] for a in aux]).mean(),
-            "aux_reg": torch.stack([a["aux_reg"] for a in aux]).mean(),
-        }
-        if self.static_shapes:  # no box in the batch: zeros, without reading the count
-            any_real = instances.is_real.any().to(torch.float32)
-            losses = {name: loss * any_real for name, loss in losses.items()}
-        return losses
+        losses = {"distill": self.loss_weight * torch.stack(distill).mean(), **self._aux_losses(layers, instances)}
+        return self._gate_empty_batch(losses, instances)
+
+    def auxiliary_losses(
+        self,
+        teacher_features: Sequence[Tensor],
+        boxes: Sequence[Tensor] | Tensor,
+        labels: Sequence[Tensor] | Tensor,
+        image_sizes: Tensor | Sequence[Sequence[int]],
+        padded_size: Sequence[int],
+    ) -> dict[str, Tensor]:
+        """The teacher side's own losses, without a student: what teacher-side pre-training
+        minimises. Arguments as in ``forward``; returns {"aux_conf", "aux_reg"} (zeros still
+        connected to the parameters for a batch without boxes)."""
+        padded = self._check_features(teacher_features, None, padded_size)
+        device = teacher_features[0].device
+        sizes = check_image_sizes(image_sizes, teacher_features[0].shape[0], padded, device)
+        if not self.static_shapes and isinstance(boxes, Tensor):
+            boxes, labels = unpad_instances(boxes, labels)
+        instances = self.sampler(boxes, labels, sizes)
+        if not self.static_shapes and sum(int(b.shape[0]) for b in boxes) == 0:
+            zeros = self._zero_losses()
+            return {"aux_conf": zeros["aux_conf"], "aux_reg": zeros["aux_reg"]}
+        tokens, _, mask, pos = self._teacher_tokens(teacher_features, sizes, padded)
+        layers = self._decode(tokens, mask, pos, instances, with_value_mask=False)
+        return self._gate_empty_batch(self._aux_losses(layers, instances), instances)
+
+    def _gate_empty_batch(self, losses: dict[str, Tensor], instances: InstanceBatch) -> dict[str, Tensor]:
+        """Static layout: zeros for a batch without any box, without reading the count."""
+        if not self.static_shapes:
+            return losses
+        any_real = instances.is_real.any().to(torch.float32)
+        return {name: loss * any_real for name, loss in losses.items()}
 
     @torch.no_grad()
     def instance_attention_maps(
@@ -339,6 +366,16 @@ class ICDDistiller(nn.Module):
         queries = self.encoder(instances)
         weight = instances.is_real.float() if with_value_mask else None
         return self.decoder(queries, tokens, pos, mask, weight)
+
+    def _aux_losses(
+        self, layers: Sequence[DecoderLayerOutput], instances: InstanceBatch
+    ) -> dict[str, Tensor]:
+        """aux_conf and aux_reg averaged over the decoder layers (one shared head)."""
+        aux = [self.aux_task(layer.features, instances) for layer in layers]
+        return {
+            "aux_conf": torch.stack([a["aux_conf"] for a in aux]).mean(),
+            "aux_reg": torch.stack([a["aux_reg"] for a in aux]).mean(),
+        }
 
     def _zero_losses(self) -> dict[str, Tensor]:
         """Zeros that still reach every parameter, so backward and DDP see them all used."""

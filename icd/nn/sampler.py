@@ -121,6 +121,8 @@ class InstanceSampler(nn.Module):
         max_labels: cap of real + fake instances per image (unless n_gt is larger).
         sample_range: jitter amplitude, fraction of the box size: centre' = centre +
             (U(0, 1) - 0.5) * 2 * sample_range * (w, h). Applied in training mode only.
+        clamp_fakes: clip each fake box to its image, as the published code does (a fake
+            near a border then gets a smaller box and a centre nearer the image).
         static_shapes: the static layout (K = max_labels for every batch; see the module
             docstring) instead of the dynamic one.
 
@@ -135,6 +137,7 @@ class InstanceSampler(nn.Module):
         neg_ratio: float = 5.0,
         max_labels: int = 300,
         sample_range: float = 0.3,
+        clamp_fakes: bool = False,
         static_shapes: bool = False,
     ) -> None:
         super().__init__()
@@ -150,6 +153,7 @@ class InstanceSampler(nn.Module):
         self.neg_ratio = float(neg_ratio)
         self.max_labels = int(max_labels)
         self.sample_range = float(sample_range)
+        self.clamp_fakes = bool(clamp_fakes)
         self.static_shapes = bool(static_shapes)
 
     @property
@@ -334,4 +338,7 @@ class InstanceSampler(nn.Module):
         size = torch.minimum(torch.maximum(size, mean - 2 * std), mean + 2 * std)
         size = size.clamp(*FAKE_SIZE_RANGE)
         centre, size = centre * image_wh, size * image_wh
-        return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+        fakes = torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+        if self.clamp_fakes:
+            fakes = torch.minimum(fakes.clamp(min=0), torch.cat([image_wh, image_wh], dim=-1))
+        return fakes

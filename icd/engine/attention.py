@@ -1,0 +1,97 @@
+"""Attention specificity of an ICD teacher side over a dataset: lift and distinctness.
+
+The frozen teacher detector gives the FPN maps of each image (its own transform: resize,
+normalise, pad), the distiller's teacher side attends from each real instance, and
+``icd.nn.attention_stats.AttentionStats`` reduces the maps to lift and distinctness, overall
+and per FPN level (see that module for the definitions).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from icd.data.coco import CocoDetection
+from icd.nn.attention_stats import AttentionStats
+from icd.ops import padding_mask
+
+
+@torch.no_grad()
+def attention_statistics(
+    distiller: nn.Module,
+    teacher: nn.Module,
+    dataset: CocoDetection,
+    level_names: Sequence[str],
+    *,
+    max_images: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Mean lift and distinctness of ``distiller``'s real-instance attention on ``dataset``.
+
+    Args:
+        distiller: an ``icd.nn.ICDDistiller`` (its teacher side is used; nothing trains).
+        teacher: the frozen teacher detector (torchvision, with ``transform`` and ``backbone``).
+        dataset: evaluation images and boxes (labels 0..C-1).
+        level_names: names of the FPN levels, e.g. ["P3", ..., "P7"].
+        max_images: use the first ``max_images`` images only (None: all).
+        batch_size: images per teacher forward.
+
+    Returns:
+        {"lift", "lift_P3", ..., "distinctness", "distinctness_P3", ..., "lift_count",
+        "distinctness_count"}: means over the real instances (counts: how many instances).
+    """
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    stats = AttentionStats(level_names)
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    for start in range(0, count, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        items = [item for item in items if item is not None]  # skipped bad images
+        if not items:
+            continue
+        images = [image.to(device) for image, _ in items]
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in items]
+        image_list, targets = teacher.transform(images, targets)
+        features = list(teacher.backbone(image_list.tensors).values())
+        sizes = torch.tensor([list(s) for s in image_list.image_sizes], dtype=torch.long, device=device)
+        padded = tuple(image_list.tensors.shape[-2:])
+        boxes = [t["boxes"] for t in targets]
+        maps, shapes = distiller.instance_attention_maps(
+            features, boxes, [t["labels"] for t in targets], sizes, padded
+        )
+        valid = ~padding_mask(sizes, shapes, padded)
+        for i, image_maps in enumerate(maps):
+            stats.add_image(image_maps, boxes[i], valid[i], shapes, padded)
+    teacher.train(was_training)
+    return stats.summary()
+
+
+def checkpoint_attention_statistics(
+    checkpoint: dict, teacher_path: str | None, dataset: CocoDetection, device: torch.device
+) -> dict[str, float]:
+    """Attention statistics of the ICD teacher side saved in ``checkpoint``: an ``icd train
+    --distill icd`` checkpoint (its ``distiller``) or ``icd pretrain``'s teacher_side.pth /
+    checkpoint.pth (its ``teacher_side``). The teacher is ``teacher_path`` or the run's own."""
+    from icd.engine.distill import icd_distiller_of_run
+    from icd.engine.trainer import load_teacher
+
+    run_args = checkpoint.get("args", {})
+    state = checkpoint.get("distiller", checkpoint.get("teacher_side"))
+    if state is None or run_args.get("distill", "icd") != "icd":
+        raise ValueError(
+            "attention statistics need an ICD teacher side: an `icd train --distill icd` checkpoint "
+            "or a file of `icd pretrain`"
+        )
+    teacher_path = teacher_path or run_args.get("teacher")
+    if not teacher_path:
+        raise ValueError("attention statistics: the checkpoint names no teacher; give --teacher")
+    bare = {k: None for k in ("teacher_detector", "teacher_backbone", "min_level", "max_level")}
+    teacher, spec = load_teacher(teacher_path, dataset.num_classes, argparse.Namespace(**bare), device)
+    distiller = icd_distiller_of_run(run_args, spec, dataset.num_classes).to(device)
+    distiller.load_state_dict(state, strict="distiller" in checkpoint)
+    distiller.eval()
+    return attention_statistics(distiller, teacher, dataset, [f"P{lvl}" for lvl in spec.levels])
