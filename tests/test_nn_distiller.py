@@ -342,6 +342,28 @@ def test_bad_sizes_raise():
         distiller(*batch, SIZES, (32,))
 
 
+def test_padded_size_must_fit_the_feature_maps_and_levels_must_not_be_empty():
+    distiller = _distiller()
+    batch = _batch()
+    sizes = torch.tensor([[32, 32], [24, 29]])
+    # (W, H) for (H, W): rows and columns of level 0 then need strides 5 and 3.2
+    with pytest.raises(ValueError, match=r"`padded_size` = \(Hp, Wp\) = \(40, 32\) does not fit level 0"):
+        distiller(*batch, sizes, (40, 32))
+    # the padded size of another resolution (e.g. before resizing)
+    with pytest.raises(ValueError, match=r"does not fit level 0 of \(H, W\) = \(8, 10\)"):
+        distiller(*batch, sizes, (64, 40))
+    with pytest.raises(ValueError, match=r"does not fit"):
+        distiller.instance_attention_maps(batch[0], batch[2], batch[3], sizes, (40, 32))
+    # one cell more or fewer than Hp / stride is rounding, not an error
+    distiller(*batch, SIZES, (33, 41))
+    teacher, student, boxes, labels = batch
+    for n, h, w in ((2, 0, 3), (2, 2, 0), (0, 2, 3)):
+        bad_t = [*teacher[:2], torch.randn(n, 16, h, w)]
+        bad_s = [*student[:2], torch.randn(n, 12, h, w)]
+        with pytest.raises(ValueError, match=r"`teacher_features\[2\]` has shape .*an empty level"):
+            distiller(bad_t, bad_s, boxes, labels, SIZES, PADDED)
+
+
 def test_boxes_slightly_outside_are_clipped_not_rejected():
     distiller = _distiller()
     teacher, student, boxes, labels = _batch()

@@ -68,8 +68,11 @@ def test_value_mask_rejects():
         ops.instance_value_mask(q, k, w * float("nan"))
     with pytest.raises(TypeError, match=r"`weight` has dtype int64; expected a float tensor"):
         ops.instance_value_mask(q, k, torch.ones(N, K, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"`temperature` = 0.0; expected a number > 0"):
+    with pytest.raises(ValueError, match=r"`temperature` = 0.0; expected a finite number > 0"):
         ops.instance_value_mask(q, k, w, temperature=0.0)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=rf"`temperature` = {bad}; expected a finite number > 0"):
+            ops.instance_value_mask(q, k, w, temperature=bad)
     lse = torch.zeros(N, H, K)
     with pytest.raises(ValueError, match=r"`lse` was given with temperature = 2.0"):
         ops.instance_value_mask(q, k, w, temperature=2.0, lse=lse)
@@ -96,6 +99,31 @@ def test_feature_mse_rejects():
         ops.masked_feature_mse(s, s, w, eps=0)
     with pytest.raises(TypeError, match=r"`teacher` has dtype torch.float16 but `student` has torch.float32"):
         ops.masked_feature_mse(s, s.half(), w)
+
+
+def test_icd_checks_chooses_where_value_checks_run(monkeypatch):
+    """Values are checked on CPU tensors by default, nowhere with off, never without data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from icd.ops.validation import value_checks
+
+    q, k, _ = qkv()
+    bad = -torch.ones(N, K)
+    monkeypatch.setenv("ICD_CHECKS", "off")
+    assert not value_checks(bad)
+    ops.instance_value_mask(q, k, bad, backend="reference")  # unchecked
+    for mode in ("cpu", "full", ""):
+        monkeypatch.setenv("ICD_CHECKS", mode)
+        assert value_checks(bad)
+        with pytest.raises(ValueError, match="negative entries"):
+            ops.instance_value_mask(q, k, bad, backend="reference")
+    monkeypatch.setenv("ICD_CHECKS", "full")
+    assert not value_checks(bad.to("meta"))
+    with FakeTensorMode() as mode:
+        assert not value_checks(mode.from_tensor(bad))
+    monkeypatch.setenv("ICD_CHECKS", "cuda")
+    with pytest.raises(ValueError, match="ICD_CHECKS = 'cuda'; expected one of cpu, full, off"):
+        value_checks(bad)
 
 
 def test_errors_come_before_any_kernel(monkeypatch):

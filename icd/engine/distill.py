@@ -162,10 +162,14 @@ def build_distiller(
     neg_ratio: float = 5.0,
     clamp_fakes: bool = False,
     backend: str | None = None,
+    static_shapes: bool = False,
     fpn_mse_norm: str = "channel",
 ) -> nn.Module:
     """ICD (with the class prior of the training annotations) or the FPN-MSE peer; ``method``
-    "none" has no distiller (the trainer then only inherits from the teacher)."""
+    "none" has no distiller (the trainer then only inherits from the teacher).
+
+    ``static_shapes``: ICD's fixed instance-slot layout (for torch.compile / CUDA graphs).
+    """
     if method == "fpn-mse":
         return FpnMseDistiller(student_channels, teacher_channels, num_levels, loss_weight, fpn_mse_norm)
     if method != "icd":
@@ -192,6 +196,7 @@ def build_distiller(
         num_layers=num_layers,
         clamp_fakes=clamp_fakes,
         backend=backend,
+        static_shapes=static_shapes,
     )
 
 

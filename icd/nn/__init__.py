@@ -20,7 +20,7 @@ from icd.nn.encoder import InstanceEncoder, centre_embedding, instance_descripto
 from icd.nn.mlp import MLP
 from icd.nn.prior import ClassPrior
 from icd.nn.projection import LevelProjection
-from icd.nn.sampler import InstanceBatch, InstanceSampler, instance_count
+from icd.nn.sampler import InstanceBatch, InstanceSampler, instance_count, pad_instances, unpad_instances
 
 __all__ = [
     "LOSS_NAMES",
@@ -40,8 +40,10 @@ __all__ = [
     "instance_count",
     "instance_descriptor",
     "merge_heads",
+    "pad_instances",
     "regression_targets",
     "scale_indicator",
     "split_heads",
     "unpack_boxes",
+    "unpad_instances",
 ]

@@ -54,11 +54,11 @@ class AuxiliaryTask(nn.Module):
         out = self.head(features)
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # [N, K, 5]
         valid, real = instances.is_valid, instances.is_real
-        logits = out[..., 0][valid]
-        conf = F.binary_cross_entropy_with_logits(logits, real[valid].float(), reduction="sum")
-        conf = conf / valid.sum().clamp_min(1)
+        # masked sums rather than boolean indexing: fixed shapes, no host sync
+        bce = F.binary_cross_entropy_with_logits(out[..., 0], real.to(out.dtype), reduction="none")
+        conf = torch.where(valid, bce, 0.0).sum() / valid.sum().clamp_min(1)
 
         targets, divisor = regression_targets(instances)
         err = (out[..., 1:].sigmoid() - targets).abs() / divisor
-        reg = err.sum(dim=-1)[real].sum() / real.sum().clamp_min(1)
+        reg = torch.where(real, err.sum(dim=-1), 0.0).sum() / real.sum().clamp_min(1)
         return {"aux_conf": conf, "aux_reg": reg}

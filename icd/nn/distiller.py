@@ -10,6 +10,13 @@ detached during warm-up.
     losses = distiller(teacher_feats, student_feats, boxes, labels, image_sizes, padded_size)
     # {"distill": ..., "aux_conf": ..., "aux_reg": ...}: sum them with the detector's losses
     distiller.step()  # once per iteration, for the warm-up counter
+
+``static_shapes=True`` fixes K = max_labels instance slots, so every shape of a step is fixed
+by the feature maps and max_labels: with boxes padded by ``icd.nn.pad_instances`` (e.g. in the
+data loader) the forward pass compiles with ``torch.compile(distiller, fullgraph=True)`` into
+one graph that box counts never recompile, reads no value on the host, and can be captured in
+a CUDA graph. The dynamic layout (the default) sizes K by the batch: less work when images
+have few boxes, which is what eager execution prefers (see docs/nn.md for measurements).
 """
 
 from __future__ import annotations
@@ -27,8 +34,13 @@ from icd.nn.decoder import ConditionalDecoder, DecoderLayerOutput, split_heads
 from icd.nn.encoder import InstanceEncoder
 from icd.nn.prior import ClassPrior
 from icd.nn.projection import LevelProjection, as_level_widths
-from icd.nn.sampler import InstanceBatch, InstanceSampler
-from icd.nn.validation import check_feature_levels, check_padded_size, check_valid_regions
+from icd.nn.sampler import InstanceBatch, InstanceSampler, unpad_instances
+from icd.nn.validation import (
+    check_feature_levels,
+    check_padded_size,
+    check_padded_size_fits_levels,
+    check_valid_regions,
+)
 from icd.ops.validation import NORMS, REDUCTIONS
 
 LOSS_NAMES = ("distill", "aux_conf", "aux_reg")
@@ -61,6 +73,9 @@ class ICDDistiller(nn.Module):
         backend: icd.ops backend of every op call (None: the per-device default).
         decoder_channels: C, the decoder width; default: teacher_channels when an int, else
             the largest teacher width.
+        static_shapes: K = max_labels instance slots in every batch (see the module
+            docstring): for torch.compile and CUDA graphs. An image may then have at most
+            max_labels boxes.
     """
 
     num_steps: Tensor
@@ -84,6 +99,7 @@ class ICDDistiller(nn.Module):
         reduction: str = "per_head",
         backend: str | None = None,
         decoder_channels: int | None = None,
+        static_shapes: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -139,8 +155,11 @@ class ICDDistiller(nn.Module):
         self.norm = norm
         self.reduction = reduction
         self.backend = backend
+        self.static_shapes = bool(static_shapes)
 
-        self.sampler = InstanceSampler(prior, neg_ratio, max_labels, sample_range, clamp_fakes)
+        self.sampler = InstanceSampler(
+            prior, neg_ratio, max_labels, sample_range, clamp_fakes, static_shapes=self.static_shapes
+        )
         self.encoder = InstanceEncoder(num_classes, channels)
         self.decoder = ConditionalDecoder(channels, heads, num_layers, backend)
         self.aux_task = AuxiliaryTask(channels)
@@ -154,6 +173,11 @@ class ICDDistiller(nn.Module):
             for _ in range(num_layers)
         )
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        # host-side copies of num_steps, so that neither step() nor forward reads the buffer
+        # (a sync on an accelerator); refreshed from the buffer by load_state_dict
+        self._step_count = 0
+        self._warming_up = self.warmup_iters > 0
+        self.register_load_state_dict_post_hook(_refresh_step_count)
 
     # --- optimiser groups and warm-up ---------------------------------------------------------
 
@@ -172,12 +196,21 @@ class ICDDistiller(nn.Module):
     def step(self) -> int:
         """Count one training iteration (for the warm-up); returns the new count."""
         self.num_steps += 1
-        return int(self.num_steps)
+        self._set_step_count(self._step_count + 1)
+        return self._step_count
 
     @property
     def in_warmup(self) -> bool:
-        """True while step() was called fewer than warmup_iters times."""
-        return int(self.num_steps) < self.warmup_iters
+        """True while step() was called fewer than warmup_iters times.
+
+        A Python bool kept next to the buffer ``num_steps`` (by step() and load_state_dict),
+        so a compiled forward guards on it: one recompilation when the warm-up ends.
+        """
+        return self._warming_up
+
+    def _set_step_count(self, count: int) -> None:
+        self._step_count = count
+        self._warming_up = count < self.warmup_iters
 
     # --- losses ---------------------------------------------------------------------------------
 
@@ -185,8 +218,8 @@ class ICDDistiller(nn.Module):
         self,
         teacher_features: Sequence[Tensor],
         student_features: Sequence[Tensor],
-        boxes: Sequence[Tensor],
-        labels: Sequence[Tensor],
+        boxes: Sequence[Tensor] | Tensor,
+        labels: Sequence[Tensor] | Tensor,
         image_sizes: Tensor | Sequence[Sequence[float]],
         padded_size: Sequence[int],
     ) -> dict[str, Tensor]:
@@ -197,8 +230,11 @@ class ICDDistiller(nn.Module):
             student_features: L student FPN maps [N, C_student_l, H_l, W_l], same levels and
                 spatial sizes as the teacher's.
             boxes: N float tensors [n_i, 4], (x1, y1, x2, y2) in input pixels of the padded
-                batch; boxes slightly outside their image are clipped, far outside raise.
-            labels: N int64 tensors [n_i], 0 <= label < num_classes.
+                batch, or one tensor [N, M, 4] padded by ``icd.nn.pad_instances`` (the input
+                that keeps a compiled static forward to one graph); boxes slightly outside
+                their image's valid region are clipped, far outside raise.
+            labels: N int64 tensors [n_i], 0 <= label < num_classes, or [N, M] with -1 in
+                the empty rows of padded boxes.
             image_sizes: the valid region of each image: [N, 2] valid (h, w) of images placed
                 top-left, or [N, 4] valid boxes (x1, y1, x2, y2) in padded-input pixels
                 (letterboxed images); padding outside it is masked out of the attention.
@@ -209,14 +245,13 @@ class ICDDistiller(nn.Module):
             includes loss_weight. A batch without any ground-truth box gives three zeros
             that are still connected to the parameters (backward and DDP work).
         """
-        check_feature_levels(
-            teacher_features, student_features, self.teacher_channels, self.student_channels
-        )
-        padded = check_padded_size(padded_size)
+        padded = self._check_features(teacher_features, student_features, padded_size)
         device = teacher_features[0].device
         regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
+        if not self.static_shapes and isinstance(boxes, Tensor):
+            boxes, labels = unpad_instances(boxes, labels)
         instances = self.sampler(boxes, labels, regions)
-        if sum(int(b.shape[0]) for b in boxes) == 0:
+        if not self.static_shapes and sum(int(b.shape[0]) for b in boxes) == 0:
             return self._zero_losses()
 
         teacher_tokens, _, mask, pos = self._teacher_tokens(teacher_features, regions, padded)
@@ -246,39 +281,46 @@ class ICDDistiller(nn.Module):
                     backend=self.backend,
                 )
             )
-        return {"distill": self.loss_weight * torch.stack(distill).mean(), **self._aux_losses(layers, instances)}
+        losses = {"distill": self.loss_weight * torch.stack(distill).mean(), **self._aux_losses(layers, instances)}
+        return self._gate_empty_batch(losses, instances)
 
     def auxiliary_losses(
         self,
         teacher_features: Sequence[Tensor],
-        boxes: Sequence[Tensor],
-        labels: Sequence[Tensor],
+        boxes: Sequence[Tensor] | Tensor,
+        labels: Sequence[Tensor] | Tensor,
         image_sizes: Tensor | Sequence[Sequence[float]],
         padded_size: Sequence[int],
     ) -> dict[str, Tensor]:
         """The teacher side's own losses, without a student: what teacher-side pre-training
         minimises. Arguments as in ``forward``; returns {"aux_conf", "aux_reg"} (zeros still
         connected to the parameters for a batch without boxes)."""
-        check_feature_levels(
-            teacher_features, teacher_features, self.teacher_channels, self.teacher_channels
-        )
-        padded = check_padded_size(padded_size)
+        padded = self._check_features(teacher_features, None, padded_size)
         device = teacher_features[0].device
         regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
+        if not self.static_shapes and isinstance(boxes, Tensor):
+            boxes, labels = unpad_instances(boxes, labels)
         instances = self.sampler(boxes, labels, regions)
-        if sum(int(b.shape[0]) for b in boxes) == 0:
+        if not self.static_shapes and sum(int(b.shape[0]) for b in boxes) == 0:
             zeros = self._zero_losses()
             return {"aux_conf": zeros["aux_conf"], "aux_reg": zeros["aux_reg"]}
         tokens, _, mask, pos = self._teacher_tokens(teacher_features, regions, padded)
         layers = self._decode(tokens, mask, pos, instances, with_value_mask=False)
-        return self._aux_losses(layers, instances)
+        return self._gate_empty_batch(self._aux_losses(layers, instances), instances)
+
+    def _gate_empty_batch(self, losses: dict[str, Tensor], instances: InstanceBatch) -> dict[str, Tensor]:
+        """Static layout: zeros for a batch without any box, without reading the count."""
+        if not self.static_shapes:
+            return losses
+        any_real = instances.is_real.any().to(torch.float32)
+        return {name: loss * any_real for name, loss in losses.items()}
 
     @torch.no_grad()
     def instance_attention_maps(
         self,
         teacher_features: Sequence[Tensor],
-        boxes: Sequence[Tensor],
-        labels: Sequence[Tensor],
+        boxes: Sequence[Tensor] | Tensor,
+        labels: Sequence[Tensor] | Tensor,
         image_sizes: Tensor | Sequence[Sequence[float]],
         padded_size: Sequence[int],
     ) -> tuple[list[Tensor], Tensor]:
@@ -286,28 +328,27 @@ class ICDDistiller(nn.Module):
 
         Deterministic: real instances only (no fakes) and no jitter, in any mode. Queries do
         not attend to each other, so the maps equal those of the training forward pass
-        (without its jitter).
+        (without its jitter). Always the dynamic slot layout (it reads counts on the host).
 
         Returns:
             maps: per image a float32 [n_i, S] tensor; each row sums to 1 over the image's
                 valid tokens. ``icd.ops.unflatten_levels(maps[i], spatial_shapes)`` splits
                 them into per-level heat maps [n_i, H_l, W_l].
-            spatial_shapes: int64 [L, 2], (H_l, W_l) of each level.
+            spatial_shapes: int64 [L, 2] on the CPU, (H_l, W_l) of each level.
         """
-        check_feature_levels(
-            teacher_features, teacher_features, self.teacher_channels, self.teacher_channels
-        )
-        padded = check_padded_size(padded_size)
+        padded = self._check_features(teacher_features, None, padded_size)
         device = teacher_features[0].device
         regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
-        instances = self.sampler(boxes, labels, regions, with_fakes=False, jitter=False)
+        instances = self.sampler(
+            boxes, labels, regions, with_fakes=False, jitter=False, static_shapes=False
+        )
         teacher_tokens, spatial_shapes, mask, pos = self._teacher_tokens(
             teacher_features, regions, padded
         )
         last = self._decode(teacher_tokens, mask, pos, instances, with_value_mask=False)[-1]
         one = torch.ones(1, 1, device=device)
         maps = []
-        for i, n_real in enumerate(instances.is_real.sum(dim=1).tolist()):
+        for i, n_real in enumerate(instances.is_real.sum(dim=1).tolist()):  # host sync: fine here
             rows = [
                 ops.instance_value_mask(
                     last.queries[i : i + 1, :, j : j + 1],
@@ -324,22 +365,42 @@ class ICDDistiller(nn.Module):
 
     # --- helpers ------------------------------------------------------------------------------
 
+    def _check_features(
+        self,
+        teacher_features: Sequence[Tensor],
+        student_features: Sequence[Tensor] | None,
+        padded_size: Sequence[int],
+    ) -> tuple[int, int]:
+        """Check the FPN lists (the teacher's alone when student_features is None) and
+        padded_size against their sizes; return (Hp, Wp)."""
+        if student_features is None:
+            check_feature_levels(
+                teacher_features, teacher_features, self.teacher_channels, self.teacher_channels
+            )
+        else:
+            check_feature_levels(
+                teacher_features, student_features, self.teacher_channels, self.student_channels
+            )
+        padded = check_padded_size(padded_size)
+        check_padded_size_fits_levels(padded, [tuple(f.shape[-2:]) for f in teacher_features])
+        return padded
+
     def _teacher_tokens(
         self, teacher_features: Sequence[Tensor], regions: Tensor, padded: tuple[int, int]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Teacher tokens [N, S, C] (of the detached features, through the per-level
-        projections if any), spatial shapes [L, 2], key padding mask bool [N, S] and position
-        embedding [N, S, C]. ``regions``: valid boxes [N, 4] (x1, y1, x2, y2)."""
+        projections if any), spatial shapes int64 [L, 2] on the CPU, key padding mask bool
+        [N, S] and position embedding [N, S, C]. ``regions``: valid boxes [N, 4] (x1, y1, x2,
+        y2) on the features' device; the mask is built there without a host sync."""
         features = [f.detach() for f in teacher_features]
         if self.teacher_projection is None:
             tokens, spatial_shapes, _ = ops.flatten_levels(features)
         else:
             tokens = self.teacher_projection(features)
-            spatial_shapes = torch.tensor(
-                [list(f.shape[-2:]) for f in features], dtype=torch.long, device=tokens.device
-            )
-        mask = ops.padding_mask(regions, spatial_shapes, padded)
-        level_masks = ops.unflatten_levels(mask, spatial_shapes)
+            spatial_shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long)
+        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]  # host ints
+        mask = ops.padding_mask(regions, shapes, padded)
+        level_masks = ops.unflatten_levels(mask, shapes)
         pos = ops.sine_position_embedding(level_masks, num_feats=self.channels // 2)
         return tokens, spatial_shapes, mask, pos
 
@@ -381,8 +442,13 @@ class ICDDistiller(nn.Module):
             f"student_channels={self.student_channels}, channels={self.channels}, heads={self.heads}, "
             f"loss_weight={self.loss_weight}, "
             f"warmup_iters={self.warmup_iters}, norm={self.norm!r}, reduction={self.reduction!r}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, static_shapes={self.static_shapes}"
         )
+
+
+def _refresh_step_count(module: nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict post-hook: read the loaded step counter once into Python."""
+    module._set_step_count(int(module.num_steps))
 
 
 def _as_prior(

@@ -20,8 +20,9 @@ def flatten_levels(features: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         features: L maps [N, C, H_l, W_l], same N, C, dtype and device.
 
     Returns:
-        tokens [N, S, C]; spatial_shapes int64 [L, 2] holding (H_l, W_l);
-        level_start int64 [L], the index of each level's first token.
+        tokens [N, S, C] on the maps' device; spatial_shapes int64 [L, 2] holding (H_l, W_l)
+        and level_start int64 [L], the index of each level's first token, both on the CPU:
+        they are host-side sizes, so reading them never waits for an accelerator.
     """
     if len(features) == 0:
         raise ValueError("flatten_levels: `features` is empty; expected at least one [N, C, H, W] map")
@@ -36,7 +37,7 @@ def flatten_levels(features: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
                 f"has {list(first.shape[:2])}; every level must share N and C"
             )
     tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)
-    shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long, device=first.device)
+    shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long)
     sizes = shapes.prod(dim=1)
     level_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     return tokens, shapes, level_start
@@ -50,18 +51,15 @@ def _as_size_list(sizes: Tensor | Sequence[Sequence[int]], name: str) -> list[tu
     return [(int(a), int(b)) for a, b in rows]
 
 
-def _as_region_list(regions: Tensor | Sequence[Sequence[float]], name: str) -> list[tuple[float, ...]]:
-    """[N, 2] sizes (h, w) or [N, 4] boxes (x1, y1, x2, y2) -> N boxes (x1, y1, x2, y2)."""
-    rows = regions.tolist() if isinstance(regions, Tensor) else [list(r) for r in regions]
-    out = []
-    for i, row in enumerate(rows):
-        if len(row) == 2:
-            out.append((0.0, 0.0, float(row[1]), float(row[0])))
-        elif len(row) == 4:
-            out.append(tuple(float(v) for v in row))
-        else:
-            raise ValueError(f"{name}[{i}] = {row}; expected a (height, width) pair or a box (x1, y1, x2, y2)")
-    return out
+def _valid_cells(low: Tensor, high: Tensor, stride: float, cells: int) -> Tensor:
+    """bool [N, cells]: cell j is valid when floor(low_i / stride) <= j < ceil(high_i / stride).
+
+    ``low`` and ``high`` are float64 [N] extents in input pixels.
+    """
+    first = torch.floor(low / stride)
+    limit = torch.ceil(high / stride)
+    j = torch.arange(cells, device=low.device)
+    return (j >= first[:, None]) & (j < limit[:, None])
 
 
 def padding_mask(
@@ -74,32 +72,50 @@ def padding_mask(
     Args:
         image_sizes: [N, 2] valid (h_i, w_i) of each image in input pixels (the image sits
             top-left), or [N, 4] valid boxes (x1, y1, x2, y2) in input pixels (letterboxed
-            images, padding on any side).
-        spatial_shapes: [L, 2] (H_l, W_l) of each level.
+            images, padding on any side); a tensor on any device (the mask is built there,
+            without reading its values on the host).
+        spatial_shapes: [L, 2] (H_l, W_l) of each level; a list or a CPU tensor (a tensor on
+            an accelerator is read on the host: a synchronisation).
         padded_size: (Hp, Wp), the padded batch size in input pixels.
 
     Returns:
-        bool [N, S]. On level l with stride r = (Hp / H_l + Wp / W_l) / 2, token (y, x) of
-        image i is valid when floor(y1_i / r) <= y < ceil(y2_i / r) and
-        floor(x1_i / r) <= x < ceil(x2_i / r); a size (h, w) is the box (0, 0, w, h).
+        bool [N, S] on image_sizes' device (when a tensor, else spatial_shapes', else the CPU).
+        On level l with stride r = (Hp / H_l + Wp / W_l) / 2, token (y, x) of image i is valid
+        when floor(y1_i / r) <= y < ceil(y2_i / r) and floor(x1_i / r) <= x < ceil(x2_i / r);
+        a size (h, w) is the box (0, 0, w, h).
     """
-    images = _as_region_list(image_sizes, "image_sizes")
     levels = _as_size_list(spatial_shapes, "spatial_shapes")
     if len(padded_size) != 2:
         raise ValueError(f"padded_size = {tuple(padded_size)}; expected (Hp, Wp)")
     hp, wp = (float(x) for x in padded_size)
-    device = spatial_shapes.device if isinstance(spatial_shapes, Tensor) else None
+    if isinstance(image_sizes, Tensor):
+        regions = image_sizes
+    else:
+        rows = [list(r) for r in image_sizes]
+        for i, row in enumerate(rows):
+            if len(row) not in (2, 4) or len(row) != len(rows[0]):
+                raise ValueError(
+                    f"image_sizes[{i}] = {row}; expected every row a (height, width) pair or every row "
+                    "a box (x1, y1, x2, y2)"
+                )
+        device = spatial_shapes.device if isinstance(spatial_shapes, Tensor) else None
+        width = len(rows[0]) if rows else 2
+        regions = torch.tensor(rows, dtype=torch.float64, device=device).reshape(-1, width)
+    if regions.dim() != 2 or regions.shape[1] not in (2, 4):
+        raise ValueError(
+            f"image_sizes has shape {list(regions.shape)}; expected [N, 2] (valid h, w) or "
+            "[N, 4] valid boxes (x1, y1, x2, y2)"
+        )
+    regions = regions.to(torch.float64)  # the rule in double precision, like Python's math.ceil
+    if regions.shape[1] == 2:
+        regions = torch.cat([torch.zeros_like(regions), regions.flip(-1)], dim=1)  # (0, 0, w, h)
+    x1, y1, x2, y2 = regions.unbind(-1)
     per_level = []
     for h_l, w_l in levels:
         stride = (hp / h_l + wp / w_l) / 2
-        rows = torch.arange(h_l, device=device)
-        cols = torch.arange(w_l, device=device)
-        masks = []
-        for x1, y1, x2, y2 in images:
-            valid_rows = (rows >= math.floor(y1 / stride)) & (rows < math.ceil(y2 / stride))
-            valid_cols = (cols >= math.floor(x1 / stride)) & (cols < math.ceil(x2 / stride))
-            masks.append(~(valid_rows[:, None] & valid_cols[None, :]))
-        per_level.append(torch.stack(masks).flatten(1))
+        valid_rows = _valid_cells(y1, y2, stride, h_l)
+        valid_cols = _valid_cells(x1, x2, stride, w_l)
+        per_level.append(~(valid_rows[:, :, None] & valid_cols[:, None, :]).flatten(1))
     return torch.cat(per_level, dim=1)
 
 

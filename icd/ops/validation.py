@@ -2,17 +2,50 @@
 
 Each error names the argument, what was received and what was expected: a ValueError
 for shapes and values, a TypeError for types and dtypes.
+
+Shape, dtype and device checks always run: they read only metadata. Checks of the values
+(weights >= 0, finite numbers, boxes inside their image) must read the data, which on an
+accelerator is a host synchronisation that stalls the launch queue and forbids CUDA-graph
+capture. ``ICD_CHECKS`` chooses where they run (read at every call, see ``value_checks``):
+
+  cpu   (default) on CPU tensors only; skipped on accelerators and inside torch.compile
+  full  on every device (a debug switch: a host sync per checked tensor), not in torch.compile
+  off   never
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
 WITH_DOUBLE = (*HALF_AND_SINGLE, torch.float64)
 NORMS = ("ln", "tln", "none")
 REDUCTIONS = ("per_head", "global")
+CHECK_MODES = ("cpu", "full", "off")
+
+
+def check_mode() -> str:
+    """The value-check mode of ICD_CHECKS: "cpu" (default), "full" or "off"."""
+    mode = os.environ.get("ICD_CHECKS", "").strip().lower() or "cpu"
+    if mode not in CHECK_MODES:
+        raise ValueError(f"ICD_CHECKS = {mode!r}; expected one of {', '.join(CHECK_MODES)}")
+    return mode
+
+
+def value_checks(t: Tensor) -> bool:
+    """Whether to check the values of ``t`` (a data read): see the module docstring.
+
+    Never while torch.compile traces, and never for tensors without data (meta, fake).
+    """
+    if torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t):
+        return False
+    mode = check_mode()
+    return mode == "full" or (mode == "cpu" and t.device.type == "cpu")
 
 
 def _shape(t: Tensor) -> str:
@@ -88,8 +121,8 @@ def check_nonnegative(weight: Tensor, name: str, op: str) -> None:
         raise TypeError(
             f"{op}: `{name}` has dtype {str(weight.dtype).replace('torch.', '')}; expected a float tensor"
         )
-    if torch.compiler.is_compiling() or weight.numel() == 0:
-        return  # value checks need a host sync and would break a torch.compile graph
+    if weight.numel() == 0 or not value_checks(weight):
+        return
     if bool((weight < 0).any()):
         raise ValueError(f"{op}: `{name}` has negative entries (min {weight.min().item():g}); expected >= 0")
     if not bool(torch.isfinite(weight).all()):
@@ -144,8 +177,8 @@ def check_value_mask_args(
         raise ValueError(f"{op}: `weight` has shape {_shape(weight)}; expected [N, K] = [{n}, {kq}]")
     check_nonnegative(weight, "weight", op)
     check_mask(key_padding_mask, n, k.shape[2], op)
-    if not temperature > 0:
-        raise ValueError(f"{op}: `temperature` = {temperature}; expected a number > 0")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: `temperature` = {temperature}; expected a finite number > 0")
     if lse is not None:
         check_tensor(lse, "lse", "N, h, K", op)
         if tuple(lse.shape) != (n, h, kq):
