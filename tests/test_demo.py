@@ -40,8 +40,12 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
     icd_train = [json.loads(x) for x in (tiny_demo / "icd" / "metrics.jsonl").read_text().split("\n") if x]
     assert any("loss_distill" in r and "loss_aux_conf" in r for r in icd_train)
     # the icd student started from the pre-trained teacher side, and its evaluation measured it
-    plan = {r.name: r for r in plan_runs(DemoConfig(out_dir=str(tiny_demo)))}
+    from icd.demo import TINY
+
+    plan = {r.name: r for r in plan_runs(DemoConfig(out_dir=str(tiny_demo), **TINY))}
     assert "--icd-init" in plan["icd"].argv and PRETRAIN_RUN in plan["icd"].needs
+    default = {r.name for r in plan_runs(DemoConfig(out_dir=str(tiny_demo)))}  # the paper's recipe
+    assert PRETRAIN_RUN not in default
     assert [n for n, r in plan.items() if r.exclusive] == ["teacher"]  # the teacher has the whole CPU
     assert (tiny_demo / PRETRAIN_RUN / "teacher_side.pth").exists()
     assert any(r["type"] == "eval" and r["lift"] > 0 and "distinctness_count" in r for r in icd_train)
