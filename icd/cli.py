@@ -176,7 +176,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     )
     _add_data_flags(p)
     p.add_argument("--teacher", required=True, help="teacher checkpoint (icd train's)")
-    p.add_argument("--iters", type=int_at_least(1), default=2000, help="pre-training iterations")
+    p.add_argument("--iters", type=int_at_least(1), default=600, help="pre-training iterations")
     p.add_argument(
         "--lr", type=finite_float(above=0.0), default=PRETRAIN_LR, help="AdamW lr (cosine decay over --iters)"
     )
@@ -188,7 +188,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         help="multiply the decoder's query projection weights by this at the start (sharper logits)",
     )
 
-    p.add_argument("--eval-every", type=int_at_least(1), default=200, help="iterations between attention statistics")
+    p.add_argument("--eval-every", type=int_at_least(1), default=100, help="iterations between attention statistics")
     p.add_argument(
         "--cache-gb",
         type=finite_float(minimum=0.0),
