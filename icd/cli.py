@@ -630,8 +630,9 @@ def _check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
     for split, ann, images, flag in splits:
         try:
             dataset_paths(args.data_path, split, ann, images, flag)
-        except (OSError, ValueError) as err:
+        except ValueError as err:  # flags that do not go together: a usage error
             parser.error(str(err))
+        # a missing file propagates: main() prints it as one line, or raises it under --debug
 
 
 def _train_flags_set(argv: Sequence[str], preset: str | None) -> set[str]:
@@ -671,9 +672,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     parser = build_parser(_train_preset_of(argv), _train_preset_of(argv, "eval"))
     args = parser.parse_args(argv)
-    _check_data_flags(parser, args)
-    if args.command == "train":
+    if args.command == "train":  # flags and another run's files first: before any data is looked at
+        from icd.engine.output_dir import claim_output_dir
+
         check_teacher_flags(args, _train_flags_set(argv, args.config), args.config)
+        claim_output_dir(args.output_dir, args.resume, args.overwrite, probe=False)
+    _check_data_flags(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         from icd.engine.trainer import train
