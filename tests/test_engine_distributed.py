@@ -16,7 +16,7 @@ from icd.data.shapes import generate
 from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
 
-ATOL = 1e-8  # float32 sums in another order (DDP's all-reduce); seen: <= 4e-9
+ATOL = 1e-7  # float32 sums in another order (DDP's all-reduce): a few ulps after 2 steps (> 1e-8 seen)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

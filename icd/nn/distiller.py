@@ -151,6 +151,7 @@ class ICDDistiller(nn.Module):
         self.channels = channels
         self.heads = heads
         self.loss_weight = float(loss_weight)
+        self._step_count = 0  # host-side copy of num_steps (see in_warmup)
         self.warmup_iters = int(warmup_iters)
         self.norm = norm
         self.reduction = reduction
@@ -175,8 +176,6 @@ class ICDDistiller(nn.Module):
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         # host-side copies of num_steps, so that neither step() nor forward reads the buffer
         # (a sync on an accelerator); refreshed from the buffer by load_state_dict
-        self._step_count = 0
-        self._warming_up = self.warmup_iters > 0
         self.register_load_state_dict_post_hook(_refresh_step_count)
 
     # --- optimiser groups and warm-up ---------------------------------------------------------
@@ -210,7 +209,17 @@ class ICDDistiller(nn.Module):
 
     def _set_step_count(self, count: int) -> None:
         self._step_count = count
-        self._warming_up = count < self.warmup_iters
+        self._warming_up = count < self._warmup_iters
+
+    @property
+    def warmup_iters(self) -> int:
+        """Iterations with the student's tokens detached; setting it re-derives in_warmup."""
+        return self._warmup_iters
+
+    @warmup_iters.setter
+    def warmup_iters(self, value: int) -> None:
+        self._warmup_iters = int(value)
+        self._set_step_count(self._step_count)
 
     # --- losses ---------------------------------------------------------------------------------
 
