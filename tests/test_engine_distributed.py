@@ -120,7 +120,7 @@ def test_two_gloo_processes_equal_one_process_with_double_batch(tmp_path):
     torch.manual_seed(7)  # the trainer seeds with --seed before building the model
     spec = DetectorSpec(**a["detector_spec"])
     initial = build_detector(spec).state_dict()
-    moved = [k for k, v in a["model"].items() if (v - initial[k]).abs().max() > 100 * ATOL]
+    moved = [k for k, v in a["model"].items() if (v - initial[k]).abs().max() > 10 * ATOL]
     assert len(moved) > 20  # the steps moved the weights far beyond the tolerance above
 
 
