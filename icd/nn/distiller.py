@@ -254,13 +254,10 @@ class ICDDistiller(nn.Module):
             includes loss_weight. A batch without any ground-truth box gives three zeros
             that are still connected to the parameters (backward and DDP work).
         """
-        padded = self._check_features(teacher_features, student_features, padded_size)
-        device = teacher_features[0].device
-        regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
-        if not self.static_shapes and isinstance(boxes, Tensor):
-            boxes, labels = unpad_instances(boxes, labels)
-        instances = self.sampler(boxes, labels, regions)
-        if not self.static_shapes and sum(int(b.shape[0]) for b in boxes) == 0:
+        padded, regions, instances, empty = self._sample(
+            teacher_features, student_features, boxes, labels, image_sizes, padded_size
+        )
+        if empty:
             return self._zero_losses()
 
         teacher_tokens, _, mask, pos = self._teacher_tokens(teacher_features, regions, padded)
@@ -304,18 +301,35 @@ class ICDDistiller(nn.Module):
         """The teacher side's own losses, without a student: what teacher-side pre-training
         minimises. Arguments as in ``forward``; returns {"aux_conf", "aux_reg"} (zeros still
         connected to the parameters for a batch without boxes)."""
-        padded = self._check_features(teacher_features, None, padded_size)
-        device = teacher_features[0].device
-        regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
-        if not self.static_shapes and isinstance(boxes, Tensor):
-            boxes, labels = unpad_instances(boxes, labels)
-        instances = self.sampler(boxes, labels, regions)
-        if not self.static_shapes and sum(int(b.shape[0]) for b in boxes) == 0:
+        padded, regions, instances, empty = self._sample(
+            teacher_features, None, boxes, labels, image_sizes, padded_size
+        )
+        if empty:
             zeros = self._zero_losses()
             return {"aux_conf": zeros["aux_conf"], "aux_reg": zeros["aux_reg"]}
         tokens, _, mask, pos = self._teacher_tokens(teacher_features, regions, padded)
         layers = self._decode(tokens, mask, pos, instances, with_value_mask=False)
         return self._gate_empty_batch(self._aux_losses(layers, instances), instances)
+
+    def _sample(
+        self,
+        teacher_features: Sequence[Tensor],
+        student_features: Sequence[Tensor] | None,
+        boxes: Sequence[Tensor] | Tensor,
+        labels: Sequence[Tensor] | Tensor,
+        image_sizes: Tensor | Sequence[Sequence[float]],
+        padded_size: Sequence[int],
+    ) -> tuple[tuple[int, int], Tensor, InstanceBatch, bool]:
+        """Checked arguments of forward / auxiliary_losses: (padded size, valid regions, the
+        sampled instances, whether a dynamic-layout batch has no box at all)."""
+        padded = self._check_features(teacher_features, student_features, padded_size)
+        device = teacher_features[0].device
+        regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
+        if not self.static_shapes and isinstance(boxes, Tensor):
+            boxes, labels = unpad_instances(boxes, labels)
+        instances = self.sampler(boxes, labels, regions)
+        empty = not self.static_shapes and sum(int(b.shape[0]) for b in boxes) == 0
+        return padded, regions, instances, empty
 
     def _gate_empty_batch(self, losses: dict[str, Tensor], instances: InstanceBatch) -> dict[str, Tensor]:
         """Static layout: zeros for a batch without any box, without reading the count."""
