@@ -174,7 +174,7 @@ class Pretrainer:
     """Builds the frozen teacher, the data and ICD's teacher side from ``icd pretrain`` args."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from icd.engine.trainer import load_teacher, seed_everything
+        from icd.engine.trainer import _plain_args, load_teacher, seed_everything
 
         for flag in ("iters", "eval_every", "print_freq", "batch_size", "stop_after_iters"):
             value = getattr(args, flag)
@@ -183,6 +183,7 @@ class Pretrainer:
         if not (math.isfinite(args.lr) and args.lr > 0) or not (math.isfinite(args.clip) and args.clip > 0):
             raise ValueError(f"--lr {args.lr} / --clip {args.clip}: expected finite positive numbers")
         self.args = args
+        self.saved_args = _plain_args(args)  # what checkpoints store (weights_only-loadable)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         seed_everything(args.seed)
         train_dir, train_ann = dataset_paths(
@@ -242,7 +243,7 @@ class Pretrainer:
             "iteration": self.iteration,
             "best_score": self.best_score,
             "signature": self.signature,
-            "args": {k: v for k, v in vars(self.args).items() if not callable(v)},
+            "args": self.saved_args,
             "rng": capture_rng_state(),
         }
 
@@ -318,7 +319,7 @@ class Pretrainer:
             self.best_score = score
             save_atomic(
                 {"teacher_side": teacher_side_state(self.distiller), "signature": self.signature,
-                 "iteration": self.iteration, "attention": stats, "args": self.state()["args"]},
+                 "iteration": self.iteration, "attention": stats, "args": self.saved_args},
                 os.path.join(self.args.output_dir, TEACHER_SIDE_FILE),
             )  # fmt: skip
         record["best_score"] = self.best_score
