@@ -8,6 +8,7 @@ case $m in
   baseline) extra=() ;;
   fpn_mse) extra=(--teacher $T --distill fpn-mse --fpn-mse-norm channel --distill-weight 2) ;;
   icd_paper) extra=(--teacher $T --distill icd) ;;
+  fpn_mse_*) extra=(--teacher $T --distill fpn-mse --fpn-mse-norm channel) ;;  # weight etc. given after EPOCHS
   icd_pre) extra=(--teacher $T --distill icd --icd-init ${STUDY:-study}/pre_s$s/teacher_side.pth) ;;
   *) extra=(--teacher $T --distill icd) ;;   # variants: flags given after EPOCHS
 esac
