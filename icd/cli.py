@@ -27,6 +27,7 @@ from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
 from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
 from icd.errors import ConfigError, IcdError
 from icd.flags import CheckedType, check_teacher_flags, finite_float, int_at_least
+from icd.ops.dispatch import BACKENDS
 
 # errors a user causes: one line "icd: error: ..." and exit 2 (IcdError: its exit_code), no traceback
 USER_ERRORS = (IcdError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -157,7 +158,7 @@ def _add_icd_flags(g) -> None:
         action="store_true",
         help="clip fake instance boxes to their image (the published code does; default: not)",
     )
-    g.add_argument("--icd-backend", default=None, help="icd.ops backend (default per device)")
+    g.add_argument("--icd-backend", choices=BACKENDS, default=None, help="icd.ops backend (default per device)")
     g.add_argument("--teacher-detector", choices=DETECTORS, default=None)
     g.add_argument("--teacher-backbone", choices=BACKBONES, default=None)
     g.add_argument("--teacher-fpn-channels", type=int_at_least(1), default=256)

@@ -317,11 +317,12 @@ def _backward_kernel(
             # the tile transposed, [BLOCK_N, BLOCK_M]: P^T and dS^T feed the dk and dv dots as
             # they are, only dq needs dS itself (one layout change instead of two)
             x_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-            x_t = tl.where(valid[:, None], x_t, float("-inf"))
-            p_t = tl.exp2(x_t - lse2[None, :])
+            # masked keys get P = dS = 0 by selection, not by arithmetic: a NaN lse or delta
+            # (NaN in the row's unmasked inputs) must not reach the masked keys' dk and dv
+            p_t = tl.where(valid[:, None], tl.exp2(x_t - lse2[None, :]), 0.0)
             dv += tl.dot(p_t.to(q.dtype), grad_out, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            ds_t = tl.where(valid[:, None], p_t * (dp_t - delta[None, :]), 0.0).to(q.dtype)
             dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
 
             dq_ptrs = part_base + dense_offsets(rows, dims, head_dim)

@@ -23,24 +23,10 @@ NAN, INF = float("nan"), float("inf")
 N, H, K, S, D = 3, 2, 5, 23, 16  # image 0 partly masked, image 1 unmasked, image 2 fully masked
 POISONS = [pytest.param(NAN, id="nan"), pytest.param(INF, id="inf"), pytest.param(-INF, id="-inf")]
 
-# Checks the Triton kernels (kernels/, owned by the `triton` work) do not pass yet; strict, so
-# they fail loudly as soon as the kernels keep the rule and the mark must go.
-TRITON_PENDING = {
-    "nan_attention": "kernels/instance_attention.py: a NaN in an unmasked key or value does not yet "
-    "reach every output it should (the query-row case does)",
-}
 
-
-def params(check: str) -> list:
+def params() -> list:
     """(backend, device) params: the reference on the CPU, then every fused backend."""
-    out = [pytest.param("reference", torch.device("cpu"), id="reference")]
-    for p in backend_params():
-        backend, device = p.values
-        marks = list(p.marks)
-        if backend == "triton" and check in TRITON_PENDING:
-            marks.append(pytest.mark.xfail(strict=True, reason=TRITON_PENDING[check]))
-        out.append(pytest.param(backend, device, id=p.id, marks=marks))
-    return out
+    return [pytest.param("reference", torch.device("cpu"), id="reference"), *backend_params()]
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -97,7 +83,7 @@ def poison_keys(base: torch.Tensor, mask: torch.Tensor, value: float) -> torch.T
 
 
 @pytest.mark.parametrize("poison", POISONS)
-@pytest.mark.parametrize("backend, device", params("masked_keys_attention"))
+@pytest.mark.parametrize("backend, device", params())
 def test_masked_keys_never_reach_attention(backend, device, poison):
     q, k, v = attention_bases(device)
     mask = key_padding_mask(device)
@@ -114,7 +100,7 @@ def test_masked_keys_never_reach_attention(backend, device, poison):
 
 
 @pytest.mark.parametrize("poison", POISONS)
-@pytest.mark.parametrize("backend, device", params("masked_keys_value_mask"))
+@pytest.mark.parametrize("backend, device", params())
 def test_masked_keys_never_reach_value_mask(backend, device, poison):
     q, k, _ = attention_bases(device)
     mask = key_padding_mask(device)
@@ -132,7 +118,7 @@ def test_masked_keys_never_reach_value_mask(backend, device, poison):
         assert (got.transpose(1, 2)[mask] == 0).all(), f"{what}: masked keys are not 0"
 
 
-@pytest.mark.parametrize("backend, device", params("masked_keys_value_mask"))
+@pytest.mark.parametrize("backend, device", params())
 def test_masked_keys_are_zero_in_value_mask_of_a_nan_row(backend, device):
     """A NaN query row makes its image's unmasked keys NaN; the masked ones stay exactly 0."""
     q, k, _ = attention_bases(device)
@@ -149,7 +135,7 @@ def test_masked_keys_are_zero_in_value_mask_of_a_nan_row(backend, device):
 
 
 @pytest.mark.parametrize("poison", POISONS)
-@pytest.mark.parametrize("backend, device", params("zero_weight_slots"))
+@pytest.mark.parametrize("backend, device", params())
 def test_zero_weight_slots_never_reach_value_mask(backend, device, poison):
     q, k, _ = attention_bases(device)
     mask = key_padding_mask(device)
@@ -188,7 +174,7 @@ def mse_with_grad(student_base, teacher_base, weight, norm, reduction, backend):
 
 
 @pytest.mark.parametrize("poison", POISONS)
-@pytest.mark.parametrize("backend, device", params("zero_weight_locations"))
+@pytest.mark.parametrize("backend, device", params())
 def test_zero_weight_locations_never_reach_feature_mse(backend, device, poison):
     student, teacher, weight = feature_inputs(device)
     hole = (weight == 0).permute(2, 0, 1)[..., None]  # [S, N, h, 1], like the bases
@@ -216,7 +202,7 @@ def _others(x: torch.Tensor, n: int, h: int) -> torch.Tensor:
     return x[keep]
 
 
-@pytest.mark.parametrize("backend, device", params("nan_attention"))
+@pytest.mark.parametrize("backend, device", params())
 def test_nan_in_an_unmasked_key_gives_nan(backend, device):
     """A NaN in key s of head (0, 1): every row of that head is NaN (out, lse, dq), so are
     dk and dv of its unmasked keys; its masked keys keep 0 and the other heads are as clean."""
@@ -236,7 +222,7 @@ def test_nan_in_an_unmasked_key_gives_nan(backend, device):
         assert (g[0, 1][mask[0]] == 0).all(), f"{backend}: masked keys got a gradient"
 
 
-@pytest.mark.parametrize("backend, device", params("nan_query_row"))
+@pytest.mark.parametrize("backend, device", params())
 def test_nan_in_a_query_row_gives_nan_in_that_row(backend, device):
     q, k, v = attention_bases(device)
     mask = key_padding_mask(device)
@@ -256,7 +242,7 @@ def test_nan_in_a_query_row_gives_nan_in_that_row(backend, device):
         same(_others(a, 1, 0), _others(b, 1, 0), f"{name} {backend}: other heads")
 
 
-@pytest.mark.parametrize("backend, device", params("nan_attention"))
+@pytest.mark.parametrize("backend, device", params())
 def test_nan_in_an_unmasked_value_gives_nan_in_that_column(backend, device):
     q, k, v = attention_bases(device)
     mask = key_padding_mask(device)
@@ -275,7 +261,7 @@ def test_nan_in_an_unmasked_value_gives_nan_in_that_column(backend, device):
     assert (dk[0, 0][mask[0]] == 0).all(), f"{backend}: masked keys got a gradient"
 
 
-@pytest.mark.parametrize("backend, device", params("nan_value_mask"))
+@pytest.mark.parametrize("backend, device", params())
 def test_nan_in_value_mask_inputs_gives_nan(backend, device):
     q, k, _ = attention_bases(device)
     mask = key_padding_mask(device)
@@ -301,7 +287,7 @@ def test_nan_in_value_mask_inputs_gives_nan(backend, device):
         same(_others(got, n, h), _others(clean, n, h), f"{what}: other heads")
 
 
-@pytest.mark.parametrize("backend, device", params("nan_feature_mse"))
+@pytest.mark.parametrize("backend, device", params())
 def test_nan_in_weighted_features_gives_nan(backend, device):
     student, teacher, weight = feature_inputs(device)
     s_at, n_at, h_at = 7, 1, 0

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from icd.data.coco import CocoDetection
+from icd.errors import ConfigError
 from icd.nn.attention_stats import AttentionStats
 from icd.ops import padding_mask
 
@@ -82,13 +83,13 @@ def checkpoint_attention_statistics(
     run_args = checkpoint.get("args", {})
     state = checkpoint.get("distiller", checkpoint.get("teacher_side"))
     if state is None or run_args.get("distill", "icd") != "icd":
-        raise ValueError(
+        raise ConfigError(
             "attention statistics need an ICD teacher side: an `icd train --distill icd` checkpoint "
             "or a file of `icd pretrain`"
         )
     teacher_path = teacher_path or run_args.get("teacher")
     if not teacher_path:
-        raise ValueError("attention statistics: the checkpoint names no teacher; give --teacher")
+        raise ConfigError("attention statistics: the checkpoint names no teacher; give --teacher")
     bare = {k: None for k in ("teacher_detector", "teacher_backbone", "min_level", "max_level")}
     teacher, spec = load_teacher(teacher_path, dataset.num_classes, argparse.Namespace(**bare), device)
     distiller = icd_distiller_of_run(run_args, spec, dataset.num_classes).to(device)

@@ -41,6 +41,7 @@ from icd.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rn
 from icd.engine.distill import build_distiller
 from icd.engine.metrics import MetricsLog, read_metrics
 from icd.engine.sampler import ResumableSampler
+from icd.errors import ConfigError
 
 log = logging.getLogger("icd.pretrain")
 
@@ -97,7 +98,7 @@ def check_signature(found: Mapping, expected: Mapping, path: str) -> None:
     ]
     if wrong:
         what = "another teacher" if found.get("teacher") != expected["teacher"] else "another set-up"
-        raise ValueError(
+        raise ConfigError(
             f"--icd-init {path} was pre-trained for {what}: " + "; ".join(wrong)
             + ". Pre-train for this teacher with `icd pretrain --teacher ...`"
         )
@@ -107,7 +108,7 @@ def load_teacher_side(distiller: nn.Module, path: str, expected_signature: Mappi
     """Load a ``teacher_side.pth`` into ``distiller`` after checking it fits; returns its metadata."""
     blob = load_checkpoint(path)
     if "teacher_side" not in blob or "signature" not in blob:
-        raise ValueError(
+        raise ConfigError(
             f"--icd-init {path} is not a teacher-side file of `icd pretrain` "
             f"(keys: {sorted(blob)[:8]}); expected {TEACHER_SIDE_FILE} of a pretrain output dir"
         )
@@ -115,7 +116,7 @@ def load_teacher_side(distiller: nn.Module, path: str, expected_signature: Mappi
     missing, unexpected = distiller.load_state_dict(blob["teacher_side"], strict=False)
     missing = [k for k in missing if k.startswith(TEACHER_SIDE_PREFIXES)]
     if missing or unexpected:
-        raise ValueError(f"--icd-init {path}: missing entries {missing}, unexpected {unexpected}")
+        raise ConfigError(f"--icd-init {path}: missing entries {missing}, unexpected {unexpected}")
     return {k: v for k, v in blob.items() if k != "teacher_side"}
 
 
@@ -179,9 +180,9 @@ class Pretrainer:
         for flag in ("iters", "eval_every", "print_freq", "batch_size", "stop_after_iters"):
             value = getattr(args, flag)
             if value is not None and value < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} {value}: expected >= 1")
+                raise ConfigError(f"--{flag.replace('_', '-')} {value}: expected >= 1")
         if not (math.isfinite(args.lr) and args.lr > 0) or not (math.isfinite(args.clip) and args.clip > 0):
-            raise ValueError(f"--lr {args.lr} / --clip {args.clip}: expected finite positive numbers")
+            raise ConfigError(f"--lr {args.lr} / --clip {args.clip}: expected finite positive numbers")
         self.args = args
         self.saved_args = _plain_args(args)  # what checkpoints store (weights_only-loadable)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -320,7 +320,7 @@ class Trainer:
         from icd.engine.pretrain import load_teacher_side, teacher_fingerprint, teacher_side_signature
 
         if self.args.distill != "icd":
-            raise ValueError(f"--icd-init {path} needs --distill icd (got --distill {self.args.distill})")
+            raise ConfigError(f"--icd-init {path} needs --distill icd (got --distill {self.args.distill})")
         expected = teacher_side_signature(self.distiller, teacher_spec, teacher_fingerprint(self.teacher))
         meta = load_teacher_side(self.distiller, path, expected)
         if self.info.is_main:
