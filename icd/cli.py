@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -25,7 +26,8 @@ from icd.engine.distill import DISTILL_METHODS, FPN_MSE_NORMS
 from icd.engine.health import HEALTH_ACTIONS
 from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
 from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
-from icd.errors import ConfigError, IcdError
+from icd.engine.run_spec import BARE_STATE_DICT_NORM
+from icd.errors import IcdError
 from icd.flags import CheckedType, check_teacher_flags, finite_float, int_at_least
 from icd.ops.dispatch import BACKENDS
 
@@ -162,7 +164,7 @@ def _add_icd_flags(g) -> None:
     g.add_argument("--teacher-detector", choices=DETECTORS, default=None)
     g.add_argument("--teacher-backbone", choices=BACKBONES, default=None)
     g.add_argument("--teacher-fpn-channels", type=int_at_least(1), default=256)
-    g.add_argument("--teacher-norm", choices=NORMS, default="frozen_bn")
+    g.add_argument("--teacher-norm", choices=NORMS, default=BARE_STATE_DICT_NORM)
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
@@ -522,13 +524,13 @@ def build_parser(train_preset: str | None = None, eval_preset: str | None = None
 
 def _run_eval(args: argparse.Namespace) -> dict[str, float]:
     from icd.data.coco import CocoDetection, dataset_paths
-    from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
+    from icd.detection.models import DetectorSpec
     from icd.engine.checkpoint import load_checkpoint
     from icd.engine.distributed import cleanup, init_distributed
     from icd.engine.evaluator import eval_loader, evaluate
     from icd.engine.metrics import MetricsLog
     from icd.engine.output_dir import probe_writable
-    from icd.engine.trainer import detector_spec_from_args
+    from icd.engine.run_spec import build_loaded_detector, checkpoint_detector_spec
 
     info = init_distributed(args.device)
     try:
@@ -539,32 +541,27 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
         ckpt = load_checkpoint(args.checkpoint)
         if "teacher_side" in ckpt:  # icd pretrain's output: attention statistics only
             return _attention_stats(args, ckpt, dataset, info)
-        if "detector_spec" in ckpt:
-            spec = DetectorSpec(**ckpt["detector_spec"])
-            if args.min_size is not None:
-                spec.min_size = tuple(args.min_size)
-            if args.max_size is not None:
-                spec.max_size = args.max_size
-            if args.score_thresh is not None:
-                spec.score_thresh = args.score_thresh
-        else:
-            if args.detector is None or args.backbone is None:
-                raise ConfigError(
-                    f"{args.checkpoint} holds no detector_spec; give --detector and "
-                    "--backbone (and --fpn-channels, --norm if not the defaults)"
-                )
-            args.fpn_channels = args.fpn_channels or 256
-            args.min_size = args.min_size or [800]
-            args.max_size = args.max_size or 1333
-            args.norm = args.norm or "frozen_bn"
-            args.score_thresh = 0.05 if args.score_thresh is None else args.score_thresh
-            spec = detector_spec_from_args(args, dataset.num_classes)
-        if spec.num_classes != dataset.num_classes:
-            raise ConfigError(
-                f"{args.checkpoint} has {spec.num_classes} classes; {ann} has {dataset.num_classes}"
+        flags = None  # a bare state dict's architecture: the model flags, frozen_bn unless --norm
+        if args.detector is not None and args.backbone is not None:
+            flags = DetectorSpec(
+                detector=args.detector,
+                backbone=args.backbone,
+                num_classes=dataset.num_classes,
+                fpn_channels=args.fpn_channels or 256,
+                min_level=args.min_level,
+                max_level=args.max_level,
+                norm=args.norm or BARE_STATE_DICT_NORM,
             )
-        model = build_detector(spec)
-        load_detector_weights(model, ckpt, what="evaluated")
+        spec = checkpoint_detector_spec(
+            ckpt,
+            args.checkpoint,
+            dataset.num_classes,
+            flags=flags,
+            flags_hint="give --detector and --backbone (and --fpn-channels, --norm if not the defaults)",
+        )
+        sizes = {"min_size": args.min_size, "max_size": args.max_size, "score_thresh": args.score_thresh}
+        spec = dataclasses.replace(spec, **{k: v for k, v in sizes.items() if v is not None})
+        model = build_loaded_detector(spec, ckpt, what="evaluated")
         model.to(info.device)
         loader = eval_loader(dataset, info, args.batch_size, args.workers)
         metrics = evaluate(

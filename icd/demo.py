@@ -401,17 +401,6 @@ def summarize(out_dirs: Sequence[str]) -> str:
 # --- attention maps ------------------------------------------------------------------------
 
 
-def _load_detector(ckpt_path: str):
-    from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
-    from icd.engine.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(ckpt_path)
-    spec = DetectorSpec(**ckpt["detector_spec"])
-    model = build_detector(spec)
-    load_detector_weights(model, ckpt, what="demo")
-    return model.eval(), spec, ckpt
-
-
 @torch.no_grad()
 def attention_maps_figure(
     teacher_path: str, source: str | None, data_dir: str, out_path: str, num_images: int, title: str = ""
@@ -434,14 +423,15 @@ def attention_maps_figure(
 
     from icd.data.coco import CocoDetection, split_paths
     from icd.engine.checkpoint import load_checkpoint
-    from icd.engine.distill import icd_distiller_of_run
+    from icd.engine.run_spec import distiller_of_run, load_detector
     from icd.ops import unflatten_levels
 
-    teacher, teacher_spec, _ = _load_detector(teacher_path)
     image_dir, ann = split_paths(data_dir, "val")
     dataset = CocoDetection(image_dir, ann)
+    teacher, teacher_spec = load_detector(teacher_path, dataset.num_classes, what="teacher")
+    teacher.eval()
     blob = load_checkpoint(source) if source else {}
-    distiller = icd_distiller_of_run(blob.get("args", {}), teacher_spec, dataset.num_classes)
+    distiller = distiller_of_run(blob.get("args", {}), teacher_spec, dataset.num_classes)
     if source:
         state = blob.get("distiller", blob.get("teacher_side"))
         distiller.load_state_dict(state, strict="distiller" in blob)

@@ -8,7 +8,6 @@ and per FPN level (see that module for the definitions).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
@@ -77,8 +76,7 @@ def checkpoint_attention_statistics(
     """Attention statistics of the ICD teacher side saved in ``checkpoint``: an ``icd train
     --distill icd`` checkpoint (its ``distiller``) or ``icd pretrain``'s teacher_side.pth /
     checkpoint.pth (its ``teacher_side``). The teacher is ``teacher_path`` or the run's own."""
-    from icd.engine.distill import icd_distiller_of_run
-    from icd.engine.trainer import load_teacher
+    from icd.engine.run_spec import distiller_of_run, load_frozen_teacher
 
     run_args = checkpoint.get("args", {})
     state = checkpoint.get("distiller", checkpoint.get("teacher_side"))
@@ -90,9 +88,8 @@ def checkpoint_attention_statistics(
     teacher_path = teacher_path or run_args.get("teacher")
     if not teacher_path:
         raise ConfigError("attention statistics: the checkpoint names no teacher; give --teacher")
-    bare = {k: None for k in ("teacher_detector", "teacher_backbone", "min_level", "max_level")}
-    teacher, spec = load_teacher(teacher_path, dataset.num_classes, argparse.Namespace(**bare), device)
-    distiller = icd_distiller_of_run(run_args, spec, dataset.num_classes).to(device)
+    teacher, spec = load_frozen_teacher(teacher_path, dataset.num_classes, device)
+    distiller = distiller_of_run(run_args, spec, dataset.num_classes).to(device)
     distiller.load_state_dict(state, strict="distiller" in checkpoint)
     distiller.eval()
     return attention_statistics(distiller, teacher, dataset, [f"P{lvl}" for lvl in spec.levels])

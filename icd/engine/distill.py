@@ -199,22 +199,3 @@ def build_distiller(
         static_shapes=static_shapes,
     )
 
-
-def icd_distiller_of_run(run_args: dict, teacher_spec, num_classes: int) -> nn.Module:
-    """The ICD distiller a finished ``icd train --distill icd`` or ``icd pretrain`` run built,
-    from the args saved in its checkpoint (load its state dict into it afterwards)."""
-    return build_distiller(
-        "icd",
-        detector=teacher_spec.detector,
-        num_classes=num_classes,
-        teacher_channels=teacher_spec.fpn_channels,
-        student_channels=run_args.get("fpn_channels") or teacher_spec.fpn_channels,
-        num_levels=len(teacher_spec.levels),
-        loss_weight=run_args.get("distill_weight"),
-        warmup_iters=0,
-        heads=run_args.get("icd_heads", 8),
-        num_layers=run_args.get("icd_layers", 1),
-        max_labels=run_args.get("icd_max_labels"),
-        neg_ratio=run_args.get("icd_neg_ratio", 5.0),
-        clamp_fakes=run_args.get("icd_clamp_fakes", False),
-    )

@@ -40,6 +40,7 @@ from icd.engine.attention import attention_statistics
 from icd.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
 from icd.engine.distill import build_distiller
 from icd.engine.metrics import MetricsLog, read_metrics
+from icd.engine.run_spec import distiller_kwargs
 from icd.engine.sampler import ResumableSampler
 from icd.errors import ConfigError
 
@@ -200,20 +201,9 @@ class Pretrainer:
         self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)
         self.level_names = [f"P{lvl}" for lvl in self.teacher_spec.levels]
         self.distiller = build_distiller(
-            "icd",
-            detector=self.teacher_spec.detector,
-            num_classes=num_classes,
-            teacher_channels=self.teacher_spec.fpn_channels,
-            student_channels=self.teacher_spec.fpn_channels,
-            num_levels=len(self.teacher_spec.levels),
-            loss_weight=None,
+            **distiller_kwargs(vars(args), self.teacher_spec, num_classes),
             warmup_iters=0,
             annotation_file=train_ann,
-            heads=args.icd_heads,
-            num_layers=args.icd_layers,
-            max_labels=args.icd_max_labels,
-            neg_ratio=args.icd_neg_ratio,
-            clamp_fakes=args.icd_clamp_fakes,
             backend=args.icd_backend,
         ).to(self.device)
         self.signature = teacher_side_signature(

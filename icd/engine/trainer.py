@@ -50,6 +50,7 @@ from icd.engine.health import LossHealth, UnhealthyTrainingError
 from icd.engine.metrics import MetricsLog
 from icd.engine.output_dir import claim_output_dir, remove_previous_run
 from icd.engine.resume_settings import check_resume_compatible
+from icd.engine.run_spec import BARE_STATE_DICT_NORM, detector_spec_from_args, distiller_kwargs, load_frozen_teacher
 from icd.engine.sampler import ResumableSampler
 from icd.errors import ConfigError, NonFiniteError, NothingDoneError
 
@@ -65,27 +66,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def detector_spec_from_args(args: argparse.Namespace, num_classes: int) -> DetectorSpec:
-    weights = getattr(args, "backbone_weights", None)
-    norm = args.norm or ("frozen_bn" if weights else "gn")
-    trainable = args.trainable_backbone_layers
-    if trainable is None:
-        trainable = 3 if weights else 5
-    return DetectorSpec(
-        detector=args.detector,
-        backbone=args.backbone,
-        num_classes=num_classes,
-        fpn_channels=args.fpn_channels,
-        min_level=args.min_level,
-        max_level=args.max_level,
-        norm=norm,
-        trainable_layers=trainable,
-        min_size=tuple(args.min_size),
-        max_size=args.max_size,
-        score_thresh=args.score_thresh,
-    )
 
 
 def run_length(args: argparse.Namespace, iters_per_epoch: int) -> tuple[int, int]:
@@ -105,41 +85,22 @@ def run_length(args: argparse.Namespace, iters_per_epoch: int) -> tuple[int, int
 def load_teacher(
     path: str, num_classes: int, args: argparse.Namespace, device: torch.device
 ) -> tuple[nn.Module, DetectorSpec]:
-    """The frozen teacher: architecture from the checkpoint's ``detector_spec`` (or --teacher-*
-    flags for a bare state dict), weights loaded strictly."""
-    ckpt = load_checkpoint(path)
-    if "detector_spec" in ckpt:
-        spec = DetectorSpec(**ckpt["detector_spec"])
-    else:
-        if args.teacher_detector is None or args.teacher_backbone is None:
-            raise ConfigError(
-                f"--teacher {path} holds no detector_spec (not written by icd train); "
-                "give --teacher-detector and --teacher-backbone"
-            )
-        spec = DetectorSpec(
+    """The frozen teacher (``icd.engine.run_spec.load_frozen_teacher``): architecture from the
+    checkpoint, or the --teacher-* flags for a bare state dict; weights loaded strictly."""
+    flags = None
+    if getattr(args, "teacher_detector", None) is not None and getattr(args, "teacher_backbone", None) is not None:
+        flags = DetectorSpec(
             detector=args.teacher_detector,
             backbone=args.teacher_backbone,
             num_classes=num_classes,
             fpn_channels=args.teacher_fpn_channels,
             min_level=args.min_level,
             max_level=args.max_level,
-            norm=args.teacher_norm,
+            norm=args.teacher_norm or BARE_STATE_DICT_NORM,
             min_size=tuple(args.min_size),
             max_size=args.max_size,
         )
-    if spec.num_classes != num_classes:
-        raise ConfigError(
-            f"teacher {path} has {spec.num_classes} classes; the data has {num_classes}"
-        )
-    teacher = build_detector(spec)
-    load_detector_weights(teacher, ckpt, what="teacher")
-    bad = first_non_finite(teacher.state_dict().items())
-    if bad is not None:
-        raise NonFiniteError(f"--teacher {path}: its weight {bad} has NaN or inf values; it cannot teach")
-    teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher, spec
+    return load_frozen_teacher(path, num_classes, device, flags=flags)
 
 
 def best_metric(detector: str, metrics: dict[str, float]) -> str:
@@ -282,22 +243,10 @@ class Trainer:
         if warmup is None:
             warmup = optim.default_warmup_iters(self.total_iters)
         self.distiller = build_distiller(
-            args.distill,
-            detector=args.detector,
-            num_classes=num_classes,
-            teacher_channels=teacher_spec.fpn_channels,
-            student_channels=self.spec.fpn_channels,
-            num_levels=len(self.spec.levels),
-            loss_weight=args.distill_weight,
+            **distiller_kwargs(vars(args), teacher_spec, num_classes),
             warmup_iters=warmup,
             annotation_file=self.train_set.coco.dataset,  # as checked (bad annotations skipped)
-            heads=args.icd_heads,
-            num_layers=args.icd_layers,
-            max_labels=args.icd_max_labels,
-            neg_ratio=args.icd_neg_ratio,
-            clamp_fakes=getattr(args, "icd_clamp_fakes", False),
             backend=args.icd_backend,
-            fpn_mse_norm=args.fpn_mse_norm,
         ).to(info.device)
         self.teacher_levels = [f"P{lvl}" for lvl in teacher_spec.levels]
         if getattr(args, "icd_init", None):

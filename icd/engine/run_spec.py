@@ -1,0 +1,197 @@
+"""One spec of a run: the detector and the distiller a checkpoint holds, read in one place.
+
+An ``icd train`` checkpoint stores its architecture as ``detector_spec`` (a ``DetectorSpec`` as
+a dict) and its flags as ``args``; ``icd pretrain``'s files store ``args``. Everything that
+rebuilds a model from a file (the trainer's teacher, ``icd eval``, ``icd pretrain``, the
+attention statistics, the demo's figure) goes through these functions::
+
+    detector_spec_from_args(args, num_classes)    the spec ``icd train`` builds from its flags
+    checkpoint_detector_spec(ckpt, source, ...)   the spec of a checkpoint (the rules below)
+    load_detector(ckpt, ...)                      that detector with the checkpoint's weights
+    load_frozen_teacher(path, ...)                ... checked finite, on a device, frozen
+    distiller_kwargs(run_args, teacher_spec, C)   ``build_distiller``'s arguments of a run
+
+The spec of a checkpoint is the first of:
+
+1. its ``detector_spec`` (every ``icd train`` checkpoint has one);
+2. its saved ``args`` of ``icd train``, read as the trainer read them when it trained
+   (``detector_spec_from_args``: norm ``gn`` unless it had ``--backbone-weights``), the number
+   of classes from the data;
+3. for a bare state dict: the caller's model flags (``icd train --teacher-*``, ``icd eval
+   --detector/--backbone/...``), norm ``frozen_bn`` unless given (``BARE_STATE_DICT_NORM``:
+   torchvision's detectors, where bare state dicts come from);
+
+else a ``ConfigError`` naming the flags to give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
+from icd.engine.checkpoint import load_checkpoint
+from icd.engine.distill import build_distiller
+from icd.engine.finite import first_non_finite
+from icd.errors import ConfigError, NonFiniteError
+
+BARE_STATE_DICT_NORM = "frozen_bn"  # rule 3's norm when no flag gives one
+_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DetectorSpec)}
+
+
+def detector_spec_from_args(args: argparse.Namespace | Mapping[str, Any], num_classes: int) -> DetectorSpec:
+    """The detector ``icd train`` builds from its flags (a parsed Namespace or the saved ``args``
+    dict of a checkpoint; a key missing from an old dict takes DetectorSpec's default).
+
+    Unset ``--norm``: ``frozen_bn`` with ``--backbone-weights``, else ``gn``; unset
+    ``--trainable-backbone-layers``: 3 with ``--backbone-weights``, else 5.
+    """
+    values = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+
+    def get(key: str, field: str | None = None) -> Any:
+        value = values.get(key)
+        return _SPEC_DEFAULTS[field or key] if value is None else value
+
+    weights = values.get("backbone_weights")
+    trainable = values.get("trainable_backbone_layers")
+    return DetectorSpec(
+        detector=get("detector"),
+        backbone=get("backbone"),
+        num_classes=num_classes,
+        fpn_channels=get("fpn_channels"),
+        min_level=values.get("min_level"),
+        max_level=values.get("max_level"),
+        norm=values.get("norm") or ("frozen_bn" if weights else "gn"),
+        trainable_layers=(3 if weights else 5) if trainable is None else trainable,
+        min_size=get("min_size"),  # a list or one int: DetectorSpec makes it a tuple
+        max_size=get("max_size"),
+        score_thresh=get("score_thresh"),
+    )
+
+
+def checkpoint_detector_spec(
+    ckpt: Mapping[str, Any],
+    source: str,
+    num_classes: int | None = None,
+    *,
+    flags: DetectorSpec | None = None,
+    flags_hint: str = "give the detector's flags",
+) -> DetectorSpec:
+    """The architecture of ``ckpt`` by the rules of this module's docstring.
+
+    Args:
+        ckpt: a loaded checkpoint dict or bare state dict.
+        source: how errors name it, e.g. ``"--teacher runs/t/checkpoint.pth"``.
+        num_classes: the data's number of classes: checked against the spec (None: not checked;
+            rule 2 then cannot apply).
+        flags: rule 3's spec, from the caller's model flags (None: they were not given).
+        flags_hint: the end of rule 3's error, which flags to give.
+    """
+    if "detector_spec" in ckpt:
+        spec = DetectorSpec(**ckpt["detector_spec"])
+    elif _is_train_args(ckpt.get("args")) and num_classes is not None:
+        spec = detector_spec_from_args(ckpt["args"], num_classes)
+    elif flags is not None:
+        spec = flags
+    else:
+        raise ConfigError(f"{source} holds no detector_spec (not written by icd train); {flags_hint}")
+    if num_classes is not None and spec.num_classes != num_classes:
+        raise ConfigError(f"{source} has {spec.num_classes} classes; the data has {num_classes}")
+    return spec
+
+
+def _is_train_args(args: Any) -> bool:
+    return isinstance(args, Mapping) and args.get("detector") is not None and args.get("backbone") is not None
+
+
+def build_loaded_detector(spec: DetectorSpec, ckpt: Mapping[str, Any] | str, what: str = "loaded") -> nn.Module:
+    """``build_detector(spec)`` with the checkpoint's weights loaded strictly (its ``model``
+    entry, or the bare state dict); ``what`` names the detector in a mismatch error."""
+    model = build_detector(spec)
+    load_detector_weights(model, ckpt, what=what)
+    return model
+
+
+def load_detector(
+    checkpoint: str | Mapping[str, Any],
+    num_classes: int | None = None,
+    *,
+    flags: DetectorSpec | None = None,
+    flags_hint: str = "give the detector's flags",
+    what: str = "loaded",
+    source: str | None = None,
+) -> tuple[nn.Module, DetectorSpec]:
+    """The detector of a checkpoint (a path or a loaded dict) with its weights, and its spec
+    (``checkpoint_detector_spec``'s rules); in train mode, on the CPU, as ``build_detector``."""
+    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    if source is None:
+        source = checkpoint if isinstance(checkpoint, str) else "the checkpoint"
+    spec = checkpoint_detector_spec(ckpt, source, num_classes, flags=flags, flags_hint=flags_hint)
+    return build_loaded_detector(spec, ckpt, what), spec
+
+
+def load_frozen_teacher(
+    path: str,
+    num_classes: int,
+    device: torch.device,
+    *,
+    flags: DetectorSpec | None = None,
+    flags_hint: str = "give --teacher-detector and --teacher-backbone",
+) -> tuple[nn.Module, DetectorSpec]:
+    """The teacher of ``path`` in eval mode on ``device``, no parameter requiring gradients;
+    NonFiniteError when a weight is NaN or inf."""
+    teacher, spec = load_detector(
+        path, num_classes, flags=flags, flags_hint=flags_hint, what="teacher", source=f"--teacher {path}"
+    )
+    bad = first_non_finite(teacher.state_dict().items())
+    if bad is not None:
+        raise NonFiniteError(f"--teacher {path}: its weight {bad} has NaN or inf values; it cannot teach")
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, spec
+
+
+# saved flag -> build_distiller keyword; absent flags take build_distiller's defaults
+_DISTILLER_FLAGS = {
+    "icd_heads": "heads",
+    "icd_layers": "num_layers",
+    "icd_max_labels": "max_labels",
+    "icd_neg_ratio": "neg_ratio",
+    "icd_clamp_fakes": "clamp_fakes",
+    "fpn_mse_norm": "fpn_mse_norm",
+}
+
+
+def distiller_kwargs(run_args: Mapping[str, Any], teacher_spec: DetectorSpec, num_classes: int) -> dict[str, Any]:
+    """``icd.engine.distill.build_distiller``'s arguments that fix the distiller of a run, from
+    its flags (``vars(args)`` of a live ``icd train`` / ``icd pretrain``, or a checkpoint's saved
+    ``args``): ``method`` (``--distill``, icd for ``icd pretrain``), the student's detector and
+    FPN channels (the teacher's for ``icd pretrain``, which has no student), the loss weight and
+    the ``--icd-*`` / ``--fpn-mse-norm`` settings. What only running needs (``warmup_iters``,
+    ``annotation_file``, ``backend``, ``static_shapes``) the caller adds.
+    """
+    kwargs: dict[str, Any] = {
+        "method": run_args.get("distill") or "icd",
+        "detector": run_args.get("detector") or teacher_spec.detector,
+        "num_classes": num_classes,
+        "teacher_channels": teacher_spec.fpn_channels,
+        "student_channels": run_args.get("fpn_channels") or teacher_spec.fpn_channels,
+        "num_levels": len(teacher_spec.levels),
+        "loss_weight": run_args.get("distill_weight"),
+    }
+    kwargs.update({kw: run_args[flag] for flag, kw in _DISTILLER_FLAGS.items() if flag in run_args})
+    return kwargs
+
+
+def distiller_of_run(
+    run_args: Mapping[str, Any], teacher_spec: DetectorSpec, num_classes: int, *, warmup_iters: int = 0
+) -> nn.Module:
+    """The distiller a finished run built (``distiller_kwargs``), freshly initialised: load the
+    checkpoint's ``distiller`` (or ``icd pretrain``'s ``teacher_side``) state dict into it."""
+    return build_distiller(**distiller_kwargs(run_args, teacher_spec, num_classes), warmup_iters=warmup_iters)
