@@ -14,12 +14,16 @@ from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KILLER = os.path.join(ROOT, "tests", "sigkill_after_checkpoint.py")
 
 
-def _train(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+def _train(args: list[str], kill_after: int | None = None) -> subprocess.Popen:
+    """``icd train`` in a subprocess; ``kill_after``: it SIGKILLs itself right after the checkpoint
+    of that iteration (tests/sigkill_after_checkpoint.py)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    command = ["-m", "icd", "train"] if kill_after is None else [KILLER, str(kill_after)]
     return subprocess.Popen(
-        [sys.executable, "-m", "icd", "train", *args],
+        [sys.executable, *command, *args],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -87,7 +91,7 @@ def test_sigkill_then_resume_matches_unbroken_run(tmp_path):
     # both at once (the 2 cores): one unbroken run, one SIGKILLed right after iteration 3's
     # checkpoint, part-way through epoch 1
     done = _train([*common, "--output-dir", str(unbroken)])
-    killed = _train([*common, "--output-dir", str(broken)], {"ICD_TEST_SIGKILL_AFTER_ITER": "3"})
+    killed = _train([*common, "--output-dir", str(broken)], kill_after=3)
     code, err = _wait(done)
     assert code == 0, err
     code, err = _wait(killed)

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 
 import numpy as np
@@ -58,8 +57,6 @@ log = logging.getLogger("icd.train")
 
 LAST_CHECKPOINT = "checkpoint.pth"
 BEST_CHECKPOINT = "model_best.pth"  # the evaluation with the highest best_metric() so far
-# Tests only: SIGKILL this process right after the checkpoint of this iteration is written.
-_KILL_AFTER_ENV = "ICD_TEST_SIGKILL_AFTER_ITER"
 
 
 def seed_everything(seed: int) -> None:
@@ -586,7 +583,6 @@ class Trainer:
         """Train to the end of the schedule (or --stop-after-iters), evaluating per --eval-every
         and at the end; returns the last evaluation's metrics."""
         args, info = self.args, self.info
-        kill_after = int(os.environ.get(_KILL_AFTER_ENV, "0"))
         stop_at = min(self.total_iters, args.stop_after_iters or self.total_iters)
         if self.overwritten and info.is_main:
             log.warning("--overwrite: removing the previous run's %s", ", ".join(self.overwritten))
@@ -630,8 +626,6 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if args.checkpoint_every and self.iteration % args.checkpoint_every == 0:
                     self.save(epoch, batches)
-                    if kill_after and self.iteration >= kill_after:
-                        os.kill(os.getpid(), signal.SIGKILL)
                 if self.iteration >= stop_at:
                     break
             bar.close()
