@@ -41,7 +41,8 @@ def test_set_backend_sets_and_restores_as_context_manager():
     ops.set_backend("reference")
     try:
         assert ops.resolve_backend(CPU) == "reference"
-        assert ops.resolve_backend(CPU, "cpu" if dispatch.is_built("cpu") else "reference")
+        explicit = "cpu" if dispatch.is_built("cpu") else "reference"
+        assert ops.resolve_backend(CPU, explicit) == explicit  # backend= wins over set_backend()
     finally:
         ops.set_backend(None)
     assert ops.get_backend() is None or "ICD_BACKEND" in os.environ

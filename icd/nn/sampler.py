@@ -53,7 +53,7 @@ class InstanceBatch:
 
     boxes: Tensor
     labels: Tensor
-    centers: Tensor
+    centers: Tensor  # public field names keep "center" (and normalized_centers); the prose says centre
     is_real: Tensor
     is_valid: Tensor
     image_sizes: Tensor
@@ -73,10 +73,10 @@ class InstanceBatch:
     def normalized_centers(self) -> Tensor:
         """float [N, K, 2] jittered centres as fractions of each image's own valid (w, h),
         measured from its valid region's top-left corner."""
-        centers = self.centers
+        centres = self.centers
         if self.image_origins is not None:
-            centers = centers - self.image_origins[:, None, :]
-        return centers / self.image_sizes.flip(-1)[:, None, :]
+            centres = centres - self.image_origins[:, None, :]
+        return centres / self.image_sizes.flip(-1)[:, None, :]
 
 
 def instance_count(num_gt: int | Tensor, neg_ratio: float, max_labels: int) -> int | Tensor:
@@ -261,9 +261,9 @@ class InstanceSampler(nn.Module):
             out_labels[i, :total] = lab
             is_real[i, :n_gt] = True
             is_valid[i, :total] = True
-        centers = self._centres(out_boxes, is_valid, jitter, generator)
+        centres = self._centres(out_boxes, is_valid, jitter, generator)
         return InstanceBatch(
-            out_boxes, out_labels, centers, is_real, is_valid, region_sizes(regions), regions[:, :2]
+            out_boxes, out_labels, centres, is_real, is_valid, region_sizes(regions), regions[:, :2]
         )
 
     def _static_slots(
@@ -294,19 +294,19 @@ class InstanceSampler(nn.Module):
             boxes = torch.where(is_fake[..., None], fake_boxes, boxes)
             labels = torch.where(is_fake, fake_labels, labels)
             is_valid = is_real | is_fake
-        centers = self._centres(boxes, is_valid, jitter, generator)
-        return InstanceBatch(boxes, labels, centers, is_real, is_valid, region_sizes(regions), regions[:, :2])
+        centres = self._centres(boxes, is_valid, jitter, generator)
+        return InstanceBatch(boxes, labels, centres, is_real, is_valid, region_sizes(regions), regions[:, :2])
 
     def _centres(
         self, boxes: Tensor, is_valid: Tensor, jitter: bool, generator: torch.Generator | None
     ) -> Tensor:
         """[N, K, 2] box centres, jittered when asked; 0 in padding slots."""
-        centers = (boxes[..., :2] + boxes[..., 2:]) / 2
+        centres = (boxes[..., :2] + boxes[..., 2:]) / 2
         if jitter and self.sample_range > 0:
             wh = boxes[..., 2:] - boxes[..., :2]
             u = torch.rand(*boxes.shape[:2], 2, device=boxes.device, generator=generator)
-            centers = centers + (u - 0.5) * 2 * self.sample_range * wh
-        return centers * is_valid[..., None]
+            centres = centres + (u - 0.5) * 2 * self.sample_range * wh
+        return centres * is_valid[..., None]
 
     def _sample_fakes(
         self, count: int, region: Tensor, generator: torch.Generator | None
