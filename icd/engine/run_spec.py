@@ -53,9 +53,9 @@ def detector_spec_from_args(args: argparse.Namespace | Mapping[str, Any], num_cl
     """
     values = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
 
-    def get(key: str, field: str | None = None) -> Any:
+    def get(key: str) -> Any:
         value = values.get(key)
-        return _SPEC_DEFAULTS[field or key] if value is None else value
+        return _SPEC_DEFAULTS[key] if value is None else value
 
     weights = values.get("backbone_weights")
     trainable = values.get("trainable_backbone_layers")
