@@ -360,7 +360,7 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
         "--distill-weight",
         type=finite_float(minimum=0.0),
         default=None,
-        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 2 normalised, 1 raw)",
+        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 16 per channel, 2 layer, 1 raw)",
     )
     g.add_argument(
         "--distill-warmup-iters",
