@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -109,15 +110,17 @@ def test_student_starts_from_the_pretrained_teacher_side(data, teacher, tmp_path
         ({}, "--icd-heads 8", "heads 4"),
     ],
 )
-def test_icd_init_from_another_teacher_is_refused(data, teacher, tmp_path, teacher_kwargs, flags, message):
+def test_icd_init_from_another_teacher_is_refused(data, teacher, tmp_path, teacher_kwargs, flags, message, capsys):
     pre = tmp_path / "pre"
     assert _pretrain(data, teacher, pre) == 0
     other = _teacher(tmp_path / "other.pth", **teacher_kwargs) if teacher_kwargs else teacher
     out = tmp_path / "icd"
-    with pytest.raises(ValueError, match=message):
-        main(f"train --data-path {data} --backbone resnet18 --norm gn --fpn-channels 32 {SIZE} {ON_CPU} "
+    capsys.readouterr()
+    code = main(f"train --data-path {data} --backbone resnet18 --norm gn --fpn-channels 32 {SIZE} {ON_CPU} "
              f"--detector fcos --min-level 3 --max-level 5 --epochs 1 --teacher {other} --distill icd "
              f"{flags} --icd-init {pre / 'teacher_side.pth'} --output-dir {out}".split())  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("icd: error: --icd-init") and re.search(message, err), err
     assert not os.path.exists(out / "checkpoint.pth") and not os.path.exists(out / "metrics.jsonl")
 
 
