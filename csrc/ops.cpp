@@ -13,10 +13,22 @@
 #include <torch/library.h>
 
 extern "C" {
-// Importing icd._C from Python runs the static registrations below.
+// Importing icd._C from Python runs the static registrations below. The module records how
+// it was built: icd._C.with_cuda is 1 when csrc/cuda was compiled in (setup.py defines
+// ICD_WITH_CUDA then), else 0; icd.ops reads it to know whether the "cuda" backend exists.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+#ifdef ICD_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

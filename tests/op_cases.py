@@ -1,7 +1,9 @@
 """Backends, devices, shapes and inputs shared by the op tests.
 
-Every built backend is compared with the reference on the same inputs. The Triton backend
-runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (slow: its cases are small).
+Every built backend is compared with the reference on the same inputs; which backends exist,
+their devices and dtypes come from the backend table (``icd.ops.backends.BACKEND_TABLE``).
+The Triton backend runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (slow:
+its cases are small).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import icd.ops as ops
-from icd.ops.dispatch import triton_interpreted
+from icd.ops.backends import BACKEND_TABLE
 
 
 @dataclass(frozen=True)
@@ -51,26 +52,54 @@ LARGER_CASES = [
 ]
 
 
+# The backends with kernels behind the icd:: ops (all but the reference), in table order.
+KERNEL_BACKENDS = tuple(name for name, b in BACKEND_TABLE.items() if b.load_kernels is not None)
+
+
 def _backend_device(backend: str) -> torch.device | None:
-    """The device a backend is tested on here, or None when it cannot run."""
-    if backend not in ops.available_backends():
+    """The device a backend is tested on here (its first device type this machine has), or None."""
+    described = BACKEND_TABLE[backend]
+    if not described.available:
         return None
-    if backend == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available() and backend in ("cuda", "triton"):
-        return torch.device("cuda")
-    if backend == "triton" and triton_interpreted():
-        return torch.device("cpu")
+    for device_type in described.device_types() or ("cpu",):
+        if device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_available()):
+            return torch.device(device_type)
     return None
+
+
+def _cannot_run(backend: str) -> list:
+    return [pytest.mark.skip(reason=f"backend {backend!r} cannot run here")]
 
 
 def backend_params() -> list:
     """pytest params of (backend, device) for every built, non-reference backend."""
     params = []
-    for name in ("cpu", "triton", "cuda"):
+    for name in KERNEL_BACKENDS:
         device = _backend_device(name)
-        marks = [] if device is not None else [pytest.mark.skip(reason=f"backend {name!r} cannot run here")]
-        params.append(pytest.param(name, device, id=name, marks=marks))
+        params.append(pytest.param(name, device, id=name, marks=[] if device is not None else _cannot_run(name)))
+    return params
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def case_params(max_cases: int | None = None, dtypes: tuple[torch.dtype, ...] | None = None) -> list:
+    """pytest params of (backend, device, case, dtype): one test id per backend, dtype and shape.
+
+    Every case of ``cases_for`` (the first ``max_cases``) in every dtype of ``dtypes_for``
+    (those also in ``dtypes``); a backend that cannot run here gets one skipped id.
+    """
+    params = []
+    for name in KERNEL_BACKENDS:
+        device = _backend_device(name)
+        if device is None:
+            params.append(pytest.param(name, None, None, None, id=name, marks=_cannot_run(name)))
+            continue
+        for case in cases_for(name, device)[:max_cases]:
+            for dtype in dtypes_for(name, device):
+                if dtypes is None or dtype in dtypes:
+                    params.append(pytest.param(name, device, case, dtype, id=f"{name}-{dtype_id(dtype)}-{case.id}"))
     return params
 
 
@@ -83,11 +112,11 @@ def cases_for(backend: str, device: torch.device) -> list[Case]:
 
 
 def dtypes_for(backend: str, device: torch.device) -> list[torch.dtype]:
-    if backend == "cpu":
-        return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    """The backend's dtypes (its descriptor's), bfloat16 left out under the Triton interpreter."""
+    dtypes = BACKEND_TABLE[backend].dtypes
     if interpreted(backend, device):
-        return [torch.float32, torch.float16]  # bfloat16 is not faithful under the interpreter
-    return [torch.float32, torch.float16, torch.bfloat16]
+        return [d for d in dtypes if d != torch.bfloat16]  # bfloat16 is not faithful under the interpreter
+    return list(dtypes)
 
 
 TOLERANCES = {

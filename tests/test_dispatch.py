@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 import icd.ops as ops
 from icd.ops import dispatch
+from icd.ops.backends import BACKEND_TABLE
 
 CPU = torch.device("cpu")
 
@@ -21,15 +23,28 @@ def test_default_on_cpu_is_the_cpu_extension_when_built():
     assert ops.resolve_backend(CPU) in (expected, ops.get_backend())
 
 
+def _with(monkeypatch, name: str, why_not: str) -> None:
+    """Pretend backend ``name`` is available (why_not "") or not, for this test."""
+    monkeypatch.setitem(BACKEND_TABLE, name, replace(BACKEND_TABLE[name], why_not=why_not))
+
+
 def test_default_on_cuda_prefers_triton(monkeypatch):
     cuda = torch.device("cuda")
-    monkeypatch.setattr(dispatch, "_TRITON_INSTALLED", True)
+    _with(monkeypatch, "triton", "")
     assert ops.default_backend(cuda) == "triton"
-    monkeypatch.setattr(dispatch, "_TRITON_INSTALLED", False)
-    monkeypatch.setattr(dispatch, "_CUDA_KERNELS_BUILT", True)
+    _with(monkeypatch, "triton", "not installed")
+    _with(monkeypatch, "cuda", "")
     assert ops.default_backend(cuda) == "cuda"
-    monkeypatch.setattr(dispatch, "_CUDA_KERNELS_BUILT", False)
+    _with(monkeypatch, "cuda", "not built")
     assert ops.default_backend(cuda) == "reference"
+
+
+def test_default_on_cpu_is_never_the_interpreted_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _with(monkeypatch, "triton", "")
+    _with(monkeypatch, "cpu", "not built")
+    assert ops.default_backend(CPU) == "reference"
+    assert ops.default_backend(torch.device("meta")) == "reference"
 
 
 def test_set_backend_sets_and_restores_as_context_manager():
@@ -57,15 +72,19 @@ def test_unknown_backend_names_the_choices():
 
 
 def test_backend_that_is_not_built_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(dispatch, "_CUDA_KERNELS_BUILT", False)
+    _with(monkeypatch, "cuda", "icd._C was built without CUDA kernels (no CUDA kernel registered)")
+    with pytest.raises(RuntimeError, match=r"'cuda' is not available: icd._C was built without CUDA kernels "
+                                           r"\(no CUDA kernel registered\). Rebuild on a machine with nvcc"):
+        ops.resolve_backend(torch.device("cuda"), "cuda")
     with pytest.raises(RuntimeError, match="FORCE_CUDA=1 pip install --no-build-isolation"):
         ops.resolve_backend(torch.device("cuda"), "cuda")
-    monkeypatch.setattr(dispatch, "_CPU_KERNELS_BUILT", False)
+    _with(monkeypatch, "cpu", "the C++ extension icd._C is not importable (no module)")
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
         ops.resolve_backend(CPU, "cpu")
-    monkeypatch.setattr(dispatch, "_TRITON_INSTALLED", False)
+    _with(monkeypatch, "triton", "triton is not installed (module not found)")
     with pytest.raises(RuntimeError, match="pip install triton"):
         ops.resolve_backend(CPU, "triton")
+    assert ops.available_backends() == ["reference"]
 
 
 def test_backend_on_the_wrong_device_is_refused(monkeypatch):
@@ -98,18 +117,46 @@ def test_icd_backend_environment_variable():
 def test_ops_really_run_on_the_selected_backend(monkeypatch):
     """The op records which backend computed it: the reference never enters icd:: ops."""
     calls = []
-    from icd.ops import library
+    for name in ("cpu", "triton"):
+        described = BACKEND_TABLE[name]
 
-    real = library.kernels_of
+        def spy(name=name, load=described.load_kernels):
+            calls.append(name)
+            return load()
 
-    def spy(name):
-        calls.append(name)
-        return real(name)
-
-    monkeypatch.setattr(library, "kernels_of", spy)
+        monkeypatch.setitem(BACKEND_TABLE, name, replace(described, load_kernels=spy))
     q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 5, 8)
     ops.instance_attention(q, k, k, backend="reference")
     assert calls == []
     if dispatch.is_built("cpu"):
         ops.instance_attention(q, k, k, backend="cpu")
         assert calls == ["cpu"]
+
+
+def test_every_backend_is_described_once():
+    """The table is the one list of backends: names, devices, dtypes and kernels agree with use."""
+    assert ops.BACKENDS == tuple(BACKEND_TABLE) == ("reference", "cpu", "cuda", "triton")
+    for name, described in BACKEND_TABLE.items():
+        assert described.name == name
+        assert described.available == (described.why_not == "")
+        assert described.available == (name in ops.available_backends())
+        assert torch.float32 in described.dtypes
+        assert (described.load_kernels is None) == (name == "reference")
+    assert torch.float64 in BACKEND_TABLE["cpu"].dtypes and torch.float64 not in BACKEND_TABLE["triton"].dtypes
+    with pytest.raises(ValueError, match="no kernel table"):
+        _ = BACKEND_TABLE["reference"].kernels
+
+
+def test_kernel_tables_have_every_kernel():
+    names = ("attention_forward", "attention_backward", "value_mask", "feature_mse_forward", "feature_mse_backward")
+    for described in BACKEND_TABLE.values():
+        if described.available and described.load_kernels is not None:
+            kernels = described.kernels
+            assert all(callable(getattr(kernels, name)) for name in names), described.name
+
+
+def test_the_extension_records_whether_it_has_cuda_kernels():
+    """icd._C says at build time whether csrc/cuda was compiled in; the cuda backend follows it."""
+    extension = pytest.importorskip("icd._C")
+    assert extension.with_cuda in (0, 1)
+    assert BACKEND_TABLE["cuda"].available == bool(extension.with_cuda)

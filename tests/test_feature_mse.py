@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import Case, assert_close, backend_params, cases_for, dtypes_for, head_tensor
+from op_cases import Case, assert_close, backend_params, case_params, dtypes_for, head_tensor
 
 import icd.ops as ops
 
@@ -29,21 +29,18 @@ def _loss_and_grad(student, teacher, weight, norm, reduction, backend):
     return loss.detach(), grad
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("backend, device, case, dtype", case_params())
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_matches_reference(backend, device, norm, reduction):
-    for case in cases_for(backend, device):
-        for dtype in dtypes_for(backend, device):
-            inputs = _mse_inputs(case, dtype, device)
-            loss, grad = _loss_and_grad(*inputs, norm, reduction, backend)
-            ref_loss, ref_grad = _loss_and_grad(*inputs, norm, reduction, "reference")
-            what = f"{backend} {case.id} {dtype} {norm} {reduction}"
-            assert loss.dim() == 0 and loss.dtype == ref_loss.dtype, what
-            assert grad.dtype == dtype and torch.isfinite(grad).all(), what
-            assert_close(loss, ref_loss, dtype, f"loss {what}")
-            scale = ref_grad.float().abs().max().clamp_min(1e-12)
-            assert_close(grad / scale, ref_grad / scale, dtype, f"grad {what}")
+def test_matches_reference(backend, device, case, dtype, norm, reduction):
+    inputs = _mse_inputs(case, dtype, device)
+    loss, grad = _loss_and_grad(*inputs, norm, reduction, backend)
+    ref_loss, ref_grad = _loss_and_grad(*inputs, norm, reduction, "reference")
+    assert loss.dim() == 0 and loss.dtype == ref_loss.dtype
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    assert_close(loss, ref_loss, dtype, "loss")
+    scale = ref_grad.float().abs().max().clamp_min(1e-12)
+    assert_close(grad / scale, ref_grad / scale, dtype, "grad")
 
 
 @pytest.mark.parametrize("backend, device", backend_params())
@@ -67,17 +64,18 @@ def test_all_zero_weight_gives_zero_loss(backend, device, reduction):
 
 
 @pytest.mark.parametrize("backend, device", backend_params())
-def test_gradcheck_float64(backend, device):
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64(backend, device, norm, reduction):
     if torch.float64 not in dtypes_for(backend, device):
         pytest.skip(f"{backend} has no float64")
     case = Case(2, 2, 1, 11, 8, empty_image=True, permuted=True)
     student, teacher, weight = _mse_inputs(case, torch.float64, device)
-    for norm in NORMS:
-        for reduction in REDUCTIONS:
-            def fn(s, norm=norm, reduction=reduction):
-                return ops.masked_feature_mse(s, teacher, weight, norm=norm, reduction=reduction, backend=backend)
 
-            assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-6, fast_mode=True), (norm, reduction)
+    def fn(s):
+        return ops.masked_feature_mse(s, teacher, weight, norm=norm, reduction=reduction, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend, device", backend_params())

@@ -9,7 +9,7 @@ from op_cases import (
     assert_close,
     attention_inputs,
     backend_params,
-    cases_for,
+    case_params,
     dtypes_for,
     interpreted,
 )
@@ -34,33 +34,28 @@ def _forward_backward(q, k, v, mask, backend):
     return out.detach(), lse.detach(), dq, dk, dv
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
-def test_forward_matches_reference(backend, device):
-    for case in cases_for(backend, device):
-        for dtype in dtypes_for(backend, device):
-            q, k, v, mask = attention_inputs(case, dtype, device)
-            out, lse = ops.instance_attention(q, k, v, mask, backend=backend)
-            ref_out, ref_lse = ops.instance_attention(q, k, v, mask, backend="reference")
-            what = f"{backend} {case.id} {dtype}"
-            assert out.dtype == dtype and lse.dtype == ref_lse.dtype, what
-            assert_close(out, ref_out, dtype, f"out {what}")
-            assert_close(lse, ref_lse, torch.float32 if dtype != torch.float64 else dtype, f"lse {what}")
+@pytest.mark.parametrize("backend, device, case, dtype", case_params())
+def test_forward_matches_reference(backend, device, case, dtype):
+    q, k, v, mask = attention_inputs(case, dtype, device)
+    out, lse = ops.instance_attention(q, k, v, mask, backend=backend)
+    ref_out, ref_lse = ops.instance_attention(q, k, v, mask, backend="reference")
+    assert out.dtype == dtype and lse.dtype == ref_lse.dtype
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(lse, ref_lse, torch.float32 if dtype != torch.float64 else dtype, "lse")
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
-def test_gradients_match_reference(backend, device):
-    for case in cases_for(backend, device):
-        for dtype in dtypes_for(backend, device):
-            inputs = attention_inputs(case, dtype, device, requires_grad=True)
-            got = _forward_backward(*inputs, backend)
-            want = _forward_backward(*inputs, "reference")
-            for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
-                if name.startswith("d"):
-                    assert a.dtype == dtype and a.shape == b.shape
-                    assert torch.isfinite(a).all(), f"{name} {backend} {case.id} {dtype}: NaN/Inf"
-                    # gradients accumulate rounding over S: compare relative to their scale
-                    scale = b.float().abs().max().clamp_min(1.0)
-                    assert_close(a / scale, b / scale, dtype, f"{name} {backend} {case.id} {dtype}")
+@pytest.mark.parametrize("backend, device, case, dtype", case_params())
+def test_gradients_match_reference(backend, device, case, dtype):
+    inputs = attention_inputs(case, dtype, device, requires_grad=True)
+    got = _forward_backward(*inputs, backend)
+    want = _forward_backward(*inputs, "reference")
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        if name.startswith("d"):
+            assert a.dtype == dtype and a.shape == b.shape
+            assert torch.isfinite(a).all(), f"{name}: NaN/Inf"
+            # gradients accumulate rounding over S: compare relative to their scale
+            scale = b.float().abs().max().clamp_min(1.0)
+            assert_close(a / scale, b / scale, dtype, name)
 
 
 @pytest.mark.parametrize("backend, device", backend_params())

@@ -9,7 +9,7 @@ from op_cases import (
     assert_close,
     attention_inputs,
     backend_params,
-    cases_for,
+    case_params,
     dtypes_for,
     instance_weight,
 )
@@ -21,29 +21,26 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_matches_reference(backend, device, temperature):
-    for case in cases_for(backend, device):
-        for dtype in dtypes_for(backend, device):
-            q, k, _, mask = attention_inputs(case, dtype, device)
-            weight = instance_weight(case, device)
-            got = ops.instance_value_mask(q, k, weight, mask, temperature=temperature, backend=backend)
-            want = ops.instance_value_mask(q, k, weight, mask, temperature=temperature, backend="reference")
-            assert got.dtype == _stat_dtype(dtype), f"{backend} {case.id} {dtype}: dtype {got.dtype}"
-            tol = dtype if dtype in (torch.float16, torch.bfloat16) else _stat_dtype(dtype)
-            assert_close(got, want, tol, f"value mask {backend} {case.id} {dtype} T={temperature}")
+@pytest.mark.parametrize("backend, device, case, dtype", case_params())
+@pytest.mark.parametrize("temperature", [1.0, 0.5], ids=["T1", "T0.5"])
+def test_matches_reference(backend, device, case, dtype, temperature):
+    q, k, _, mask = attention_inputs(case, dtype, device)
+    weight = instance_weight(case, device)
+    got = ops.instance_value_mask(q, k, weight, mask, temperature=temperature, backend=backend)
+    want = ops.instance_value_mask(q, k, weight, mask, temperature=temperature, backend="reference")
+    assert got.dtype == _stat_dtype(dtype), f"dtype {got.dtype}"
+    tol = dtype if dtype in (torch.float16, torch.bfloat16) else _stat_dtype(dtype)
+    assert_close(got, want, tol, "value mask")
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
-def test_lse_path_matches_two_pass_path(backend, device):
-    for case in cases_for(backend, device)[:3]:
-        q, k, v, mask = attention_inputs(case, torch.float32, device)
-        weight = instance_weight(case, device)
-        _, lse = ops.instance_attention(q, k, v, mask, backend=backend)
-        with_lse = ops.instance_value_mask(q, k, weight, mask, lse=lse, backend=backend)
-        without = ops.instance_value_mask(q, k, weight, mask, backend="reference")
-        assert_close(with_lse, without, torch.float32, f"lse path {backend} {case.id}")
+@pytest.mark.parametrize("backend, device, case, dtype", case_params(max_cases=3, dtypes=(torch.float32,)))
+def test_lse_path_matches_two_pass_path(backend, device, case, dtype):
+    q, k, v, mask = attention_inputs(case, dtype, device)
+    weight = instance_weight(case, device)
+    _, lse = ops.instance_attention(q, k, v, mask, backend=backend)
+    with_lse = ops.instance_value_mask(q, k, weight, mask, lse=lse, backend=backend)
+    without = ops.instance_value_mask(q, k, weight, mask, backend="reference")
+    assert_close(with_lse, without, dtype, "lse path")
 
 
 @pytest.mark.parametrize("backend, device", backend_params())

@@ -1,92 +1,55 @@
 """Which backend computes an op: the default per device, ICD_BACKEND and set_backend().
 
-Backends (docs/method.md 3.5):
-  reference  plain PyTorch, materialises [N, h, K, S]; any device; the oracle.
-  cpu        the C++ extension's CPU kernels (icd._C).
-  cuda       the C++ extension's CUDA kernels (icd._C built with nvcc).
-  triton     the Triton kernels of icd.kernels; CUDA tensors, or CPU tensors when
-             TRITON_INTERPRET=1 (how CI tests them).
-
-Default: triton on CUDA tensors when triton is installed, else cuda when built, else
-reference; cpu on CPU tensors when built, else reference. ``ICD_BACKEND=<name>`` (read
-at import and whenever ``set_backend(None)`` is called), ``set_backend(name)`` and the
-``backend=`` argument of each op override it, in increasing priority.
+The backends and what each takes are in the table of ``icd.ops.backends`` (docs/method.md
+3.5). Default: the first available of triton, cuda, cpu that runs natively on the inputs'
+device (triton or cuda on CUDA tensors, cpu on CPU tensors), else reference.
+``ICD_BACKEND=<name>`` (read at import and whenever ``set_backend(None)`` is called),
+``set_backend(name)`` and the ``backend=`` argument of each op override it, in increasing
+priority.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from types import TracebackType
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+from icd.ops.backends import BACKEND_TABLE, BACKENDS, Backend, triton_interpreted
 
-_HOW_TO_BUILD = {
-    "cpu": (
-        "the C++ extension icd._C is not importable ({error}). Build it with "
-        "`pip install --no-build-isolation -e .` from the icd source tree"
-    ),
-    "cuda": (
-        "icd._C was built without CUDA kernels ({error}). Rebuild on a machine with nvcc and a "
-        "CUDA build of torch: `FORCE_CUDA=1 pip install --no-build-isolation -e .`"
-    ),
-    "triton": "triton is not installed ({error}). Install it with `pip install triton`",
-}
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "backend_of",
+    "default_backend",
+    "get_backend",
+    "is_built",
+    "resolve_backend",
+    "set_backend",
+    "triton_interpreted",
+]
 
-
-def _load_extension() -> str | None:
-    """Import icd._C (registers the icd_ext kernels); return the error text, or None."""
-    try:
-        importlib.import_module("icd._C")
-    except ImportError as exc:
-        return str(exc)
-    return None
+# The per-device default: the first of these that is available and runs natively on the device.
+DEFAULT_PREFERENCE = ("triton", "cuda", "cpu")
 
 
-_EXTENSION_ERROR = _load_extension()
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def has_extension_kernels(dispatch_key: str) -> bool:
-    """Whether icd._C registered its kernels for ``dispatch_key`` ("CPU" or "CUDA")."""
-    if _EXTENSION_ERROR is not None:
-        return False
-    ops = ("attention_forward", "attention_backward", "value_mask", "feature_mse_forward",
-           "feature_mse_backward")
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"icd_ext::{op}", dispatch_key) for op in ops)
-
-
-_CPU_KERNELS_BUILT = has_extension_kernels("CPU")
-_CUDA_KERNELS_BUILT = has_extension_kernels("CUDA")
-
-
-def triton_interpreted() -> bool:
-    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def backend_of(name: str) -> Backend:
+    """The descriptor of backend ``name``."""
+    return BACKEND_TABLE[_check_name(name, "backend")]
 
 
 def is_built(name: str) -> bool:
     """Whether backend ``name`` can run in this installation (any device)."""
-    if name == "reference":
-        return True
-    if name == "cpu":
-        return _CPU_KERNELS_BUILT
-    if name == "cuda":
-        return _CUDA_KERNELS_BUILT
-    if name == "triton":
-        return _TRITON_INSTALLED
-    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return backend_of(name).available
 
 
 def available_backends() -> list[str]:
     """The backends built in this installation."""
-    return [b for b in BACKENDS if is_built(b)]
+    return [b.name for b in BACKEND_TABLE.values() if b.available]
 
 
 def _check_name(name: str, source: str) -> str:
-    if name not in BACKENDS:
+    if name not in BACKEND_TABLE:
         raise ValueError(f"{source} = {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
 
@@ -135,12 +98,10 @@ def get_backend() -> str | None:
 
 def default_backend(device: torch.device) -> str:
     """The backend used for tensors on ``device`` when nothing overrides it."""
-    if device.type == "cuda":
-        if _TRITON_INSTALLED:
-            return "triton"
-        return "cuda" if _CUDA_KERNELS_BUILT else "reference"
-    if device.type == "cpu":
-        return "cpu" if _CPU_KERNELS_BUILT else "reference"
+    for name in DEFAULT_PREFERENCE:
+        backend = BACKEND_TABLE[name]
+        if backend.available and backend.devices is not None and device.type in backend.devices:
+            return name
     return "reference"
 
 
@@ -153,19 +114,9 @@ def resolve_backend(device: torch.device, requested: str | None = None) -> str:
     name = requested if requested is not None else _override
     if name is None:
         return default_backend(device)
-    _check_name(name, "backend")
-    if not is_built(name):
-        error = _EXTENSION_ERROR or f"no {name.upper()} kernel registered"
-        if name == "triton":
-            error = "module not found"
-        raise RuntimeError(f"icd backend {name!r} is not available: " + _HOW_TO_BUILD[name].format(error=error))
-    if name == "cpu" and device.type != "cpu":
-        raise ValueError(f"icd backend 'cpu' runs on CPU tensors; the inputs are on {device}")
-    if name == "cuda" and device.type != "cuda":
-        raise ValueError(f"icd backend 'cuda' runs on CUDA tensors; the inputs are on {device}")
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
-        raise ValueError(
-            f"icd backend 'triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1); "
-            f"the inputs are on {device}"
-        )
+    backend = backend_of(name)
+    if not backend.available:
+        raise RuntimeError(f"icd backend {name!r} is not available: {backend.why_not}. {backend.how_to_get}")
+    if not backend.runs_on(device):
+        raise ValueError(f"icd backend {name!r} runs on {backend.where}; the inputs are on {device}")
     return name

@@ -1,7 +1,10 @@
 """The icd:: custom ops: schemas, fake (meta) kernels, autograd, and the call into a backend.
 
 Every op takes the resolved backend name as its last argument, so a traced graph records
-which backend it runs and torch.compile never has to guess. The ops are opaque to
+which backend it runs and torch.compile never has to guess; the op calls that backend's
+kernel table (``BACKEND_TABLE[backend].kernels``: ``torch.ops.icd_ext`` for cpu and cuda,
+``icd.ops.backends.triton`` for triton). One fake kernel and one autograd formula per op
+serve every backend. The ops are opaque to
 torch.compile (their fake kernels state the output shapes), and work under
 ``torch.library.opcheck``. Validation happens before, in ``icd.ops``.
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from icd.ops.backends import kernels_of
+from icd.ops.backends import BACKEND_TABLE
 from icd.ops.reference import compute_dtype
 
 
@@ -40,7 +43,7 @@ def instance_attention_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
     """(out [N, h, K, D] in q's dtype, lse [N, h, K] float32) = softmax(scale q k^T) v."""
-    return kernels_of(backend).attention_forward(q, k, v, key_padding_mask, scale)
+    return BACKEND_TABLE[backend].kernels.attention_forward(q, k, v, key_padding_mask, scale)
 
 
 @instance_attention_op.register_fake
@@ -63,7 +66,7 @@ def instance_attention_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) with the strides of q, k, v, by recomputing the probabilities from q, k, lse."""
-    dq, dk, dv = kernels_of(backend).attention_backward(
+    dq, dk, dv = BACKEND_TABLE[backend].kernels.attention_backward(
         grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale
     )
     return _in_layout_of(dq, q), _in_layout_of(dk, k), _in_layout_of(dv, v)
@@ -110,7 +113,7 @@ def instance_value_mask_op(
     backend: str,
 ) -> Tensor:
     """[N, h, S] float32: sum_k weight[n, k] * softmax_s(scale q k^T / temperature)."""
-    return kernels_of(backend).value_mask(q, k, weight, key_padding_mask, lse, scale, temperature)
+    return BACKEND_TABLE[backend].kernels.value_mask(q, k, weight, key_padding_mask, lse, scale, temperature)
 
 
 @instance_value_mask_op.register_fake
@@ -127,7 +130,7 @@ def masked_feature_mse_op(
     student: Tensor, teacher: Tensor, weight: Tensor, norm: str, eps: float, reduction: str, backend: str
 ) -> Tensor:
     """0-dim float32 loss; see icd.ops.masked_feature_mse."""
-    return kernels_of(backend).feature_mse_forward(student, teacher, weight, norm, eps, reduction)
+    return BACKEND_TABLE[backend].kernels.feature_mse_forward(student, teacher, weight, norm, eps, reduction)
 
 
 @masked_feature_mse_op.register_fake
@@ -147,7 +150,7 @@ def masked_feature_mse_backward_op(
     backend: str,
 ) -> Tensor:
     """Gradient of the loss with respect to ``student`` (student's dtype and strides)."""
-    grad = kernels_of(backend).feature_mse_backward(
+    grad = BACKEND_TABLE[backend].kernels.feature_mse_backward(
         grad_loss, student, teacher, weight, norm, eps, reduction
     )
     return _in_layout_of(grad, student)

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
-WITH_DOUBLE = (*HALF_AND_SINGLE, torch.float64)
+from icd.ops.backends import BACKEND_TABLE
+
 NORMS = ("ln", "tln", "none")
 REDUCTIONS = ("per_head", "global")
 CHECK_MODES = ("cpu", "full", "off")
@@ -53,8 +53,8 @@ def _shape(t: Tensor) -> str:
 
 
 def allowed_dtypes(backend: str) -> tuple[torch.dtype, ...]:
-    """float64 runs on the reference and cpu backends only."""
-    return WITH_DOUBLE if backend in ("reference", "cpu") else HALF_AND_SINGLE
+    """The input dtypes of ``backend``, from its descriptor (float64 on reference and cpu only)."""
+    return BACKEND_TABLE[backend].dtypes
 
 
 def check_tensor(x: object, name: str, dims: str, op: str) -> Tensor:

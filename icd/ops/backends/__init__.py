@@ -1,32 +1,221 @@
-"""Kernel tables of the built backends, behind the icd:: custom ops.
+"""The backend table: one descriptor per backend, read by dispatch, validation, errors and tests.
 
-Each backend module provides the same five functions; forward outputs are contiguous and
-gradients have the strides of their inputs (``torch.empty_like``; icd.ops.library copies a
-gradient that does not):
+A backend is a way to run the icd ops. Its ``Backend`` says which tensors it takes (device
+types, dtypes), whether it can run in this installation and, if not, why and how to get
+it, and where its kernels are:
 
-    attention_forward(q, k, v, key_padding_mask, scale) -> (out, lse)
-    attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale)
-        -> (dq, dk, dv)
-    value_mask(q, k, weight, key_padding_mask, lse, scale, temperature) -> [N, h, S] fp32
-    feature_mse_forward(student, teacher, weight, norm, eps, reduction) -> 0-dim fp32
-    feature_mse_backward(grad_loss, student, teacher, weight, norm, eps, reduction)
-        -> grad of student
+  reference  plain PyTorch, materialises [N, h, K, S]; any device; the oracle. It does not
+             go through the icd:: custom ops, so it has no kernel table.
+  cpu        the C++ extension's CPU kernels: ``torch.ops.icd_ext`` (icd._C).
+  cuda       the C++ extension's CUDA kernels: ``torch.ops.icd_ext`` (icd._C built with nvcc);
+             the device of the inputs picks the CPU or the CUDA kernel of each icd_ext op.
+  triton     the Triton kernels of icd.kernels (``icd.ops.backends.triton``); CUDA tensors,
+             or CPU tensors when TRITON_INTERPRET=1 (how CI tests them).
 
-Shapes and meaning as in icd.ops; arguments arrive validated. "cpu" and "cuda" are the
-C++ extension (one op per function, a CPU and a CUDA kernel behind it); "triton" is
-icd.kernels. The "reference" backend does not go through the custom ops.
+Every kernel table has the five functions of ``KernelTable``; arguments arrive validated.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
-_MODULES = {"cpu": "extension", "cuda": "extension", "triton": "triton"}
+import torch
+from torch import Tensor
+
+HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+WITH_DOUBLE = (*HALF_AND_SINGLE, torch.float64)
 
 
-def kernels_of(backend: str) -> ModuleType:
-    """The kernel table of a built backend ("cpu", "cuda" or "triton")."""
-    if backend not in _MODULES:
-        raise ValueError(f"backend {backend!r} has no kernel table; expected one of {sorted(_MODULES)}")
-    return importlib.import_module(f"{__name__}.{_MODULES[backend]}")
+class KernelTable(Protocol):
+    """The kernels behind the icd:: custom ops; letters and meaning as in ``icd.ops``.
+
+    Forward outputs are contiguous; gradients have the strides of their inputs
+    (``torch.empty_like``; icd.ops.library copies a gradient that does not).
+    """
+
+    def attention_forward(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        """-> (out [N, h, K, D] in q's dtype, lse [N, h, K] float32)."""
+        ...
+
+    def attention_backward(
+        self,
+        grad_out: Tensor,
+        grad_lse: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None,
+        out: Tensor,
+        lse: Tensor,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (dq, dk, dv) in the dtypes of q, k, v."""
+        ...
+
+    def value_mask(
+        self,
+        q: Tensor,
+        k: Tensor,
+        weight: Tensor,
+        key_padding_mask: Tensor | None,
+        lse: Tensor | None,
+        scale: float,
+        temperature: float,
+    ) -> Tensor:
+        """-> [N, h, S] float32."""
+        ...
+
+    def feature_mse_forward(
+        self, student: Tensor, teacher: Tensor, weight: Tensor, norm: str, eps: float, reduction: str
+    ) -> Tensor:
+        """-> 0-dim float32 loss."""
+        ...
+
+    def feature_mse_backward(
+        self,
+        grad_loss: Tensor,
+        student: Tensor,
+        teacher: Tensor,
+        weight: Tensor,
+        norm: str,
+        eps: float,
+        reduction: str,
+    ) -> Tensor:
+        """-> the gradient of the loss with respect to ``student``."""
+        ...
+
+
+def triton_interpreted() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors (read at every call)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What one backend takes, whether it is here, and its kernels.
+
+    Attributes:
+        name: the name given to ``backend=``, ``set_backend`` and ``ICD_BACKEND``.
+        devices: device types of the tensors it runs on; ``None`` for any device.
+        interpreted_devices: device types it also runs on when TRITON_INTERPRET=1.
+        dtypes: the float dtypes of its inputs.
+        where: the tensors it runs on, in words (for the wrong-device error).
+        why_not: why it cannot run in this installation; "" when it can.
+        how_to_get: how to build or install it (for the not-available error).
+        load_kernels: returns its kernel table; ``None`` for the reference.
+    """
+
+    name: str
+    devices: tuple[str, ...] | None
+    dtypes: tuple[torch.dtype, ...]
+    where: str
+    why_not: str = ""
+    how_to_get: str = ""
+    interpreted_devices: tuple[str, ...] = ()
+    load_kernels: Callable[[], KernelTable] | None = None
+
+    @property
+    def available(self) -> bool:
+        """Whether it can run in this installation (on some device)."""
+        return not self.why_not
+
+    def device_types(self) -> tuple[str, ...] | None:
+        """The device types it runs on now (TRITON_INTERPRET is read at every call); None = any."""
+        if self.devices is None:
+            return None
+        return self.devices + (self.interpreted_devices if triton_interpreted() else ())
+
+    def runs_on(self, device: torch.device) -> bool:
+        types = self.device_types()
+        return types is None or device.type in types
+
+    @property
+    def kernels(self) -> KernelTable:
+        """Its kernel table (imported on first use)."""
+        if self.load_kernels is None:
+            raise ValueError(f"backend {self.name!r} has no kernel table: it does not go through the icd:: ops")
+        return self.load_kernels()
+
+
+def _extension_error() -> str | None:
+    """Import icd._C (registers the icd_ext kernels); return the error text, or None."""
+    try:
+        importlib.import_module("icd._C")
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+def _extension_kernels() -> KernelTable:
+    return torch.ops.icd_ext  # the five icd_ext ops, with the signatures of KernelTable
+
+
+def _triton_kernels() -> KernelTable:
+    return importlib.import_module(f"{__name__}.triton")  # type: ignore[return-value]
+
+
+def _extension_with_cuda() -> bool:
+    """Whether icd._C was compiled with csrc/cuda: the extension records it at build time."""
+    import icd._C as extension
+
+    return bool(getattr(extension, "with_cuda", 0))
+
+
+def _build_table() -> dict[str, Backend]:
+    extension_error = _extension_error()
+    cpu_why_not = cuda_why_not = triton_why_not = ""
+    if extension_error is not None:
+        cpu_why_not = f"the C++ extension icd._C is not importable ({extension_error})"
+        cuda_why_not = f"icd._C was built without CUDA kernels ({extension_error})"
+    elif not _extension_with_cuda():
+        cuda_why_not = "icd._C was built without CUDA kernels (no CUDA kernel registered)"
+    if importlib.util.find_spec("triton") is None:
+        triton_why_not = "triton is not installed (module not found)"
+    backends = [
+        Backend("reference", devices=None, dtypes=WITH_DOUBLE, where="tensors on any device"),
+        Backend(
+            "cpu",
+            devices=("cpu",),
+            dtypes=WITH_DOUBLE,
+            where="CPU tensors",
+            why_not=cpu_why_not,
+            how_to_get="Build it with `pip install --no-build-isolation -e .` from the icd source tree",
+            load_kernels=_extension_kernels,
+        ),
+        Backend(
+            "cuda",
+            devices=("cuda",),
+            dtypes=HALF_AND_SINGLE,
+            where="CUDA tensors",
+            why_not=cuda_why_not,
+            how_to_get=(
+                "Rebuild on a machine with nvcc and a CUDA build of torch: "
+                "`FORCE_CUDA=1 pip install --no-build-isolation -e .`"
+            ),
+            load_kernels=_extension_kernels,
+        ),
+        Backend(
+            "triton",
+            devices=("cuda",),
+            interpreted_devices=("cpu",),
+            dtypes=HALF_AND_SINGLE,
+            where="CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1)",
+            why_not=triton_why_not,
+            how_to_get="Install it with `pip install triton`",
+            load_kernels=_triton_kernels,
+        ),
+    ]
+    return {b.name: b for b in backends}
+
+
+BACKEND_TABLE: dict[str, Backend] = _build_table()
+"""Every backend by name, in the order of ``BACKENDS``."""
+
+BACKENDS: tuple[str, ...] = tuple(BACKEND_TABLE)
