@@ -12,7 +12,17 @@ it, and where its kernels are:
   triton     the Triton kernels of icd.kernels (``icd.ops.backends.triton``); CUDA tensors,
              or CPU tensors when TRITON_INTERPRET=1 (how CI tests them).
 
-Every kernel table has the five functions of ``KernelTable``; arguments arrive validated.
+Every kernel table has these five functions (letters as in ``icd.ops``; arguments arrive
+validated; forward outputs are contiguous; gradients have the strides of their inputs,
+``torch.empty_like``, and icd.ops.library copies a gradient that does not):
+
+    attention_forward(q, k, v, key_padding_mask, scale) -> (out [N, h, K, D], lse [N, h, K] fp32)
+    attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale)
+        -> (dq, dk, dv)
+    value_mask(q, k, weight, key_padding_mask, lse, scale, temperature) -> [N, h, S] fp32
+    feature_mse_forward(student, teacher, weight, norm, eps, reduction) -> 0-dim fp32
+    feature_mse_backward(grad_loss, student, teacher, weight, norm, eps, reduction)
+        -> grad of student
 """
 
 from __future__ import annotations
@@ -22,74 +32,12 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from types import ModuleType
 
 import torch
-from torch import Tensor
 
 HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
 WITH_DOUBLE = (*HALF_AND_SINGLE, torch.float64)
-
-
-class KernelTable(Protocol):
-    """The kernels behind the icd:: custom ops; letters and meaning as in ``icd.ops``.
-
-    Forward outputs are contiguous; gradients have the strides of their inputs
-    (``torch.empty_like``; icd.ops.library copies a gradient that does not).
-    """
-
-    def attention_forward(
-        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float
-    ) -> tuple[Tensor, Tensor]:
-        """-> (out [N, h, K, D] in q's dtype, lse [N, h, K] float32)."""
-        ...
-
-    def attention_backward(
-        self,
-        grad_out: Tensor,
-        grad_lse: Tensor | None,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        key_padding_mask: Tensor | None,
-        out: Tensor,
-        lse: Tensor,
-        scale: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (dq, dk, dv) in the dtypes of q, k, v."""
-        ...
-
-    def value_mask(
-        self,
-        q: Tensor,
-        k: Tensor,
-        weight: Tensor,
-        key_padding_mask: Tensor | None,
-        lse: Tensor | None,
-        scale: float,
-        temperature: float,
-    ) -> Tensor:
-        """-> [N, h, S] float32."""
-        ...
-
-    def feature_mse_forward(
-        self, student: Tensor, teacher: Tensor, weight: Tensor, norm: str, eps: float, reduction: str
-    ) -> Tensor:
-        """-> 0-dim float32 loss."""
-        ...
-
-    def feature_mse_backward(
-        self,
-        grad_loss: Tensor,
-        student: Tensor,
-        teacher: Tensor,
-        weight: Tensor,
-        norm: str,
-        eps: float,
-        reduction: str,
-    ) -> Tensor:
-        """-> the gradient of the loss with respect to ``student``."""
-        ...
 
 
 def triton_interpreted() -> bool:
@@ -119,7 +67,7 @@ class Backend:
     why_not: str = ""
     how_to_get: str = ""
     interpreted_devices: tuple[str, ...] = ()
-    load_kernels: Callable[[], KernelTable] | None = None
+    load_kernels: Callable[[], ModuleType] | None = None
 
     @property
     def available(self) -> bool:
@@ -137,7 +85,7 @@ class Backend:
         return types is None or device.type in types
 
     @property
-    def kernels(self) -> KernelTable:
+    def kernels(self) -> ModuleType:
         """Its kernel table (imported on first use)."""
         if self.load_kernels is None:
             raise ValueError(f"backend {self.name!r} has no kernel table: it does not go through the icd:: ops")
@@ -153,12 +101,12 @@ def _extension_error() -> str | None:
     return None
 
 
-def _extension_kernels() -> KernelTable:
-    return torch.ops.icd_ext  # the five icd_ext ops, with the signatures of KernelTable
+def _extension_kernels() -> ModuleType:
+    return torch.ops.icd_ext  # an op namespace (a ModuleType): the five kernels as icd_ext ops
 
 
-def _triton_kernels() -> KernelTable:
-    return importlib.import_module(f"{__name__}.triton")  # type: ignore[return-value]
+def _triton_kernels() -> ModuleType:
+    return importlib.import_module(f"{__name__}.triton")
 
 
 def _extension_with_cuda() -> bool:

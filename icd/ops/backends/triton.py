@@ -1,6 +1,6 @@
 """The Triton kernels (icd.kernels): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 
-Same five functions and signatures as ``extension``; see this package's docstring. Inputs
+The five kernel functions of this package's docstring, with the icd_ext ops' signatures. Inputs
 arrive validated (float32, float16 or bfloat16; float64 is rejected before this point) and
 are passed with their strides, never copied. Any head dim D works (padded to a power of two
 >= 16 inside the kernels). Gradients come back in their inputs' layout (``torch.empty_like``:
