@@ -4,6 +4,7 @@ runs) on a tiny size, and of the memory and timing helpers they share (seconds).
 from __future__ import annotations
 
 import csv
+import inspect
 import runpy
 import sys
 from pathlib import Path
@@ -80,6 +81,13 @@ def test_measure_times_fresh_calls_and_reports_the_first_result(benchmarks):
     (want,) = torch.autograd.grad((leaf @ leaf).sum(), leaf)
     torch.testing.assert_close(m.result, want)  # the gradient of one call, not accumulated
     assert leaf.grad is None  # dropped after the last call
+
+
+def test_do_bench_takes_what_the_cuda_path_passes():
+    """The CUDA timing (common._do_bench_seconds) cannot run here; its call must still match triton's API."""
+    testing = pytest.importorskip("triton.testing")
+    params = inspect.signature(testing.do_bench).parameters
+    assert {"rep", "grad_to_none", "return_mode"} <= set(params)
 
 
 def test_main_on_a_tiny_size_writes_csv_and_plot(benchmarks, tmp_path):
