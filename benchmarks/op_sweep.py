@@ -318,7 +318,7 @@ def plot(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark], path: Path, ti
         (op.name, p)
         for op in benchmarks
         for p in op.passes
-        if any((r["op"], r["pass"]) == (op, p) for r in ok)
+        if any((r["op"], r["pass"]) == (op.name, p) for r in ok)
     ]
     if not panels:
         return
