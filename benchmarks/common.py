@@ -1,16 +1,21 @@
 """Timing and peak-memory helpers shared by the benchmark scripts.
 
-A measured call is a zero-argument function; its inputs are made beforehand, and a
-``setup`` function (also outside the measured region) runs before every call, e.g. to drop
-the gradients of the previous one.
+A measured call is a zero-argument function; its inputs are made beforehand. The ``.grad`` of
+the tensors in ``grad_to_none`` is dropped before each call, outside the timed region.
+
+Time:
+  * CPU: ``torch.utils.benchmark.Timer(...).blocked_autorange()``, the per-call times of its
+    blocks (a block is one call unless a call takes under ~10 ms).
+  * CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 cache flushed
+    before each), all its per-call times.
 
 Peak memory is the most bytes held at once during the call beyond what was held before it:
 the call's outputs, gradients, saved activations and temporaries count, the inputs do not.
   * CUDA: ``torch.cuda.max_memory_allocated()`` over the call minus
     ``torch.cuda.memory_allocated()`` before it.
-  * CPU: PyTorch keeps no allocator counter, so the call runs once under
-    ``torch.profiler`` with ``profile_memory=True``; the peak of the running sum of its
-    allocation (+bytes) and free (-bytes) events, in time order, is the figure. It sees
+  * CPU: PyTorch keeps no allocator counter, so the call runs once under ``torch.profiler``
+    with ``profile_memory=True`` (``icd.profiling``); the peak of the running sum of its
+    allocation (+bytes) and free (-bytes) records, in time order, is the figure. It sees
     every tensor made through PyTorch's CPU allocator, not memory a kernel takes with plain
     malloc. ``rss_peak`` measures the resident-set high-water mark instead, for a
     cross-check in a fresh process.
@@ -31,112 +36,147 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.utils.benchmark import Timer
 
 from icd.profiling import profile_cpu_allocations
 
 Call = Callable[[], Any]
 
+CUDA_MS_PER_REPEAT = 5.0  # do_bench times the calls that fit in repeats x 5 ms (20 -> its default 100 ms)
+
 
 @dataclass
 class Measurement:
-    """Wall times (seconds) of the repeated calls, the peak memory and the first result."""
+    """Per-call wall times (seconds), the peak memory and the first call's result.
+
+    Each entry of ``times`` is the mean of a block of ``calls_per_time`` calls (1 unless the
+    calls are fast: ``Timer.blocked_autorange`` groups them).
+    """
 
     times: list[float]
     peak_bytes: int
     result: Any = None
+    calls_per_time: int = 1
+
+    @property
+    def calls(self) -> int:
+        """How many calls were timed."""
+        return len(self.times) * self.calls_per_time
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
 
 
-def _noop() -> None:
-    return None
+def drop_grads(tensors: Sequence[Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
 
 
-def _synchronize(device: torch.device) -> None:
+def peak_memory(fn: Call, device: torch.device) -> tuple[Any, int, float]:
+    """Run ``fn`` once; (its result, peak bytes beyond what was held before, wall seconds).
+
+    CPU: under the profiler (icd.profiling); CUDA: the allocator's peak counter.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_peak_memory(fn: Call) -> tuple[Any, int, float]:
-    """Run ``fn`` once under the profiler; (its result, peak bytes, wall seconds).
-
-    The peak is that of the running sum of the CPU allocator's alloc/free events
-    (icd.profiling), so memory held before the call (the inputs) is not counted.
-    """
-    start = time.perf_counter()
-    result, allocations = profile_cpu_allocations(fn)
-    return result, allocations.peak_bytes, time.perf_counter() - start
-
-
-def cuda_peak_memory(fn: Call, device: torch.device) -> tuple[Any, int]:
-    """Run ``fn`` once; (its result, peak allocated during it minus what was allocated before)."""
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    result = fn()
-    torch.cuda.synchronize(device)
-    return result, torch.cuda.max_memory_allocated(device) - before
-
-
-def _time_once(fn: Call, device: torch.device) -> tuple[Any, float]:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         result = fn()
-        end.record()
-        end.synchronize()
-        return result, start.elapsed_time(end) / 1000.0
-    start_s = time.perf_counter()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - before, time.perf_counter() - start
+    seconds = 0.0
+
+    def timed() -> Any:
+        nonlocal seconds
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+        return out
+
+    result, allocations = profile_cpu_allocations(timed)
+    return result, allocations.peak_bytes, seconds
+
+
+def time_once(fn: Call, device: torch.device) -> tuple[Any, float]:
+    """(result, seconds) of one call: a stopwatch for interleaving single calls of several
+    variants (run_distill.py), which the repeating timers of ``measure`` cannot do."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
     result = fn()
-    return result, time.perf_counter() - start_s
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
 
 
 def measure(
     fn: Call,
     device: torch.device,
     *,
-    setup: Call = _noop,
-    warmup: int = 1,
+    grad_to_none: Sequence[Tensor] = (),
+    warmup: int = 2,
     repeats: int = 5,
     slow_s: float = 1.0,
     slow_repeats: int = 3,
 ) -> Measurement:
-    """Median-ready wall times and the peak memory of ``fn``.
+    """Per-call times and the peak memory of ``fn``; ``result`` is the first call's return value.
 
-    CPU: the profiled call (for memory) is the first warm-up; the remaining ``warmup - 1``
-    warm-ups run only when that call took under ``slow_s``. CUDA: ``warmup`` calls (they
-    absorb compilation and autotuning), one call for memory, then the timed calls, each
-    timed with CUDA events. Calls slower than ``slow_s`` are repeated ``slow_repeats``
-    times at most. ``result`` is the first call's return value.
+    CPU: the first call is profiled for memory (a warm-up too); ``warmup - 2`` more warm-ups
+    run when it took under ``slow_s``; then ``Timer.blocked_autorange`` (its block-size
+    estimate is the last warm-up) runs until the timed calls add up to about ``repeats``
+    calls (``slow_repeats`` for calls over ``slow_s``). CUDA: ``warmup`` calls (they absorb
+    compilation and autotuning), one call for memory, then ``triton.testing.do_bench`` over
+    ``repeats`` x 5 ms of calls.
     """
     gc.collect()
-    setup()
+    drop_grads(grad_to_none)
     if device.type == "cuda":
-        result = fn()
-        for _ in range(warmup - 1):
-            setup()
+        for _ in range(warmup):
             fn()
-        setup()
-        _, peak = cuda_peak_memory(fn, device)
-        first = None
+            drop_grads(grad_to_none)
+        result, peak, _ = peak_memory(fn, device)
+        drop_grads(grad_to_none)
+        times, per_time = _do_bench_seconds(fn, grad_to_none, repeats), 1
     else:
-        result, peak, first = cpu_peak_memory(fn)
+        result, peak, first = peak_memory(fn, device)
+        drop_grads(grad_to_none)
         if first < slow_s:
-            for _ in range(warmup - 1):
-                setup()
+            for _ in range(warmup - 2):
                 fn()
-    times: list[float] = []
-    while len(times) < repeats:
-        setup()
-        _synchronize(device)
-        _, elapsed = _time_once(fn, device)
-        times.append(elapsed)
-        if elapsed > slow_s and len(times) >= slow_repeats:
-            break
-    setup()
-    return Measurement(times=times, peak_bytes=int(peak), result=result)
+                drop_grads(grad_to_none)
+        calls = repeats if first < slow_s else min(repeats, slow_repeats)
+        times, per_time = _autorange_seconds(fn, grad_to_none, calls, first)
+    drop_grads(grad_to_none)
+    return Measurement(times=times, peak_bytes=int(peak), result=result, calls_per_time=per_time)
+
+
+def _autorange_seconds(
+    fn: Call, grad_to_none: Sequence[Tensor], calls: int, estimate_s: float
+) -> tuple[list[float], int]:
+    """(per-call seconds of each block, calls per block) from ``Timer.blocked_autorange``, run
+    for about ``calls`` calls of ``estimate_s`` each. The gradients are dropped in ``setup``,
+    outside the timed region, before each block; a block of several (fast) calls drops them
+    again before each call."""
+    timer = Timer(
+        stmt="drop_grads(grad_to_none); fn()",
+        setup="drop_grads(grad_to_none)",
+        globals={"fn": fn, "drop_grads": drop_grads, "grad_to_none": list(grad_to_none)},
+        num_threads=torch.get_num_threads(),
+    )
+    m = timer.blocked_autorange(min_run_time=max((calls - 0.5) * estimate_s, 1e-3))
+    return list(m.times), m.number_per_run
+
+
+def _do_bench_seconds(fn: Call, grad_to_none: Sequence[Tensor], repeats: int) -> list[float]:
+    """Per-call seconds from ``triton.testing.do_bench`` (it drops the gradients before each call)."""
+    from triton.testing import do_bench
+
+    ms = do_bench(fn, rep=max(1, round(repeats * CUDA_MS_PER_REPEAT)), grad_to_none=list(grad_to_none) or None,
+                  return_mode="all")  # fmt: skip
+    return [t / 1e3 for t in ms]
 
 
 # --- resident-set cross-check (Linux) ------------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import _time_once, format_table, machine_info, measure, slug, write_csv
+from common import format_table, machine_info, measure, slug, time_once, write_csv
 from torch import Tensor, nn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -191,7 +191,7 @@ def measure_variants(cfg: StepSettings, pairs: Sequence[tuple[str, str | None]])
         rows[label] = {"variant": label, "backend": backend or ""}
         try:
             step = DistillStep(cfg, None if method == "student" else method, backend)
-            m = measure(lambda s=step: s(images, targets), cfg.device, setup=step.zero_grad,
+            m = measure(lambda s=step: s(images, targets), cfg.device, grad_to_none=step.parameters(),
                         warmup=cfg.warmup, repeats=1)  # fmt: skip
         except Exception as err:  # a broken backend gets an error row; the others still run
             rows[label]["status"] = f"error: {type(err).__name__}: {err}"[:300]
@@ -203,7 +203,7 @@ def measure_variants(cfg: StepSettings, pairs: Sequence[tuple[str, str | None]])
         for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:
             step = steps[label]
             step.zero_grad()
-            _, elapsed = _time_once(lambda s=step: s(images, targets), cfg.device)
+            _, elapsed = time_once(lambda s=step: s(images, targets), cfg.device)
             times[label].append(elapsed)
     for label, step in steps.items():
         step.zero_grad()

@@ -1,18 +1,24 @@
 """CPU memory of a call, from the profiler's allocation events.
 
 PyTorch keeps no allocator counter on the CPU, so ``profile_cpu_allocations`` runs the call
-under ``torch.profiler`` with ``profile_memory=True`` and reads one record per allocation
-and free. Used by the benchmarks and by the tests that check no [N, h, K, S] tensor is made.
+under ``torch.profiler.profile(profile_memory=True)`` and reads one record per allocation and
+free from the trace the profiler exports (``export_chrome_trace``, a documented method).
+Used by the benchmarks, ``examples/ops_demo.py`` and the tests that check no [N, h, K, S]
+tensor is made.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile
+
+_CPU = 0  # the "Device Type" of a trace's memory record: c10::DeviceType::CPU
 
 
 @dataclass(frozen=True)
@@ -38,18 +44,30 @@ def profile_cpu_allocations(fn: Callable[[], Any]) -> tuple[Any, AllocationProfi
     """Run ``fn()`` once under the profiler; return its result and its CPU allocations.
 
     Only memory taken through PyTorch's CPU allocator is seen (not a kernel's own malloc).
+    Memory allocated before the call and freed during it is not reported by the profiler,
+    so it does not lower the figure.
     """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    # prof.events() folds allocations into the op that made them and drops some; the raw
-    # kineto events keep one "[memory]" record per allocation (+bytes) and free (-bytes).
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    # prof.events() / key_averages() fold each allocation into the op that made it (a
+    # temporary freed inside its op nets to zero); the exported trace keeps one "[memory]"
+    # instant event per allocation (+bytes) and per free (-bytes), with its timestamp.
+    with tempfile.TemporaryDirectory(prefix="icd_profile_") as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    records = sorted(  # stable: records with equal timestamps keep the trace's order
+        (
+            (e["ts"], int(e["args"]["Bytes"]))
+            for e in events
+            if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == _CPU
+        ),
+        key=lambda record: record[0],
     )
     held = peak = 0
-    for _, nbytes in events:
+    for _, nbytes in records:
         held += nbytes
         peak = max(peak, held)
-    return result, AllocationProfile(tuple(n for _, n in events if n > 0), peak)
+    return result, AllocationProfile(tuple(n for _, n in records if n > 0), peak)
