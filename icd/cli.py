@@ -477,7 +477,7 @@ def _data_parser(sub) -> argparse.ArgumentParser:
 
 
 def _demo_parser(sub) -> argparse.ArgumentParser:
-    from icd.demo import add_demo_flags
+    from icd.apps.demo.command import add_demo_flags
 
     p = sub.add_parser(
         "demo",
@@ -704,12 +704,9 @@ def _main(argv: list[str]) -> int:
             image_dirs = {split: os.path.join(args.out, split) for split in paths}
             print(f"yolo: {export_yolo(paths, image_dirs, os.path.join(args.out, 'yolo'))}")
     elif args.command == "demo":
-        from icd.demo import config_from_args, run_demo, summarize
+        from icd.apps.demo.command import run_command
 
-        if args.summarize:
-            print(summarize(args.summarize), end="")
-        else:
-            run_demo(config_from_args(args), progress=not args.no_progress)
+        return run_command(args)
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from icd import cli
-from icd.demo import PRETRAIN_RUN, RUN_NAMES, DemoConfig, finished_stamp, plan_runs, results_table
+from icd.apps.demo import PRETRAIN_RUN, RUN_NAMES, DemoConfig, finished_stamp, plan_runs, results_table
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -40,7 +40,7 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
     icd_train = [json.loads(x) for x in (tiny_demo / "icd" / "metrics.jsonl").read_text().split("\n") if x]
     assert any("loss_distill" in r and "loss_aux_conf" in r for r in icd_train)
     # the icd student started from the pre-trained teacher side, and its evaluation measured it
-    from icd.demo import TINY
+    from icd.apps.demo import TINY
 
     plan = {r.name: r for r in plan_runs(DemoConfig(out_dir=str(tiny_demo), **TINY))}
     assert "--icd-init" in plan["icd"].argv and PRETRAIN_RUN in plan["icd"].needs
@@ -54,7 +54,7 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
 
 
 def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):
-    from icd.demo import TINY
+    from icd.apps.demo import TINY
 
     same = DemoConfig(out_dir=str(tiny_demo), **TINY)
     stamp = finished_stamp(same.run_dir("teacher"))
@@ -117,7 +117,7 @@ def test_run_distill_main_on_a_tiny_step(tmp_path):
 
 
 def test_summarize_gives_mean_and_sample_std_over_outputs(tmp_path):
-    from icd.demo import summarize
+    from icd.apps.demo import summarize
 
     outs = []
     for seed, ap in enumerate((10.0, 12.0, 14.0)):
