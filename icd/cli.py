@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from icd.config import FlagRecorder
 from icd.data.coco import BAD_DATA_CHOICES
 from icd.detection.models import BACKBONES, DETECTORS, NORMS
 from icd.engine.distill import DISTILL_METHODS, FPN_MSE_NORMS
@@ -43,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"icd: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
+def _add_data_flags(p: argparse.ArgumentParser | FlagRecorder) -> None:
     p.add_argument(
         "--data-path",
         default=None,
@@ -86,7 +87,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     _add_debug_flag(p)
 
 
-def _add_debug_flag(p: argparse.ArgumentParser) -> None:
+def _add_debug_flag(p: argparse.ArgumentParser | FlagRecorder) -> None:
     p.add_argument(
         "--debug",
         action="store_true",
@@ -94,7 +95,7 @@ def _add_debug_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool = True) -> None:
     d = (lambda v: v) if defaults else (lambda v: None)
     p.add_argument("--detector", choices=DETECTORS, default=d("retinanet"))
     p.add_argument("--backbone", choices=BACKBONES, default=d("resnet50"))
@@ -230,14 +231,32 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+def _flag_recorder(parser: argparse.ArgumentParser, preset: str | None) -> FlagRecorder:
+    """Records the flags added to ``parser``; a --config ``preset`` that does not load is a usage error."""
+    try:
+        return FlagRecorder(parser, preset)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+
+
+def _apply_preset(p: FlagRecorder, ignore: set[str] | None = None) -> None:
+    """The preset's values become defaults of ``p``'s flags; a bad key or value is a usage error."""
+    try:
+        p.apply_preset(ignore or set())
+    except ValueError as err:
+        p.parser.error(str(err))
+
+
+def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
+    """The ``icd train`` parser (``.parser``) and the record of its flags (``.flags``)."""
+    parser = sub.add_parser(
         "train",
         help="train a detector, plain or distilled from a teacher",
         description="Train a torchvision detector on a COCO-format dataset. "
         "Without --teacher: plain training (teachers, baselines). With "
         "--teacher CKPT: distillation (--distill icd or fpn-mse) and/or --inherit-teacher.",
     )
+    p = _flag_recorder(parser, preset)
     _add_data_flags(p)
     _add_model_flags(p)
     p.add_argument(
@@ -404,17 +423,12 @@ def _train_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
         "the published code does, the teacher side's AdamW under its joint norm clip",
     )
     if preset is not None:
-        from icd.config import apply_preset
-
-        try:
-            apply_preset(p, preset)
-        except (OSError, ValueError) as err:
-            p.error(str(err))
+        _apply_preset(p)
     return p
 
 
-def _eval_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+def _eval_parser(sub, preset: str | None = None) -> FlagRecorder:
+    parser = sub.add_parser(
         "eval",
         help="COCO bbox (and segm) AP of a checkpoint; writes the detections JSON",
         description="Evaluate a checkpoint (COCOeval bbox: AP, AP50, AP75, APs, "
@@ -422,6 +436,7 @@ def _eval_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
         "architecture comes from the checkpoint; the model flags are only needed "
         "for a bare state dict.",
     )
+    p = _flag_recorder(parser, preset)
     p.add_argument("--checkpoint", "--weights", required=True, dest="checkpoint")
     p.add_argument("--split", default="val")
     p.add_argument(
@@ -441,13 +456,8 @@ def _eval_parser(sub, preset: str | None = None) -> argparse.ArgumentParser:
     _add_data_flags(p)
     _add_model_flags(p, defaults=False)
     if preset is not None:
-        from icd.config import apply_preset
-
-        train_only = {a.dest for a in _train_parser(argparse.ArgumentParser().add_subparsers())._actions}
-        try:
-            apply_preset(p, preset, ignore=train_only)
-        except (OSError, ValueError) as err:
-            p.error(str(err))
+        train_flags = _train_parser(argparse.ArgumentParser().add_subparsers()).flags
+        _apply_preset(p, ignore=set(train_flags))
     return p
 
 
@@ -484,7 +494,7 @@ def _data_parser(sub) -> argparse.ArgumentParser:
 
 
 def _demo_parser(sub) -> argparse.ArgumentParser:
-    from icd.demo import add_demo_flags
+    from icd.apps.demo.command import add_demo_flags
 
     p = sub.add_parser(
         "demo",
@@ -643,13 +653,10 @@ def _check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
 def _train_flags_set(argv: Sequence[str], preset: str | None) -> set[str]:
     """The train flags (dests) given on the command line or by the --config preset, whatever
     their value (also a value equal to the default)."""
-    from icd.config import load_preset
-
-    p = _train_parser(argparse.ArgumentParser(prog="icd", add_help=False).add_subparsers())
-    for action in p._actions:
-        action.default, action.required = argparse.SUPPRESS, False
-    given = set(vars(p.parse_known_args(list(argv[1:]))[0]))
-    return given | (set(load_preset(preset)) if preset else set())
+    p = _train_parser(argparse.ArgumentParser(prog="icd", add_help=False).add_subparsers(), preset)
+    unset = object()  # every flag starts as this; argparse fills in defaults only for missing attributes
+    parsed = p.parser.parse_known_args(list(argv[1:]), argparse.Namespace(**dict.fromkeys(p.flags, unset)))[0]
+    return {dest for dest, value in vars(parsed).items() if value is not unset} | set(p.preset)
 
 
 def _debugging(argv: Sequence[str]) -> bool:
@@ -711,12 +718,9 @@ def _main(argv: list[str]) -> int:
             image_dirs = {split: os.path.join(args.out, split) for split in paths}
             print(f"yolo: {export_yolo(paths, image_dirs, os.path.join(args.out, 'yolo'))}")
     elif args.command == "demo":
-        from icd.demo import config_from_args, run_demo, summarize
+        from icd.apps.demo.command import run_command
 
-        if args.summarize:
-            print(summarize(args.summarize), end="")
-        else:
-            run_demo(config_from_args(args), progress=not args.no_progress)
+        return run_command(args)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import sys
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from icd import cli
-from icd.demo import PRETRAIN_RUN, RUN_NAMES, DemoConfig, finished_stamp, plan_runs, results_table
+from icd.apps.demo import PRETRAIN_RUN, RUN_NAMES, DemoConfig, finished_stamp, plan_runs, results_table
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
     icd_train = [json.loads(x) for x in (tiny_demo / "icd" / "metrics.jsonl").read_text().split("\n") if x]
     assert any("loss_distill" in r and "loss_aux_conf" in r for r in icd_train)
     # the icd student started from the pre-trained teacher side, and its evaluation measured it
-    from icd.demo import TINY
+    from icd.apps.demo import TINY
 
     plan = {r.name: r for r in plan_runs(DemoConfig(out_dir=str(tiny_demo), **TINY))}
     assert "--icd-init" in plan["icd"].argv and PRETRAIN_RUN in plan["icd"].needs
@@ -54,7 +56,7 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
 
 
 def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):
-    from icd.demo import TINY
+    from icd.apps.demo import TINY
 
     same = DemoConfig(out_dir=str(tiny_demo), **TINY)
     stamp = finished_stamp(same.run_dir("teacher"))
@@ -117,7 +119,7 @@ def test_run_distill_main_on_a_tiny_step(tmp_path):
 
 
 def test_summarize_gives_mean_and_sample_std_over_outputs(tmp_path):
-    from icd.demo import summarize
+    from icd.apps.demo import summarize
 
     outs = []
     for seed, ap in enumerate((10.0, 12.0, 14.0)):
@@ -130,3 +132,19 @@ def test_summarize_gives_mean_and_sample_std_over_outputs(tmp_path):
     table = summarize(outs)
     assert "| teacher | 12.00 ± 2.00 (10.00-14.00) | 24.00 ± 4.00 | 6.00 ± 1.00 | 10.00, 12.00, 14.00 |" in table
     assert "| icd | 15.00 ± 2.00 (13.00-17.00) |" in table
+
+
+def test_the_library_never_imports_the_demo_or_the_command_line():
+    """icd.apps (the demo) sits on top of the library: no module below it imports it or icd.cli."""
+    offenders = []
+    for layer in ("ops", "nn", "detection", "data", "engine"):
+        for path in sorted((ROOT / "icd" / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                              if n.startswith(("icd.apps", "icd.cli")) or n in ("icd.demo",)]  # fmt: skip
+    assert offenders == []
+    checked = sum(1 for layer in ("ops", "engine") for _ in (ROOT / "icd" / layer).rglob("*.py"))
+    assert checked > 10  # the walk saw the layers

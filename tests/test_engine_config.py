@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import re
 
 import pytest
 
-from icd.cli import _train_preset_of, build_parser, main
-from icd.config import load_preset
+from icd.cli import _train_flags_set, _train_preset_of, build_parser, main
+from icd.config import dest_of, load_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.toml")))
@@ -78,6 +79,32 @@ def test_bad_presets_are_errors_naming_the_key(tmp_path, capsys, text, message):
     err = capsys.readouterr().err
     assert "bad.toml" in err or "missing.toml" in err
     assert re.search(message, err), err
+
+
+def test_eval_preset_may_supply_its_required_checkpoint(tmp_path, capsys):
+    preset = _write(tmp_path / "e.toml", 'checkpoint = "runs/x.pth"\nbackbone = "resnet18"\niters = 5\n')
+    argv = ["eval", "--config", preset, "--data-path", "d"]
+    args = build_parser(None, _train_preset_of(argv, "eval")).parse_args(argv)
+    assert (args.checkpoint, args.backbone) == ("runs/x.pth", "resnet18")  # iters: a train key, ignored
+    with pytest.raises(SystemExit):  # without the preset --checkpoint is required again
+        build_parser().parse_args(["eval", "--data-path", "d"])
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_flags_given_count_also_at_their_default_value(tmp_path):
+    preset = _write(tmp_path / "p.toml", "iters = 100\n")
+    argv = ["train", "--data-path", "d", "--icd-heads", "8", "-b", "2", "--wd", "1e-4", "--amp", "--config", preset]
+    assert _train_flags_set(argv, preset) == {"data_path", "icd_heads", "batch_size", "weight_decay", "amp",
+                                              "config", "iters"}  # fmt: skip
+    assert _train_flags_set(["train", "--data-path", "d"], None) == {"data_path"}
+
+
+def test_dest_of_follows_argparse():
+    for names in (["--weight-decay", "--wd"], ["-b", "--batch-size"], ["-j"], ["run_dir"], ["--icd-max-labels"]):
+        parser = argparse.ArgumentParser()
+        parser.add_argument(*names)
+        argv = [] if names[0].startswith("-") else ["x"]
+        assert list(vars(parser.parse_args(argv))) == [dest_of(names)], names
 
 
 def test_base_loop_is_an_error(tmp_path):

@@ -1,0 +1,56 @@
+"""The whole demo: the data, the runs, then the table and the pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+
+from icd.apps.demo.figures import draw_figures
+from icd.apps.demo.plan import plan_runs
+from icd.apps.demo.report import results_table, write_results
+from icd.apps.demo.scheduler import execute
+from icd.apps.demo.settings import DemoConfig
+from icd.apps.demo.stamps import data_is_current, reuse_if_finished, write_data_stamp
+
+
+def prepare_data(cfg: DemoConfig) -> bool:
+    """Generate the shapes data unless the same settings are already there; True if generated."""
+    from icd.data.shapes import ShapesConfig, write_split
+
+    if data_is_current(cfg):
+        return False
+    shapes = ShapesConfig(image_size=cfg.image_size, min_shapes=1, max_shapes=cfg.max_shapes,
+                          num_strokes=cfg.num_strokes, noise_std=cfg.noise_std)  # fmt: skip
+    for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
+        write_split(cfg.data_dir, split, count, cfg.seed, shapes)
+    write_data_stamp(cfg)
+    return True
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    """The whole demo; returns {"rows", "table", "files"}."""
+    start = time.time()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "demo_config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    print(f"[demo] data: {cfg.num_train} + {cfg.num_val} shapes images of {cfg.image_size} px",
+          flush=True)
+    if not prepare_data(cfg):
+        print("[demo] data: reused", flush=True)
+    runs = plan_runs(cfg)
+    if reuse_if_finished(runs[0], cfg):  # the teacher
+        print(f"[demo] teacher: reusing {cfg.run_dir('teacher')}/checkpoint.pth", flush=True)
+    print(f"[demo] training: {', '.join(r.title for r in runs if not r.reused)} "
+          f"({cfg.jobs} at a time, {cfg.threads} thread(s) each)", flush=True)
+    execute(runs, cfg, progress)
+
+    rows, table = results_table(runs, cfg)
+    figures = draw_figures(runs, cfg)
+    files = {"table": write_results(cfg, table), **figures}
+    print("\n" + table)
+    for what, path in files.items():
+        print(f"[demo] {what}: {path}")
+    print(f"[demo] done in {time.time() - start:.0f} s", flush=True)
+    return {"rows": rows, "table": table, "files": files}

@@ -1,0 +1,97 @@
+"""The demo's numbers: each run's last evaluation, ``results.md``, and the summary over several outputs."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Sequence
+
+from icd.apps.demo.plan import RUN_NAMES, Run
+from icd.apps.demo.settings import DemoConfig
+
+
+def last_eval(run_dir: str) -> dict[str, float]:
+    """The ``eval`` record of the latest iteration in ``run_dir/metrics.jsonl``."""
+    from icd.engine.metrics import read_metrics
+
+    evals = [r for r in read_metrics(run_dir) if r.get("type") == "eval"]
+    if not evals:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl has no evaluation")
+    return max(evals, key=lambda r: r["iter"])
+
+
+def results_table(runs: Sequence[Run], cfg: DemoConfig) -> tuple[list[dict], str]:
+    """One row per run (AP, AP50, AP75 in %, training minutes) and the markdown table."""
+    rows = []
+    by_name = {run.name: run for run in runs}
+    for run in (by_name[name] for name in RUN_NAMES if name in by_name):
+        metrics = last_eval(cfg.run_dir(run.name))
+        rows.append(
+            {
+                "run": run.name,
+                "model": run.title,
+                "AP": metrics["AP"],
+                "AP50": metrics["AP50"],
+                "AP75": metrics["AP75"],
+                "lift": metrics.get("lift"),
+                "distinctness": metrics.get("distinctness"),
+                "iters": run.total_iters,
+                "seconds": run.seconds,
+                "reused": run.reused,
+            }
+        )
+    lines = [
+        "| run | model | AP | AP50 | AP75 | lift | distinctness | iterations | train + eval time |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        when = f"{r['seconds']:.0f} s" + (" (reused)" if r["reused"] else "")
+        lift = "" if r["lift"] is None else f"{r['lift']:.2f}"
+        distinct = "" if r["distinctness"] is None else f"{r['distinctness']:.2f}"
+        lines.append(
+            f"| {r['run']} | {r['model']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | "
+            f"{lift} | {distinct} | {r['iters']} | {when} |"
+        )
+    return rows, "\n".join(lines) + "\n"
+
+
+def write_results(cfg: DemoConfig, table: str) -> str:
+    """``results.md`` under ``cfg.out_dir``: what was trained on what, then the table; returns its path."""
+    header = (
+        f"# icd demo: {cfg.detector}, teacher {cfg.teacher_backbone} (FPN {cfg.teacher_channels}) "
+        f"-> student {cfg.student_backbone} (FPN {cfg.student_channels})\n\n"
+        f"Shapes data {cfg.num_train} train / {cfg.num_val} val images of {cfg.image_size} px, "
+        f"seed {cfg.seed}; COCO bbox AP (%) on val after the last epoch.\n\n"
+    )
+    path = os.path.join(cfg.out_dir, "results.md")
+    with open(path, "w") as f:
+        f.write(header + table)
+    return path
+
+
+def summarize(out_dirs: Sequence[str]) -> str:
+    """Mean and spread of AP, AP50, AP75 of each run over several demo outputs (seeds), markdown.
+
+    Spread: the sample standard deviation over the outputs, and (min, max). Also the per-output
+    AP of each run, so a reader sees every number behind the mean.
+    """
+    per_run: dict[str, list[dict]] = {}
+    for out in out_dirs:
+        for name in RUN_NAMES:
+            per_run.setdefault(name, []).append(last_eval(os.path.join(out, name)))
+    lines = [
+        f"| run | AP mean ± std (min-max) | AP50 mean ± std | AP75 mean ± std | AP per output ({len(out_dirs)}) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, evals in per_run.items():
+        cells = []
+        for key in ("AP", "AP50", "AP75"):
+            values = [e[key] for e in evals]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cell = f"{statistics.fmean(values):.2f} ± {std:.2f}"
+            if key == "AP":
+                cell += f" ({min(values):.2f}-{max(values):.2f})"
+            cells.append(cell)
+        each = ", ".join(f"{e['AP']:.2f}" for e in evals)
+        lines.append(f"| {name} | {' | '.join(cells)} | {each} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,123 @@
+"""Runs the demo's processes in ``cfg.jobs`` job slots, each once the runs it needs are done.
+
+Every run is a separate ``python -m icd`` process with its output in ``RUN_DIR/train.log``. An
+exclusive run (the teacher) takes every slot and their threads; the others one slot and
+``cfg.threads`` threads each (OpenMP threads waiting passively rather than spinning). The parent
+shows one progress bar per run, fed by the runs' ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from icd.apps.demo.plan import Run
+from icd.apps.demo.settings import DemoConfig
+from icd.apps.demo.stamps import STAMP_FILE, write_run_stamp
+
+POLL_S = 0.5
+
+
+def iterations_done(run_dir: str) -> int:
+    """The last logged training iteration of a run (0 before its first metrics line)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    done = 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("type") in ("train", "pretrain"):
+                done = max(done, int(record["iter"]))
+    return done
+
+
+def _start(run: Run, cfg: DemoConfig) -> None:
+    run_dir = cfg.run_dir(run.name)
+    os.makedirs(run_dir, exist_ok=True)
+    # a fresh run, not a resume: nothing of an earlier run may stay (icd train refuses to start on it)
+    epoch_files = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(run_dir), "model_*.pth"))]
+    for stale in ["metrics.jsonl", STAMP_FILE, "checkpoint.pth", *epoch_files]:
+        path = os.path.join(run_dir, stale)
+        if os.path.exists(path):
+            os.remove(path)
+    threads = str(cfg.threads * (cfg.jobs if run.exclusive else 1))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
+    run.log_file = open(os.path.join(run_dir, "train.log"), "w")  # noqa: SIM115 - closed in _finish
+    run.process = subprocess.Popen(
+        [sys.executable, "-m", "icd", *run.argv], stdout=run.log_file, stderr=subprocess.STDOUT, env=env
+    )
+    run.started = time.time()
+
+
+def _finish(run: Run, cfg: DemoConfig) -> None:
+    run.log_file.close()
+    run.seconds = time.time() - run.started
+    if run.process.returncode != 0:
+        log_path = os.path.join(cfg.run_dir(run.name), "train.log")
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-20:])
+        raise RuntimeError(f"demo run {run.name!r} failed (exit {run.process.returncode}); "
+                           f"end of {log_path}:\n{tail}")
+    write_run_stamp(run, cfg)
+
+
+def execute(runs: Sequence[Run], cfg: DemoConfig, progress: bool = True) -> None:
+    """Run the plan, ``cfg.jobs`` processes at a time, a run once the runs it needs are done."""
+    done = {r.name for r in runs if r.reused}
+    pending = [r for r in runs if not r.reused]
+    active: list[Run] = []
+    bars = {
+        r.name: tqdm(
+            total=r.total_iters,
+            desc=f"{r.title:<22}",
+            position=i,
+            disable=not progress,
+            dynamic_ncols=True,
+            unit="it",
+        )
+        for i, r in enumerate(runs)
+    }
+    for r in runs:
+        if r.reused:
+            bars[r.name].update(r.total_iters)
+            bars[r.name].set_postfix_str("reused")
+    try:
+        while pending or active:
+            for run in [r for r in pending if set(r.needs) <= done]:
+                busy = cfg.jobs if any(r.exclusive for r in active) else len(active)
+                if busy + (cfg.jobs if run.exclusive else 1) > cfg.jobs:
+                    break
+                _start(run, cfg)
+                pending.remove(run)
+                active.append(run)
+            time.sleep(POLL_S)
+            for run in list(active):
+                bar = bars[run.name]
+                bar.update(iterations_done(cfg.run_dir(run.name)) - bar.n)
+                if run.process.poll() is None:
+                    continue
+                active.remove(run)
+                _finish(run, cfg)
+                bar.update(run.total_iters - bar.n)
+                bar.set_postfix_str(f"{run.seconds:.0f} s")
+                done.add(run.name)
+            if pending and not active and not any(set(r.needs) <= done for r in pending):
+                raise RuntimeError(f"demo: runs {[r.name for r in pending]} cannot start")
+    finally:
+        for run in active:  # an error or Ctrl-C: do not leave training processes behind
+            run.process.kill()
+            run.process.wait()
+            run.log_file.close()
+        for bar in bars.values():
+            bar.close()

@@ -1,0 +1,54 @@
+"""Stamps: the settings a finished step ran with (``demo_run.json``), so a later demo reuses the step.
+
+A run's stamp is written in its folder when it finishes (its arguments, the data settings and
+its wall time); the data folder's holds the data settings. A step is reused only when its stamp
+matches what the new demo would run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from icd.apps.demo.plan import Run
+from icd.apps.demo.settings import DemoConfig
+
+STAMP_FILE = "demo_run.json"  # per run dir: the settings and wall time of a finished run
+
+
+def finished_stamp(run_dir: str) -> dict | None:
+    """The stamp of a finished run (None without one or without its checkpoint.pth)."""
+    path = os.path.join(run_dir, STAMP_FILE)
+    if not os.path.exists(path) or not os.path.exists(os.path.join(run_dir, "checkpoint.pth")):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_run_stamp(run: Run, cfg: DemoConfig) -> None:
+    """Mark ``run`` finished: its stamp and wall time in its folder."""
+    with open(os.path.join(cfg.run_dir(run.name), STAMP_FILE), "w") as f:
+        json.dump({**run.stamp(cfg), "seconds": run.seconds}, f, indent=1)
+
+
+def reuse_if_finished(run: Run, cfg: DemoConfig) -> bool:
+    """Mark ``run`` reused (with its earlier wall time) when its folder holds it finished with the same settings."""
+    stamp = finished_stamp(cfg.run_dir(run.name))
+    if stamp is None or {k: stamp[k] for k in ("argv", "data")} != run.stamp(cfg):
+        return False
+    run.reused, run.seconds = True, float(stamp["seconds"])
+    return True
+
+
+def data_is_current(cfg: DemoConfig) -> bool:
+    """Whether ``cfg.data_dir`` holds data generated with ``cfg``'s data settings."""
+    stamp = os.path.join(cfg.data_dir, STAMP_FILE)
+    if not os.path.exists(stamp):
+        return False
+    with open(stamp) as f:
+        return json.load(f) == cfg.data_settings()
+
+
+def write_data_stamp(cfg: DemoConfig) -> None:
+    with open(os.path.join(cfg.data_dir, STAMP_FILE), "w") as f:
+        json.dump(cfg.data_settings(), f)
