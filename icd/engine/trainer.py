@@ -171,8 +171,7 @@ class Trainer:
             self.train_set, sampler, args.batch_size, args.workers, args.seed,
             pin_memory=self.info.device.type == "cuda", progress=self.info.is_main and not args.no_progress,
         )
-        self.iters_per_epoch = self.batches.per_epoch
-        self.total_iters, self.num_epochs = run_length(args, self.iters_per_epoch)
+        self.total_iters, self.num_epochs = run_length(args, self.batches.per_epoch)
         self.tap = self.teacher = self.distiller = None
         if args.teacher:
             self._build_distillation(num_classes)
