@@ -10,11 +10,12 @@ import sys
 
 import pytest
 import torch
-from tiny_runs import TINY
+from tiny_runs import THREE_LEVELS, TINY
 
 from icd.cli import build_parser, main
 from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
+from icd.nn.sampler import InstanceSampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,6 +128,46 @@ def test_icd_distillation(detector, extra, data, tmp_path):
     assert int(ckpt["distiller"]["num_steps"]) == 2
     assert not any(k.startswith("teacher") for k in ckpt["model"])  # the teacher stays out
     assert torch.is_tensor(ckpt["rng"]["torch"])
+
+
+def _random_teacher(tmp_path) -> str:
+    spec = DetectorSpec("retinanet", "resnet18", num_classes=7, fpn_channels=32, norm="gn",
+                        min_level=3, max_level=5, min_size=(64,), max_size=64)
+    teacher = str(tmp_path / "teacher.pth")
+    save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()}, teacher)
+    return teacher
+
+
+def test_icd_static_shapes_fixes_the_instance_slots(data, tmp_path, monkeypatch):
+    slots = []
+    sample = InstanceSampler.forward
+
+    def spy(self, *args, **kwargs):
+        batch = sample(self, *args, **kwargs)
+        slots.append(batch.boxes.shape[1])
+        return batch
+
+    monkeypatch.setattr(InstanceSampler, "forward", spy)
+    static = f"--icd-static-shapes --icd-max-labels 64 --icd-heads 4 --epochs 1 --no-eval {THREE_LEVELS}"
+    main(f"train --data-path {data} {TINY} --teacher {_random_teacher(tmp_path)} --distill icd "
+         f"{static} --output-dir {tmp_path / 'static'}".split())
+    assert slots and set(slots) == {64}  # K = the slots, whatever the batch's box counts
+    assert all(r["loss_distill"] > 0 for r in _records(str(tmp_path / "static"), "train"))
+    slots.clear()
+    main(f"train --data-path {data} {TINY} --teacher {_random_teacher(tmp_path)} --distill icd "
+         f"--icd-max-labels 64 --icd-heads 4 --epochs 1 --no-eval {THREE_LEVELS} "
+         f"--output-dir {tmp_path / 'dynamic'}".split())
+    assert slots and max(slots) < 64  # the default: K = the batch's largest instance count
+
+
+def test_icd_static_shapes_refuses_images_with_more_boxes_than_slots(data, tmp_path, capsys):
+    out = tmp_path / "refused"
+    argv = (f"train --data-path {data} {TINY} {THREE_LEVELS} --teacher {_random_teacher(tmp_path)} "
+            f"--distill icd --icd-static-shapes --icd-max-labels 1 --no-eval --output-dir {out}").split()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--icd-static-shapes" in err and "--icd-max-labels" in err and "Traceback" not in err
+    assert not (out / "checkpoint.pth").exists()
 
 
 def test_teacher_with_other_levels_is_refused(data, tmp_path, capsys):

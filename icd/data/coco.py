@@ -275,6 +275,12 @@ class CocoDetection(Dataset):
         """Annotations kept (crowd ones included)."""
         return sum(len(anns) for anns in self._annotations.values())
 
+    @property
+    def most_instances(self) -> int:
+        """The largest number of non-crowd annotations of one image (0 for no annotations): an
+        upper bound of the boxes one image gives (boxes empty after clipping are dropped later)."""
+        return max((sum(not a.get("iscrowd", 0) for a in anns) for anns in self._annotations.values()), default=0)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

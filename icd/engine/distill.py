@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from icd.errors import ConfigError
+
 DISTILL_METHODS = ("icd", "fpn-mse", "none")  # none: no distillation loss (--inherit-teacher alone)
 # docs/method.md 4.4: lambda = 8 for the one-stage detectors, 3 for Faster R-CNN.
 ICD_LOSS_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "fasterrcnn": 3.0, "maskrcnn": 3.0}
@@ -145,6 +147,20 @@ class FpnMseDistiller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"norm={self.norm!r}, loss_weight={self.loss_weight}"
+
+
+def check_static_slots(distiller: nn.Module, most_instances: int, where: str) -> None:
+    """ICD's static layout holds at most ``max_labels`` boxes per image: refuse a training set
+    with more (``most_instances`` in one image of ``where``) before any step, rather than at the
+    step that meets that image."""
+    sampler = getattr(distiller, "sampler", None)
+    if sampler is None or not sampler.static_shapes or most_instances <= sampler.max_labels:
+        return
+    raise ConfigError(
+        f"--icd-static-shapes: an image of {where} has {most_instances} annotations, more than the "
+        f"{sampler.max_labels} instance slots (--icd-max-labels); raise --icd-max-labels or drop "
+        "--icd-static-shapes"
+    )
 
 
 def build_distiller(

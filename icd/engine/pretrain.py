@@ -38,7 +38,7 @@ from icd.detection.models import DetectorSpec
 from icd.engine import optim
 from icd.engine.attention import attention_statistics
 from icd.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
-from icd.engine.distill import build_distiller
+from icd.engine.distill import build_distiller, check_static_slots
 from icd.engine.metrics import MetricsLog, read_metrics
 from icd.engine.run_spec import distiller_kwargs
 from icd.engine.sampler import ResumableSampler
@@ -205,7 +205,9 @@ class Pretrainer:
             warmup_iters=0,
             annotation_file=train_ann,
             backend=args.icd_backend,
+            static_shapes=getattr(args, "icd_static_shapes", False),
         ).to(self.device)
+        check_static_slots(self.distiller, self.train_set.most_instances, train_ann)
         self.signature = teacher_side_signature(
             self.distiller, self.teacher_spec, teacher_fingerprint(self.teacher)
         )

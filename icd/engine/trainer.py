@@ -44,7 +44,7 @@ from icd.engine.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
-from icd.engine.distill import build_distiller
+from icd.engine.distill import build_distiller, check_static_slots
 from icd.engine.distributed import DistInfo, all_ranks, barrier, cleanup, init_distributed
 from icd.engine.evaluator import autocast, eval_loader, evaluate
 from icd.engine.finite import all_finite, first_non_finite, loss_report, nested_tensors
@@ -237,7 +237,9 @@ class Trainer:
             warmup_iters=warmup,
             annotation_file=self.train_set.coco.dataset,  # as checked (bad annotations skipped)
             backend=args.icd_backend,
+            static_shapes=getattr(args, "icd_static_shapes", False),
         ).to(info.device)
+        check_static_slots(self.distiller, self.train_set.most_instances, self.train_annotations)
         self.teacher_levels = [f"P{lvl}" for lvl in teacher_spec.levels]
         if getattr(args, "icd_init", None):
             self._load_icd_init(args.icd_init, teacher_spec)
