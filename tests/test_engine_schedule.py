@@ -11,7 +11,7 @@ from tiny_runs import ON_CPU, THREE_LEVELS, TINY_MODEL
 
 from icd.cli import main
 from icd.data.shapes import generate
-from icd.engine.checkpoint import load_checkpoint
+from icd.engine.checkpoint import load_checkpoint, save_atomic
 
 TINY = (f"{TINY_MODEL} {THREE_LEVELS} {ON_CPU} --batch-size 2 --print-freq 1 --lr 0.01 --warmup-iters 1 "
         "--epoch-checkpoint-every 0 --iters 3 --lr-steps 2")
@@ -45,6 +45,16 @@ def test_stop_and_resume_match_an_unbroken_iteration_schedule(tmp_path):
     assert mid["lr_scheduler"]["last_epoch"] == 1  # the schedule is the whole run's
     _train(data, broken, f"--no-eval --resume {ckpt} --stop-after-iters 2")  # stops at an epoch's end
     assert (load_checkpoint(ckpt)["iteration"], load_checkpoint(ckpt)["epoch"]) == (2, 1)
+    # what a kill right after a --checkpoint-every save at epoch 0's last batch leaves (before that
+    # epoch's own end): the same state at (epoch 0, batch 2); resumed, epoch 0's end comes first
+    last_batch = str(tmp_path / "last_batch")
+    os.makedirs(last_batch)
+    save_atomic({**load_checkpoint(ckpt), "epoch": 0, "epoch_batches": 2}, os.path.join(last_batch, "checkpoint.pth"))
+    _train(data, last_batch, f"--resume {os.path.join(last_batch, 'checkpoint.pth')}")
+    assert [r["iter"] for r in _records(last_batch) if r["type"] == "eval"] == [2, 3]  # as unbroken
+    redone = load_checkpoint(os.path.join(last_batch, "checkpoint.pth"))
+    for key, value in done["model"].items():
+        torch.testing.assert_close(redone["model"][key], value, rtol=0, atol=0, msg=key)
     _train(data, broken, f"--resume {ckpt}")
     end = load_checkpoint(ckpt)
     assert (end["iteration"], end["epoch"], end["epoch_batches"]) == (3, 1, 1)

@@ -7,7 +7,9 @@ resume needs)::
     epoch                the epoch to continue with (= epochs completed when epoch_batches is 0;
                          torchvision stores the last completed epoch instead)
     iteration            optimiser steps done so far (the next step is iteration + 1)
-    epoch_batches        batches of ``epoch`` already consumed (the data order position)
+    epoch_batches        batches of ``epoch`` already consumed (the data order position; all of
+                         them when written at the epoch's last batch, before its end: a resume
+                         then does that epoch's end first, see icd.engine.batches.EpochBatches)
     detector_spec        the architecture (icd.detection.DetectorSpec as a dict)
     distiller, teacher_optimizer, teacher_lr_scheduler    (distillation runs)
     scaler               AMP GradScaler state (CUDA float16 runs)

@@ -1,7 +1,8 @@
 """Run records: one JSON object per line in ``OUTPUT_DIR/metrics.jsonl``, and their plots.
 
-Training lines: {"type": "train", "iter", "epoch", "lr", "loss", <each named loss>, "time"}.
+Training lines: {"type": "train", "iter", "epoch", "lr", "loss", <each named loss>, "sec_per_iter", "time"}.
 Evaluation lines: {"type": "eval", "iter", "epoch", "AP", "AP50", ..., "time"}.
+Health lines: {"type": "health", "iter", "loss", "problem", "value", "time"} (icd.engine.hooks.HealthCheck).
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ One iteration::
     teacher_maps = teacher.backbone(tap.images)            # frozen, same padded input
     losses |= distiller(teacher_maps, tap.features, tap.boxes, labels, sizes, padded_size)
     sum(losses).backward(); SGD step (student side); AdamW step (ICD teacher side, clipped)
+
+The run (``Trainer.train(start_iter, max_iter)``) is one loop over iterations: each draws the next
+batch from ``icd.engine.batches.EpochBatches``, which goes on to the next epoch when one is used
+up; the periodic work (health check, metrics lines, checkpoints, evaluations) is done by the
+hooks of ``icd.engine.hooks``, after each step and at each epoch's end.
 """
 
 from __future__ import annotations
@@ -20,21 +25,19 @@ import logging
 import math
 import os
 import random
-import time
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from icd.config import PRESET_IMAGES_PER_ITERATION
-from icd.data.coco import CocoDetection, collate, dataset_paths
+from icd.data.coco import CocoDetection, dataset_paths
 from icd.detection.feature_tap import FeatureTap
 from icd.detection.inherit import inherit_from_teacher, parse_parts
 from icd.detection.models import MASK_DETECTORS, DetectorSpec, build_detector, load_detector_weights
 from icd.engine import optim
+from icd.engine.batches import EpochBatches
 from icd.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -45,7 +48,7 @@ from icd.engine.distill import build_distiller, check_static_slots
 from icd.engine.distributed import DistInfo, all_ranks, barrier, cleanup, init_distributed
 from icd.engine.evaluator import autocast, eval_loader, evaluate
 from icd.engine.finite import all_finite, first_non_finite, loss_report, nested_tensors
-from icd.engine.health import LossHealth, UnhealthyTrainingError
+from icd.engine.hooks import EpochEnd, HealthCheck, Hook, PeriodicCheckpoint, PeriodicEvaluation, TrainMetrics
 from icd.engine.metrics import MetricsLog
 from icd.engine.output_dir import claim_output_dir, remove_previous_run
 from icd.engine.resume_settings import check_resume_compatible
@@ -103,16 +106,6 @@ def load_teacher(
 def best_metric(detector: str, metrics: dict[str, float]) -> str:
     """The metric model_best.pth is chosen by: mask AP for Mask R-CNN (when evaluated), else box AP."""
     return "segm_AP" if detector in MASK_DETECTORS and "segm_AP" in metrics else "AP"
-
-
-def average_across_ranks(record: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """The mean of each value over the ranks (what the whole batch's loss is)."""
-    if not info.distributed:
-        return record
-    keys = sorted(record)
-    values = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=info.device)
-    torch.distributed.all_reduce(values)
-    return {k: float(v) / info.world_size for k, v in zip(keys, values.tolist(), strict=True)}
 
 
 def _is_rank_zero() -> bool:
@@ -173,11 +166,12 @@ class Trainer:
                 "and its weights start random; give ImageNet weights, or --norm gn to train from scratch"
             )
         self.model = build_detector(self.spec, args.backbone_weights).to(self.info.device)
-        self.sampler = ResumableSampler(
-            self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=args.seed
+        sampler = ResumableSampler(self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=args.seed)
+        self.batches = EpochBatches(
+            self.train_set, sampler, args.batch_size, args.workers, args.seed,
+            pin_memory=self.info.device.type == "cuda", progress=self.info.is_main and not args.no_progress,
         )
-        self.iters_per_epoch = math.ceil(len(self.sampler) / args.batch_size)
-        self.total_iters, self.num_epochs = run_length(args, self.iters_per_epoch)
+        self.total_iters, self.num_epochs = run_length(args, self.batches.per_epoch)
         self.tap = self.teacher = self.distiller = None
         if args.teacher:
             self._build_distillation(num_classes)
@@ -190,12 +184,11 @@ class Trainer:
         use_scaler = args.amp and self.info.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self._wrap_ddp()
-        self.iteration = 0
-        self.start_epoch = 0
-        self.epoch_batches = 0
+        self.iteration = 0  # optimiser steps done
         self.metrics = MetricsLog(args.output_dir, enabled=self.info.is_main)
-        self.health = LossHealth(args.health_window)
+        self.hooks: list[Hook] = []  # set by run()
         self.best: dict | None = None  # {"metric", "value", "epoch", "iter"} of the best evaluation
+        self.last_evaluation: dict[str, float] = {}
         if args.resume:
             self._resume(args.resume)
 
@@ -403,14 +396,11 @@ class Trainer:
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
-        self.start_epoch = int(ckpt["epoch"])
-        self.epoch_batches = int(ckpt.get("epoch_batches", 0))
+        self.batches.seek(int(ckpt["epoch"]), int(ckpt.get("epoch_batches", 0)))
         self.best = dict(ckpt["best"]) if "best" in ckpt else None
         restore_rng_state(ckpt["rng"])
         if self.info.is_main:
-            log.info(
-                "resumed from %s at epoch %d, iteration %d", path, self.start_epoch, self.iteration
-            )
+            log.info("resumed from %s at epoch %d, iteration %d", path, self.batches.epoch, self.iteration)
 
     def _optimisers(self) -> list[torch.optim.Optimizer]:
         return [opt for opt in (self.optimizer, self.teacher_optimizer) if opt is not None]
@@ -519,20 +509,71 @@ class Trainer:
         return record
 
     # -- the run -----------------------------------------------------------------------------
-    def _train_loader(self, epoch: int, skip_batches: int) -> DataLoader:
-        self.sampler.set_epoch(epoch, skip=skip_batches * self.args.batch_size)
-        self.train_set.set_epoch(epoch)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.args.batch_size,
-            sampler=self.sampler,
-            num_workers=self.args.workers,
-            collate_fn=collate,
-            pin_memory=self.info.device.type == "cuda",
-            # its own generator: creating the iterator must not draw from the
-            # global torch RNG, or a resumed run would diverge from an unbroken one
-            generator=torch.Generator().manual_seed(self.args.seed + epoch),
-        )
+    def run(self) -> dict[str, float]:
+        """Train to the end of the schedule (or --stop-after-iters), evaluating per --eval-every
+        and at the end; returns the last evaluation's metrics."""
+        args = self.args
+        stop_at = min(self.total_iters, args.stop_after_iters or self.total_iters)
+        if self.overwritten and self.info.is_main:
+            log.warning("--overwrite: removing the previous run's %s", ", ".join(self.overwritten))
+            remove_previous_run(self.overwritten)
+        self.hooks = [
+            HealthCheck(args.health_window, stop=args.on_unhealthy == "stop"),
+            TrainMetrics(args.print_freq, last=stop_at),
+            PeriodicCheckpoint(args.checkpoint_every, args.epoch_checkpoint_every),
+        ]
+        if self.val_set is not None:
+            self.hooks.append(PeriodicEvaluation(args.eval_every))
+        start = self.iteration
+        self.train(start, stop_at)
+        if self.iteration == start:
+            raise NothingDoneError(
+                f"--resume {args.resume} is at iteration {self.iteration} and this run stops at iteration "
+                f"{stop_at}: nothing to train; raise --iters, --epochs or --stop-after-iters to go on"
+            )
+        return self.last_evaluation
+
+    def train(self, start_iter: int, max_iter: int) -> None:
+        """Optimiser steps ``start_iter`` + 1 .. ``max_iter``, drawing batch after batch across the
+        epochs; ends earlier when the run's last epoch is used up (batches of only skipped images
+        take no step). Each step runs the hooks' after_step; each epoch's end, and a stop part-way
+        through one, their after_epoch."""
+        data = self.batches
+        self.iteration = start_iter
+        self.model.train()
+        while self.iteration < max_iter and data.epoch < self.num_epochs:
+            batch = data.next()
+            if batch is None:  # this epoch's batches are used up
+                self._end_epoch(start_iter)
+                data.next_epoch()
+                continue
+            images, targets = batch
+            # a batch whose every image was a skipped corrupt one: under DDP all ranks skip
+            # the step together, or the others would wait for its gradients forever
+            if not all_ranks(bool(images), self.info):
+                continue
+            record = self.train_step(images, targets)
+            for hook in self.hooks:
+                hook.after_step(self, record)
+        if self.iteration > start_iter and data.epoch < self.num_epochs:  # stopped at max_iter
+            self._end_epoch(start_iter)
+
+    def _end_epoch(self, start_iter: int) -> None:
+        """The current epoch's end, or a stop part-way through it: the hooks' after_epoch
+        (checkpoint, evaluation), then all ranks meet."""
+        data = self.batches
+        data.close()
+        if self.iteration == start_iter and data.drawn:
+            raise NothingDoneError(
+                f"epoch {data.epoch}: no optimiser step in {data.drawn} batches: every image of "
+                f"{self.train_annotations} that was read was skipped as bad data (--on-bad-data "
+                f"{self.args.on_bad_data}); nothing was trained or checkpointed"
+            )
+        last_epoch_done = data.used_up and data.epoch + 1 == self.num_epochs
+        end = EpochEnd(data.epoch, data.position, data.used_up, self.iteration >= self.total_iters or last_epoch_done)
+        for hook in self.hooks:
+            hook.after_epoch(self, end)
+        barrier(self.info)
 
     def run_evaluation(self, epoch: int, saved: dict | None = None) -> dict[str, float]:
         """Evaluate on the val split and log it; a new best AP also writes model_best.pth from
@@ -559,6 +600,7 @@ class Trainer:
             best = {f"best_{self.best['metric']}": self.best["value"], "best_epoch": self.best["epoch"],
                     "best_iter": self.best["iter"]}
         self.metrics.write({"type": "eval", "iter": self.iteration, "epoch": epoch, **metrics, **best})
+        self.last_evaluation = metrics
         if improved:
             self._save_best(saved)
         if self.info.is_main:
@@ -569,99 +611,8 @@ class Trainer:
             )
         return metrics
 
-    def _check_health(self, record: dict[str, float]) -> None:
-        """Warn (once per loss and problem) about stuck or blowing-up losses of this rank, or stop
-        under --on-unhealthy stop; reads only the record's floats (no device synchronisation).
-        Under torchrun a stopping rank ends the whole job, as any rank's error does."""
-        for problem in self.health.check(self.iteration, record):
-            self.metrics.write({"type": "health", "iter": problem.iteration, "loss": problem.loss,
-                                "problem": problem.kind, "value": problem.value})
-            where = f"rank {self.info.rank}: " if self.info.distributed else ""
-            if self.args.on_unhealthy == "stop":
-                raise UnhealthyTrainingError(f"{where}{problem.message} (--on-unhealthy stop)")
-            log.warning("%s%s", where, problem.message)
-
-    def run(self) -> dict[str, float]:
-        """Train to the end of the schedule (or --stop-after-iters), evaluating per --eval-every
-        and at the end; returns the last evaluation's metrics."""
-        args, info = self.args, self.info
-        stop_at = min(self.total_iters, args.stop_after_iters or self.total_iters)
-        if self.overwritten and info.is_main:
-            log.warning("--overwrite: removing the previous run's %s", ", ".join(self.overwritten))
-            remove_previous_run(self.overwritten)
-        first_iteration = self.iteration
-        self.model.train()
-        final = {}
-        for epoch in range(self.start_epoch, self.num_epochs):
-            if self.iteration >= stop_at:
-                break
-            skip = self.epoch_batches if epoch == self.start_epoch else 0
-            loader = self._train_loader(epoch, skip)
-            bar = tqdm(
-                loader,
-                desc=f"epoch {epoch}",
-                disable=not info.is_main or args.no_progress,
-                initial=skip,
-                total=self.iters_per_epoch,
-                dynamic_ncols=True,
-            )
-            batches = skip
-            start = time.time()
-            for images, targets in bar:
-                batches += 1
-                # a batch whose every image was a skipped corrupt one: under DDP all ranks skip
-                # the step together, or the others would wait for its gradients forever
-                if not all_ranks(bool(images), info):
-                    continue
-                record = self.train_step(images, targets)
-                self._check_health(record)
-                if self.iteration % args.print_freq == 0 or self.iteration == stop_at:
-                    record = average_across_ranks(record, info)
-                    record.update(
-                        type="train",
-                        iter=self.iteration,
-                        epoch=epoch,
-                        lr=self.optimizer.param_groups[0]["lr"],
-                        sec_per_iter=(time.time() - start) / max(1, batches - skip),
-                    )
-                    self.metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if args.checkpoint_every and self.iteration % args.checkpoint_every == 0:
-                    self.save(epoch, batches)
-                if self.iteration >= stop_at:
-                    break
-            bar.close()
-            if self.iteration == first_iteration and batches > skip:
-                self._stop_nothing_trained(epoch, batches - skip)
-            self.epoch_batches = 0
-            epoch_done = batches >= self.iters_per_epoch  # else left mid-epoch: end of --iters or a stop
-            run_over = self.iteration >= self.total_iters or (epoch_done and epoch + 1 == self.num_epochs)
-            if epoch_done:
-                every = args.epoch_checkpoint_every
-                saved = self.save(epoch + 1, 0, also_epoch_file=bool(every) and (epoch + 1) % every == 0)
-            else:
-                saved = self.save(epoch, batches)
-            periodic = epoch_done and args.eval_every and (epoch + 1) % args.eval_every == 0
-            if self.val_set is not None and (run_over or periodic):
-                final = self.run_evaluation(epoch, saved)
-            barrier(info)
-            if self.iteration >= stop_at:
-                break
-        if self.iteration == first_iteration:
-            raise NothingDoneError(
-                f"--resume {args.resume} is at iteration {self.iteration} and this run stops at iteration "
-                f"{stop_at}: nothing to train; raise --iters, --epochs or --stop-after-iters to go on"
-            )
-        return final
-
-    def _stop_nothing_trained(self, epoch: int, batches: int) -> None:
-        raise NothingDoneError(
-            f"epoch {epoch}: no optimiser step in {batches} batches: every image of {self.train_annotations} "
-            f"that was read was skipped as bad data (--on-bad-data {self.args.on_bad_data}); "
-            "nothing was trained or checkpointed"
-        )
-
     def close(self) -> None:
+        self.batches.close()
         if self.tap is not None:
             self.tap.remove()
         cleanup(self.info)
