@@ -9,7 +9,8 @@ own distillation (``distill_model=``, ``dis=``) and ICD (``icd.integrations.ultr
     python benchmarks/run_ultralytics.py summary --out study
 
 Every run appends one JSON line (method, seed, weight, mAP50-95, mAP50, seconds) to
-``OUT/results.jsonl``; ``summary`` prints mean +- std per method and weight. Runs are offline
+``OUT/results.jsonl``; ``summary`` prints mean +- std per method and weight and paired per-seed
+differences. Runs are offline
 (YOLO_OFFLINE=1, settings sync=False, plots=False: no font or weight downloads) and on CPU.
 """
 
@@ -90,23 +91,47 @@ def train_student(args: argparse.Namespace) -> None:
                        map50=metrics.box.map50, seconds=round(time.time() - start, 1)))
 
 
+def _label(method: str, weight: float | None) -> str:
+    return method if weight is None else f"{method} {weight:g}"
+
+
 def summary(args: argparse.Namespace) -> None:
+    """Mean +- sample std per method and weight, the mAP of each seed, and the paired (same-seed)
+    differences of every distilled run to the baseline and to ultralytics' distillation at
+    its default ``dis=6``: runs of one seed share the student's initialisation and data order."""
     rows = [json.loads(line) for line in open(os.path.join(args.out, "results.jsonl"), encoding="utf-8")]
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["method"], row["weight"]), []).append(row)
-    print("| method | weight | seeds | mAP50-95 | mAP50 | s/run |")
+    groups: dict[tuple, dict[int, dict]] = {}
+    for row in rows:  # a later run of the same method, weight and seed replaces an earlier one
+        groups.setdefault((row["method"], row["weight"]), {})[row["seed"]] = row
+    print("| run | seeds | mAP50-95 (%) | mAP50 (%) | mAP50-95 per seed | s/run |")
     print("|---|---|---|---|---|---|")
-    for (method, weight), runs in groups.items():
+    for (method, weight), seeded in groups.items():
+        runs = [seeded[s] for s in sorted(seeded)]
         maps = [100 * r["map"] for r in runs]
         maps50 = [100 * r["map50"] for r in runs]
         std = statistics.stdev(maps) if len(maps) > 1 else 0.0
         std50 = statistics.stdev(maps50) if len(maps50) > 1 else 0.0
+        per_seed = ", ".join(f"s{r['seed']}: {100 * r['map']:.2f}" for r in runs)
         print(
-            f"| {method} | {weight if weight is not None else '-'} | {sorted(r['seed'] for r in runs)} | "
-            f"{statistics.mean(maps):.2f} +- {std:.2f} | {statistics.mean(maps50):.2f} +- {std50:.2f} | "
+            f"| {_label(method, weight)} | {len(runs)} | {statistics.mean(maps):.2f} +- {std:.2f} | "
+            f"{statistics.mean(maps50):.2f} +- {std50:.2f} | {per_seed} | "
             f"{statistics.mean(r['seconds'] for r in runs):.0f} |"
         )
+    print("\n| run | control | paired difference (mAP50-95) | per seed |")
+    print("|---|---|---|---|")
+    controls = (("baseline", None), ("ultralytics", 6.0))
+    for control in controls:
+        theirs = groups.get(control, {})
+        for key, seeded in groups.items():
+            shared = sorted(set(seeded) & set(theirs))
+            if key[0] in ("teacher", "baseline") or key == control or len(shared) < 2:
+                continue
+            diffs = [100 * (seeded[s]["map"] - theirs[s]["map"]) for s in shared]
+            per_seed = ", ".join(f"s{s}: {d:+.2f}" for s, d in zip(shared, diffs, strict=True))
+            print(
+                f"| {_label(*key)} | {_label(*control)} | {statistics.mean(diffs):+.2f} +- "
+                f"{statistics.stdev(diffs):.2f} | {per_seed} |"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
