@@ -22,10 +22,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _launch(cmd: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    # its own session: a hung run is killed with its torchrun workers (os.killpg)
+    # its own session, so that _finish can kill torchrun's agent with os.killpg
     return subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+
+
+def _finish(proc: subprocess.Popen, marker: str, timeout: float, why: str) -> str:
+    """Wait for a launched run and return its stderr; past ``timeout`` seconds kill it and fail.
+    torchrun starts its workers in sessions of their own, so killing the agent's group leaves
+    them running (holding the pipes open: communicate() would wait forever); they are found by
+    ``marker`` (the run's own --output-dir) in their command lines and killed too."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        os.kill(int(pid), signal.SIGKILL)
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        proc.communicate(timeout=60)
+        pytest.fail(why)
 
 
 def _losses(run_dir) -> list[float]:
@@ -90,8 +110,8 @@ def test_two_gloo_processes_equal_one_process_with_double_batch(tmp_path):
             str(two_dir),
         ]
     )
-    for proc in (one, two):
-        _, err = proc.communicate(timeout=240)
+    for proc, run_dir in ((one, one_dir), (two, two_dir)):
+        err = _finish(proc, str(run_dir), 600, "a run hung (or the machine is far too loaded)")
         assert proc.returncode == 0, err[-3000:]
 
     a, b = (
@@ -136,12 +156,7 @@ def test_a_rank_whose_batch_is_all_corrupt_skips_the_step_with_the_others(tmp_pa
          "--epochs", "1", "--batch-size", "1", "--no-eval", "--on-bad-data", "skip",
          "--output-dir", str(out)]
     )
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the ranks hung on a batch of skipped images")
+    err = _finish(proc, str(out), 600, "the ranks hung on a batch of skipped images")  # ~40 s on 2 idle cores
     assert proc.returncode == 0, err[-3000:]
     assert "000002.png" in err and "cannot be read" in err
     # 4 images over 2 ranks with batch 1: 2 steps, of which the one with the corrupt image is skipped
@@ -174,12 +189,7 @@ def test_icd_distillation_keeps_the_ranks_in_step(tmp_path):
          "--batch-size", "1", "--no-eval", "--print-freq", "1", "--lr", "0.02", "--teacher", str(teacher),
          "--distill", "icd", "--icd-heads", "4", "--distill-warmup-iters", "2", "--output-dir", str(out)]
     )
-    try:
-        _, err = proc.communicate(timeout=600)  # ~1 min on 2 idle cores
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the ranks hung (or the machine is far too loaded)")
+    err = _finish(proc, str(out), 600, "the ranks hung (or the machine is far too loaded)")  # ~1 min on 2 idle cores
     assert proc.returncode == 0, err[-3000:]
     assert "find_unused_parameters" not in err
     assert "blowing up" not in err and "stayed at" not in err, err[-2000:]  # no health warning
