@@ -205,7 +205,7 @@ class Pretrainer:
             warmup_iters=0,
             annotation_file=train_ann,
             backend=args.icd_backend,
-            static_shapes=getattr(args, "icd_static_shapes", False),
+            static_shapes=args.icd_static_shapes,
         ).to(self.device)
         check_static_slots(self.distiller, self.train_set.most_instances, train_ann)
         self.signature = teacher_side_signature(

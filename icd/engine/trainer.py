@@ -237,7 +237,7 @@ class Trainer:
             warmup_iters=warmup,
             annotation_file=self.train_set.coco.dataset,  # as checked (bad annotations skipped)
             backend=args.icd_backend,
-            static_shapes=getattr(args, "icd_static_shapes", False),
+            static_shapes=args.icd_static_shapes,
         ).to(info.device)
         check_static_slots(self.distiller, self.train_set.most_instances, self.train_annotations)
         self.teacher_levels = [f"P{lvl}" for lvl in teacher_spec.levels]
