@@ -105,14 +105,18 @@ def test_train_eval_plot_and_fpn_mse_distillation(data, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _random_teacher(tmp_path, detector: str = "retinanet", backbone: str = "resnet18", max_level: int = 5) -> str:
+    """A teacher checkpoint of random weights (P3-P``max_level``, FPN 32, 64 px) with its spec."""
+    spec = DetectorSpec(detector, backbone, num_classes=7, fpn_channels=32, norm="gn",
+                        min_level=3, max_level=max_level, min_size=(64,), max_size=64)
+    teacher = str(tmp_path / "teacher.pth")
+    save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()}, teacher)
+    return teacher
+
+
 @pytest.mark.parametrize(("detector", "extra"), [("retinanet", ""), ("fasterrcnn", "--amp")])
 def test_icd_distillation(detector, extra, data, tmp_path):
-    teacher_spec = DetectorSpec(detector, "resnet34", num_classes=7, fpn_channels=32, norm="gn",
-                                min_level=3, max_level=5, min_size=(64,), max_size=64)
-    teacher = str(tmp_path / "teacher.pth")
-    state = {"model": build_detector(teacher_spec).state_dict(),
-             "detector_spec": teacher_spec.to_dict()}
-    save_atomic(state, teacher)
+    teacher = _random_teacher(tmp_path, detector, "resnet34")
     out = str(tmp_path / "icd")
     main(f"train --data-path {data} {TINY} --detector {detector} --fpn-channels 16 "
          f"--min-level 3 --max-level 5 --epochs 1 --print-freq 1 --teacher {teacher} "
@@ -130,14 +134,6 @@ def test_icd_distillation(detector, extra, data, tmp_path):
     assert torch.is_tensor(ckpt["rng"]["torch"])
 
 
-def _random_teacher(tmp_path) -> str:
-    spec = DetectorSpec("retinanet", "resnet18", num_classes=7, fpn_channels=32, norm="gn",
-                        min_level=3, max_level=5, min_size=(64,), max_size=64)
-    teacher = str(tmp_path / "teacher.pth")
-    save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()}, teacher)
-    return teacher
-
-
 def test_icd_static_shapes_fixes_the_instance_slots(data, tmp_path, monkeypatch):
     slots = []
     sample = InstanceSampler.forward
@@ -148,13 +144,14 @@ def test_icd_static_shapes_fixes_the_instance_slots(data, tmp_path, monkeypatch)
         return batch
 
     monkeypatch.setattr(InstanceSampler, "forward", spy)
+    teacher = _random_teacher(tmp_path)
     static = f"--icd-static-shapes --icd-max-labels 64 --icd-heads 4 --epochs 1 --no-eval {THREE_LEVELS}"
-    main(f"train --data-path {data} {TINY} --teacher {_random_teacher(tmp_path)} --distill icd "
+    main(f"train --data-path {data} {TINY} --teacher {teacher} --distill icd "
          f"{static} --output-dir {tmp_path / 'static'}".split())
     assert slots and set(slots) == {64}  # K = the slots, whatever the batch's box counts
     assert all(r["loss_distill"] > 0 for r in _records(str(tmp_path / "static"), "train"))
     slots.clear()
-    main(f"train --data-path {data} {TINY} --teacher {_random_teacher(tmp_path)} --distill icd "
+    main(f"train --data-path {data} {TINY} --teacher {teacher} --distill icd "
          f"--icd-max-labels 64 --icd-heads 4 --epochs 1 --no-eval {THREE_LEVELS} "
          f"--output-dir {tmp_path / 'dynamic'}".split())
     assert slots and max(slots) < 64  # the default: K = the batch's largest instance count
@@ -171,11 +168,7 @@ def test_icd_static_shapes_refuses_images_with_more_boxes_than_slots(data, tmp_p
 
 
 def test_teacher_with_other_levels_is_refused(data, tmp_path, capsys):
-    spec = DetectorSpec("retinanet", "resnet18", num_classes=7, fpn_channels=32, norm="gn",
-                        min_level=3, max_level=6, min_size=(64,), max_size=64)
-    teacher = str(tmp_path / "teacher.pth")
-    save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()},
-                teacher)
+    teacher = _random_teacher(tmp_path, max_level=6)
     argv = (f"train --data-path {data} {TINY} --max-level 5 --teacher {teacher} --no-eval "
             f"--output-dir {tmp_path / 'x'}").split()
     assert main(argv) == 2  # a user's error: one line, no traceback
