@@ -12,6 +12,7 @@ import pytest
 
 from icd import cli
 from icd.apps.demo import PRETRAIN_RUN, RUN_NAMES, DemoConfig, finished_stamp, plan_runs, results_table
+from icd.apps.demo.scheduler import runs_to_start
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -48,7 +49,7 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
     assert "--icd-init" in plan["icd"].argv and PRETRAIN_RUN in plan["icd"].needs
     default = {r.name for r in plan_runs(DemoConfig(out_dir=str(tiny_demo)))}  # the paper's recipe
     assert PRETRAIN_RUN not in default
-    assert [n for n, r in plan.items() if r.exclusive] == ["teacher"]  # the teacher has the whole CPU
+    assert [n for n, r in plan.items() if r.all_threads] == ["teacher"]  # the teacher has every thread
     assert (tiny_demo / PRETRAIN_RUN / "teacher_side.pth").exists()
     assert any(r["type"] == "eval" and r["lift"] > 0 and "distinctness_count" in r for r in icd_train)
     lift_column = [r.split("|")[6].strip() for r in rows[1:]]
@@ -68,6 +69,36 @@ def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):
     assert finished_stamp(str(tiny_demo / "no_such_run")) is None
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_baseline_runs_beside_the_teacher_and_the_students_of_the_teacher_wait_for_it(tmp_path):
+    runs = plan_runs(DemoConfig(out_dir=str(tmp_path), pretrain_iters=10))
+    by_name = {r.name: r for r in runs}
+    first = runs_to_start(runs, active=0, done=set(), jobs=2)
+    assert [r.name for r in first] == ["teacher", "baseline"]
+    waiting = [r for r in runs if r not in first]
+    assert runs_to_start(waiting, active=1, done={"baseline"}, jobs=2) == []  # all need the teacher
+    after_teacher = runs_to_start(waiting, active=0, done={"baseline", "teacher"}, jobs=2)
+    assert [r.name for r in after_teacher] == [PRETRAIN_RUN, "fpn_mse"]
+    assert [r.name for r in runs_to_start([by_name["icd"]], 0, {"teacher", PRETRAIN_RUN}, 2)] == ["icd"]
+    assert [r.name for r in runs_to_start(runs, active=0, done=set(), jobs=1)] == ["teacher"]
+
+
+def test_teacher_keeps_its_lr_and_evaluates_once_unless_asked_to_decay(tmp_path):
+    cfg = DemoConfig(out_dir=str(tmp_path), num_train=80, batch_size=8, teacher_epochs=3)
+    runs = {run.name: run for run in plan_runs(cfg)}
+    teacher = runs["teacher"].argv
+    assert _flag(teacher, "--lr-steps") == "30"  # its last iteration: no decay inside the run
+    assert _flag(teacher, "--eval-every") == "3"
+    for name in ("baseline", "fpn_mse", "icd"):
+        assert _flag(runs[name].argv, "--lr-steps") is None  # the students: the default decays
+        assert _flag(runs[name].argv, "--eval-every") == "1"
+    decaying = DemoConfig(out_dir=str(tmp_path), teacher_lr_decay=True)
+    assert _flag(plan_runs(decaying)[0].argv, "--lr-steps") is None
+
+
 def test_results_table_takes_each_runs_last_evaluation(tmp_path):
     cfg = DemoConfig(out_dir=str(tmp_path))
     runs = {run.name: run for run in plan_runs(cfg)}
@@ -83,7 +114,7 @@ def test_results_table_takes_each_runs_last_evaluation(tmp_path):
     rows, table = results_table(runs, cfg)
     assert [r["AP"] for r in rows] == [10.0, 11.0, 12.0, 13.0]
     assert "| icd | resnet18 + ICD | 13.0 | 20.0 | 5.2 |" in table
-    assert "| teacher | teacher resnet34 | 10.0 | 20.0 | 5.2 |  |  | 400 |" in table  # no lift: not ICD
+    assert "| teacher | teacher resnet18 FPN 128 | 10.0 | 20.0 | 5.2 |  |  | 400 |" in table  # no lift: not ICD
     assert "240 s" in table
 
 

@@ -1,9 +1,9 @@
 """Runs the demo's processes in ``cfg.jobs`` job slots, each once the runs it needs are done.
 
-Every run is a separate ``python -m icd`` process with its output in ``RUN_DIR/train.log``. An
-exclusive run (the teacher) takes every slot and their threads; the others one slot and
-``cfg.threads`` threads each (OpenMP threads waiting passively rather than spinning). The parent
-shows one progress bar per run, fed by the runs' ``metrics.jsonl``.
+Every run is a separate ``python -m icd`` process with its output in ``RUN_DIR/train.log``. Each
+run takes one slot and ``cfg.threads`` threads, the teacher (``all_threads``) every slot's threads
+(OpenMP threads waiting passively rather than spinning, so a run beside it uses what they leave).
+The parent shows one progress bar per run, fed by the runs' ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ def iterations_done(run_dir: str) -> int:
     return done
 
 
+def runs_to_start(pending: Sequence[Run], active: int, done: set[str], jobs: int) -> list[Run]:
+    """The pending runs that start now: those whose needs are done, in plan order, one per free slot."""
+    ready = [r for r in pending if set(r.needs) <= done]
+    return ready[: max(0, jobs - active)]
+
+
 def _start(run: Run, cfg: DemoConfig) -> None:
     run_dir = cfg.run_dir(run.name)
     os.makedirs(run_dir, exist_ok=True)
@@ -51,7 +57,7 @@ def _start(run: Run, cfg: DemoConfig) -> None:
         path = os.path.join(run_dir, stale)
         if os.path.exists(path):
             os.remove(path)
-    threads = str(cfg.threads * (cfg.jobs if run.exclusive else 1))
+    threads = str(cfg.threads * (cfg.jobs if run.all_threads else 1))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
     run.log_file = open(os.path.join(run_dir, "train.log"), "w")  # noqa: SIM115 - closed in _finish
     run.process = subprocess.Popen(
@@ -94,10 +100,7 @@ def execute(runs: Sequence[Run], cfg: DemoConfig, progress: bool = True) -> None
             bars[r.name].set_postfix_str("reused")
     try:
         while pending or active:
-            for run in [r for r in pending if set(r.needs) <= done]:
-                busy = cfg.jobs if any(r.exclusive for r in active) else len(active)
-                if busy + (cfg.jobs if run.exclusive else 1) > cfg.jobs:
-                    break
+            for run in runs_to_start(pending, len(active), done, cfg.jobs):
                 _start(run, cfg)
                 pending.remove(run)
                 active.append(run)
