@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Usage: student.sh METHOD SEED [EPOCHS] [extra flags...]  -> ${STUDY:-study}/runs/METHOD_eEPOCHS_sSEED
+# Usage: student.sh METHOD SEED [EPOCHS] [extra flags...]  -> ${STUDY:-study}/${RUNS:-runs}/METHOD_eEPOCHS_sSEED
+# TEACHER (default ${STUDY}/teacher4/checkpoint.pth), RUNS and PRE (pretrain.sh's) pick the
+# teacher, the runs' folder and the pre-trained teacher sides of the icd_pre runs.
 set -euo pipefail
 m=$1; s=$2; e=${3:-2}; shift 3 || shift $#
-T=${STUDY:-study}/teacher4/checkpoint.pth
-out=${STUDY:-study}/runs/${m}_e${e}_s${s}
+T=${TEACHER:-${STUDY:-study}/teacher4/checkpoint.pth}
+out=${STUDY:-study}/${RUNS:-runs}/${m}_e${e}_s${s}
 case $m in
   baseline) extra=() ;;
   fpn_mse) extra=(--teacher $T --distill fpn-mse --fpn-mse-norm channel --distill-weight 2) ;;
   icd_paper) extra=(--teacher $T --distill icd) ;;
   fpn_mse_*) extra=(--teacher $T --distill fpn-mse --fpn-mse-norm channel) ;;  # weight etc. given after EPOCHS
-  icd_pre) extra=(--teacher $T --distill icd --icd-init ${STUDY:-study}/pre_s$s/teacher_side.pth) ;;
+  icd_pre) extra=(--teacher $T --distill icd --icd-init ${STUDY:-study}/${PRE:-pre}_s$s/teacher_side.pth) ;;
   *) extra=(--teacher $T --distill icd) ;;   # variants: flags given after EPOCHS
 esac
 cd "$(dirname "$0")/../.."
