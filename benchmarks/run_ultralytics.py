@@ -125,6 +125,12 @@ def _label(method: str, weight: float | None) -> str:
     return method if weight is None else f"{method} {weight:g}"
 
 
+def _mean_std(values: list[float]) -> str:
+    """'mean +- sample std' (std 0 for one value), two decimals."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} +- {std:.2f}"
+
+
 def summary(args: argparse.Namespace) -> None:
     """Mean +- sample std per method and weight, the mAP of each seed, and the paired (same-seed)
     differences of every distilled run to the baseline and to ultralytics' distillation at
@@ -137,19 +143,12 @@ def summary(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|")
     for (method, weight), seeded in groups.items():
         runs = [seeded[s] for s in sorted(seeded)]
-        maps = [100 * r["map"] for r in runs]
-        maps50 = [100 * r["map50"] for r in runs]
-        std = statistics.stdev(maps) if len(maps) > 1 else 0.0
-        std50 = statistics.stdev(maps50) if len(maps50) > 1 else 0.0
         per_seed = ", ".join(f"s{r['seed']}: {100 * r['map']:.2f}" for r in runs)
         unpadded = [100 * r["map_unpadded"] for r in runs if "map_unpadded" in r]
-        unpadded_text = (
-            f"{statistics.mean(unpadded):.2f} +- {statistics.stdev(unpadded) if len(unpadded) > 1 else 0.0:.2f}"
-            if len(unpadded) == len(runs) else "-"
-        )
+        unpadded_text = _mean_std(unpadded) if len(unpadded) == len(runs) else "-"
         print(
-            f"| {_label(method, weight)} | {len(runs)} | {statistics.mean(maps):.2f} +- {std:.2f} | "
-            f"{statistics.mean(maps50):.2f} +- {std50:.2f} | {per_seed} | {unpadded_text} | "
+            f"| {_label(method, weight)} | {len(runs)} | {_mean_std([100 * r['map'] for r in runs])} | "
+            f"{_mean_std([100 * r['map50'] for r in runs])} | {per_seed} | {unpadded_text} | "
             f"{statistics.mean(r['seconds'] for r in runs):.0f} |"
         )
     print("\n| run | control | mAP50-95 validated | paired difference | per seed |")
