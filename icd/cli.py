@@ -194,7 +194,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--clip", type=finite_float(above=0.0), default=PRETRAIN_CLIP, help="gradient-norm clip")
     p.add_argument(
         "--attention-gain",
-        type=float,
+        type=finite_float(above=0.0),
         default=PRETRAIN_ATTENTION_GAIN,
         help="multiply the decoder's query projection weights by this at the start (sharper logits)",
     )
@@ -414,6 +414,14 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         metavar="TEACHER_SIDE.pth",
         help="start ICD's teacher side from `icd pretrain`'s teacher_side.pth (checked against "
         "this teacher: classes, channels, heads, layers, levels, weights)",
+    )
+    g.add_argument(
+        "--icd-mask-temperature",
+        type=finite_float(above=0.0),
+        default=1.0,
+        help="temperature of the softmax that weights ICD's distillation loss over locations (1: "
+        "the attention's own, the paper's); 4 spreads the weights of a pre-trained teacher side "
+        "(--icd-init), whose heads put a third of their weight on one location",
     )
     g.add_argument(
         "--icd-projection-optimizer",

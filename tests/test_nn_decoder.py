@@ -89,6 +89,12 @@ def test_attention_equals_multihead_attention(backend, device):
     out = layer(query, tokens, pos, mask, weight)
     torch.testing.assert_close(out.value_mask, torch.einsum("nk,nhks->nhs", weight, probs), **tol)
     assert out.value_mask.grad_fn is None
+    # at a mask temperature T: the same probabilities softened, probs ** (1 / T) renormalised
+    softened = probs.pow(1 / 3.0)
+    softened = (softened / softened.sum(-1, keepdim=True)).nan_to_num()
+    hot = layer(query, tokens, pos, mask, weight, mask_temperature=3.0)
+    torch.testing.assert_close(hot.value_mask, torch.einsum("nk,nhks->nhs", weight, softened), **tol)
+    torch.testing.assert_close(hot.features, out.features)  # the attention itself is unchanged
     # the whole layer: post-norm residual blocks around the same attention
     x1 = layer.norm1(query + want)
     x2 = layer.norm2(x1 + layer.ffn(x1))

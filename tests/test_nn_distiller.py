@@ -113,6 +113,26 @@ def test_distill_loss_is_the_weighted_masked_mse_of_the_decoder():
     torch.testing.assert_close(losses["aux_reg"], (aux[0]["aux_reg"] + aux[1]["aux_reg"]) / 2)
 
 
+def test_mask_temperature_weights_the_loss_with_the_softened_attention():
+    teacher, student, boxes, labels = _batch()
+    losses = {}
+    for temperature in (1.0, 4.0):
+        distiller = _distiller(mask_temperature=temperature)
+        torch.manual_seed(5)
+        losses[temperature] = distiller(teacher, student, boxes, labels, SIZES, PADDED)["distill"]
+    torch.manual_seed(5)
+    instances = distiller.sampler(boxes, labels, SIZES)
+    tokens, _, mask, pos = distiller._teacher_tokens(teacher, SIZES.float(), PADDED)
+    layer = distiller.decoder(distiller.encoder(instances), tokens, pos, mask)[0]
+    weight = ops.instance_value_mask(
+        layer.queries, layer.keys, instances.is_real.float(), mask, temperature=4.0, backend="reference"
+    )
+    v_s = distiller.student_projections[0](ops.flatten_levels(student)[0]).view(2, -1, 2, 8).transpose(1, 2)
+    expected = ops.reference.masked_feature_mse(v_s, layer.values, weight, "ln", 1e-5, "per_head")
+    torch.testing.assert_close(losses[4.0], 8.0 * expected)
+    assert not torch.allclose(losses[1.0], losses[4.0])
+
+
 @pytest.mark.parametrize("backend, device", backend_params())
 def test_every_backend_gives_the_same_losses_and_gradients(backend, device):
     results = {}
@@ -381,6 +401,9 @@ def test_constructor_checks():
         ICDDistiller(3, 16, 12, heads=2, reduction="sum")
     with pytest.raises(ValueError, match="backend"):
         ICDDistiller(3, 16, 12, heads=2, backend="tpu")
+    for temperature in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="mask_temperature"):
+            ICDDistiller(3, 16, 12, heads=2, mask_temperature=temperature)
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -182,11 +182,13 @@ def build_distiller(
     backend: str | None = None,
     static_shapes: bool = False,
     fpn_mse_norm: str = "channel",
+    mask_temperature: float = 1.0,
 ) -> nn.Module:
     """ICD (with the class prior of the training annotations) or the FPN-MSE peer; ``method``
     "none" has no distiller (the trainer then only inherits from the teacher).
 
     ``static_shapes``: ICD's fixed instance-slot layout (for torch.compile / CUDA graphs).
+    ``mask_temperature``: of ICD's distillation weights (``ICDDistiller``).
     """
     if method == "fpn-mse":
         return FpnMseDistiller(student_channels, teacher_channels, num_levels, loss_weight, fpn_mse_norm)
@@ -215,5 +217,6 @@ def build_distiller(
         clamp_fakes=clamp_fakes,
         backend=backend,
         static_shapes=static_shapes,
+        mask_temperature=mask_temperature,
     )
 

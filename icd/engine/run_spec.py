@@ -164,6 +164,7 @@ _DISTILLER_FLAGS = {
     "icd_max_labels": "max_labels",
     "icd_neg_ratio": "neg_ratio",
     "icd_clamp_fakes": "clamp_fakes",
+    "icd_mask_temperature": "mask_temperature",
     "fpn_mse_norm": "fpn_mse_norm",
 }
 

@@ -52,8 +52,8 @@ class DecoderLayerOutput:
     features: x2 [N, K, C], the updated instance queries.
     values: v_t [N, h, S, D], the projected teacher values.
     queries, keys, lse: q [N, h, K, D], k [N, h, S, D], lse [N, h, K] fp32 of the attention.
-    value_mask: [N, h, S] fp32 = instance_value_mask(q, k, instance_weight, lse=lse), or
-        None when no instance_weight was given. No grad_fn.
+    value_mask: [N, h, S] fp32 = instance_value_mask(q, k, instance_weight, temperature=the
+        layer's mask_temperature), or None when no instance_weight was given. No grad_fn.
     """
 
     features: Tensor
@@ -114,9 +114,11 @@ class ConditionalDecoderLayer(nn.Module):
         pos: Tensor,
         key_padding_mask: Tensor | None = None,
         instance_weight: Tensor | None = None,
+        mask_temperature: float = 1.0,
     ) -> DecoderLayerOutput:
         """query [N, K, C]; tokens, pos [N, S, C]; key_padding_mask bool [N, S];
-        instance_weight [N, K] (1 = real instance) for the value mask."""
+        instance_weight [N, K] (1 = real instance) for the value mask, whose softmax is taken
+        at ``mask_temperature`` (1: the attention's own, reusing its lse)."""
         key = tokens + self.pos_proj(pos.to(tokens.dtype))
         att = self.attention(query, key, tokens, key_padding_mask)
         x1 = self.norm1(query + att.out)
@@ -128,7 +130,8 @@ class ConditionalDecoderLayer(nn.Module):
                 att.k,
                 instance_weight.float(),
                 key_padding_mask,
-                lse=att.lse,
+                temperature=mask_temperature,
+                lse=att.lse if mask_temperature == 1.0 else None,
                 backend=self.backend,
             )
         return DecoderLayerOutput(x2, att.v, att.q, att.k, att.lse, value_mask)
@@ -159,13 +162,15 @@ class ConditionalDecoder(nn.Module):
         pos: Tensor,
         key_padding_mask: Tensor | None = None,
         instance_weight: Tensor | None = None,
+        mask_temperature: float = 1.0,
     ) -> list[DecoderLayerOutput]:
         """queries [N, K, C]; tokens, pos [N, S, C]; key_padding_mask bool [N, S];
-        instance_weight [N, K]. Returns one DecoderLayerOutput per layer."""
+        instance_weight [N, K]; mask_temperature of the value masks. Returns one
+        DecoderLayerOutput per layer."""
         outputs = []
         x = queries
         for layer in self.layers:
-            result = layer(x, tokens, pos, key_padding_mask, instance_weight)
+            result = layer(x, tokens, pos, key_padding_mask, instance_weight, mask_temperature)
             outputs.append(result)
             x = result.features
         return outputs

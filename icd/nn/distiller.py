@@ -21,6 +21,7 @@ have few boxes, which is what eager execution prefers (see docs/nn.md for measur
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -76,6 +77,10 @@ class ICDDistiller(nn.Module):
         static_shapes: K = max_labels instance slots in every batch (see the module
             docstring): for torch.compile and CUDA graphs. An image may then have at most
             max_labels boxes.
+        mask_temperature: temperature of the softmax that gives the distillation weights (the
+            value mask); 1 (the paper) uses the attention's own. Above 1 spreads each
+            instance's weight over more tokens without changing the attention itself (a
+            pre-trained teacher side puts a third of a head's weight on one token).
     """
 
     num_steps: Tensor
@@ -100,6 +105,7 @@ class ICDDistiller(nn.Module):
         backend: str | None = None,
         decoder_channels: int | None = None,
         static_shapes: bool = False,
+        mask_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -143,6 +149,10 @@ class ICDDistiller(nn.Module):
             )
         if warmup_iters < 0:
             raise ValueError(f"ICDDistiller: warmup_iters = {warmup_iters}; expected >= 0")
+        if not (math.isfinite(mask_temperature) and mask_temperature > 0):
+            raise ValueError(
+                f"ICDDistiller: mask_temperature = {mask_temperature}; expected a finite value > 0"
+            )
         prior = _as_prior(prior, num_classes)
 
         self.num_classes = num_classes
@@ -157,6 +167,7 @@ class ICDDistiller(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.static_shapes = bool(static_shapes)
+        self.mask_temperature = float(mask_temperature)
 
         self.sampler = InstanceSampler(
             prior, neg_ratio, max_labels, sample_range, clamp_fakes, static_shapes=self.static_shapes
@@ -437,7 +448,7 @@ class ICDDistiller(nn.Module):
     ) -> list[DecoderLayerOutput]:
         queries = self.encoder(instances)
         weight = instances.is_real.float() if with_value_mask else None
-        return self.decoder(queries, tokens, pos, mask, weight)
+        return self.decoder(queries, tokens, pos, mask, weight, self.mask_temperature)
 
     def _aux_losses(
         self, layers: Sequence[DecoderLayerOutput], instances: InstanceBatch
@@ -465,7 +476,8 @@ class ICDDistiller(nn.Module):
             f"student_channels={self.student_channels}, channels={self.channels}, heads={self.heads}, "
             f"loss_weight={self.loss_weight}, "
             f"warmup_iters={self.warmup_iters}, norm={self.norm!r}, reduction={self.reduction!r}, "
-            f"backend={self.backend!r}, static_shapes={self.static_shapes}"
+            f"backend={self.backend!r}, static_shapes={self.static_shapes}, "
+            f"mask_temperature={self.mask_temperature}"
         )
 
 
