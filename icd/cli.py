@@ -418,10 +418,10 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     g.add_argument(
         "--icd-mask-temperature",
         type=finite_float(above=0.0),
-        default=1.0,
-        help="temperature of the softmax that weights ICD's distillation loss over locations (1: "
-        "the attention's own, the paper's); 4 spreads the weights of a pre-trained teacher side "
-        "(--icd-init), whose heads put a third of their weight on one location",
+        default=None,
+        help="temperature of the softmax that weights ICD's distillation loss over locations "
+        "(default 1, the attention's own as in the paper; 4 with --icd-init, whose pre-trained "
+        "heads put a third of their weight on one location)",
     )
     g.add_argument(
         "--icd-projection-optimizer",

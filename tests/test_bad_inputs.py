@@ -88,6 +88,8 @@ BAD_FLAGS = [
     ("--max-size", "0"),
     ("--fpn-channels", "0"),
     ("--icd-heads", "0"),
+    ("--icd-mask-temperature", "0"),
+    ("--icd-mask-temperature", "nan"),
     ("--iters", "0"),
     ("--flip-prob", "2"),
 ]
@@ -97,6 +99,12 @@ BAD_FLAGS = [
 def test_out_of_range_flags_are_parse_errors(flag, value, capsys):
     line = _parse_exit(["train", "--data-path", "d", flag, value], capsys)
     assert f"argument {flag}" in line and f"{value}: expected" in line
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-4"])
+def test_a_bad_attention_gain_is_a_parse_error(value, capsys):
+    line = _parse_exit(["pretrain", "--data-path", "d", "--teacher", "t.pth", "--attention-gain", value], capsys)
+    assert "argument --attention-gain" in line and f"{value}: expected" in line
 
 
 @pytest.mark.parametrize(("key", "value"), [("batch_size", "0"), ("lr", "nan"), ("icd_clip", "0.0"),

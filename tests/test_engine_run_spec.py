@@ -13,6 +13,7 @@ from icd.cli import main
 from icd.data.shapes import generate
 from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
+from icd.engine.distill import PRETRAINED_MASK_TEMPERATURE
 from icd.engine.run_spec import (
     checkpoint_detector_spec,
     detector_spec_from_args,
@@ -86,6 +87,18 @@ def test_the_distiller_of_a_run_is_rebuilt_from_its_saved_args(run):
     distiller = distiller_of_run(ckpt["args"], teacher_spec, 7)
     distiller.load_state_dict(ckpt["distiller"], strict=True)
     _assert_same_state(distiller, ckpt["distiller"])
+    assert kwargs["mask_temperature"] == 1.0 == distiller.mask_temperature
+
+
+@pytest.mark.parametrize(
+    "flags, temperature",
+    [({}, 1.0), ({"icd_init": "side.pth"}, PRETRAINED_MASK_TEMPERATURE),
+     ({"icd_init": "side.pth", "icd_mask_temperature": 2.0}, 2.0), ({"icd_mask_temperature": 3.0}, 3.0)],
+)  # fmt: skip
+def test_the_mask_temperature_defaults_to_the_softened_one_with_a_pretrained_teacher_side(flags, temperature):
+    args = {"distill": "icd", "icd_init": None, "icd_mask_temperature": None, **flags}
+    assert distiller_kwargs(args, TEACHER, 7)["mask_temperature"] == temperature
+    assert PRETRAINED_MASK_TEMPERATURE > 1.0
 
 
 def test_a_bare_state_dict_needs_the_model_flags(run, tmp_path, capsys):

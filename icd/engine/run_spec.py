@@ -36,7 +36,7 @@ from torch import nn
 
 from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
 from icd.engine.checkpoint import load_checkpoint
-from icd.engine.distill import build_distiller
+from icd.engine.distill import PRETRAINED_MASK_TEMPERATURE, build_distiller
 from icd.engine.finite import first_non_finite
 from icd.errors import ConfigError, NonFiniteError
 
@@ -187,6 +187,8 @@ def distiller_kwargs(run_args: Mapping[str, Any], teacher_spec: DetectorSpec, nu
         "loss_weight": run_args.get("distill_weight"),
     }
     kwargs.update({kw: run_args[flag] for flag, kw in _DISTILLER_FLAGS.items() if flag in run_args})
+    if kwargs.get("mask_temperature") is None:  # --icd-mask-temperature's default follows --icd-init
+        kwargs["mask_temperature"] = PRETRAINED_MASK_TEMPERATURE if run_args.get("icd_init") else 1.0
     return kwargs
 
 

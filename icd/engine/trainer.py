@@ -265,9 +265,10 @@ class Trainer:
         expected = teacher_side_signature(self.distiller, teacher_spec, teacher_fingerprint(self.teacher))
         meta = load_teacher_side(self.distiller, path, expected)
         if self.info.is_main:
-            log.info("ICD teacher side from %s (pre-trained %s iterations; attention %s)", path,
-                     meta.get("iteration"), {k: round(v, 3) for k, v in meta.get("attention", {}).items()
-                                             if k in ("lift", "distinctness")})  # fmt: skip
+            log.info("ICD teacher side from %s (pre-trained %s iterations; attention %s); distillation "
+                     "weights at mask temperature %g", path, meta.get("iteration"),
+                     {k: round(v, 3) for k, v in meta.get("attention", {}).items() if k in ("lift", "distinctness")},
+                     self.distiller.mask_temperature)  # fmt: skip
 
     def _build_optimisers(self) -> None:
         """SGD over the student and the distiller's student side; AdamW over ICD's teacher side."""
