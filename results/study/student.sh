@@ -11,7 +11,8 @@ case $m in
   fpn_mse) extra=(--teacher $T --distill fpn-mse --fpn-mse-norm channel --distill-weight 2) ;;
   icd_paper) extra=(--teacher $T --distill icd) ;;
   fpn_mse_*) extra=(--teacher $T --distill fpn-mse --fpn-mse-norm channel) ;;  # weight etc. given after EPOCHS
-  icd_pre|icd_pre_*) extra=(--teacher $T --distill icd --icd-init ${STUDY:-study}/${PRE:-pre}_s$s/teacher_side.pth) ;;  # icd_pre_*: flags after EPOCHS
+  icd_pre) extra=(--teacher $T --distill icd --icd-init ${STUDY:-study}/${PRE:-pre}_s$s/teacher_side.pth --icd-mask-temperature 1) ;;  # as run before the default became 4
+  icd_pre_*) extra=(--teacher $T --distill icd --icd-init ${STUDY:-study}/${PRE:-pre}_s$s/teacher_side.pth) ;;  # flags after EPOCHS
   *) extra=(--teacher $T --distill icd) ;;   # variants: flags given after EPOCHS
 esac
 cd "$(dirname "$0")/../.."
