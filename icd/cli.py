@@ -458,7 +458,8 @@ def _eval_parser(sub, preset: str | None = None) -> FlagRecorder:
         "--attention-stats",
         action="store_true",
         help="also measure how instance-specific ICD's attention is (lift, distinctness, per level) "
-        "for an ICD student checkpoint; a file of `icd pretrain` gives these statistics only",
+        "and how concentrated its distillation weights are (peak) for an ICD student checkpoint; a "
+        "file of `icd pretrain` gives these statistics only",
     )
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the run's own)")
     _add_data_flags(p)

@@ -122,3 +122,16 @@ def test_means_accumulate_over_images():
     summary = stats.summary()
     assert summary["lift"] == pytest.approx(2.5) and summary["lift_count"] == 2
     assert math.isfinite(summary["lift_P3"])
+
+
+def test_peak_of_known_head_weights():
+    uniform = torch.full((16,), 1 / 16)
+    one_cell = _cells((2, 2))
+    # instance 0: one head on one cell (peak 1), the other uniform (1/16); instance 1: both uniform
+    weights = torch.stack([torch.stack([one_cell, uniform]), torch.stack([uniform, uniform])])
+    stats = AttentionStats(["P3"])
+    stats.add_image(weights.mean(dim=1), TOP_LEFT.expand(2, 4), ALL_VALID, ONE_LEVEL, PADDED, weights)
+    summary = stats.summary()
+    assert summary["peak"] == pytest.approx(((1 + 1 / 16) / 2 + 1 / 16) / 2)
+    assert summary["peak_count"] == 2
+    assert "peak" not in _summary(uniform[None], TOP_LEFT)  # no head weights given: no peak

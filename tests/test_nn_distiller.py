@@ -280,6 +280,16 @@ def test_instance_attention_maps_are_the_head_averaged_softmax_of_real_instances
     # the maps split into per-level heat maps
     per_level = ops.unflatten_levels(maps[0], shapes)
     assert [tuple(p.shape) for p in per_level] == [(2, h, w) for h, w in LEVELS]
+    # per head, and at a temperature: the softmax of logits / T, one map per head
+    heads, _ = distiller.instance_attention_maps(teacher, boxes, labels, sizes, PADDED, per_head=True)
+    hot, _ = distiller.instance_attention_maps(
+        teacher, boxes, labels, sizes, PADDED, temperature=3.0, per_head=True
+    )
+    softened = (logits / 3.0).masked_fill(mask[:, None, None, :], float("-inf")).softmax(-1)
+    for i, (m, h, t) in enumerate(zip(maps, heads, hot, strict=True)):
+        assert h.shape == t.shape == (m.shape[0], 2, s)
+        torch.testing.assert_close(h.mean(dim=1), m)
+        torch.testing.assert_close(t, softened[i, :, : m.shape[0]].transpose(0, 1).detach(), atol=1e-6, rtol=1e-5)
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -40,8 +40,9 @@ def attention_statistics(
         batch_size: images per teacher forward.
 
     Returns:
-        {"lift", "lift_P3", ..., "distinctness", "distinctness_P3", ..., "lift_count",
-        "distinctness_count"}: means over the real instances (counts: how many instances).
+        {"lift", "lift_P3", ..., "distinctness", "distinctness_P3", ..., "peak", "lift_count",
+        "distinctness_count", "peak_count"}: means over the real instances (counts: how many
+        instances); peak of the distillation weights, at the distiller's mask_temperature.
     """
     device = next(teacher.parameters()).device
     was_training = teacher.training
@@ -60,12 +61,16 @@ def attention_statistics(
         sizes = torch.tensor([list(s) for s in image_list.image_sizes], dtype=torch.long, device=device)
         padded = tuple(image_list.tensors.shape[-2:])
         boxes = [t["boxes"] for t in targets]
-        maps, shapes = distiller.instance_attention_maps(
-            features, boxes, [t["labels"] for t in targets], sizes, padded
-        )
+        labels = [t["labels"] for t in targets]
+        maps, shapes = distiller.instance_attention_maps(features, boxes, labels, sizes, padded, per_head=True)
+        weights = maps
+        if distiller.mask_temperature != 1.0:  # the distillation weights differ from the attention
+            weights, _ = distiller.instance_attention_maps(
+                features, boxes, labels, sizes, padded, temperature=distiller.mask_temperature, per_head=True
+            )
         valid = ~padding_mask(sizes, shapes, padded)
         for i, image_maps in enumerate(maps):
-            stats.add_image(image_maps, boxes[i], valid[i], shapes, padded)
+            stats.add_image(image_maps.mean(dim=1), boxes[i], valid[i], shapes, padded, weights[i])
     teacher.train(was_training)
     return stats.summary()
 

@@ -16,6 +16,11 @@ image's valid tokens, already averaged over heads) and their boxes:
 Both are also computed per FPN level, on each instance's map restricted to the level and
 renormalised (an instance with no attention mass on a level is left out there).
 
+- **peak** (when the per-head distillation weights are given): an instance's largest weight
+  on one token, per head (each head's weights sum to 1 over the valid tokens), averaged over
+  the heads. 1 / (valid tokens) for uniform weights, 1 when every head puts all its weight on
+  one token. High peaks concentrate the distillation loss on a few cells.
+
 A cell (y, x) of level l with map size (H_l, W_l) of a batch padded to (Hp, Wp) has its centre
 at ((x + 0.5) * Wp / W_l, (y + 0.5) * Hp / H_l) input pixels.
 """
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-STAT_NAMES = ("lift", "distinctness")
+STAT_NAMES = ("lift", "distinctness", "peak")
 
 
 def cell_centres(spatial_shapes: Tensor, padded_size: Sequence[int]) -> Tensor:
@@ -73,6 +78,7 @@ class AttentionStats:
         valid: Tensor,
         spatial_shapes: Tensor,
         padded_size: Sequence[int],
+        head_weights: Tensor | None = None,
     ) -> None:
         """Add one image's real instances.
 
@@ -82,9 +88,13 @@ class AttentionStats:
             valid: bool [S], the image's valid (unpadded) tokens.
             spatial_shapes: int64 [L, 2] (H_l, W_l) of the levels.
             padded_size: (Hp, Wp) of the padded input.
+            head_weights: float [n, h, S], each instance's distillation weights per head, for
+                the peak (None: no peak).
         """
         if maps.shape[0] == 0:
             return
+        if head_weights is not None:
+            self._add("peak", head_weights.double().cpu().amax(dim=-1).mean(dim=-1))
         maps = maps.double().cpu()
         boxes = boxes.double().cpu()
         valid = valid.cpu()
@@ -106,7 +116,7 @@ class AttentionStats:
 
     def summary(self) -> dict[str, float]:
         """Mean of each statistic over the instances that have it, and the instance counts
-        (``lift_count``, ``distinctness_count``)."""
+        (``lift_count``, ``distinctness_count``, ``peak_count``)."""
         out = {}
         for key in sorted(self.sums, key=_order(self.level_names)):
             if self.counts[key]:

@@ -357,17 +357,24 @@ class ICDDistiller(nn.Module):
         labels: Sequence[Tensor] | Tensor,
         image_sizes: Tensor | Sequence[Sequence[float]],
         padded_size: Sequence[int],
+        *,
+        temperature: float = 1.0,
+        per_head: bool = False,
     ) -> tuple[list[Tensor], Tensor]:
         """Where each real instance looks: its last-layer attention, averaged over heads.
+
+        ``temperature``: the softmax's (``mask_temperature`` gives the distillation weights);
+        ``per_head``: one map per head instead of their mean.
 
         Deterministic: real instances only (no fakes) and no jitter, in any mode. Queries do
         not attend to each other, so the maps equal those of the training forward pass
         (without its jitter). Always the dynamic slot layout (it reads counts on the host).
 
         Returns:
-            maps: per image a float32 [n_i, S] tensor; each row sums to 1 over the image's
-                valid tokens. ``icd.ops.unflatten_levels(maps[i], spatial_shapes)`` splits
-                them into per-level heat maps [n_i, H_l, W_l].
+            maps: per image a float32 [n_i, S] tensor ([n_i, h, S] with ``per_head``); each
+                row sums to 1 over the image's valid tokens.
+                ``icd.ops.unflatten_levels(maps[i], spatial_shapes)`` splits them into per-level
+                heat maps [n_i, H_l, W_l].
             spatial_shapes: int64 [L, 2] on the CPU, (H_l, W_l) of each level.
         """
         padded = self._check_features(teacher_features, None, padded_size)
@@ -389,12 +396,14 @@ class ICDDistiller(nn.Module):
                     last.keys[i : i + 1],
                     one,
                     mask[i : i + 1],
-                    lse=last.lse[i : i + 1, :, j : j + 1],
+                    temperature=temperature,
+                    lse=last.lse[i : i + 1, :, j : j + 1] if temperature == 1.0 else None,
                     backend=self.backend,
-                ).mean(dim=1)
+                )
                 for j in range(n_real)
-            ]
-            maps.append(torch.cat(rows) if rows else torch.zeros(0, mask.shape[1], device=device))
+            ]  # each [1, h, S]
+            image_maps = torch.cat(rows) if rows else torch.zeros(0, self.heads, mask.shape[1], device=device)
+            maps.append(image_maps if per_head else image_maps.mean(dim=1))
         return maps, spatial_shapes
 
     # --- helpers ------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 For the first IMAGES val images of the study's data, each real instance's value mask (its
 attention softmax at --temperature, one row per head) is reduced to its largest weight (peak)
 and its effective number of locations exp(entropy); printed as the mean over instances, per
-head, beside the image's number of valid locations.
+head, beside the image's number of valid locations. (`icd eval --attention-stats` reports the
+mean peak at a run's own mask temperature.)
 
     python results/study/head_concentration.py DATA TEACHER TEACHER_SIDE.pth [--init] [--temperature T]
 """
@@ -14,7 +15,7 @@ import torch
 
 from icd.data.coco import CocoDetection
 from icd.engine.run_spec import distiller_of_run, load_frozen_teacher
-from icd.ops import instance_value_mask
+from icd.ops import padding_mask
 
 parser = argparse.ArgumentParser()
 parser.add_argument("data")
@@ -41,24 +42,14 @@ with torch.no_grad():
     sizes = torch.tensor([list(s) for s in image_list.image_sizes])
     padded = tuple(image_list.tensors.shape[-2:])
     boxes, labels = [t["boxes"] for t in targets], [t["labels"] for t in targets]
-    instances = distiller.sampler(boxes, labels, sizes.float(), with_fakes=False, jitter=False)
-    tokens, _, mask, pos = distiller._teacher_tokens(features, sizes.float(), padded)
-    layer = distiller.decoder(distiller.encoder(instances), tokens, pos, mask)[-1]
-    peaks, effective = [], []
-    for i, n_real in enumerate(instances.is_real.sum(dim=1).tolist()):
-        for j in range(n_real):
-            weights = instance_value_mask(
-                layer.queries[i : i + 1, :, j : j + 1],
-                layer.keys[i : i + 1],
-                torch.ones(1, 1),
-                mask[i : i + 1],
-                temperature=args.temperature,
-            )[0]  # [h, S], each row sums to 1
-            peaks.append(weights.max(dim=-1).values)
-            entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)
-            effective.append(entropy.exp())
-peaks, effective = torch.stack(peaks).mean(0), torch.stack(effective).mean(0)
-valid = (~mask).sum(dim=1).float().mean().item()
+    maps, shapes = distiller.instance_attention_maps(
+        features, boxes, labels, sizes, padded, temperature=args.temperature, per_head=True
+    )
+weights = torch.cat(maps)  # [instances, h, S], each row sums to 1 over its image's valid tokens
+peaks = weights.amax(dim=-1).mean(dim=0)
+entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)
+effective = entropy.exp().mean(dim=0)
+valid = (~padding_mask(sizes, shapes, padded)).sum(dim=1).float().mean().item()
 print(f"{'init' if args.init else 'pre-trained'} T={args.temperature:g}: {len(items)} images, "
       f"{valid:.0f} valid locations per image")
 print("  peak per head:     ", " ".join(f"{v:.3f}" for v in peaks.tolist()), f"(mean {peaks.mean():.3f})")
