@@ -44,10 +44,11 @@ def test_base_chain_tables_and_overrides(tmp_path):
     assert load_preset(child.removesuffix(".toml")) == load_preset(child)  # "configs/<name>" works too
 
 
-def test_preset_may_supply_a_required_flag(tmp_path):
+def test_preset_may_supply_a_required_flag(tmp_path, monkeypatch):
     preset = _write(tmp_path / "p.toml", 'data_path = "/data/coco"\namp = true\n')
     args = _parse(["train", "--config", preset])
     assert args.data_path == "/data/coco" and args.amp is True
+    monkeypatch.chdir(tmp_path)  # the default --output-dir ./output must not hold another run
     with pytest.raises(SystemExit):  # without the preset --data-path (or --train-ann ...) is required again
         main(["train"])
 
