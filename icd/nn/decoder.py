@@ -64,6 +64,28 @@ class DecoderLayerOutput:
     value_mask: Tensor | None
 
 
+def attention_value_mask(
+    q: Tensor,
+    k: Tensor,
+    weight: Tensor,
+    key_padding_mask: Tensor | None,
+    lse: Tensor,
+    temperature: float,
+    backend: str | None,
+) -> Tensor:
+    """``icd.ops.instance_value_mask`` [N, h, S] of an attention (q, k, its lse) at
+    ``temperature``, reusing the lse where it is valid (temperature 1)."""
+    return ops.instance_value_mask(
+        q,
+        k,
+        weight,
+        key_padding_mask,
+        temperature=temperature,
+        lse=lse if temperature == 1.0 else None,
+        backend=backend,
+    )
+
+
 class ConditionalDecoderLayer(nn.Module):
     """One cross-attention + feed-forward layer; see the module docstring.
 
@@ -125,14 +147,8 @@ class ConditionalDecoderLayer(nn.Module):
         x2 = self.norm2(x1 + self.ffn(x1))
         value_mask = None
         if instance_weight is not None:
-            value_mask = ops.instance_value_mask(
-                att.q,
-                att.k,
-                instance_weight.float(),
-                key_padding_mask,
-                temperature=mask_temperature,
-                lse=att.lse if mask_temperature == 1.0 else None,
-                backend=self.backend,
+            value_mask = attention_value_mask(
+                att.q, att.k, instance_weight.float(), key_padding_mask, att.lse, mask_temperature, self.backend
             )
         return DecoderLayerOutput(x2, att.v, att.q, att.k, att.lse, value_mask)
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 import icd.ops as ops
 from icd.nn.aux_task import AuxiliaryTask
-from icd.nn.decoder import ConditionalDecoder, DecoderLayerOutput, split_heads
+from icd.nn.decoder import ConditionalDecoder, DecoderLayerOutput, attention_value_mask, split_heads
 from icd.nn.encoder import InstanceEncoder
 from icd.nn.prior import ClassPrior
 from icd.nn.projection import LevelProjection, as_level_widths
@@ -391,14 +391,14 @@ class ICDDistiller(nn.Module):
         maps = []
         for i, n_real in enumerate(instances.is_real.sum(dim=1).tolist()):  # host sync: fine here
             rows = [
-                ops.instance_value_mask(
+                attention_value_mask(
                     last.queries[i : i + 1, :, j : j + 1],
                     last.keys[i : i + 1],
                     one,
                     mask[i : i + 1],
-                    temperature=temperature,
-                    lse=last.lse[i : i + 1, :, j : j + 1] if temperature == 1.0 else None,
-                    backend=self.backend,
+                    last.lse[i : i + 1, :, j : j + 1],
+                    temperature,
+                    self.backend,
                 )
                 for j in range(n_real)
             ]  # each [1, h, S]
