@@ -204,7 +204,8 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         "--cache-gb",
         type=finite_float(minimum=0.0),
         default=2.0,
-        help="memory for the teacher's FPN maps of training images, reused across epochs (0: recompute)",
+        help="memory for the teacher's FPN maps of the training and val images, reused across epochs "
+        "and evaluations (0: recompute)",
     )
     p.add_argument(
         "--attention-images", type=int_at_least(1), default=None, help="val images for the statistics (default all)"

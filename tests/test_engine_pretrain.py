@@ -141,3 +141,16 @@ def test_eval_attention_stats_of_a_pretrain_file(data, teacher, tmp_path, capsys
          f"{ON_CPU} --output-dir {tmp_path / 'ev'}".split())  # fmt: skip
     printed = capsys.readouterr().out
     assert "lift " in printed and "distinctness " in printed and "lift_P4" in printed
+
+
+def test_the_teacher_feature_cache_changes_nothing_but_time(data, teacher, tmp_path):
+    cached, fresh = tmp_path / "cached", tmp_path / "fresh"
+    assert _pretrain(data, teacher, cached) == 0  # default: train and val maps cached (64 px, unpadded)
+    assert _pretrain(data, teacher, fresh, "--cache-gb 0") == 0
+    for a, b in zip(_records(cached, "attention"), _records(fresh, "attention"), strict=True):
+        assert a["iter"] == b["iter"]
+        for key in ("lift", "distinctness", "peak", "lift_P3", "distinctness_P4"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    a, b = (_teacher_side(str(d / "checkpoint.pth")) for d in (cached, fresh))
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=1e-4, atol=1e-6)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from icd.data.coco import CocoDetection
+from icd.engine.feature_cache import TeacherFeatureCache
 from icd.errors import ConfigError
 from icd.nn.attention_stats import AttentionStats
 from icd.ops import padding_mask
@@ -28,6 +29,7 @@ def attention_statistics(
     *,
     max_images: int | None = None,
     batch_size: int = 8,
+    feature_cache: TeacherFeatureCache | None = None,
 ) -> dict[str, float]:
     """Mean lift and distinctness of ``distiller``'s real-instance attention on ``dataset``.
 
@@ -38,6 +40,8 @@ def attention_statistics(
         level_names: names of the FPN levels, e.g. ["P3", ..., "P7"].
         max_images: use the first ``max_images`` images only (None: all).
         batch_size: images per teacher forward.
+        feature_cache: reuse the teacher's maps of earlier calls (a run that evaluates the same
+            teacher on the same images again); None: one teacher forward per batch.
 
     Returns:
         {"lift", "lift_P3", ..., "distinctness", "distinctness_P3", ..., "peak", "lift_count",
@@ -57,7 +61,10 @@ def attention_statistics(
         images = [image.to(device) for image, _ in items]
         targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in items]
         image_list, targets = teacher.transform(images, targets)
-        features = list(teacher.backbone(image_list.tensors).values())
+        if feature_cache is None:
+            features = list(teacher.backbone(image_list.tensors).values())
+        else:
+            features = feature_cache.features(teacher, images, image_list)
         sizes = torch.tensor([list(s) for s in image_list.image_sizes], dtype=torch.long, device=device)
         padded = tuple(image_list.tensors.shape[-2:])
         boxes = [t["boxes"] for t in targets]

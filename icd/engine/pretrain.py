@@ -39,6 +39,7 @@ from icd.engine import optim
 from icd.engine.attention import attention_statistics
 from icd.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
 from icd.engine.distill import build_distiller, check_static_slots
+from icd.engine.feature_cache import TeacherFeatureCache
 from icd.engine.metrics import MetricsLog, read_metrics
 from icd.engine.run_spec import distiller_kwargs
 from icd.engine.sampler import ResumableSampler
@@ -125,48 +126,6 @@ def attention_score(stats: Mapping[str, float]) -> float:
     """lift x distinctness: high when each instance looks at its own box and not where the
     others of its image look."""
     return float(stats.get("lift", 0.0)) * float(stats.get("distinctness", 0.0))
-
-
-# --- the pre-training run ----------------------------------------------------------------------
-
-
-class TeacherFeatureCache:
-    """The frozen teacher's FPN maps of each training image, reused across epochs.
-
-    Keyed by the input's content (after flipping) and resized size, so a flipped image is its
-    own entry. Only batches without padding are cached: there an image's maps do not depend
-    on the other images of its batch (a padded batch's are recomputed every time). Entries are
-    added until ``budget_bytes`` is reached.
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self.bytes = 0
-        self.entries: dict[tuple, list[torch.Tensor]] = {}
-
-    @staticmethod
-    def key(image: torch.Tensor, size: tuple[int, int]) -> tuple:
-        digest = hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16)
-        return digest.hexdigest(), tuple(size)
-
-    def features(self, teacher: nn.Module, images: list[torch.Tensor], image_list) -> list[torch.Tensor]:
-        """L maps [N, C, H_l, W_l] of the batch, from the cache where possible."""
-        padded = tuple(image_list.tensors.shape[-2:])
-        sizes = [tuple(s) for s in image_list.image_sizes]
-        if self.budget_bytes <= 0 or any(s != padded for s in sizes):
-            return list(teacher.backbone(image_list.tensors).values())
-        keys = [self.key(im, s) for im, s in zip(images, sizes, strict=True)]
-        cached = [self.entries.get(k) for k in keys]
-        if all(c is not None for c in cached):
-            return [torch.stack(level) for level in zip(*cached, strict=True)]
-        maps = list(teacher.backbone(image_list.tensors).values())
-        for i, k in enumerate(keys):
-            entry = [m[i].clone() for m in maps]
-            size = sum(t.numel() * t.element_size() for t in entry)
-            if k not in self.entries and self.bytes + size <= self.budget_bytes:
-                self.entries[k] = entry
-                self.bytes += size
-        return maps
 
 
 # --- the pre-training run ----------------------------------------------------------------------
@@ -302,7 +261,7 @@ class Pretrainer:
         self.distiller.eval()
         stats = attention_statistics(
             self.distiller, self.teacher, self.val_set, self.level_names,
-            max_images=self.args.attention_images,
+            max_images=self.args.attention_images, feature_cache=self.cache,
         )  # fmt: skip
         self.distiller.train()
         score = attention_score(stats)
