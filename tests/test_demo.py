@@ -179,3 +179,11 @@ def test_the_library_never_imports_the_demo_or_the_command_line():
     assert offenders == []
     checked = sum(1 for layer in ("ops", "engine") for _ in (ROOT / "icd" / layer).rglob("*.py"))
     assert checked > 10  # the walk saw the layers
+
+
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_a_negative_pretrain_length_is_refused_before_anything_runs(tmp_path, value, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--out", str(tmp_path / "out"), "--pretrain-iters", value])
+    assert "argument --pretrain-iters" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

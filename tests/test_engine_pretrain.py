@@ -154,3 +154,21 @@ def test_the_teacher_feature_cache_changes_nothing_but_time(data, teacher, tmp_p
     a, b = (_teacher_side(str(d / "checkpoint.pth")) for d in (cached, fresh))
     for key, value in a.items():
         torch.testing.assert_close(value, b[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.1])
+def test_a_shared_attention_is_reported(data, teacher, tmp_path, monkeypatch, caplog, threshold):
+    from icd.engine import pretrain
+
+    monkeypatch.setattr(pretrain, "SHARED_ATTENTION_DISTINCTNESS", threshold)  # distinctness is in [0, 1]
+    out = tmp_path / "pre"
+    with caplog.at_level("WARNING", logger="icd.pretrain"):
+        assert _pretrain(data, teacher, out) == 0
+    health = _records(out, "health")
+    if threshold == 0.0:
+        assert health == [] and "does not single instances out" not in caplog.text
+    else:
+        kept = load_checkpoint(str(out / "teacher_side.pth"))
+        assert [(r["problem"], r["iter"]) for r in health] == [("shared", kept["iteration"])]
+        assert health[0]["value"] == pytest.approx(kept["attention"]["distinctness"])
+        assert "does not single instances out" in caplog.text

@@ -2,7 +2,9 @@
 
 Training lines: {"type": "train", "iter", "epoch", "lr", "loss", <each named loss>, "sec_per_iter", "time"}.
 Evaluation lines: {"type": "eval", "iter", "epoch", "AP", "AP50", ..., "time"}.
-Health lines: {"type": "health", "iter", "loss", "problem", "value", "time"} (icd.engine.hooks.HealthCheck).
+Health lines: {"type": "health", "iter", "loss", "problem", "value", "time"} (icd.engine.hooks.HealthCheck;
+``icd pretrain`` writes one with "loss": "attention", "problem": "shared" when its kept teacher side
+does not single instances out).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from icd.apps.demo.pipeline import run_demo
 from icd.apps.demo.plan import PRETRAIN_ITERS
 from icd.apps.demo.report import summarize
 from icd.apps.demo.settings import TINY, DemoConfig
+from icd.flags import int_at_least
 
 # the flags whose None means "DemoConfig's value (or TINY's with --tiny)"
 _OPTIONAL_SETTINGS = ("image_size", "num_train", "num_val", "teacher_epochs", "student_epochs", "lr", "icd_weight",
@@ -38,7 +39,7 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fpn-mse-weight", type=float, default=None)
     p.add_argument(
         "--pretrain-iters",
-        type=int,
+        type=int_at_least(0),
         nargs="?",
         const=PRETRAIN_ITERS,
         default=None,
