@@ -1,4 +1,4 @@
-"""TeacherFeatureCache: the frozen teacher's maps reused, identical to a fresh forward."""
+"""TeacherFeatureCache: the frozen teacher's maps reused, equal to a fresh forward."""
 
 from __future__ import annotations
 
@@ -94,7 +94,6 @@ def test_the_budget_bounds_what_is_kept(teacher, entries):
     assert teacher.forward_calls == [3]  # not every image cached: the whole batch runs again
     for got, want in zip(maps, _fresh(teacher, image_list), strict=True):
         _close(got, want)
-
 
 
 def test_a_partly_cached_batch_runs_whole(teacher):

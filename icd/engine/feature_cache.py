@@ -18,9 +18,9 @@ class TeacherFeatureCache:
 
     Keyed by the input's content (after any flip) and its resized size, so a flipped image is
     its own entry and an image seen at two sizes has two. Only batches without padding are
-    cached: there an image's maps do not depend on the other images of its batch (a padded
-    batch's maps are recomputed every time). Entries are added until ``budget_bytes`` is
-    reached; a budget of 0 turns the cache off.
+    cached: there an image's maps do not depend on the other images of its batch, but for the
+    rounding of another batch size (a padded batch's maps are recomputed every time). Entries
+    are added until ``budget_bytes`` is reached; a budget of 0 turns the cache off.
     """
 
     def __init__(self, budget_bytes: int) -> None:
