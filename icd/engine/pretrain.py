@@ -316,20 +316,21 @@ class Pretrainer:
 
     def _check_kept_attention(self) -> None:
         """Warn (and write a health line) when the kept teacher side's attention is shared."""
-        evaluations = [r for r in read_metrics(self.args.output_dir) if r.get("type") == "attention"]
-        if not evaluations:
+        path = os.path.join(self.args.output_dir, TEACHER_SIDE_FILE)
+        if not os.path.exists(path):
             return
-        kept = max(evaluations, key=lambda r: r["score"])
-        distinctness = float(kept.get("distinctness", 0.0))
+        kept = load_checkpoint(path)  # the evaluation evaluate() chose, with its statistics
+        stats = kept["attention"]
+        distinctness = float(stats.get("distinctness", 0.0))
         if distinctness >= SHARED_ATTENTION_DISTINCTNESS:
             return
-        self.metrics.write({"type": "health", "iter": kept["iter"], "loss": "attention", "problem": "shared",
+        self.metrics.write({"type": "health", "iter": kept["iteration"], "loss": "attention", "problem": "shared",
                             "value": distinctness})  # fmt: skip
         log.warning(
             "the kept teacher side (iteration %d: lift %.2f, distinctness %.3f, peak %.2f) does not single "
             "instances out: the instances of an image attend to the same few locations. Another --seed, "
             "a lower --lr or --attention-gain, or more --iters may get out of it (results/README.md)",
-            kept["iter"], kept.get("lift", float("nan")), distinctness, kept.get("peak", float("nan")),
+            kept["iteration"], stats.get("lift", float("nan")), distinctness, stats.get("peak", float("nan")),
         )  # fmt: skip
 
 
