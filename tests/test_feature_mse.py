@@ -40,7 +40,7 @@ def test_matches_reference(backend, device, case, dtype, norm, reduction):
     assert grad.dtype == dtype and torch.isfinite(grad).all()
     assert_close(loss, ref_loss, dtype, "loss")
     scale = ref_grad.float().abs().max().clamp_min(1e-12)
-    assert_close(grad / scale, ref_grad / scale, dtype, "grad")
+    assert_close(grad.float() / scale, ref_grad.float() / scale, dtype, "grad")
 
 
 @pytest.mark.parametrize("backend, device", backend_params())

@@ -52,6 +52,22 @@ def test_float64_only_where_supported():
         ops.instance_attention(q, k, v, backend="triton")
 
 
+def test_head_dim_beyond_the_cuda_kernels_is_rejected():
+    """The CUDA kernels take D <= 128: a wider head is refused in Python, naming the others."""
+    from icd.ops.validation import check_instance_attention_args, check_value_mask_args
+
+    q, k, v = qkv(q=torch.randn(N, H, K, 129), k=torch.randn(N, H, S, 129), v=torch.randn(N, H, S, 129))
+    expected = r"`q` has head dim D = 129; backend 'cuda' takes 1 <= D <= 128 \(backends 'reference', 'cpu', 'triton'"
+    with pytest.raises(ValueError, match=expected):
+        check_instance_attention_args(q, k, v, None, "cuda")
+    with pytest.raises(ValueError, match=expected):
+        check_value_mask_args(q, k, torch.ones(N, K), None, 1.0, None, "cuda")
+    check_instance_attention_args(*qkv(q=torch.randn(N, H, K, 128), k=torch.randn(N, H, S, 128),
+                                       v=torch.randn(N, H, S, 128)), None, "cuda")
+    for backend in ("reference", "cpu", "triton"):
+        check_instance_attention_args(q, k, v, None, backend)
+
+
 def test_scale_must_be_finite():
     with pytest.raises(ValueError, match="scale = nan"):
         ops.instance_attention(*qkv(), scale=float("nan"), backend="reference")

@@ -15,7 +15,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -46,9 +45,10 @@ using icd_checks::check_contiguous;
 using icd_checks::check_same_dtype;
 using icd_checks::check_shape;
 using icd_checks::shape_of;
+using icd_checks::text_of;
 
 inline void check_cpu(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": `", name, "` is on ", t.device(),
+  TORCH_CHECK(t.device().is_cpu(), op, ": `", name, "` is on ", text_of(t.device()),
               "; the CPU kernel expects CPU tensors");
 }
 
@@ -65,7 +65,7 @@ inline bool is_supported_float(at::ScalarType t) {
 
 inline void check_input_dtype(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": `", name, "` has dtype ",
-              t.scalar_type(), "; expected float32, float64, float16 or bfloat16");
+              text_of(t.scalar_type()), "; expected float32, float64, float16 or bfloat16");
 }
 
 // float64 inputs are computed in float64, every other float dtype in float32.
@@ -76,8 +76,8 @@ inline at::ScalarType compute_type(at::ScalarType input) {
 // Statistics (lse, weights, the value mask, the loss) use the compute dtype.
 inline void check_stat_tensor(const Tensor& t, at::ScalarType stat, const char* op,
                               const char* name) {
-  TORCH_CHECK(t.scalar_type() == stat, op, ": `", name, "` has dtype ", t.scalar_type(),
-              "; expected ", stat, " (float64 for float64 inputs, else float32)");
+  TORCH_CHECK(t.scalar_type() == stat, op, ": `", name, "` has dtype ", text_of(t.scalar_type()),
+              "; expected ", text_of(stat), " (float64 for float64 inputs, else float32)");
 }
 
 inline void check_optional_mask(const c10::optional<Tensor>& mask, int64_t n, int64_t s,
@@ -86,7 +86,7 @@ inline void check_optional_mask(const c10::optional<Tensor>& mask, int64_t n, in
   const Tensor& m = *mask;
   check_rank(m, 2, op, "key_padding_mask", "N, S");
   TORCH_CHECK(m.scalar_type() == at::kBool, op, ": `key_padding_mask` has dtype ",
-              m.scalar_type(), "; expected bool (True = ignore that key)");
+              text_of(m.scalar_type()), "; expected bool (True = ignore that key)");
   check_shape(m, {n, s}, op, "key_padding_mask", "N, S");
 }
 

@@ -61,7 +61,7 @@ Dims check_mse_inputs(const Tensor& student, const Tensor& teacher, const Tensor
   check_shape(weight, {dim.n, dim.h, dim.s}, op, "weight", "N, h, S");
   check_stat_tensor(weight, compute_type(student.scalar_type()), op, "weight");
   check_contiguous(weight, op, "weight");
-  TORCH_CHECK(eps > 0, op, ": `eps` = ", eps, "; expected a number > 0");
+  TORCH_CHECK(eps > 0, op, ": `eps` = ", text_of(eps), "; expected a number > 0");
   return dim;
 }
 

@@ -134,12 +134,12 @@ Tensor value_mask_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& weig
   check_shape(weight_in, {n, kq}, op, "weight", "N, K");
   check_stat_tensor(weight_in, stat, op, "weight");
   check_optional_mask(key_padding_mask, n, s, op);
-  TORCH_CHECK(temperature > 0, op, ": `temperature` = ", temperature, "; expected a number > 0");
+  TORCH_CHECK(temperature > 0, op, ": `temperature` = ", text_of(temperature), "; expected a number > 0");
   if (lse.has_value()) {
     check_rank(*lse, 3, op, "lse", "N, h, K");
     check_shape(*lse, {n, h, kq}, op, "lse", "N, h, K");
     check_stat_tensor(*lse, stat, op, "lse");
-    TORCH_CHECK(temperature == 1.0, op, ": `lse` was given with temperature = ", temperature,
+    TORCH_CHECK(temperature == 1.0, op, ": `lse` was given with temperature = ", text_of(temperature),
                 "; lse is only valid with temperature == 1");
   }
 

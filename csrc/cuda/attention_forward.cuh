@@ -69,6 +69,9 @@ __device__ __forceinline__ void online_softmax_step(float (*p)[BS + 1], float* r
       tile_sum += e;
     }
     tile_sum = warp_sum(tile_sum);
+    // every lane has read row_max[r] above; make that ordering explicit before lane 0
+    // overwrites it (compute-sanitizer racecheck reported the read/write pair as a hazard)
+    __syncwarp();
     if (lane == 0) {
       const float factor = expf(old_max - shift);
       rescale[r] = factor;

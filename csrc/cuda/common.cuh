@@ -24,7 +24,6 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <type_traits>
 
@@ -46,27 +45,28 @@ using icd_checks::check_rank;
 using icd_checks::check_same_dtype;
 using icd_checks::check_shape;
 using icd_checks::shape_of;
+using icd_checks::text_of;
 
 // `t` is a CUDA tensor on the device of `ref` (the op's first input).
 inline void check_device(const Tensor& t, const Tensor& ref, const char* op, const char* name,
                          const char* ref_name) {
-  TORCH_CHECK(t.is_cuda(), op, ": `", name, "` is on ", t.device(),
+  TORCH_CHECK(t.is_cuda(), op, ": `", name, "` is on ", text_of(t.device()),
               "; the CUDA kernel expects CUDA tensors");
-  TORCH_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", t.device(), " but `",
-              ref_name, "` is on ", ref.device(), "; expected one device");
+  TORCH_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", text_of(t.device()),
+              " but `", ref_name, "` is on ", text_of(ref.device()), "; expected one device");
 }
 
 inline void check_input_dtype(const Tensor& t, const char* op, const char* name) {
   const auto type = t.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": `", name,
-              "` has dtype ", type,
+              "` has dtype ", text_of(type),
               "; the CUDA kernels take float32, float16 or bfloat16 (float64 runs on the "
               "reference and cpu backends)");
 }
 
 inline void check_float32(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": `", name, "` has dtype ", t.scalar_type(),
-              "; expected float32");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": `", name, "` has dtype ",
+              text_of(t.scalar_type()), "; expected float32");
 }
 
 // bool [N, S], contiguous, on the device of `ref`; returns its data or nullptr.
@@ -76,7 +76,7 @@ inline const bool* checked_mask(const std::optional<Tensor>& mask, const Tensor&
   const Tensor& m = *mask;
   check_rank(m, 2, op, "key_padding_mask", "N, S");
   TORCH_CHECK(m.scalar_type() == at::kBool, op, ": `key_padding_mask` has dtype ",
-              m.scalar_type(), "; expected bool (True = ignore that key)");
+              text_of(m.scalar_type()), "; expected bool (True = ignore that key)");
   check_shape(m, {n, s}, op, "key_padding_mask", "N, S");
   check_device(m, ref, op, "key_padding_mask", "q");
   check_contiguous(m, op, "key_padding_mask");
@@ -85,7 +85,7 @@ inline const bool* checked_mask(const std::optional<Tensor>& mask, const Tensor&
 
 // The grid's y dimension holds the (image, head) pairs.
 inline void check_grid_rows(int64_t nh, const char* op) {
-  TORCH_CHECK(nh <= 65535, op, ": N * h = ", nh, " exceeds the 65535 (image, head) pairs of a ",
+  TORCH_CHECK(nh <= 65535, op, ": N * h = ", text_of(nh), " exceeds the 65535 (image, head) pairs of a ",
               "CUDA grid dimension");
 }
 
@@ -112,8 +112,8 @@ constexpr int64_t kMaxHeadDim = 128;
 // tail), so every D from 1 to 128 runs.
 template <typename Body>
 void dispatch_head_dim(int64_t d, const char* op, const Body& body) {
-  TORCH_CHECK(d >= 1 && d <= kMaxHeadDim, op, ": head dim D = ", d,
-              "; the CUDA kernels take 1 <= D <= ", kMaxHeadDim);
+  TORCH_CHECK(d >= 1 && d <= kMaxHeadDim, op, ": head dim D = ", text_of(d),
+              "; the CUDA kernels take 1 <= D <= ", text_of(kMaxHeadDim));
   if (d <= 8) {
     body(std::integral_constant<int, 8>{});
   } else if (d <= 16) {

@@ -266,7 +266,7 @@ MseDims check_mse_inputs(const Tensor& student, const Tensor& teacher, const Ten
   const MseDims dims{student.size(0), student.size(1), student.size(2), student.size(3)};
   check_shape(weight, {dims.n, dims.h, dims.s}, op, "weight", "N, h, S");
   check_grid_rows(dims.n * dims.h, op);
-  TORCH_CHECK(eps > 0, op, ": `eps` = ", eps, "; expected a number > 0");
+  TORCH_CHECK(eps > 0, op, ": `eps` = ", text_of(eps), "; expected a number > 0");
   return dims;
 }
 

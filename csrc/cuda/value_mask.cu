@@ -104,10 +104,10 @@ Tensor value_mask_cuda(const Tensor& q, const Tensor& k, const Tensor& weight,
   check_float32(weight, op, "weight");
   const Tensor weight_c = weight.contiguous();
   const bool* mask = checked_mask(key_padding_mask, q, n, keys, op);
-  TORCH_CHECK(temperature > 0, op, ": `temperature` = ", temperature, "; expected a number > 0");
+  TORCH_CHECK(temperature > 0, op, ": `temperature` = ", text_of(temperature), "; expected a number > 0");
   Tensor lse_c;
   if (lse.has_value() && lse->defined()) {
-    TORCH_CHECK(temperature == 1.0, op, ": `lse` was given with temperature = ", temperature,
+    TORCH_CHECK(temperature == 1.0, op, ": `lse` was given with temperature = ", text_of(temperature),
                 "; lse from attention_forward is only valid with temperature == 1");
     check_rank(*lse, 3, op, "lse", "N, h, K");
     check_shape(*lse, {n, heads, queries}, op, "lse", "N, h, K");

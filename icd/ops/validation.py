@@ -143,6 +143,18 @@ def check_qk(q: Tensor, k: Tensor, op: str, backend: str) -> None:
             f"{op}: `q` has shape {_shape(q)} and `k` {_shape(k)}; expected q [N, h, K, D] and "
             "k [N, h, S, D] with the same N, h and D"
         )
+    check_head_dim(q, op, backend)
+
+
+def check_head_dim(q: Tensor, op: str, backend: str) -> None:
+    """``q``'s head dim D is one ``backend``'s kernels take (the CUDA kernels: D <= 128)."""
+    limit = BACKEND_TABLE[backend].max_head_dim
+    if limit is not None and q.shape[3] > limit:
+        takers = ", ".join(repr(b.name) for b in BACKEND_TABLE.values() if b.max_head_dim is None)
+        raise ValueError(
+            f"{op}: `q` has head dim D = {q.shape[3]}; backend {backend!r} takes 1 <= D <= {limit} "
+            f"(backends {takers} take any D)"
+        )
 
 
 def check_instance_attention_args(

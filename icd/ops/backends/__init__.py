@@ -38,6 +38,8 @@ import torch
 
 HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
 WITH_DOUBLE = (*HALF_AND_SINGLE, torch.float64)
+CUDA_MAX_HEAD_DIM = 128
+"""The CUDA kernels' widest head-dim tile (kMaxHeadDim in csrc/cuda/common.cuh)."""
 
 
 def triton_interpreted() -> bool:
@@ -58,6 +60,8 @@ class Backend:
         why_not: why it cannot run in this installation; "" when it can.
         how_to_get: how to build or install it (for the not-available error).
         load_kernels: returns its kernel table; ``None`` for the reference.
+        max_head_dim: the largest head dim D its attention and value-mask kernels take;
+            ``None`` for any D.
     """
 
     name: str
@@ -68,6 +72,7 @@ class Backend:
     how_to_get: str = ""
     interpreted_devices: tuple[str, ...] = ()
     load_kernels: Callable[[], ModuleType] | None = None
+    max_head_dim: int | None = None
 
     @property
     def available(self) -> bool:
@@ -148,6 +153,7 @@ def _build_table() -> dict[str, Backend]:
                 "`FORCE_CUDA=1 pip install --no-build-isolation -e .`"
             ),
             load_kernels=_extension_kernels,
+            max_head_dim=CUDA_MAX_HEAD_DIM,
         ),
         Backend(
             "triton",
