@@ -34,9 +34,13 @@ install: $(EXT_STAMP)
 lint: install
 	$(VENV)/bin/ruff check .
 
+# pytest-xdist: one worker per core; then the tests marked serial (torchrun, several processes,
+# timing), one at a time with the whole machine
+TEST_WORKERS ?= auto
 test: install
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest tests -q -ra
+	$(PYTHON) -m pytest tests -q -ra -n $(TEST_WORKERS) -m "not serial"
+	$(PYTHON) -m pytest tests -q -ra -m serial
 
 demo: install
 	$(PYTHON) -m icd demo --out demo_output

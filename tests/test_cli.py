@@ -65,11 +65,11 @@ def test_train_eval_plot_and_fpn_mse_distillation(data, tmp_path):
     teacher = str(tmp_path / "teacher")
     # --score-thresh 0: an untrained detector still gives detections, so eval is exercised
     main(f"train --data-path {data} {TINY} --epochs 2 --batch-size 2 --print-freq 1 --lr 0.02 "
-         f"--score-thresh 0 --output-dir {teacher}".split())
+         f"--score-thresh 0 --epoch-checkpoint-every 2 --output-dir {teacher}".split())
     ckpt = load_checkpoint(os.path.join(teacher, "checkpoint.pth"))
     assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "iteration", "rng"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 4 and ckpt["args"]["lr"] == 0.02
-    assert os.path.exists(os.path.join(teacher, "model_0.pth"))
+    assert [f for f in sorted(os.listdir(teacher)) if f.startswith("model_")] == ["model_1.pth", "model_best.pth"]
     train = _records(teacher, "train")
     assert [r["iter"] for r in train] == [1, 2, 3, 4]
     assert all(r["loss"] > 0 and "loss_classification" in r for r in train)

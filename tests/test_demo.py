@@ -16,6 +16,7 @@ from icd.apps.demo.scheduler import runs_to_start
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
+pytestmark = pytest.mark.serial  # the demo runs its training processes side by side
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from icd.engine.checkpoint import load_checkpoint, save_atomic
 
 ATOL = 1e-7  # float32 sums in another order (DDP's all-reduce): a few ulps after 2 steps (> 1e-8 seen)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.serial  # torchrun: several processes, each wanting the cores
 
 
 def _launch(cmd: list[str]) -> subprocess.Popen:

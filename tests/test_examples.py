@@ -61,6 +61,7 @@ def test_nn_md_shows_the_code_of_the_example():
         assert block in source or textwrap.indent(block, "    ") in source, block[:200]
 
 
+@pytest.mark.serial  # torchrun: several processes
 def test_torchvision_loop_trains_resumes_under_torchrun_with_amp(loop, tmp_path):
     # a local teacher file (nothing is downloaded), a few iterations, a checkpoint
     torch.manual_seed(3)
