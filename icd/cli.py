@@ -28,7 +28,7 @@ from icd.engine.health import HEALTH_ACTIONS
 from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
 from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
 from icd.engine.run_spec import BARE_STATE_DICT_NORM
-from icd.errors import IcdError
+from icd.errors import ConfigError, IcdError
 from icd.flags import CheckedType, check_teacher_flags, finite_float, int_at_least
 from icd.ops.dispatch import BACKENDS
 
@@ -223,6 +223,12 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", default=None, help="checkpoint.pth of an interrupted pre-training")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new pre-training in an --output-dir that holds another one's files (they are "
+        "deleted when it starts); without it such a directory is refused",
+    )
+    p.add_argument(
         "--stop-after-iters",
         type=int_at_least(1),
         default=None,
@@ -319,6 +325,14 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         help="linear lr warm-up (default min(1000, 10%% of the run))",
     )
     p.add_argument("--resume", default=None, help="checkpoint to continue from exactly")
+    p.add_argument(
+        "--allow-resume-changes",
+        action="store_true",
+        help="with --resume: accept flags that change the lr schedule (--lr, --epochs, --iters, "
+        "--lr-steps, ...) or the data order (--batch-size, --seed, processes); the run goes on with "
+        "the new lr schedule from the checkpoint's iteration, and the interrupted epoch after the "
+        "images it had read (restarted with another seed or other images)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -471,10 +485,21 @@ def _eval_parser(sub, preset: str | None = None) -> FlagRecorder:
     return p
 
 
+def _picture_path(text: str) -> str:
+    """``icd plot --out``: a file name with a picture suffix (never a checkpoint's .pth)."""
+    from icd.engine.metrics import PLOT_SUFFIXES
+
+    if os.path.splitext(text)[1].lower() not in PLOT_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text}: expected a picture file ({', '.join(PLOT_SUFFIXES)})")
+    return text
+
+
 def _plot_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="loss and AP curves of runs as a PNG")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output dirs with metrics.jsonl")
-    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png of the first)")
+    p.add_argument(
+        "--out", type=_picture_path, default=None, help="PNG path (default RUN_DIR/curves.png of the first)"
+    )
     _add_debug_flag(p)
     return p
 
@@ -498,6 +523,9 @@ def _data_parser(sub) -> argparse.ArgumentParser:
         default="coco",
         help="yolo: also write DIR/yolo/{images,labels}/{train,val} (txt labels) and DIR/yolo/data.yaml "
         "for ultralytics",
+    )
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset already in DIR (without it: refused)"
     )
     _add_debug_flag(s)
     return p
@@ -565,7 +593,7 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
             probe_writable(args.output_dir)
         image_dir, ann = dataset_paths(args.data_path, args.split, args.val_ann, args.val_images, "val")
         dataset = CocoDetection(image_dir, ann, on_bad_data=args.on_bad_data)
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = load_checkpoint(args.checkpoint, "--checkpoint")
         if "teacher_side" in ckpt:  # icd pretrain's output: attention statistics only
             return _attention_stats(args, ckpt, dataset, info)
         flags = None  # a bare state dict's architecture: the model flags, frozen_bn unless --norm
@@ -581,14 +609,14 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
             )
         spec = checkpoint_detector_spec(
             ckpt,
-            args.checkpoint,
+            f"--checkpoint {args.checkpoint}",
             dataset.num_classes,
             flags=flags,
             flags_hint="give --detector and --backbone (and --fpn-channels, --norm if not the defaults)",
         )
         sizes = {"min_size": args.min_size, "max_size": args.max_size, "score_thresh": args.score_thresh}
         spec = dataclasses.replace(spec, **{k: v for k, v in sizes.items() if v is not None})
-        model = build_loaded_detector(spec, ckpt, what="evaluated")
+        model = build_loaded_detector(spec, ckpt, what="evaluated", source=f"--checkpoint {args.checkpoint}")
         model.to(info.device)
         loader = eval_loader(dataset, info, args.batch_size, args.workers)
         metrics = evaluate(
@@ -669,6 +697,27 @@ def _train_flags_set(argv: Sequence[str], preset: str | None) -> set[str]:
     return {dest for dest, value in vars(parsed).items() if value is not unset} | set(p.preset)
 
 
+def _check_backend(args: argparse.Namespace) -> None:
+    """ICD_BACKEND and ICD_CHECKS are known values, and the ops backend (--icd-backend, else
+    ICD_BACKEND) runs here and on --device: a one-line error now, not a traceback at the first step."""
+    from icd.ops.dispatch import backend_of, env_backend
+    from icd.ops.validation import check_mode
+
+    check_mode()
+    from_env = env_backend()
+    name = getattr(args, "icd_backend", None) or from_env
+    if name is None or args.command not in ("train", "pretrain", "eval"):
+        return
+    from icd.engine.distributed import resolve_device
+
+    where = f"--icd-backend {name}" if getattr(args, "icd_backend", None) else f"ICD_BACKEND={name}"
+    backend, device = backend_of(name), resolve_device(args.device)
+    if not backend.available:
+        raise ConfigError(where, f"is not available here: {backend.why_not}. {backend.how_to_get}")
+    if not backend.runs_on(device):
+        raise ConfigError(where, f"runs on {backend.where}; this run's device is {device} (--device)")
+
+
 def _debugging(argv: Sequence[str]) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
@@ -695,10 +744,15 @@ def _main(argv: list[str]) -> int:
     parser = build_parser(_train_preset_of(argv), _train_preset_of(argv, "eval"))
     args = parser.parse_args(argv)
     if args.command == "train":  # flags and another run's files first: before any data is looked at
-        from icd.engine.output_dir import claim_output_dir
+        from icd.engine.run_spec import detector_spec_from_args
 
         check_teacher_flags(args, _train_flags_set(argv, args.config), args.config)
-        claim_output_dir(args.output_dir, args.resume, args.overwrite, probe=False)
+        detector_spec_from_args(args, num_classes=1)  # the model flags fit together (levels, widths)
+    if args.command in ("train", "pretrain") and int(os.environ.get("RANK", "0")) == 0:
+        from icd.engine.output_dir import check_output_dir
+
+        check_output_dir(args.output_dir, args.resume, args.overwrite, args.command)
+    _check_backend(args)
     _check_data_flags(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
@@ -719,7 +773,7 @@ def _main(argv: list[str]) -> int:
     elif args.command == "data":
         from icd.data.shapes import generate
 
-        paths = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed)
+        paths = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.overwrite)
         for split, path in paths.items():
             print(f"{split}: {path}")
         if args.format == "yolo":

@@ -50,8 +50,12 @@ def load_preset(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"--config {path}: no such preset file") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"preset {path}: not UTF-8 text (byte {err.start}); a preset is a TOML file") from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"preset {path}: not valid TOML: {err}") from None
+    except IsADirectoryError:
+        raise ValueError(f"preset {path}: is a directory; expected a TOML file") from None
     values = _flatten(raw, path)
     base = values.pop(BASE_KEY, None)
     if base is None:

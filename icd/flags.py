@@ -10,11 +10,11 @@ values, so ``--batch-size 0`` and ``batch_size = 0`` in a ``--config`` file are 
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Iterable
 from typing import Any
 
 from icd.errors import ConfigError
+from icd.ops.validation import in_range, range_text
 
 
 class CheckedType:
@@ -34,36 +34,21 @@ class CheckedType:
         below: float | None = None,
     ) -> None:
         self.base = base
-        self.minimum, self.above, self.maximum, self.below = minimum, above, maximum, below
-        bounds = [f">= {_fmt(minimum)}" if minimum is not None else None,
-                  f"> {_fmt(above)}" if above is not None else None,
-                  f"<= {_fmt(maximum)}" if maximum is not None else None,
-                  f"< {_fmt(below)}" if below is not None else None]  # fmt: skip
-        kind = "an integer" if base is int else "a finite number"
-        self.expected = " ".join([kind, " and ".join(b for b in bounds if b)]).strip()
+        self.bounds = {"minimum": minimum, "above": above, "maximum": maximum, "below": below}
+        self.expected = range_text(base is int, **self.bounds)
         self.__name__ = base.__name__  # argparse names the type in its "invalid ... value" error
 
     def __call__(self, text: Any) -> int | float:
         try:
             value = self.base(text)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r}: expected {self.expected}") from None
-        if (
-            (isinstance(value, float) and not math.isfinite(value))
-            or (self.minimum is not None and value < self.minimum)
-            or (self.above is not None and value <= self.above)
-            or (self.maximum is not None and value > self.maximum)
-            or (self.below is not None and value >= self.below)
-        ):
+        if not in_range(value, **self.bounds):
             raise argparse.ArgumentTypeError(f"{text}: expected {self.expected}")
         return value
 
     def __repr__(self) -> str:
         return f"CheckedType({self.expected})"
-
-
-def _fmt(bound: float) -> str:
-    return f"{bound:g}"
 
 
 def int_at_least(minimum: int) -> CheckedType:

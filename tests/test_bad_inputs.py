@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from tiny_runs import TINY
+from user_errors import RUN, error_line, parse_error
 
 from icd.cli import build_parser, main
 from icd.data.coco import BadDataError, CocoDetection
@@ -19,37 +20,6 @@ from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
 from icd.errors import NonFiniteError
 from icd.flags import teacher_only
-
-RUN = f"{TINY} --iters 1 --no-eval"
-
-
-def _error_line(capsys) -> str:
-    """The one line a user's error prints (nothing else on stderr)."""
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("icd: error: "), line
-    return line
-
-
-def _parse_exit(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return _error_line(capsys)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    assert main(f"data shapes --out {out} --num-train 4 --num-val 2 --image-size 64 --seed 1".split()) == 0
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def finished_run(data, tmp_path_factory):
-    """A plain one-iteration run: its checkpoint and metrics."""
-    out = str(tmp_path_factory.mktemp("run"))
-    assert main(f"train --data-path {data} {RUN} --output-dir {out}".split()) == 0
-    return out
 
 
 def _copy_data(data: str, dst, edit=None, corrupt: tuple[str, ...] = ()) -> str:
@@ -97,13 +67,13 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize(("flag", "value"), BAD_FLAGS)
 def test_out_of_range_flags_are_parse_errors(flag, value, capsys):
-    line = _parse_exit(["train", "--data-path", "d", flag, value], capsys)
+    line = parse_error(["train", "--data-path", "d", flag, value], capsys)
     assert f"argument {flag}" in line and f"{value}: expected" in line
 
 
 @pytest.mark.parametrize("value", ["nan", "0", "-4"])
 def test_a_bad_attention_gain_is_a_parse_error(value, capsys):
-    line = _parse_exit(["pretrain", "--data-path", "d", "--teacher", "t.pth", "--attention-gain", value], capsys)
+    line = parse_error(["pretrain", "--data-path", "d", "--teacher", "t.pth", "--attention-gain", value], capsys)
     assert "argument --attention-gain" in line and f"{value}: expected" in line
 
 
@@ -112,7 +82,7 @@ def test_a_bad_attention_gain_is_a_parse_error(value, capsys):
 def test_out_of_range_preset_values_are_errors_naming_the_preset(key, value, tmp_path, capsys):
     preset = tmp_path / "bad.toml"
     preset.write_text(f"{key} = {value}\n")
-    line = _parse_exit(["train", "--config", str(preset), "--data-path", "d"], capsys)
+    line = parse_error(["train", "--config", str(preset), "--data-path", "d"], capsys)
     assert f"preset {preset}: {key} = " in line and "expected" in line
 
 
@@ -123,7 +93,7 @@ def test_out_of_range_preset_values_are_errors_naming_the_preset(key, value, tmp
 )
 def test_distillation_flags_without_teacher_are_errors(flags, capsys):
     assert main(["train", "--data-path", "d", *flags.split()]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert f"--{flags.split()[0][2:]}" in line and "need --teacher" in line
 
 
@@ -131,7 +101,7 @@ def test_distillation_keys_of_a_preset_without_teacher_are_errors(tmp_path, caps
     preset = tmp_path / "p.toml"
     preset.write_text("icd_heads = 8\n")  # even the default value: the preset asks for distillation
     assert main(["train", "--config", str(preset), "--data-path", "d"]) == 2
-    assert "--icd-heads 8" in _error_line(capsys)
+    assert "--icd-heads 8" in error_line(capsys)
     # flags added later (the teacher side's pre-training, ...) are covered by their prefix
     assert teacher_only("icd_pretrain_iters") and teacher_only("icd_init") and not teacher_only("lr")
 
@@ -142,7 +112,7 @@ def test_a_new_run_never_lands_on_another_runs_files(data, finished_run, tmp_pat
     before = {name: open(os.path.join(finished_run, name), "rb").read() for name in os.listdir(finished_run)}
     # refused before anything is built: even an unusable --data-path is not looked at
     assert main(f"train --data-path {tmp_path}/nothing {RUN} --output-dir {finished_run}".split()) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "holds another run (checkpoint.pth, metrics.jsonl)" in line
     assert f"--resume {ckpt}" in line and "--overwrite" in line
     after = {name: open(os.path.join(finished_run, name), "rb").read() for name in os.listdir(finished_run)}
@@ -163,13 +133,13 @@ def test_an_unwritable_output_dir_is_refused_at_start(data, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert main(f"train --data-path {data} {RUN} --output-dir {blocker}/run".split()) == 2
-    assert f"--output-dir {blocker}/run is not writable" in _error_line(capsys)
+    assert f"--output-dir {blocker}/run: is not writable" in error_line(capsys)
 
 
 def test_resume_and_overwrite_together_are_refused(data, finished_run, capsys):
     ckpt = os.path.join(finished_run, "checkpoint.pth")
     assert main(f"train --data-path {data} {RUN} --output-dir {finished_run} --resume {ckpt} --overwrite".split()) == 2
-    assert "--resume and --overwrite" in _error_line(capsys)
+    assert "--resume and --overwrite" in error_line(capsys)
 
 
 # -- resume -----------------------------------------------------------------------------------
@@ -181,18 +151,19 @@ def test_resume_into_other_distillation_settings_names_the_difference(data, fini
     ckpt = os.path.join(finished_run, "checkpoint.pth")
     argv = f"train --data-path {data} {TINY} --iters 2 --no-eval --output-dir {finished_run} --resume {ckpt}"
     assert main(f"{argv} --teacher {teacher} --distill fpn-mse".split()) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "--teacher none there, given here" in line and "optimizer" not in line
     assert main(f"{argv} --fpn-channels 16".split()) == 2
-    assert "--fpn-channels 32 there, 16 here" in _error_line(capsys)
-    assert main(f"{argv} --resume {teacher}".split()) == 2  # a teacher's weights are no run to resume
-    assert "is not an icd train checkpoint (no optimizer" in _error_line(capsys)
+    assert "--fpn-channels 32 there, 16 here" in error_line(capsys)
+    # a teacher's weights are no run to resume (in the teacher's own folder: no other run's files there)
+    assert main(f"{argv} --resume {teacher} --output-dir {tmp_path}".split()) == 2
+    assert "is not an icd train checkpoint (no optimizer" in error_line(capsys)
 
 
 def test_resume_of_a_finished_run_trains_nothing_and_says_so(data, finished_run, capsys):
     ckpt = os.path.join(finished_run, "checkpoint.pth")
     assert main(f"train --data-path {data} {RUN} --output-dir {finished_run} --resume {ckpt}".split()) == 2
-    assert "is at iteration 1 and this run stops at iteration 1: nothing to train" in _error_line(capsys)
+    assert "is at iteration 1 and this run stops at iteration 1: nothing to train" in error_line(capsys)
 
 
 # -- non-finite --------------------------------------------------------------------------------
@@ -254,7 +225,7 @@ def test_teacher_with_non_finite_weights_is_refused(data, tmp_path, capsys):
     save_atomic({"model": state, "detector_spec": spec.to_dict()}, teacher)
     out = tmp_path / "run"
     assert main(f"train --data-path {data} {RUN} --teacher {teacher} --output-dir {out}".split()) == 1
-    assert "its weight backbone.fpn.layer_blocks.0.0.weight has NaN or inf" in _error_line(capsys)
+    assert "its weight backbone.fpn.layer_blocks.0.0.weight has NaN or inf" in error_line(capsys)
     assert not os.path.exists(out / "checkpoint.pth")
 
 
@@ -263,12 +234,12 @@ def test_every_image_skipped_is_no_run(data, finished_run, tmp_path, capsys):
     bad = _copy_data(data, tmp_path / "bad", corrupt=("train", "val"))
     out = tmp_path / "run"
     assert main(f"train --data-path {bad} {RUN} --on-bad-data skip --output-dir {out}".split()) == 2
-    assert "epoch 0: no optimiser step in 2 batches" in _error_line(capsys)
+    assert "epoch 0: no optimiser step in 2 batches" in error_line(capsys)
     assert not os.path.exists(out / "checkpoint.pth")
     ckpt = os.path.join(finished_run, "checkpoint.pth")
     argv = f"eval --data-path {bad} --checkpoint {ckpt} --workers 0 --device cpu --no-progress --on-bad-data skip"
     assert main([*argv.split(), "--output-dir", str(tmp_path / "eval")]) == 2
-    assert "none of its 2 images could be read" in _error_line(capsys)
+    assert "none of its 2 images could be read" in error_line(capsys)
 
 
 def test_training_split_without_annotations_warns(data, tmp_path, caplog):
@@ -345,7 +316,7 @@ def test_file_level_problems_stop_even_under_skip(content, message, tmp_path):
             CocoDetection(image_dir, path, on_bad_data=mode)
 
 
-@pytest.mark.parametrize("field", ["image_id", "category_id", "bbox", "id"])
+@pytest.mark.parametrize("field", ["category_id", "bbox", "id"])
 def test_annotation_without_a_field_is_named_and_skippable(field, tmp_path, caplog):
     image_dir, images = _image_dir(tmp_path)
     good = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8]}  # no area, no iscrowd: filled in
@@ -385,7 +356,7 @@ def test_bad_data_in_a_run_is_one_line_before_any_model_is_built(data, tmp_path,
 
     bad = _copy_data(data, tmp_path / "bad", edit=no_bbox)
     assert main(f"train --data-path {bad} {RUN} --output-dir {tmp_path / 'r'}".split()) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "instances_train.json: annotations[3] (annotation id" in line and "has no 'bbox'" in line
 
 
@@ -438,13 +409,13 @@ def test_a_valid_compressed_rle_still_decodes(tmp_path):
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(data, tmp_path, capsys, monkeypatch):
     argv = f"train --data-path {data} {RUN} --teacher {tmp_path}/missing.pth --output-dir {tmp_path / 'r'}"
     assert main(argv.split()) == 2
-    assert f"no checkpoint file {tmp_path}/missing.pth" in _error_line(capsys)
+    assert f"no checkpoint file {tmp_path}/missing.pth" in error_line(capsys)
     garbage = tmp_path / "garbage.pth"
     garbage.write_text("not a checkpoint")
     assert main(f"eval --data-path {data} --checkpoint {garbage} --device cpu".split()) == 2
-    assert "is not a readable torch checkpoint" in _error_line(capsys)
+    assert "is not a readable torch checkpoint" in error_line(capsys)
     assert main(f"train --data-path {tmp_path}/none {RUN} --output-dir {tmp_path / 'r'}".split()) == 2
-    assert "no annotation file for split 'train'" in _error_line(capsys)
+    assert "no annotation file for split 'train'" in error_line(capsys)
     with pytest.raises(FileNotFoundError):
         main(f"train --data-path {tmp_path}/none {RUN} --output-dir {tmp_path / 'r'} --debug".split())
     monkeypatch.setenv("ICD_DEBUG", "1")

@@ -59,28 +59,25 @@ def test_each_detector_trains_and_predicts(detector):
 )
 def test_fpn_levels_and_width(detector, levels, expected):
     lo, hi = levels or (None, None)
-    spec = _tiny(detector, min_level=lo, max_level=hi, fpn_channels=48)
+    spec = _tiny(detector, min_level=lo, max_level=hi, fpn_channels=64)
     assert spec.levels == expected
     maps = list(build_backbone(spec)(torch.rand(1, 3, 128, 128)).values())
-    assert [tuple(m.shape) for m in maps] == [(1, 48, 128 >> lv, 128 >> lv) for lv in expected]
+    assert [tuple(m.shape) for m in maps] == [(1, 64, 128 >> lv, 128 >> lv) for lv in expected]
 
 
-def test_backbone_weights_load_from_a_local_file(tmp_path):
+def test_backbone_weights_load_from_a_state_dict():
     from torchvision.models import resnet18
 
     body = resnet18(weights=None)
     torch.nn.init.constant_(body.layer2[0].conv1.weight, 0.25)
-    path = tmp_path / "r18.pth"
-    torch.save(body.state_dict(), path)
     spec = _tiny("retinanet", norm="frozen_bn", trainable_layers=3)
-    backbone = build_backbone(spec, str(path))
+    backbone = build_backbone(spec, body.state_dict())
     assert torch.all(backbone.body.layer2[0].conv1.weight == 0.25)
     assert not backbone.body.conv1.weight.requires_grad  # trainable_layers=3: stem frozen
     assert backbone.body.layer2[0].conv1.weight.requires_grad
-    bad = tmp_path / "bad.pth"
-    torch.save({"conv1.weight": body.conv1.weight, "extra.weight": torch.zeros(1)}, bad)
-    with pytest.raises(KeyError, match="extra.weight"):
-        load_backbone_weights(resnet18(weights=None), str(bad))
+    bad = {"conv1.weight": body.conv1.weight, "extra.weight": torch.zeros(1)}
+    with pytest.raises(KeyError, match="r18.pth: not a ResNet of torchvision: .*'extra.weight'"):
+        load_backbone_weights(resnet18(weights=None), bad, "r18.pth")
 
 
 def test_teacher_weights_load_strictly_and_list_bad_keys():

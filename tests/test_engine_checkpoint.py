@@ -43,4 +43,4 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     except OSError:
         pass
     assert load_checkpoint(path)["iteration"] == 1  # the old file is intact
-    assert sorted(os.listdir(tmp_path)) == ["ck.pth", "ck.pth.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["ck.pth"]  # the failed write's .tmp is removed

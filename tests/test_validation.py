@@ -111,7 +111,7 @@ def test_feature_mse_rejects():
         ops.masked_feature_mse(s, s, w, norm="batch")
     with pytest.raises(ValueError, match=r"`reduction` = 'mean'; expected one of per_head, global"):
         ops.masked_feature_mse(s, s, w, reduction="mean")
-    with pytest.raises(ValueError, match=r"`eps` = 0; expected a number > 0"):
+    with pytest.raises(ValueError, match=r"`eps` = 0; expected a finite number > 0"):
         ops.masked_feature_mse(s, s, w, eps=0)
     with pytest.raises(TypeError, match=r"`teacher` has dtype torch.float16 but `student` has torch.float32"):
         ops.masked_feature_mse(s, s.half(), w)

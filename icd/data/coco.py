@@ -15,9 +15,11 @@ Bad data is found before any model is built, except a corrupt image (found when 
 - per image: no integer ``id``, a ``file_name`` that is missing or resolves outside the image
   folder, a ``width`` / ``height`` that is not a positive integer or (when the image is read) is
   not the image's real size;
-- per annotation: no ``id``, ``image_id``, ``category_id`` or ``bbox``; a bbox not four finite
-  numbers or of negative size; an unknown category or image; with masks, a non-crowd annotation
-  without a ``segmentation`` that decodes at its image's size.
+- per annotation: no ``id``, ``category_id`` or ``bbox``; an ``id``, ``image_id`` or
+  ``category_id`` that is not an integer; a bbox not four finite numbers or of negative size; an
+  unknown category or image; with masks, a non-crowd annotation without a ``segmentation`` that
+  decodes at its image's size (an annotation that is no object or has no ``image_id`` at all
+  belongs to no image that could be left out: a file-level error).
 
 Per-image and per-annotation problems are reported with the file, the field and the id, then
 skipped (``on_bad_data="skip"``) or raised (``"error"``); the masks are decoded only once the
@@ -39,18 +41,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from icd.errors import IcdError
+from icd.data.images import read_rgb
+from icd.errors import DataFileError
 
 log = logging.getLogger(__name__)
 
 BAD_DATA_CHOICES = ("skip", "error")
 
 
-class BadDataError(IcdError, RuntimeError):
+class BadDataError(DataFileError, RuntimeError):
     """A corrupt image or a malformed annotation file, with what and where in the message."""
 
 
@@ -164,6 +166,10 @@ def _image_problem(image: Any, image_dir: str) -> str | None:
 _ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _annotation_fields_problem(ann: Any) -> str | None:
     """A missing or mistyped field of an ``annotations`` entry; None when all are there."""
     if not isinstance(ann, dict):
@@ -171,8 +177,9 @@ def _annotation_fields_problem(ann: Any) -> str | None:
     for field in _ANNOTATION_FIELDS:
         if field not in ann:
             return f"has no '{field}'"
-    if not isinstance(ann["id"], int) or isinstance(ann["id"], bool):
-        return f"'id' {_short(ann['id'])} is not an integer"
+    for field in ("id", "image_id", "category_id"):
+        if not _is_int(ann[field]):
+            return f"'{field}' {_short(ann[field])} is not an integer"
     return None
 
 
@@ -310,6 +317,10 @@ class CocoDetection(Dataset):
         categories = {cat["id"] for cat in data["categories"]}
         kept, seen, no_area = [], set(), 0
         for i, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or "image_id" not in ann:
+                # no image to leave out with it: the file is malformed, whatever --on-bad-data says
+                what = "is not an object" if not isinstance(ann, dict) else "has no 'image_id'"
+                raise BadDataError(f"{self.annotation_file}: annotations[{i}] {what}; the file is malformed")
             problem = _annotation_fields_problem(ann)
             if problem is not None:
                 ann_id = ann.get("id") if isinstance(ann, dict) else None
@@ -378,12 +389,11 @@ class CocoDetection(Dataset):
         image_id = self.image_ids[index]
         path = self.image_path(index)
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            tensor = read_rgb(path)
         except Exception as err:  # PIL raises several types for truncated / unreadable files
             self._bad(f"image {path} (image id {image_id}) cannot be read: {err}")
             return None
-        width, height = image.size
+        height, width = tensor.shape[1:]
         declared = self.coco.imgs[image_id]
         if (declared.get("width", width), declared.get("height", height)) != (width, height):
             # checked before any mask is decoded at the declared size
@@ -392,8 +402,6 @@ class CocoDetection(Dataset):
                 f"its entry says {declared.get('width')}x{declared.get('height')} ('width'/'height')"
             )
             return None
-        tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        tensor = tensor.float().div_(255.0)
         target = self._target(image_id, width, height)
         if "masks" in target and target["masks"].shape[1:] != (height, width):
             self._bad(

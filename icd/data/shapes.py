@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from icd.data.coco import encode_rle
+from icd.errors import OutputDirError
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "diamond", "star")
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -221,10 +222,33 @@ def write_split(out_dir: str, split: str, num_images: int, seed: int, cfg: Shape
     return path
 
 
+def existing_dataset_files(out_dir: str) -> list[str]:
+    """What ``generate`` would overwrite in ``out_dir``: its annotation files and non-empty split
+    folders (paths relative to ``out_dir``)."""
+    found = []
+    for split in ("train", "val"):
+        ann = os.path.join("annotations", f"instances_{split}.json")
+        if os.path.exists(os.path.join(out_dir, ann)):
+            found.append(ann)
+        for folder in (split, os.path.join("yolo", "labels", split)):
+            path = os.path.join(out_dir, folder)
+            if os.path.isdir(path) and os.listdir(path):
+                found.append(folder + "/")
+    return found
+
+
 def generate(
-    out_dir: str, num_train: int = 2000, num_val: int = 500, image_size: int = 256, seed: int = 0
-) -> dict[str, str]:
-    """Write the train and val splits; returns {split: annotation file}."""
+    out_dir: str, num_train: int = 2000, num_val: int = 500, image_size: int = 256, seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, str]:  # fmt: skip
+    """Write the train and val splits; returns {split: annotation file}. A dataset already in
+    ``out_dir`` is an OutputDirError unless ``overwrite`` (then its files are replaced)."""
+    existing = existing_dataset_files(out_dir)
+    if existing and not overwrite:
+        raise OutputDirError(
+            f"--out {out_dir}",
+            f"holds a dataset ({', '.join(existing)}); pass --overwrite to replace it, or another --out",
+        )
     cfg = ShapesConfig(image_size=image_size)
     return {
         "train": write_split(out_dir, "train", num_train, seed, cfg),

@@ -16,6 +16,7 @@ their model labels are dataset labels + ``DetectorSpec.label_offset``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,6 +36,7 @@ TWO_STAGE_DETECTORS = ("fasterrcnn", "maskrcnn")  # RPN + RoI heads, background 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("frozen_bn", "bn", "gn")
 DEFAULT_LEVELS = {"retinanet": (3, 7), "fcos": (3, 7), "fasterrcnn": (2, 6), "maskrcnn": (2, 6)}
+FCOS_HEAD_GROUPS = 32  # torchvision's FCOSHead: GroupNorm(32, C) after each conv
 
 
 @dataclass
@@ -69,10 +71,10 @@ class DetectorSpec:
             raise ConfigError(f"max_level={self.max_level}; expected {self.min_level}..8")
         if not 0 <= self.trainable_layers <= 5:
             raise ConfigError(f"trainable_layers={self.trainable_layers}; expected 0..5")
-        if self.detector == "fcos" and self.fpn_channels % 16:
+        if self.detector == "fcos" and self.fpn_channels % FCOS_HEAD_GROUPS:
             raise ConfigError(
-                f"fcos: fpn_channels={self.fpn_channels}; its head's GroupNorm(16) "
-                "needs a multiple of 16"
+                f"--fpn-channels {self.fpn_channels}",
+                f"fcos's head normalises with GroupNorm({FCOS_HEAD_GROUPS}): expected a multiple of {FCOS_HEAD_GROUPS}",
             )
         self.min_size = tuple(
             int(s)
@@ -127,6 +129,20 @@ class ExtraLevels(ExtraFPNBlock):
         return results[: self.keep], names[: self.keep]
 
 
+class PerImageGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that also takes a batch of one image whose groups hold one value each.
+
+    GroupNorm's statistics are per image, but ``F.group_norm`` refuses a batch whose
+    N x (C / groups) x H x W is 1, a check made for BatchNorm: FCOS's head with 32 channels
+    (one per group) on a 1x1 level (P7 of a small image) died on the lone image of a last val
+    batch, while two images passed and gave each the same result as alone. This computes what
+    GroupNorm computes for every image, also alone.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled)
+
+
 def _norm_layer(norm: str):
     if norm == "frozen_bn":
         return FrozenBatchNorm2d
@@ -135,11 +151,14 @@ def _norm_layer(norm: str):
     return lambda channels: nn.GroupNorm(32, channels)
 
 
-def build_backbone(spec: DetectorSpec, backbone_weights: str | None = None) -> BackboneWithFPN:
-    """ResNet body + FPN giving P_min..P_max (keys '0', '1', ... then 'p6', ...)."""
+def build_backbone(
+    spec: DetectorSpec, backbone_weights: Mapping[str, Tensor] | None = None, source: str = "backbone weights"
+) -> BackboneWithFPN:
+    """ResNet body + FPN giving P_min..P_max (keys '0', '1', ... then 'p6', ...); ``backbone_weights``:
+    a torchvision ResNet state dict (read from a file by the caller; ``source`` names it in errors)."""
     body = getattr(resnet, spec.backbone)(weights=None, norm_layer=_norm_layer(spec.norm))
     if backbone_weights is not None:
-        load_backbone_weights(body, backbone_weights)
+        load_backbone_weights(body, backbone_weights, source)
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][: spec.trainable_layers]
     if spec.trainable_layers == 5:
         layers.append("bn1")
@@ -158,10 +177,10 @@ def build_backbone(spec: DetectorSpec, backbone_weights: str | None = None) -> B
     return BackboneWithFPN(body, return_layers, in_channels, spec.fpn_channels, extra_blocks=extra)
 
 
-def load_backbone_weights(body: nn.Module, path: str) -> None:
-    """Load a torchvision ResNet state dict (a local file) strictly, ``fc.*`` aside."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+def load_backbone_weights(body: nn.Module, state: Mapping[str, Tensor], source: str = "backbone weights") -> None:
+    """Load a torchvision ResNet state dict strictly, ``fc.*`` aside (``state``: the dict, or a
+    checkpoint with it under "model"; ``source`` names it in errors)."""
+    if isinstance(state.get("model"), Mapping):
         state = state["model"]
     # fc belongs to classification; num_batches_tracked is not kept by FrozenBatchNorm2d
     skip = ("fc.", "num_batches_tracked")
@@ -170,14 +189,18 @@ def load_backbone_weights(body: nn.Module, path: str) -> None:
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
         raise WeightsMismatchError(
-            f"backbone weights {path}: missing keys {missing}; unexpected keys {unexpected}"
+            f"{source}: not a {type(body).__name__} of torchvision: missing keys {_keys_text(missing)}; "
+            f"unexpected keys {_keys_text(unexpected)}"
         )
     body.load_state_dict(state, strict=False)
 
 
-def build_detector(spec: DetectorSpec, backbone_weights: str | None = None) -> nn.Module:
-    """The torchvision detector of ``spec`` (weights=None, weights_backbone=None: no download)."""
-    backbone = build_backbone(spec, backbone_weights)
+def build_detector(
+    spec: DetectorSpec, backbone_weights: Mapping[str, Tensor] | None = None, source: str = "backbone weights"
+) -> nn.Module:
+    """The torchvision detector of ``spec`` (weights=None, weights_backbone=None: no download);
+    ``backbone_weights``: an ImageNet ResNet state dict for its body (see ``build_backbone``)."""
+    backbone = build_backbone(spec, backbone_weights, source)
     strides = [2**level for level in spec.levels]
     common = {"min_size": spec.min_size, "max_size": spec.max_size}
     thresh = spec.score_thresh
@@ -191,9 +214,11 @@ def build_detector(spec: DetectorSpec, backbone_weights: str | None = None) -> n
         )
     if spec.detector == "fcos":
         anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
-        return FCOS(
-            backbone, spec.num_classes, anchor_generator=anchors, score_thresh=thresh, **common
-        )
+        model = FCOS(backbone, spec.num_classes, anchor_generator=anchors, score_thresh=thresh, **common)
+        for module in model.head.modules():
+            if type(module) is nn.GroupNorm:
+                module.__class__ = PerImageGroupNorm  # same parameters and state dict
+        return model
     anchors = AnchorGenerator(tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
     # RoIs pool from the FPN levels that come from ResNet (not the max-pooled extras).
     names = [str(i) for i in range(min(spec.max_level, 5) - spec.min_level + 1)]
@@ -209,24 +234,22 @@ def build_detector(spec: DetectorSpec, backbone_weights: str | None = None) -> n
     return FasterRCNN(backbone, spec.num_classes + 1, **two_stage)
 
 
-def load_detector_weights(model: nn.Module, checkpoint: str | dict, what: str = "teacher") -> None:
+def load_detector_weights(
+    model: nn.Module, state: Mapping[str, Tensor], what: str = "teacher", source: str = "the given state dict"
+) -> None:
     """Load a detector state dict strictly; a missing or unexpected key is an error listing them.
 
-    ``checkpoint``: a path to an ``icd train`` checkpoint (its "model" entry), a bare state dict
-    file, or an already loaded dict.
+    ``state``: a loaded ``icd train`` checkpoint (its "model" entry is used) or a bare state dict;
+    ``source`` names it in errors (``"--teacher runs/t/checkpoint.pth"``).
     """
-    state = checkpoint
-    if isinstance(checkpoint, str):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if "model" in state and isinstance(state["model"], dict):
+    if isinstance(state.get("model"), Mapping):
         state = state["model"]
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    src = checkpoint if isinstance(checkpoint, str) else "the given state dict"
     if missing or unexpected:
         raise WeightsMismatchError(
-            f"{what} weights from {src} do not match the {what} detector: "
-            f"missing keys {missing}; unexpected keys {unexpected}"
+            f"{source}: its weights do not match the {what} detector: "
+            f"missing keys {_keys_text(missing)}; unexpected keys {_keys_text(unexpected)}"
         )
     reshaped = [
         f"{k}: checkpoint {list(v.shape)}, model {list(own[k].shape)}"
@@ -235,7 +258,14 @@ def load_detector_weights(model: nn.Module, checkpoint: str | dict, what: str = 
     ]
     if reshaped:
         raise WeightsMismatchError(
-            f"{what} weights from {src} do not match the {what} detector's shapes ({len(reshaped)} "
+            f"{source}: its weights do not match the {what} detector's shapes ({len(reshaped)} "
             f"tensors; match the flags to the checkpoint): " + "; ".join(reshaped[:3])
         )
     model.load_state_dict(state, strict=True)
+
+
+def _keys_text(keys: list[str], shown: int = 4) -> str:
+    """The first ``shown`` keys as a list, then how many there are."""
+    if len(keys) <= shown:
+        return str(keys)
+    return f"{keys[:shown]} and {len(keys) - shown} more"

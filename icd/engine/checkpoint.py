@@ -21,6 +21,7 @@ reads it back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -29,36 +30,110 @@ from typing import Any
 import numpy as np
 import torch
 
-from icd.errors import ConfigError
+from icd.errors import CheckpointError, OutputDirError
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to ``path.tmp`` then os.replace: a reader sees the old file or the new one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """torch.save to ``path.tmp`` then os.replace: a reader sees the old file or the new one.
+
+    A write that fails (a full disk, a file-size limit, a folder gone) removes its ``.tmp`` and
+    raises OutputDirError naming the file; the old file stays as it was.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    writer = _RecordingWriter()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            writer.file = f
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer turns a failed write into a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = err if isinstance(err, OSError) else writer.error or err
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else _first_line(cause)
+        raise OutputDirError(
+            path, f"could not be written ({reason}); the previous file, if any, is unchanged"
+        ) from None
 
 
-def load_checkpoint(path: str) -> dict:
-    """The dict saved at ``path`` (weights_only); ConfigError when the file is no torch checkpoint."""
+class _RecordingWriter:
+    """A file's ``write`` for torch.save that keeps the OSError of a failed write (a full disk, a
+    file-size limit), which torch's zip writer reports only as "unexpected pos"."""
+
+    def __init__(self) -> None:
+        self.file, self.error = None, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def load_checkpoint(path: str, flag: str | None = None) -> dict:
+    """The dict saved at ``path`` (``weights_only``: tensors, numbers, strings, lists, dicts).
+
+    Whatever the file holds, the only errors are one line naming ``flag`` (e.g. ``"--teacher"``)
+    and the file: FileNotFoundError when it is missing, CheckpointError when it is a folder, no
+    torch checkpoint (text, random or truncated bytes, an empty file), a pickle of other Python
+    objects (never run: ``weights_only``), or no dict.
+    """
+    where = f"{flag} {path}" if flag else path
     if os.path.isdir(path):
-        raise ConfigError(f"{path} is a directory; expected a checkpoint file (e.g. {path}/checkpoint.pth)")
+        raise CheckpointError(where, f"is a directory; expected a checkpoint file (e.g. {path}/checkpoint.pth)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}: no checkpoint file {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint file {path}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ConfigError(
-            f"{path} is not a readable torch checkpoint ({type(err).__name__}); expected a file written by "
-            "icd train or torch.save (tensors, numbers, strings, lists, dicts)"
+    except pickle.UnpicklingError as err:
+        blocked = "unsupported global" in str(err).lower()  # a real pickle of other objects, not garbage
+        raise CheckpointError(
+            where,
+            "holds Python objects other than tensors, numbers, strings, lists and dicts; they were "
+            "not loaded (weights_only). Re-save its state dicts with torch.save"
+            if blocked
+            else f"is not a readable torch checkpoint ({_first_line(err)})",
+        ) from None
+    except MemoryError:
+        raise CheckpointError(where, "is not a readable torch checkpoint (it asks for more memory than there is)") \
+            from None
+    except Exception as err:  # noqa: BLE001 - a user's file: any failure of the reader is the file's
+        raise CheckpointError(
+            where,
+            f"is not a readable torch checkpoint ({_first_line(err)}); expected a file written by icd or "
+            "torch.save (is it truncated, or another format?)",
         ) from None
     if not isinstance(ckpt, dict):
-        raise ConfigError(f"{path} holds a {type(ckpt).__name__}; expected a checkpoint dict or a state dict")
+        raise CheckpointError(where, f"holds a {type(ckpt).__name__}; expected a checkpoint dict or a state dict")
     return ckpt
+
+
+def state_dict_entry(ckpt: dict, flag: str, path: str, key: str = "model") -> dict:
+    """``ckpt[key]`` when it is there (an icd or torchvision checkpoint), else ``ckpt`` itself (a
+    bare state dict), checked to map names to tensors: CheckpointError naming the file otherwise."""
+    state = ckpt[key] if isinstance(ckpt.get(key), dict) else ckpt
+    bad = next(((k, v) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+    if bad is not None:
+        what = f"its '{key}' entry" if state is not ckpt else "it"
+        raise CheckpointError(
+            f"{flag} {path}",
+            f"is no state dict: {what} maps {bad[0]!r} to a {type(bad[1]).__name__}; expected tensors "
+            "(an icd train checkpoint, or a model's state_dict())",
+        )
+    return state
 
 
 def capture_rng_state() -> dict:

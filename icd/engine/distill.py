@@ -73,6 +73,19 @@ def _valid_maps(
     return [(~m).float().unsqueeze(1) for m in ops.unflatten_levels(padding, shapes)]
 
 
+def check_icd_heads(heads: int, teacher_channels: int, teacher: str) -> None:
+    """ConfigError naming --icd-heads when the teacher's FPN width does not split into ``heads``
+    attention heads of a width the position embedding takes (a multiple of 4 channels in all)."""
+    if teacher_channels % heads == 0 and teacher_channels % 4 == 0:
+        return
+    divisors = [h for h in range(1, teacher_channels + 1) if teacher_channels % h == 0]
+    raise ConfigError(
+        f"--icd-heads {heads}",
+        f"ICD's attention works at the teacher's width, {teacher_channels} FPN channels (--teacher {teacher}), "
+        f"which must split into the heads (and be a multiple of 4); heads that fit: {divisors}",
+    )
+
+
 class FpnMseDistiller(nn.Module):
     """Mean squared error between the normalised, adapted student FPN maps and the normalised
     teacher maps, averaged over levels.

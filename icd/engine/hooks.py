@@ -35,6 +35,7 @@ class EpochEnd:
     batches: int
     finished: bool
     run_over: bool
+    evaluate: bool = False  # an evaluation follows (the checkpoint records it as pending)
     saved: dict | None = None  # the checkpoint written at this end (rank 0)
 
 
@@ -46,6 +47,10 @@ class Hook:
 
     def after_epoch(self, trainer: Trainer, end: EpochEnd) -> None:
         pass
+
+    def evaluates(self, end: EpochEnd) -> bool:
+        """Whether this hook evaluates at ``end`` (asked before any after_epoch)."""
+        return False
 
 
 def average_across_ranks(record: dict[str, float], info: DistInfo) -> dict[str, float]:
@@ -111,11 +116,12 @@ class PeriodicCheckpoint(Hook):
             trainer.save(trainer.batches.epoch, trainer.batches.position)
 
     def after_epoch(self, trainer: Trainer, end: EpochEnd) -> None:
+        due = end.epoch if end.evaluate else None
         if end.finished:  # the next run goes on with the next epoch
             epoch_file = bool(self.epoch_file_every) and (end.epoch + 1) % self.epoch_file_every == 0
-            end.saved = trainer.save(end.epoch + 1, 0, also_epoch_file=epoch_file)
+            end.saved = trainer.save(end.epoch + 1, 0, also_epoch_file=epoch_file, evaluation_due=due)
         else:
-            end.saved = trainer.save(end.epoch, end.batches)
+            end.saved = trainer.save(end.epoch, end.batches, evaluation_due=due)
 
 
 class PeriodicEvaluation(Hook):
@@ -125,7 +131,10 @@ class PeriodicEvaluation(Hook):
     def __init__(self, every: int) -> None:
         self.every = every
 
-    def after_epoch(self, trainer: Trainer, end: EpochEnd) -> None:
+    def evaluates(self, end: EpochEnd) -> bool:
         periodic = end.finished and self.every and (end.epoch + 1) % self.every == 0
-        if end.run_over or periodic:
+        return bool(end.run_over or periodic)
+
+    def after_epoch(self, trainer: Trainer, end: EpochEnd) -> None:
+        if self.evaluates(end):
             trainer.run_evaluation(end.epoch, end.saved)

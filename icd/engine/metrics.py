@@ -15,7 +15,11 @@ import os
 import time
 from collections.abc import Sequence
 
+from icd.errors import DataFileError, OutputDirError
+
 METRICS_FILE = "metrics.jsonl"
+# what `icd plot --out` writes (matplotlib's formats that are pictures a user opens)
+PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".pdf")
 
 
 class MetricsLog:
@@ -31,21 +35,31 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {**record, "time": round(time.time(), 3)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as err:  # a full disk, a file-size limit: one line, not a traceback
+            raise OutputDirError(self.path, f"could not be written ({err.strerror or err})") from None
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The records of a run; a truncated last line (a killed run) is skipped."""
+    """The records of a run: JSON objects with an ``iter``; a line that is not one (a truncated
+    last line of a killed run, a foreign line) is skipped, and a file with none is a DataFileError."""
     path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise DataFileError(run_dir, f"no {METRICS_FILE} (not the output folder of an icd run)")
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict) and isinstance(record.get("iter"), (int, float)):
+                records.append(record)
+    if not records and os.path.getsize(path):
+        raise DataFileError(path, "no line is a JSON object with an 'iter'; not the metrics of an icd run")
     return records
 
 
@@ -55,6 +69,10 @@ def _last_per_iter(records: list[dict]) -> list[dict]:
     for r in records:
         by_iter[r["iter"]] = r
     return [by_iter[k] for k in sorted(by_iter)]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def plot_runs(run_dirs: Sequence[str], out_path: str) -> str:
@@ -70,22 +88,18 @@ def plot_runs(run_dirs: Sequence[str], out_path: str) -> str:
         name = os.path.basename(os.path.normpath(run))
         train = _last_per_iter([r for r in records if r.get("type") == "train"])
         if train:
-            line = ax_total.plot(
-                [r["iter"] for r in train], [r["loss"] for r in train], label=name
-            )[0]
+            points = [(r["iter"], r["loss"]) for r in train if _number(r.get("loss"))]
+            line = ax_total.plot(*zip(*points, strict=True), label=name)[0] if points else None
             keys = sorted({k for r in train for k in r if k.startswith("loss_")})
             for key, style in zip(keys, ("-", "--", ":", "-.") * 3, strict=False):
-                pts = [(r["iter"], r[key]) for r in train if key in r and math.isfinite(r[key])]
-                ax_parts.plot(
-                    *zip(*pts, strict=True),
-                    linestyle=style,
-                    color=line.get_color(),
-                    label=f"{name} {key[5:]}",
-                )
+                pts = [(r["iter"], r[key]) for r in train if _number(r.get(key))]
+                if pts:
+                    ax_parts.plot(*zip(*pts, strict=True), linestyle=style,
+                                  color=line.get_color() if line else None, label=f"{name} {key[5:]}")  # fmt: skip
         evals = _last_per_iter([r for r in records if r.get("type") == "eval"])
         colour = None  # the run's colour, taken from its first curve
         for key, style, label in (("AP", "-o", "AP"), ("AP50", "--s", "AP50"), ("segm_AP", ":^", "mask AP")):
-            points = [(r["iter"], r[key]) for r in evals if key in r]  # segm_AP: Mask R-CNN runs only
+            points = [(r["iter"], r[key]) for r in evals if _number(r.get(key))]  # segm_AP: Mask R-CNN runs only
             if points:
                 line = ax_ap.plot(*zip(*points, strict=True), style, color=colour, label=f"{name} {label}")[0]
                 colour = line.get_color()

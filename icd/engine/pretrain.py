@@ -38,12 +38,14 @@ from icd.detection.models import DetectorSpec
 from icd.engine import optim
 from icd.engine.attention import attention_statistics
 from icd.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
-from icd.engine.distill import build_distiller, check_static_slots
+from icd.engine.distill import build_distiller, check_icd_heads, check_static_slots
 from icd.engine.feature_cache import TeacherFeatureCache
+from icd.engine.interrupt import StopRequest
 from icd.engine.metrics import MetricsLog, read_metrics
+from icd.engine.output_dir import claim_output_dir, remove_previous_run
 from icd.engine.run_spec import distiller_kwargs
 from icd.engine.sampler import ResumableSampler
-from icd.errors import ConfigError
+from icd.errors import CheckpointError, ConfigError, InterruptedRun
 
 log = logging.getLogger("icd.pretrain")
 
@@ -112,7 +114,7 @@ def check_signature(found: Mapping, expected: Mapping, path: str) -> None:
 
 def load_teacher_side(distiller: nn.Module, path: str, expected_signature: Mapping) -> dict:
     """Load a ``teacher_side.pth`` into ``distiller`` after checking it fits; returns its metadata."""
-    blob = load_checkpoint(path)
+    blob = load_checkpoint(path, "--icd-init")
     if "teacher_side" not in blob or "signature" not in blob:
         raise ConfigError(
             f"--icd-init {path} is not a teacher-side file of `icd pretrain` "
@@ -139,8 +141,6 @@ class Pretrainer:
     """Builds the frozen teacher, the data and ICD's teacher side from ``icd pretrain`` args."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from icd.engine.trainer import _plain_args, load_teacher, seed_everything
-
         for flag in ("iters", "eval_every", "print_freq", "batch_size", "stop_after_iters"):
             value = getattr(args, flag)
             if value is not None and value < 1:
@@ -148,6 +148,18 @@ class Pretrainer:
         if not (math.isfinite(args.lr) and args.lr > 0) or not (math.isfinite(args.clip) and args.clip > 0):
             raise ConfigError(f"--lr {args.lr} / --clip {args.clip}: expected finite positive numbers")
         self.args = args
+        # another run's folder (a teacher's, another pre-training's) is refused before anything is built
+        self.claim = claim_output_dir(args.output_dir, args.resume, getattr(args, "overwrite", False), "pretrain")
+        try:
+            self._set_up()
+        except BaseException:
+            self.claim.release()
+            raise
+
+    def _set_up(self) -> None:
+        args = self.args
+        from icd.engine.trainer import _plain_args, load_teacher, seed_everything
+
         self.saved_args = _plain_args(args)  # what checkpoints store (weights_only-loadable)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         seed_everything(args.seed)
@@ -163,6 +175,7 @@ class Pretrainer:
         num_classes = self.train_set.num_classes
         self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)
         self.level_names = [f"P{lvl}" for lvl in self.teacher_spec.levels]
+        check_icd_heads(args.icd_heads, self.teacher_spec.fpn_channels, args.teacher)
         self.distiller = build_distiller(
             **distiller_kwargs(vars(args), self.teacher_spec, num_classes),
             warmup_iters=0,
@@ -204,7 +217,13 @@ class Pretrainer:
         }
 
     def _resume(self, path: str) -> None:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, "--resume")
+        needed = ("teacher_side", "signature", "optimizer", "lr_scheduler", "iteration", "rng")
+        missing = [k for k in needed if k not in ckpt]
+        if missing:
+            raise CheckpointError(
+                f"--resume {path}", f"is not a checkpoint.pth of icd pretrain (no {', '.join(missing)})"
+            )
         check_signature(ckpt["signature"], self.signature, path)
         self.distiller.load_state_dict(ckpt["teacher_side"], strict=False)
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -285,6 +304,9 @@ class Pretrainer:
     def run(self) -> dict[str, float]:
         """Pre-train to --iters; returns the last attention statistics."""
         args = self.args
+        if self.claim.overwritten:
+            log.warning("--overwrite: removing the previous run's %s", ", ".join(self.claim.overwritten))
+            remove_previous_run(self.claim.overwritten)
         self.distiller.train()
         if self.iteration == 0:
             self.evaluate()  # where the untrained teacher side looks: the curve's start
@@ -293,7 +315,24 @@ class Pretrainer:
         batches = self._batches()
         stats = {}
         stop_at = min(args.iters, args.stop_after_iters or args.iters)
-        while self.iteration < stop_at:
+        with StopRequest() as stop:
+            stats = self._train(batches, bar, stop_at, stop)
+        bar.close()
+        if stop.requested:
+            last = os.path.join(args.output_dir, LAST_CHECKPOINT)
+            save_atomic(self.state(), last)
+            raise InterruptedRun(
+                f"interrupted (Ctrl-C) at iteration {self.iteration}: checkpoint written; continue with --resume {last}"
+            )
+        if self.iteration == args.iters:
+            self._check_kept_attention()
+        plot_attention_curve(args.output_dir)
+        return stats
+
+    def _train(self, batches, bar: tqdm, stop_at: int, stop: StopRequest) -> dict[str, float]:
+        """Steps up to ``stop_at`` (or a Ctrl-C), evaluating and checkpointing every --eval-every."""
+        args, stats = self.args, {}
+        while self.iteration < stop_at and not stop.requested:
             images, targets = next(batches)
             if not images:
                 continue
@@ -308,10 +347,6 @@ class Pretrainer:
                 save_atomic(self.state(), os.path.join(args.output_dir, LAST_CHECKPOINT))
                 bar.write(f"iter {self.iteration}: lift {stats.get('lift', float('nan')):.2f} "
                           f"distinctness {stats.get('distinctness', float('nan')):.3f}")  # fmt: skip
-        bar.close()
-        if self.iteration == args.iters:
-            self._check_kept_attention()
-        plot_attention_curve(args.output_dir)
         return stats
 
     def _check_kept_attention(self) -> None:
@@ -364,4 +399,8 @@ def plot_attention_curve(run_dir: str, out_path: str | None = None) -> str:
 
 def pretrain(args: argparse.Namespace) -> dict[str, float]:
     """Run ``icd pretrain``; returns the last attention statistics."""
-    return Pretrainer(args).run()
+    pretrainer = Pretrainer(args)
+    try:
+        return pretrainer.run()
+    finally:
+        pretrainer.claim.release()

@@ -1,8 +1,19 @@
-"""--resume checks: the checkpoint is an ``icd train`` one, of the same model and distillation.
+"""--resume checks: the checkpoint is an ``icd train`` one, of the same model, distillation,
+schedule and data order.
 
 Loading another run's optimiser state fails deep inside torch ("loaded state dict contains a
 parameter group that doesn't match the size of optimizer's group"); this names the flags that
 differ instead, before anything is loaded.
+
+Flags that change the lr schedule (``--lr``, ``--epochs``, ...) or what the saved data position
+means (``--batch-size``, the number of processes, ``--seed``, the training images) are refused
+too: the optimiser state would keep the old lr and the position would be re-read in batches of
+another size, skipping images. ``--allow-resume-changes`` accepts them, and the run then goes on
+with the new settings from the checkpoint's iteration (:func:`resumed_position`): the lr
+schedule of the new flags (the lr, momentum and weight decay of the optimiser replaced), the
+interrupted epoch continued after the images already seen (whole batches of the new size: at
+most one batch of images is read twice, none skipped), or, with another seed or other training
+images, restarted from its first batch.
 """
 
 from __future__ import annotations
@@ -18,10 +29,18 @@ REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "iteration", "rn
 SPEC_FIELDS = ("detector", "backbone", "num_classes", "fpn_channels", "min_level", "max_level", "norm")
 # may differ on resume: where the ICD ops run (a GPU run continued on CPU)
 RESUMABLE_CHANGES = ("icd_backend",)
+# change the lr schedule of the student (the teacher side's flags are compared as distillation flags)
+SCHEDULE_FLAGS = ("lr", "momentum", "weight_decay", "warmup_iters", "lr_steps", "iters", "epochs")
+# change which images the saved position (batches of the epoch) stands for
+DATA_ORDER_FLAGS = ("batch_size", "seed")
+ALLOW_FLAG = "--allow-resume-changes"
 
 
-def check_resume_compatible(ckpt: Any, path: str, args: argparse.Namespace, spec: dict) -> None:
-    """ConfigError naming what differs between the checkpoint's run and this one."""
+def check_resume_compatible(
+    ckpt: Any, path: str, args: argparse.Namespace, spec: dict, world_size: int, train_images: int
+) -> None:
+    """ConfigError naming what differs between the checkpoint's run and this one (``world_size``:
+    this run's processes; ``train_images``: its training images)."""
     if not isinstance(ckpt, dict):
         raise ConfigError(f"--resume {path} is not an icd train checkpoint (a {type(ckpt).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
@@ -50,6 +69,52 @@ def check_resume_compatible(ckpt: Any, path: str, args: argparse.Namespace, spec
         raise ConfigError(
             f"--resume {path} was another run: {text}. Resume with its flags, or start a new run"
         )
+    changes = schedule_changes(ckpt, args, world_size, train_images)
+    if changes and not getattr(args, "allow_resume_changes", False):
+        text = "; ".join(f"{flag} {_shown(old)} there, {_shown(new)} here" for flag, old, new in changes)
+        raise ConfigError(
+            f"--resume {path}",
+            f"{text}: these change the lr schedule or where the saved data position points. Resume with "
+            f"the run's flags, or pass {ALLOW_FLAG} to go on with the new ones from iteration "
+            f"{ckpt['iteration']}",
+        )
+
+
+def schedule_changes(
+    ckpt: dict, args: argparse.Namespace, world_size: int, train_images: int
+) -> list[tuple[str, Any, Any]]:
+    """(flag, the checkpoint's value, this run's) of each schedule or data-order setting that differs."""
+    saved_args = ckpt.get("args") or {}
+    changes = [
+        (f"--{dest.replace('_', '-')}", saved_args[dest], getattr(args, dest))
+        for dest in (*SCHEDULE_FLAGS, *DATA_ORDER_FLAGS)
+        if dest in saved_args and saved_args[dest] != getattr(args, dest, None)
+    ]
+    if int(ckpt.get("world_size", world_size)) != world_size:
+        changes.append(("processes (torchrun)", ckpt["world_size"], world_size))
+    if int(ckpt.get("train_images", train_images)) != train_images:
+        changes.append(("training images", ckpt["train_images"], train_images))
+    return changes
+
+
+def resumed_position(ckpt: dict, batch_size: int, world_size: int, train_images: int, seed: int) -> tuple[int, str]:
+    """The batch of the saved epoch to continue with under ``--allow-resume-changes``, and what was
+    done (empty when the position is unchanged)."""
+    position = int(ckpt.get("epoch_batches", 0))
+    saved_args = ckpt.get("args") or {}
+    if position == 0:
+        return 0, ""
+    if saved_args.get("seed", seed) != seed or int(ckpt.get("train_images", train_images)) != train_images:
+        return 0, f"another order of epoch {ckpt['epoch']}: it restarts from its first batch"
+    old_batch = int(saved_args.get("batch_size", batch_size)) * int(ckpt.get("world_size", world_size))
+    new_batch = batch_size * world_size
+    if old_batch == new_batch:
+        return position, ""
+    new_position = position * old_batch // new_batch  # images seen, in whole batches of the new size
+    return new_position, (
+        f"epoch {ckpt['epoch']} goes on after {new_position * new_batch} of the {position * old_batch} "
+        f"images it had read ({position} batches of {old_batch} -> {new_position} of {new_batch})"
+    )
 
 
 def _shown(value: Any) -> str:

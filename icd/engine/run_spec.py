@@ -109,11 +109,14 @@ def _is_train_args(args: Any) -> bool:
     return isinstance(args, Mapping) and args.get("detector") is not None and args.get("backbone") is not None
 
 
-def build_loaded_detector(spec: DetectorSpec, ckpt: Mapping[str, Any] | str, what: str = "loaded") -> nn.Module:
+def build_loaded_detector(
+    spec: DetectorSpec, ckpt: Mapping[str, Any], what: str = "loaded", source: str = "the checkpoint"
+) -> nn.Module:
     """``build_detector(spec)`` with the checkpoint's weights loaded strictly (its ``model``
-    entry, or the bare state dict); ``what`` names the detector in a mismatch error."""
+    entry, or the bare state dict); ``what`` names the detector and ``source`` the file in a
+    mismatch error."""
     model = build_detector(spec)
-    load_detector_weights(model, ckpt, what=what)
+    load_detector_weights(model, ckpt, what=what, source=source)
     return model
 
 
@@ -124,15 +127,18 @@ def load_detector(
     flags: DetectorSpec | None = None,
     flags_hint: str = "give the detector's flags",
     what: str = "loaded",
-    source: str | None = None,
+    flag: str | None = None,
 ) -> tuple[nn.Module, DetectorSpec]:
     """The detector of a checkpoint (a path or a loaded dict) with its weights, and its spec
-    (``checkpoint_detector_spec``'s rules); in train mode, on the CPU, as ``build_detector``."""
-    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
-    if source is None:
-        source = checkpoint if isinstance(checkpoint, str) else "the checkpoint"
+    (``checkpoint_detector_spec``'s rules); in train mode, on the CPU, as ``build_detector``.
+    ``flag`` (``"--teacher"``) names where the path came from in errors."""
+    if isinstance(checkpoint, str):
+        ckpt = load_checkpoint(checkpoint, flag)
+        source = f"{flag} {checkpoint}" if flag else checkpoint
+    else:
+        ckpt, source = checkpoint, "the checkpoint"
     spec = checkpoint_detector_spec(ckpt, source, num_classes, flags=flags, flags_hint=flags_hint)
-    return build_loaded_detector(spec, ckpt, what), spec
+    return build_loaded_detector(spec, ckpt, what, source), spec
 
 
 def load_frozen_teacher(
@@ -146,7 +152,7 @@ def load_frozen_teacher(
     """The teacher of ``path`` in eval mode on ``device``, no parameter requiring gradients;
     NonFiniteError when a weight is NaN or inf."""
     teacher, spec = load_detector(
-        path, num_classes, flags=flags, flags_hint=flags_hint, what="teacher", source=f"--teacher {path}"
+        path, num_classes, flags=flags, flags_hint=flags_hint, what="teacher", flag="--teacher"
     )
     bad = first_non_finite(teacher.state_dict().items())
     if bad is not None:

@@ -43,22 +43,27 @@ from icd.engine.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_atomic,
+    state_dict_entry,
 )
-from icd.engine.distill import build_distiller, check_static_slots
+from icd.engine.distill import build_distiller, check_icd_heads, check_static_slots
 from icd.engine.distributed import DistInfo, all_ranks, barrier, cleanup, init_distributed
 from icd.engine.evaluator import autocast, eval_loader, evaluate
 from icd.engine.finite import all_finite, first_non_finite, loss_report, nested_tensors
 from icd.engine.hooks import EpochEnd, HealthCheck, Hook, PeriodicCheckpoint, PeriodicEvaluation, TrainMetrics
+from icd.engine.interrupt import StopRequest
 from icd.engine.metrics import MetricsLog
 from icd.engine.output_dir import claim_output_dir, remove_previous_run
-from icd.engine.resume_settings import check_resume_compatible
+from icd.engine.resume_settings import check_resume_compatible, resumed_position, schedule_changes
 from icd.engine.run_spec import BARE_STATE_DICT_NORM, detector_spec_from_args, distiller_kwargs, load_frozen_teacher
 from icd.engine.sampler import ResumableSampler
-from icd.errors import ConfigError, NonFiniteError, NothingDoneError
+from icd.errors import ConfigError, InterruptedRun, NonFiniteError, NothingDoneError
+from icd.ops.validation import value_checks
 
 log = logging.getLogger("icd.train")
 
 LAST_CHECKPOINT = "checkpoint.pth"
+# teacher features above this magnitude overflow float32 when a loss squares them (sqrt of its max)
+TEACHER_FEATURE_LIMIT = torch.finfo(torch.float32).max ** 0.5
 BEST_CHECKPOINT = "model_best.pth"  # the evaluation with the highest best_metric() so far
 
 
@@ -151,10 +156,23 @@ class Trainer:
             )
         if args.health_window < 2:
             raise ConfigError(f"--health-window {args.health_window}: expected at least 2 iterations")
-        # another run's files there stop this one before anything is built; rank 0 probes a write
-        self.overwritten = claim_output_dir(
-            args.output_dir, args.resume, getattr(args, "overwrite", False), probe=_is_rank_zero()
+        # another run's files there, or a live run in it, stop this one before anything is built;
+        # rank 0 holds the folder (its lock) until close()
+        self.claim = (
+            claim_output_dir(args.output_dir, args.resume, getattr(args, "overwrite", False))
+            if _is_rank_zero()
+            else None
         )
+        self.overwritten = self.claim.overwritten if self.claim is not None else []
+        try:
+            self._set_up()
+        except BaseException:
+            self._release_claim()
+            raise
+
+    def _set_up(self) -> None:
+        """Everything a run needs, from the arguments (the folder already claimed)."""
+        args = self.args
         self.info: DistInfo = init_distributed(args.device)
         seed_everything(args.seed)
         self._build_data()
@@ -165,7 +183,12 @@ class Trainer:
                 "frozen_bn without --backbone-weights: the backbone's BatchNorm layers stay at identity "
                 "and its weights start random; give ImageNet weights, or --norm gn to train from scratch"
             )
-        self.model = build_detector(self.spec, args.backbone_weights).to(self.info.device)
+        backbone = None
+        if args.backbone_weights:
+            backbone = state_dict_entry(load_checkpoint(args.backbone_weights, "--backbone-weights"),
+                                        "--backbone-weights", args.backbone_weights)  # fmt: skip
+        source = f"--backbone-weights {args.backbone_weights}"
+        self.model = build_detector(self.spec, backbone, source).to(self.info.device)
         sampler = ResumableSampler(self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=args.seed)
         self.batches = EpochBatches(
             self.train_set, sampler, args.batch_size, args.workers, args.seed,
@@ -187,8 +210,10 @@ class Trainer:
         self.iteration = 0  # optimiser steps done
         self.metrics = MetricsLog(args.output_dir, enabled=self.info.is_main)
         self.hooks: list[Hook] = []  # set by run()
+        self.stop = StopRequest(enabled=False)  # run() installs the Ctrl-C handler
         self.best: dict | None = None  # {"metric", "value", "epoch", "iter"} of the best evaluation
         self.last_evaluation: dict[str, float] = {}
+        self.pending_evaluation: tuple[int, dict | None] | None = None  # (epoch, its checkpoint) to evaluate
         if args.resume:
             self._resume(args.resume)
 
@@ -229,6 +254,8 @@ class Trainer:
             self._inherit(teacher_spec)
             self.teacher = None  # inheritance only: no teacher forward passes, its memory goes
             return
+        if args.distill == "icd":
+            check_icd_heads(args.icd_heads, teacher_spec.fpn_channels, args.teacher)
         warmup = args.distill_warmup_iters
         if warmup is None:
             warmup = optim.default_warmup_iters(self.total_iters)
@@ -334,6 +361,8 @@ class Trainer:
             "iteration": self.iteration,
             "args": _plain_args(self.args),
             "detector_spec": self.spec.to_dict(),
+            "world_size": self.info.world_size,
+            "train_images": len(self.train_set),
             "rng": capture_rng_state(),
         }
         if self.distiller is not None:
@@ -347,15 +376,25 @@ class Trainer:
             ckpt["best"] = dict(self.best)
         return ckpt
 
-    def save(self, epoch: int, epoch_batches: int, also_epoch_file: bool = False) -> dict | None:
-        """Write checkpoint.pth (and model_{epoch-1}.pth) on rank 0; returns what was written."""
+    def save(
+        self, epoch: int, epoch_batches: int, also_epoch_file: bool = False, evaluation_due: int | None = None
+    ) -> dict | None:
+        """Write model_{epoch-1}.pth, then checkpoint.pth, on rank 0; returns what was written.
+
+        The epoch file goes first: a run killed between the two resumes from the checkpoint
+        before, redoes this epoch's end and writes it again. ``evaluation_due``: the epoch whose
+        evaluation follows; recorded as ``pending_evaluation`` until it is done, so that a run
+        killed during it evaluates on --resume.
+        """
         if not self.info.is_main:
             return None
         ckpt = self.state(epoch, epoch_batches)
+        if evaluation_due is not None:
+            ckpt["pending_evaluation"] = evaluation_due
         _refuse_non_finite(ckpt, self.iteration)
-        save_atomic(ckpt, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
         if also_epoch_file:
             save_atomic(ckpt, os.path.join(self.args.output_dir, f"model_{epoch - 1}.pth"))
+        save_atomic(ckpt, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
         return ckpt
 
     def _track_best(self, metrics: dict[str, float], epoch: int) -> bool:
@@ -369,19 +408,24 @@ class Trainer:
         self.best = {"metric": key, "value": value, "epoch": epoch, "iter": self.iteration}
         return True
 
-    def _save_best(self, saved: dict | None) -> None:
-        """model_best.pth: the checkpoint just written (``saved``) with the new best in it; also
-        rewrites checkpoint.pth so that a resume from it knows the best so far."""
+    def _record_evaluation(self, saved: dict | None, improved: bool) -> None:
+        """After the evaluation of the state ``saved`` (the checkpoint written just before it, rank
+        0): model_best.pth when it is the new best, then checkpoint.pth again with the best so far
+        and no pending evaluation."""
         if saved is None:
             return
-        saved["best"] = dict(self.best)
-        save_atomic(saved, os.path.join(self.args.output_dir, BEST_CHECKPOINT))
+        saved.pop("pending_evaluation", None)
+        if self.best is not None:
+            saved["best"] = dict(self.best)
+        if improved:
+            save_atomic(saved, os.path.join(self.args.output_dir, BEST_CHECKPOINT))
         save_atomic(saved, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
 
     def _resume(self, path: str) -> None:
-        ckpt = load_checkpoint(path)
-        check_resume_compatible(ckpt, path, self.args, self.spec.to_dict())
-        load_detector_weights(_unwrap(self.model), ckpt, what="resumed")
+        ckpt = load_checkpoint(path, "--resume")
+        world_size, train_images = self.info.world_size, len(self.train_set)
+        check_resume_compatible(ckpt, path, self.args, self.spec.to_dict(), world_size, train_images)
+        load_detector_weights(_unwrap(self.model), ckpt, what="resumed", source=f"--resume {path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         if self.distiller is not None:
@@ -397,11 +441,38 @@ class Trainer:
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
-        self.batches.seek(int(ckpt["epoch"]), int(ckpt.get("epoch_batches", 0)))
+        position = int(ckpt.get("epoch_batches", 0))
+        if schedule_changes(ckpt, self.args, world_size, train_images):  # --allow-resume-changes
+            self._apply_new_schedule()
+            position, note = resumed_position(ckpt, self.args.batch_size, world_size, train_images, self.args.seed)
+            if note and self.info.is_main:
+                log.warning("--allow-resume-changes: %s", note)
+        self.batches.seek(int(ckpt["epoch"]), position)
         self.best = dict(ckpt["best"]) if "best" in ckpt else None
+        if "pending_evaluation" in ckpt:  # killed during an epoch end's evaluation: run() does it first
+            self.pending_evaluation = (int(ckpt["pending_evaluation"]), ckpt if self.info.is_main else None)
         restore_rng_state(ckpt["rng"])
         if self.info.is_main:
             log.info("resumed from %s at epoch %d, iteration %d", path, self.batches.epoch, self.iteration)
+
+    def _apply_new_schedule(self) -> None:
+        """The lr, momentum and weight decay of this run's flags in the resumed optimisers, and
+        their lr at the resumed iteration by the new schedule (the schedulers' closed forms were
+        built from the new flags; their saved state holds the old base lr)."""
+        lr = self.optimizer.defaults["lr"]  # this run's --lr (or its default), set when it was built
+        for group in self.optimizer.param_groups:
+            group.update(momentum=self.args.momentum, weight_decay=self.args.weight_decay, initial_lr=lr)
+        schedulers = [(self.lr_scheduler, [lr] * len(self.optimizer.param_groups))]
+        if self.teacher_lr_scheduler is not None:
+            schedulers.append((self.teacher_lr_scheduler, list(self.teacher_lr_scheduler.base_lrs)))
+        for scheduler, base_lrs in schedulers:
+            scheduler.base_lrs = base_lrs
+            groups = scheduler.optimizer.param_groups
+            for group, base, factor in zip(groups, base_lrs, scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * factor(scheduler.last_epoch)
+        if self.info.is_main:
+            log.warning("--allow-resume-changes: the lr schedule of this run's flags from iteration %d on (lr now "
+                        "%.3g)", self.iteration, self.optimizer.param_groups[0]["lr"])  # fmt: skip
 
     def _optimisers(self) -> list[torch.optim.Optimizer]:
         return [opt for opt in (self.optimizer, self.teacher_optimizer) if opt is not None]
@@ -421,14 +492,33 @@ class Trainer:
             )
         message = f"non-finite loss at iteration {step}: {loss_report(losses)}"
         teacher_maps, self._teacher_maps = self._teacher_maps, None
-        if teacher_maps is not None and first_non_finite(enumerate(teacher_maps)) is not None:
-            message += (
-                f"; the teacher's FPN outputs are non-finite (teacher {self.args.teacher}): the teacher, "
-                "not the student, is at fault" + (" (float16 overflow? try without --amp)" if self.args.amp else "")
-            )
+        teacher_fault = self._teacher_maps_fault(teacher_maps) if teacher_maps is not None else None
+        if teacher_fault is not None:
+            message += f"; {teacher_fault}"
         else:
             message += f"; the student diverged or the batch is bad: lower --lr ({self._lr_text()})"
         raise NonFiniteError(message + "; nothing non-finite was checkpointed")
+
+    def _teacher_maps_fault(self, maps: list[torch.Tensor]) -> str | None:
+        """What is wrong with the teacher's FPN maps of this batch (non-finite, or too large for
+        the distillation loss to square in float32), blaming the teacher; None when nothing is."""
+        if first_non_finite(enumerate(maps)) is not None:
+            found = "non-finite (NaN or inf)"
+        else:
+            peak = max(float(m.detach().abs().max()) for m in maps)
+            if peak <= TEACHER_FEATURE_LIMIT:
+                return None
+            found = f"as large as {peak:.3g} (the distillation loss squares them: float32 ends at 3.4e38)"
+        return (
+            f"the teacher's FPN outputs are {found} (--teacher {self.args.teacher}): the teacher, not the "
+            "student, is at fault" + (" (float16 overflow? try without --amp)" if self.args.amp else "")
+        )
+
+    def _check_teacher_maps(self, maps: list[torch.Tensor]) -> None:
+        """NonFiniteError blaming the teacher when its maps of this batch are unusable (CPU runs)."""
+        fault = self._teacher_maps_fault(maps)
+        if fault is not None:
+            raise NonFiniteError(f"iteration {self.iteration + 1}: {fault}; nothing non-finite was checkpointed")
 
     def _lr_text(self) -> str:
         return f"now {self.optimizer.param_groups[0]['lr']:.3g}"
@@ -443,6 +533,8 @@ class Trainer:
                 with torch.no_grad():
                     teacher_maps = list(self.teacher.backbone(batch.images).values())
                 self._teacher_maps = teacher_maps  # kept until the loss check (its report)
+                if value_checks(teacher_maps[0]):  # free on the CPU; on a GPU the loss check reports it
+                    self._check_teacher_maps(teacher_maps)
                 labels = [lab - offset for lab in batch.labels]
                 extra = self.distiller_ddp(
                     teacher_maps,
@@ -525,12 +617,28 @@ class Trainer:
         ]
         if self.val_set is not None:
             self.hooks.append(PeriodicEvaluation(args.eval_every))
+        evaluated = self.pending_evaluation is not None and self.val_set is not None
+        if evaluated:
+            epoch, saved = self.pending_evaluation
+            if self.info.is_main:
+                log.info("the evaluation after epoch %d was interrupted: evaluating that state first", epoch)
+            self.run_evaluation(epoch, saved)
+        self.pending_evaluation = None
         start = self.iteration
-        self.train(start, stop_at)
-        if self.iteration == start:
+        with StopRequest(enabled=not self.info.distributed) as self.stop:
+            try:
+                self.train(start, stop_at)
+            except Exception:
+                if not self.stop.requested:
+                    raise
+                self._interrupted(failed=True)  # e.g. the data workers, which Ctrl-C ends too
+        if self.stop.requested:
+            self._interrupted(failed=False)
+        if self.iteration == start and not evaluated:
             raise NothingDoneError(
                 f"--resume {args.resume} is at iteration {self.iteration} and this run stops at iteration "
-                f"{stop_at}: nothing to train; raise --iters, --epochs or --stop-after-iters to go on"
+                f"{stop_at}: nothing to train; raise --stop-after-iters to go on (a longer --iters or --epochs "
+                "changes the lr schedule: add --allow-resume-changes)"
             )
         return self.last_evaluation
 
@@ -556,8 +664,21 @@ class Trainer:
             record = self.train_step(images, targets)
             for hook in self.hooks:
                 hook.after_step(self, record)
-        if self.iteration > start_iter and data.epoch < self.num_epochs:  # stopped at max_iter
+            if self.stop.requested:  # Ctrl-C: the stop below writes the checkpoint
+                break
+        if self.iteration > start_iter and data.epoch < self.num_epochs:  # stopped at max_iter or Ctrl-C
             self._end_epoch(start_iter)
+
+    def _interrupted(self, failed: bool) -> None:
+        """InterruptedRun after Ctrl-C, naming the checkpoint to resume from (``failed``: the stop
+        ended in an error, so the last checkpoint may be older than this iteration)."""
+        last = os.path.join(self.args.output_dir, LAST_CHECKPOINT)
+        if not os.path.exists(last):
+            raise InterruptedRun(f"interrupted (Ctrl-C) at iteration {self.iteration}, before any checkpoint")
+        done = "the last checkpoint is" if failed else "checkpoint written"
+        raise InterruptedRun(
+            f"interrupted (Ctrl-C) at iteration {self.iteration}; {done}: continue with --resume {last}"
+        )
 
     def _end_epoch(self, start_iter: int) -> None:
         """The current epoch's end, or a stop part-way through it: the hooks' after_epoch
@@ -572,6 +693,7 @@ class Trainer:
             )
         last_epoch_done = data.used_up and data.epoch + 1 == self.num_epochs
         end = EpochEnd(data.epoch, data.position, data.used_up, self.iteration >= self.total_iters or last_epoch_done)
+        end.evaluate = any(hook.evaluates(end) for hook in self.hooks)
         for hook in self.hooks:
             hook.after_epoch(self, end)
         barrier(self.info)
@@ -602,8 +724,7 @@ class Trainer:
                     "best_iter": self.best["iter"]}
         self.metrics.write({"type": "eval", "iter": self.iteration, "epoch": epoch, **metrics, **best})
         self.last_evaluation = metrics
-        if improved:
-            self._save_best(saved)
+        self._record_evaluation(saved, improved)
         if self.info.is_main:
             print(
                 f"epoch {epoch} iter {self.iteration}: "
@@ -617,6 +738,11 @@ class Trainer:
         if self.tap is not None:
             self.tap.remove()
         cleanup(self.info)
+        self._release_claim()
+
+    def _release_claim(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:

@@ -21,7 +21,6 @@ have few boxes, which is what eager execution prefers (see docs/nn.md for measur
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,7 +41,7 @@ from icd.nn.validation import (
     check_padded_size_fits_levels,
     check_valid_regions,
 )
-from icd.ops.validation import NORMS, REDUCTIONS
+from icd.ops.validation import NORMS, REDUCTIONS, check_number
 
 LOSS_NAMES = ("distill", "aux_conf", "aux_reg")
 
@@ -108,8 +107,14 @@ class ICDDistiller(nn.Module):
         mask_temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"ICDDistiller: num_classes = {num_classes}; expected >= 1")
+        op = "ICDDistiller"
+        for name, value in (("num_classes", num_classes), ("heads", heads), ("max_labels", max_labels),
+                            ("num_layers", num_layers)):  # fmt: skip
+            check_number(value, name, op, integer=True, minimum=1)
+        check_number(warmup_iters, "warmup_iters", op, integer=True, minimum=0)
+        for name, value in (("loss_weight", loss_weight), ("neg_ratio", neg_ratio), ("sample_range", sample_range)):
+            check_number(value, name, op, minimum=0.0)
+        check_number(mask_temperature, "mask_temperature", op, above=0.0)
         teacher_widths = as_level_widths(teacher_channels, "ICDDistiller: teacher_channels")
         student_widths = as_level_widths(student_channels, "ICDDistiller: student_channels")
         if teacher_widths and student_widths and len(teacher_widths) != len(student_widths):
@@ -146,12 +151,6 @@ class ICDDistiller(nn.Module):
             raise ValueError(
                 f"ICDDistiller: backend = {backend!r}; "
                 f"expected None or one of {', '.join(ops.BACKENDS)}"
-            )
-        if warmup_iters < 0:
-            raise ValueError(f"ICDDistiller: warmup_iters = {warmup_iters}; expected >= 0")
-        if not (math.isfinite(mask_temperature) and mask_temperature > 0):
-            raise ValueError(
-                f"ICDDistiller: mask_temperature = {mask_temperature}; expected a finite value > 0"
             )
         prior = _as_prior(prior, num_classes)
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from icd.errors import ArgumentError, DataFileError
 
 DEFAULT_SIZE_MEAN = 0.2  # box width/height mean (fraction of the image) without statistics
 DEFAULT_SIZE_STD = 0.2
@@ -183,23 +186,25 @@ class ClassPrior(nn.Module):
 
     @classmethod
     def from_yolo_labels(cls, folder: str | os.PathLike[str], num_classes: int) -> ClassPrior:
-        """Statistics of a YOLO label folder: one ``.txt`` per image, one line per box,
-        ``class cx cy w h`` with the box as fractions of the image (searched recursively).
+        """Statistics of a YOLO label folder: one ``.txt`` per image (searched recursively), read
+        as ultralytics reads it: one line per box, ``class cx cy w h`` as fractions of the image;
+        or, in a file where a line has more than 6 fields, one polygon per line, ``class x1 y1 x2
+        y2 ...``, whose bounding box is the instance's box.
 
-        Raises ValueError naming the file and line for a malformed line or a class id
-        outside 0..num_classes-1.
+        Raises DataFileError naming the file and line for a line that is not UTF-8 text or not
+        numbers, a class id outside 0..num_classes-1, a coordinate outside [0, 1] (ultralytics'
+        1% tolerance; pixels are not fractions), a box of zero or negative width or height, or
+        a file that mixes boxes and polygons.
         """
         root = os.fspath(folder)
         if not os.path.isdir(root):
-            raise ValueError(f"ClassPrior.from_yolo_labels: `folder` = {root!r} is not a directory")
+            raise ArgumentError("ClassPrior.from_yolo_labels", f"`folder` = {root!r} is not a directory")
         if num_classes < 1:
-            raise ValueError(f"ClassPrior.from_yolo_labels: num_classes = {num_classes}; expected >= 1")
+            raise ArgumentError("ClassPrior.from_yolo_labels", f"num_classes = {num_classes}; expected >= 1")
         fractions: list[list[tuple[float, float]]] = [[] for _ in range(num_classes)]
         for path in sorted(_label_files(root)):
-            for line_no, line in enumerate(_read_lines(path), start=1):
-                label, w, h = _parse_yolo_line(line, path, line_no, num_classes)
-                if label is not None:
-                    fractions[label].append((w, h))
+            for label, w, h in _read_yolo_file(path, num_classes):
+                fractions[label].append((w, h))
         return cls._from_fractions(fractions)
 
     @classmethod
@@ -227,35 +232,55 @@ def _label_files(root: str) -> list[str]:
     return out
 
 
-def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
+YOLO_TOLERANCE = 0.01  # ultralytics accepts coordinates up to 1.01 (and down to -0.01 for centres)
 
 
-def _parse_yolo_line(
-    line: str, path: str, line_no: int, num_classes: int
-) -> tuple[int | None, float, float]:
-    """``class cx cy w h [...]`` -> (class, w, h); a blank line -> (None, 0, 0)."""
-    fields = line.split()
-    if not fields:
-        return None, 0.0, 0.0
-    where = f"{path}:{line_no}"
+def _read_yolo_file(path: str, num_classes: int) -> list[tuple[int, float, float]]:
+    """(class, w, h) of each line of one YOLO label file (see ``ClassPrior.from_yolo_labels``)."""
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        label_value = float(fields[0])
-        values = [float(v) for v in fields[1:5]]
-    except ValueError:
-        raise ValueError(
-            f"ClassPrior.from_yolo_labels: {where}: {line!r}; expected 'class cx cy w h' numbers"
-        ) from None
-    if len(values) != 4 or label_value != int(label_value):
-        raise ValueError(f"ClassPrior.from_yolo_labels: {where}: {line!r}; expected 'class cx cy w h'")
-    label = int(label_value)
-    if not 0 <= label < num_classes:
-        raise ValueError(
-            f"ClassPrior.from_yolo_labels: {where}: class id {label}; expected "
-            f"0 <= class < num_classes = {num_classes} (the dataset's names)"
-        )
-    return label, values[2], values[3]
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_no = data[: err.start].count(b"\n") + 1
+        raise DataFileError(f"{path}:{line_no}", "not UTF-8 text; expected a YOLO label file") from None
+    rows = [(n, line.split()) for n, line in enumerate(text.splitlines(), start=1) if line.split()]
+    polygons = any(len(fields) > 6 for _, fields in rows)
+    out = []
+    for line_no, fields in rows:
+        where = f"{path}:{line_no}"
+        try:
+            values = [float(v) for v in fields]
+        except ValueError:
+            raise DataFileError(where, f"{' '.join(fields)!r} is not numbers; expected 'class cx cy w h'") from None
+        if not all(math.isfinite(v) for v in values):
+            raise DataFileError(where, f"{' '.join(fields)!r} has a non-finite value")
+        label, coords = values[0], values[1:]
+        if label != int(label) or not 0 <= label < num_classes:
+            raise DataFileError(
+                where, f"class {fields[0]}; expected an integer 0 <= class < num_classes = {num_classes}"
+            )
+        if polygons:
+            if len(coords) < 6 or len(coords) % 2:
+                raise DataFileError(
+                    where, f"{len(fields)} fields in a file of polygons; expected 'class x1 y1 x2 y2 x3 y3 ...' "
+                    "(a file holds boxes or polygons, not both)",
+                )  # fmt: skip
+            xs, ys = coords[0::2], coords[1::2]
+            box = [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
+        elif len(coords) != 4:
+            raise DataFileError(where, f"{len(fields)} fields; expected 'class cx cy w h' (5)")
+        else:
+            box = coords
+        if box[2] <= 0 or box[3] <= 0:
+            raise DataFileError(where, f"a box of width {box[2]:g} and height {box[3]:g}; expected both > 0")
+        if max(coords) > 1 + YOLO_TOLERANCE or min(coords) < -YOLO_TOLERANCE:
+            raise DataFileError(
+                where, f"coordinates {' '.join(fields[1:5])}{' ...' if len(fields) > 5 else ''} outside "
+                "[0, 1]; expected fractions of the image's width and height (are these pixels?)",
+            )  # fmt: skip
+        out.append((int(label), box[2], box[3]))
+    return out
 
 
 def _load_coco(annotations: str | os.PathLike[str] | Mapping[str, Any]) -> Any:

@@ -3,9 +3,9 @@
 The backends and what each takes are in the table of ``icd.ops.backends`` (docs/method.md
 3.5). Default: the first available of triton, cuda, cpu that runs natively on the inputs'
 device (triton or cuda on CUDA tensors, cpu on CPU tensors), else reference.
-``ICD_BACKEND=<name>`` (read at import and whenever ``set_backend(None)`` is called),
-``set_backend(name)`` and the ``backend=`` argument of each op override it, in increasing
-priority.
+``ICD_BACKEND=<name>`` (read whenever an op chooses its backend, so a misspelt value is an
+error there, never at import), ``set_backend(name)`` and the ``backend=`` argument of each op
+override it, in increasing priority.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from types import TracebackType
 
 import torch
 
+from icd.errors import EnvironmentSettingError
 from icd.ops.backends import BACKEND_TABLE, BACKENDS, Backend, triton_interpreted
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "available_backends",
     "backend_of",
     "default_backend",
+    "env_backend",
     "get_backend",
     "is_built",
     "resolve_backend",
@@ -50,16 +52,19 @@ def available_backends() -> list[str]:
 
 def _check_name(name: str, source: str) -> str:
     if name not in BACKEND_TABLE:
-        raise ValueError(f"{source} = {name!r}; expected one of {', '.join(BACKENDS)}")
+        error = EnvironmentSettingError if source == "ICD_BACKEND" else ValueError
+        raise error(f"{source} = {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
 
 
-def _env_backend() -> str | None:
+def env_backend() -> str | None:
+    """The backend ICD_BACKEND names (None when unset); EnvironmentSettingError when it names none."""
     value = os.environ.get("ICD_BACKEND", "").strip().lower()
     return _check_name(value, "ICD_BACKEND") if value else None
 
 
-_override: str | None = _env_backend()
+_FROM_ENV = object()  # _override's value while no set_backend(name) is in force: ICD_BACKEND decides
+_override: str | None | object = _FROM_ENV
 
 
 class set_backend:  # noqa: N801 - used like a function, also a context manager
@@ -76,7 +81,7 @@ class set_backend:  # noqa: N801 - used like a function, also a context manager
     def __init__(self, name: str | None) -> None:
         global _override
         self._previous = _override
-        _override = _env_backend() if name is None else _check_name(name, "backend")
+        _override = _FROM_ENV if name is None else _check_name(name, "backend")
 
     def __enter__(self) -> set_backend:
         return self
@@ -93,7 +98,7 @@ class set_backend:  # noqa: N801 - used like a function, also a context manager
 
 def get_backend() -> str | None:
     """The backend forced by set_backend() / ICD_BACKEND, or None for the per-device default."""
-    return _override
+    return env_backend() if _override is _FROM_ENV else _override
 
 
 def default_backend(device: torch.device) -> str:
@@ -111,7 +116,7 @@ def resolve_backend(device: torch.device, requested: str | None = None) -> str:
     ``requested`` (an op's ``backend=`` argument) beats set_backend(), which beats
     ICD_BACKEND, which beats the per-device default.
     """
-    name = requested if requested is not None else _override
+    name = requested if requested is not None else get_backend()
     if name is None:
         return default_backend(device)
     backend = backend_of(name)

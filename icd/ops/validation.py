@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from icd.errors import ArgumentError, EnvironmentSettingError
 from icd.ops.backends import BACKEND_TABLE
 
 NORMS = ("ln", "tln", "none")
@@ -33,7 +34,7 @@ def check_mode() -> str:
     """The value-check mode of ICD_CHECKS: "cpu" (default), "full" or "off"."""
     mode = os.environ.get("ICD_CHECKS", "").strip().lower() or "cpu"
     if mode not in CHECK_MODES:
-        raise ValueError(f"ICD_CHECKS = {mode!r}; expected one of {', '.join(CHECK_MODES)}")
+        raise EnvironmentSettingError(f"ICD_CHECKS = {mode!r}; expected one of {', '.join(CHECK_MODES)}")
     return mode
 
 
@@ -46,6 +47,51 @@ def value_checks(t: Tensor) -> bool:
         return False
     mode = check_mode()
     return mode == "full" or (mode == "cpu" and t.device.type == "cpu")
+
+
+def range_text(
+    integer: bool = False, minimum: float | None = None, above: float | None = None,
+    maximum: float | None = None, below: float | None = None,
+) -> str:  # fmt: skip
+    """What a number in the range is, in words: "an integer >= 1", "a finite number > 0 and <= 1"."""
+    bounds = [
+        f">= {minimum:g}" if minimum is not None else None,
+        f"> {above:g}" if above is not None else None,
+        f"<= {maximum:g}" if maximum is not None else None,
+        f"< {below:g}" if below is not None else None,
+    ]
+    kind = "an integer" if integer else "a finite number"
+    return " ".join([kind, " and ".join(b for b in bounds if b)]).strip()
+
+
+def in_range(
+    value: float, minimum: float | None = None, above: float | None = None,
+    maximum: float | None = None, below: float | None = None,
+) -> bool:  # fmt: skip
+    """Finite and within the bounds (each None: no bound); an int too large for a float is not."""
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        return False
+    return (
+        finite
+        and (minimum is None or value >= minimum)
+        and (above is None or value > above)
+        and (maximum is None or value <= maximum)
+        and (below is None or value < below)
+    )
+
+
+def check_number(
+    value: object, name: str, op: str, *, integer: bool = False, minimum: float | None = None,
+    above: float | None = None, maximum: float | None = None, below: float | None = None,
+) -> None:  # fmt: skip
+    """ArgumentError ``{op}: `{name}` = {value}; expected ...`` unless ``value`` is a (finite) number
+    in the range (an integer when ``integer``; bools are no numbers)."""
+    bounds = {"minimum": minimum, "above": above, "maximum": maximum, "below": below}
+    kinds = (int,) if integer else (int, float)
+    if not (isinstance(value, kinds) and not isinstance(value, bool) and in_range(value, **bounds)):
+        raise ArgumentError(op, f"`{name}` = {value!r}; expected {range_text(integer, **bounds)}")
 
 
 def _shape(t: Tensor) -> str:
@@ -233,6 +279,5 @@ def check_feature_mse_args(
         raise ValueError(f"{op}: `norm` = {norm!r}; expected one of {', '.join(NORMS)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: `reduction` = {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
-    if not eps > 0:
-        raise ValueError(f"{op}: `eps` = {eps}; expected a number > 0")
+    check_number(eps, "eps", op, above=0.0)
     check_same_device(op, student=student, teacher=teacher, weight=weight)

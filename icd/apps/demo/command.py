@@ -8,7 +8,7 @@ from icd.apps.demo.pipeline import run_demo
 from icd.apps.demo.plan import PRETRAIN_ITERS
 from icd.apps.demo.report import summarize
 from icd.apps.demo.settings import TINY, DemoConfig
-from icd.flags import int_at_least
+from icd.flags import finite_float, int_at_least
 
 # the flags whose None means "DemoConfig's value (or TINY's with --tiny)"
 _OPTIONAL_SETTINGS = ("image_size", "num_train", "num_val", "teacher_epochs", "student_epochs", "lr", "icd_weight",
@@ -28,15 +28,15 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
         help="seed of the three student runs only (default --seed): with the data and teacher "
         "of --seed copied into --out, repeats the students over seeds",
     )
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--num-train", type=int, default=None)
-    p.add_argument("--num-val", type=int, default=None)
-    p.add_argument("--teacher-epochs", type=int, default=None)
-    p.add_argument("--student-epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--icd-weight", type=float, default=None, help="ICD loss weight (default 8)")
-    p.add_argument("--distill-warmup-iters", type=int, default=None)
-    p.add_argument("--fpn-mse-weight", type=float, default=None)
+    p.add_argument("--image-size", type=int_at_least(48), default=None)  # smaller: the shapes' backgrounds fail
+    p.add_argument("--num-train", type=int_at_least(1), default=None)
+    p.add_argument("--num-val", type=int_at_least(1), default=None)
+    p.add_argument("--teacher-epochs", type=int_at_least(1), default=None)
+    p.add_argument("--student-epochs", type=int_at_least(1), default=None)
+    p.add_argument("--lr", type=finite_float(above=0.0), default=None)
+    p.add_argument("--icd-weight", type=finite_float(minimum=0.0), default=None, help="ICD loss weight (default 8)")
+    p.add_argument("--distill-warmup-iters", type=int_at_least(0), default=None)
+    p.add_argument("--fpn-mse-weight", type=finite_float(minimum=0.0), default=None)
     p.add_argument(
         "--pretrain-iters",
         type=int_at_least(0),
@@ -46,9 +46,9 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
         help=f"pre-train ICD's teacher side first (icd pretrain, {PRETRAIN_ITERS} iterations without a value); "
         "default: the paper's recipe, which measured better in AP",
     )
-    p.add_argument("--jobs", type=int, default=d.jobs, help="training runs side by side")
-    p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads per run")
-    p.add_argument("--attention-images", type=int, default=None)
+    p.add_argument("--jobs", type=int_at_least(1), default=d.jobs, help="training runs side by side")
+    p.add_argument("--threads", type=int_at_least(1), default=d.threads, help="intra-op threads per run")
+    p.add_argument("--attention-images", type=int_at_least(1), default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--summarize",

@@ -12,7 +12,8 @@ from icd.apps.demo.plan import plan_runs
 from icd.apps.demo.report import results_table, write_results
 from icd.apps.demo.scheduler import execute
 from icd.apps.demo.settings import DemoConfig
-from icd.apps.demo.stamps import data_is_current, reuse_if_finished, write_data_stamp
+from icd.apps.demo.stamps import data_is_current, foreign_files, mark_owned, reuse_if_finished, write_data_stamp
+from icd.errors import OutputDirError
 
 
 def prepare_data(cfg: DemoConfig) -> bool:
@@ -21,6 +22,7 @@ def prepare_data(cfg: DemoConfig) -> bool:
 
     if data_is_current(cfg):
         return False
+    mark_owned(cfg.data_dir)
     shapes = ShapesConfig(image_size=cfg.image_size, min_shapes=1, max_shapes=cfg.max_shapes,
                           num_strokes=cfg.num_strokes, noise_std=cfg.noise_std)  # fmt: skip
     for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
@@ -29,9 +31,24 @@ def prepare_data(cfg: DemoConfig) -> bool:
     return True
 
 
+def check_out_dir(cfg: DemoConfig) -> None:
+    """OutputDirError when a folder the demo writes (the data, a run) holds files it did not
+    create: an ``icd train`` run or a dataset of the user's is never replaced."""
+    for folder in [cfg.data_dir, *(cfg.run_dir(run.name) for run in plan_runs(cfg))]:
+        names = foreign_files(folder)
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            raise OutputDirError(
+                f"--out {cfg.out_dir}",
+                f"{folder} holds files the demo did not create ({shown}); the demo would replace them. "
+                "Choose another --out, or move them",
+            )
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """The whole demo; returns {"rows", "table", "files"}."""
     start = time.time()
+    check_out_dir(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "demo_config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)

@@ -8,7 +8,6 @@ The parent shows one progress bar per run, fed by the runs' ``metrics.jsonl``.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
@@ -20,7 +19,8 @@ from tqdm import tqdm
 
 from icd.apps.demo.plan import Run
 from icd.apps.demo.settings import DemoConfig
-from icd.apps.demo.stamps import STAMP_FILE, write_run_stamp
+from icd.apps.demo.stamps import STAMP_FILE, mark_owned, write_run_stamp
+from icd.engine.output_dir import previous_run_files
 
 POLL_S = 0.5
 
@@ -50,11 +50,9 @@ def runs_to_start(pending: Sequence[Run], active: int, done: set[str], jobs: int
 
 def _start(run: Run, cfg: DemoConfig) -> None:
     run_dir = cfg.run_dir(run.name)
-    os.makedirs(run_dir, exist_ok=True)
+    mark_owned(run_dir)  # check_out_dir made sure the folder is the demo's own (or new)
     # a fresh run, not a resume: nothing of an earlier run may stay (icd train refuses to start on it)
-    epoch_files = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(run_dir), "model_*.pth"))]
-    for stale in ["metrics.jsonl", STAMP_FILE, "checkpoint.pth", *epoch_files]:
-        path = os.path.join(run_dir, stale)
+    for path in [*previous_run_files(run_dir), os.path.join(run_dir, STAMP_FILE)]:
         if os.path.exists(path):
             os.remove(path)
     threads = str(cfg.threads * (cfg.jobs if run.all_threads else 1))

@@ -14,6 +14,25 @@ from icd.apps.demo.plan import Run
 from icd.apps.demo.settings import DemoConfig
 
 STAMP_FILE = "demo_run.json"  # per run dir: the settings and wall time of a finished run
+OWNER_FILE = ".icd_demo"  # in every folder the demo writes, before it writes anything there
+
+
+def mark_owned(folder: str) -> None:
+    """Say that the demo created ``folder`` (so a later demo may replace what is in it)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, OWNER_FILE), "w") as f:
+        f.write("written by icd demo\n")
+
+
+def foreign_files(folder: str) -> list[str]:
+    """The files of ``folder`` when the demo did not create it (no marker, no stamp); [] when it
+    did, or when the folder is missing or empty."""
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(os.listdir(folder))
+    if OWNER_FILE in names or STAMP_FILE in names:
+        return []
+    return names
 
 
 def finished_stamp(run_dir: str) -> dict | None:
