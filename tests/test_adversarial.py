@@ -478,6 +478,28 @@ def test_ctrl_c_stops_with_a_checkpoint_and_one_line(data, tmp_path, capsys, mon
     assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 3
 
 
+def test_ctrl_c_stops_a_pretraining_with_a_checkpoint(data, finished_run, tmp_path, capsys, monkeypatch):
+    from icd.engine.pretrain import Pretrainer
+
+    real_step = Pretrainer.step
+
+    def step_then_ctrl_c(self, images, targets):
+        record = real_step(self, images, targets)
+        os.kill(os.getpid(), signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(Pretrainer, "step", step_then_ctrl_c)
+    out = tmp_path / "pre"
+    argv = (f"pretrain --data-path {data} --teacher {finished_run}/checkpoint.pth --iters 5 --eval-every 5 "
+            f"--min-size 64 --max-size 64 --attention-images 1 --workers 0 --device cpu --no-progress "
+            f"--output-dir {out}")  # fmt: skip
+    assert main(argv.split()) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the notice of the Ctrl-C itself
+    assert last == f"icd: error: interrupted (Ctrl-C) at iteration 1: checkpoint written; continue with " \
+                   f"--resume {out / 'checkpoint.pth'}"
+    assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 1
+
+
 # -- disk limits -----------------------------------------------------------------------------------
 def test_a_file_size_limit_while_writing_a_checkpoint_is_one_line_and_keeps_the_old_one(tmp_path):
     path = str(tmp_path / "checkpoint.pth")
