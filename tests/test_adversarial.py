@@ -149,7 +149,7 @@ def _weights(path):
 
 def test_a_kill_between_the_epoch_writes_loses_no_snapshot(data, tmp_path, monkeypatch):
     argv = f"train --data-path {data} {TINY} --epochs 2 --batch-size 4 --trainable-backbone-layers 0 --no-eval " \
-           "--checkpoint-every 1"  # one batch per epoch
+           "--checkpoint-every 1 --epoch-checkpoint-every 1"  # one batch per epoch, its snapshot
     out = tmp_path / "run"
     # killed at the end of epoch 0, after its snapshot and before checkpoint.pth
     _kill_on(monkeypatch, trainer_module, "save_atomic",
@@ -318,7 +318,7 @@ def _labels(tmp_path, text: str | bytes) -> str:
         ("0 0.5 0.5 0.2\n", r"a.txt:1: 4 fields; expected 'class cx cy w h'"),
         ("0 0.1 0.1 0.3 0.1 0.2 0.4\n0 0.5 0.5 0.2 0.2\n", r"a.txt:2: 5 fields in a file of polygons"),
         (b"0 0.5 0.5 0.2 0.2\n\x89PNG\xff\xd8\n", r"a.txt:2: not UTF-8 text"),
-        ("7 0.5 0.5 0.2 0.2\n", r"a.txt:1: class 7; expected an integer 0 <= class < num_classes = 3"),
+        ("7 0.5 0.5 0.2 0.2\n", r"a.txt:1: class id 7; expected an integer 0 <= class < num_classes = 3"),
     ],
 )
 def test_bad_yolo_labels_name_file_and_line(tmp_path, text, message):

@@ -80,7 +80,7 @@ def check_output_dir(output_dir: str, resume: str | None, overwrite: bool, comma
     files = previous_run_files(output_dir)
     names = ", ".join(os.path.basename(p) for p in files)
     here = read_identity(output_dir) if files else None
-    if here is not None and here.get("command", command) != command:
+    if here is not None and here.get("command", command) != command and not overwrite:
         raise OutputDirError(
             f"--output-dir {output_dir}",
             f"holds an `icd {here['command']}` run ({names}); `icd {command}` needs a folder of its own",

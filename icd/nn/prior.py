@@ -258,7 +258,7 @@ def _read_yolo_file(path: str, num_classes: int) -> list[tuple[int, float, float
         label, coords = values[0], values[1:]
         if label != int(label) or not 0 <= label < num_classes:
             raise DataFileError(
-                where, f"class {fields[0]}; expected an integer 0 <= class < num_classes = {num_classes}"
+                where, f"class id {fields[0]}; expected an integer 0 <= class < num_classes = {num_classes}"
             )
         if polygons:
             if len(coords) < 6 or len(coords) % 2:
