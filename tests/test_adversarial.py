@@ -423,6 +423,22 @@ def test_backbone_weights_of_any_kind_are_one_line(data, tmp_path, capsys, conte
     assert f"--backbone-weights {path}: " in error_line(capsys)
 
 
+def test_good_backbone_weights_still_load_through_the_one_loader(data, tmp_path):
+    from torchvision.models import resnet18
+
+    body = resnet18(weights=None)
+    torch.nn.init.constant_(body.layer1[0].conv1.weight, 0.125)
+    path = tmp_path / "r18.pth"
+    torch.save(body.state_dict(), path)
+    argv = f"train --data-path {data} {RUN} --backbone-weights {path} --norm frozen_bn --output-dir {tmp_path / 'r'}"
+    args = build_parser().parse_args(argv.split())
+    trainer = trainer_module.Trainer(args)
+    try:
+        assert torch.all(trainer.model.backbone.body.layer1[0].conv1.weight == 0.125)
+    finally:
+        trainer.close()
+
+
 def test_a_teacher_missing_a_tensor_names_the_file_and_the_key(data, finished_run, tmp_path, capsys):
     ckpt = load_checkpoint(os.path.join(finished_run, "checkpoint.pth"))
     ckpt = {"model": ckpt["model"], "detector_spec": ckpt["detector_spec"]}

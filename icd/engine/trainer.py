@@ -183,12 +183,12 @@ class Trainer:
                 "frozen_bn without --backbone-weights: the backbone's BatchNorm layers stay at identity "
                 "and its weights start random; give ImageNet weights, or --norm gn to train from scratch"
             )
-        backbone = None
+        backbone = None  # ImageNet weights of the ResNet body, read like every checkpoint file
         if args.backbone_weights:
             backbone = state_dict_entry(load_checkpoint(args.backbone_weights, "--backbone-weights"),
                                         "--backbone-weights", args.backbone_weights)  # fmt: skip
-        source = f"--backbone-weights {args.backbone_weights}"
-        self.model = build_detector(self.spec, backbone, source).to(self.info.device)
+        self.model = build_detector(self.spec, backbone, f"--backbone-weights {args.backbone_weights}")
+        self.model.to(self.info.device)
         sampler = ResumableSampler(self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=args.seed)
         self.batches = EpochBatches(
             self.train_set, sampler, args.batch_size, args.workers, args.seed,
