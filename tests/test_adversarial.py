@@ -384,7 +384,7 @@ def _fuzz_inputs(real: bytes) -> list[bytes]:
     return inputs
 
 
-def test_the_checkpoint_loader_turns_any_file_into_one_line(tmp_path):
+def test_the_checkpoint_loader_turns_any_file_into_one_line(tmp_path, recwarn):
     real_path = tmp_path / "real.pth"
     torch.save({"model": {"w": torch.ones(3)}, "iteration": 1}, real_path)
     real = real_path.read_bytes()
@@ -396,6 +396,7 @@ def test_the_checkpoint_loader_turns_any_file_into_one_line(tmp_path):
             load_checkpoint(path, "--teacher")
         message = str(err.value)
         assert message.startswith(f"--teacher {path}: ") and "\n" not in message, (i, content[:20], message)
+    assert not [str(w.message) for w in recwarn], "the error is the one line: no warning of torch's beside it"
     zip_path = tmp_path / "z.pth"
     with zipfile.ZipFile(zip_path, "w") as z:
         z.writestr("readme.txt", "hello")

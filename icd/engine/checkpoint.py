@@ -25,6 +25,7 @@ import contextlib
 import os
 import pickle
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,9 @@ def load_checkpoint(path: str, flag: str | None = None) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{where}: no checkpoint file {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # garbage read as a pickle of some protocol: the error says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         blocked = "unsupported global" in str(err).lower()  # a real pickle of other objects, not garbage
         raise CheckpointError(
