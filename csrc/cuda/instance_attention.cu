@@ -18,6 +18,7 @@
 
 #include "cuda/attention_forward.cuh"
 #include "cuda/common.cuh"
+#include "cuda/tensor_core.cuh"
 
 namespace icd_cuda {
 namespace {
@@ -68,6 +69,11 @@ std::tuple<Tensor, Tensor> attention_forward_cuda(const Tensor& q, const Tensor&
   if (dims.s == 0) {  // no key at all: every row is fully masked
     out.zero_();
     lse.fill_(-INFINITY);
+    return {out, lse};
+  }
+  if (tensor_cores_take(q)) {
+    tensor_core_attention_forward(q, k, v, mask == nullptr ? Tensor() : *key_padding_mask, scale,
+                                  out, lse);
     return {out, lse};
   }
   ICD_DISPATCH_FLOAT_TYPES(q.scalar_type(), "attention_forward", [&] {
@@ -409,6 +415,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
     dq.zero_();
     dk.zero_();
     dv.zero_();
+    return {dq, dk, dv};
+  }
+  if (tensor_cores_take(q) &&
+      tensor_core_attention_backward(grad_out, grad_lse_c, q, k, v,
+                                     mask == nullptr ? Tensor() : *key_padding_mask, out, lse_c,
+                                     scale, dq, dk, dv)) {
     return {dq, dk, dv};
   }
   Tensor delta = at::empty({dims.n, dims.h, dims.k}, q.options().dtype(at::kFloat));
