@@ -25,8 +25,10 @@
 
 #if defined(__CUDACC__)
 #define ICD_TC_DEVICE __device__ __forceinline__
+#define ICD_TC_UNROLL _Pragma("unroll")
 #else
 #define ICD_TC_DEVICE inline
+#define ICD_TC_UNROLL
 #endif
 
 namespace icd_tc {
@@ -180,7 +182,7 @@ ICD_TC_DEVICE void mma_row_times_tile(Hw& hw, float (*acc)[4], const uint32_t (&
   const int lane = hw.thread() % kWarpSize;
   const int row = kTrans ? b_load_row(lane) : bt_load_row(lane);
   const int col = kTrans ? b_load_col(lane) : bt_load_col(lane);
-#pragma unroll
+ICD_TC_UNROLL
   for (int p = 0; p < kPairs; ++p) {
     uint32_t b[4];
     const E* at = kTrans ? tile + row * stride + p * 16 + col : tile + (p * 16 + row) * stride + col;
@@ -261,14 +263,14 @@ ICD_TC_DEVICE void attention_forward_tile(Hw& hw, const ForwardParams<T>& p, uns
                              p.qs.d, q0, p.queries, p.dim, NoSkip{});
   hw.sync();
   uint32_t qf[kSteps][4];
-#pragma unroll
+ICD_TC_UNROLL
   for (int kk = 0; kk < kSteps; ++kk) {
     hw.template ldmatrix_x4<false>(
         qf[kk], q_s + (warp * 16 + a_load_row(lane)) * kStride + kk * 16 + a_load_col(lane));
   }
 
   float o[kDimTiles][4];
-#pragma unroll
+ICD_TC_UNROLL
   for (int j = 0; j < kDimTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of the warp, log2 units
   float l[2] = {0.f, 0.f};              // this lane's part of the running sums
@@ -293,17 +295,17 @@ ICD_TC_DEVICE void attention_forward_tile(Hw& hw, const ForwardParams<T>& p, uns
     if (!hw.sync_or(any_live)) continue;  // a fully padded tile adds nothing
 
     float s[kKeyTiles][4];
-#pragma unroll
+ICD_TC_UNROLL
     for (int j = 0; j < kKeyTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
+ICD_TC_UNROLL
     for (int kk = 0; kk < kSteps; ++kk) {
       mma_row_times_tile<T, false, kKeyTiles / 2>(hw, s, qf[kk], k_s + kk * 16, kStride);
     }
 
     float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
+ICD_TC_UNROLL
     for (int j = 0; j < kKeyTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
       for (int i = 0; i < 4; ++i) {
         const bool live = hw.load(live_s + j * 8 + c_col(lane, i)) != 0.f;
         s[j][i] = live ? s[j][i] * scale_log2 : -INFINITY;
@@ -311,7 +313,7 @@ ICD_TC_DEVICE void attention_forward_tile(Hw& hw, const ForwardParams<T>& p, uns
       }
     }
     float shift[2];
-#pragma unroll
+ICD_TC_UNROLL
     for (int r = 0; r < 2; ++r) {
       const float new_max = fmaxf(m[r], quad_max(hw, tile_max[r]));
       // a row that has seen only masked keys keeps m = -inf: shift by 0 (-inf - -inf is NaN)
@@ -319,22 +321,22 @@ ICD_TC_DEVICE void attention_forward_tile(Hw& hw, const ForwardParams<T>& p, uns
       const float factor = hw.exp2(m[r] - shift[r]);
       m[r] = new_max;
       l[r] *= factor;
-#pragma unroll
+ICD_TC_UNROLL
       for (int j = 0; j < kDimTiles; ++j) {
         o[j][2 * r] *= factor;
         o[j][2 * r + 1] *= factor;
       }
     }
-#pragma unroll
+ICD_TC_UNROLL
     for (int j = 0; j < kKeyTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
       for (int i = 0; i < 4; ++i) {
         s[j][i] = hw.exp2(s[j][i] - shift[i >> 1]);
         l[i >> 1] += s[j][i];
       }
     }
     if constexpr (kWithValues) {
-#pragma unroll
+ICD_TC_UNROLL
       for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
         uint32_t a[4];
         c_pair_as_a<T>(a, s[2 * kk], s[2 * kk + 1]);
@@ -343,7 +345,7 @@ ICD_TC_DEVICE void attention_forward_tile(Hw& hw, const ForwardParams<T>& p, uns
     }
   }
 
-#pragma unroll
+ICD_TC_UNROLL
   for (int r = 0; r < 2; ++r) {
     const float total = quad_sum(hw, l[r]);
     const int64_t row = q0 + warp * 16 + c_row(lane, 2 * r);
@@ -352,9 +354,9 @@ ICD_TC_DEVICE void attention_forward_tile(Hw& hw, const ForwardParams<T>& p, uns
     if (p.splits == 1) {
       if constexpr (kWithValues) {
         const float inv = total == 0.f ? 0.f : 1.f / total;
-#pragma unroll
+ICD_TC_UNROLL
         for (int j = 0; j < kDimTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int64_t col = j * 8 + c_col(lane, 2 * r + e);
             if (col < p.dim) hw.store(p.out + at * p.dim + col, T(o[j][2 * r + e] * inv));
@@ -367,9 +369,9 @@ ICD_TC_DEVICE void attention_forward_tile(Hw& hw, const ForwardParams<T>& p, uns
     } else {
       const int64_t part = split * p.part_rows + at;  // row of [splits, N * h * K]
       if constexpr (kWithValues) {
-#pragma unroll
+ICD_TC_UNROLL
         for (int j = 0; j < kDimTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int64_t col = j * 8 + c_col(lane, 2 * r + e);
             if (col < p.dim) hw.store(p.part_acc + part * p.dim + col, o[j][2 * r + e]);
@@ -504,9 +506,9 @@ ICD_TC_DEVICE void dq_step(Hw& hw, const T* ds_s, const T* k_s, float* dq_s, int
   const int cg = warp / C::kRowGroups;
   const int col0 = cg * C::kColsPerWarp;
   float acc[kTiles][4];
-#pragma unroll
+ICD_TC_UNROLL
   for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-#pragma unroll
+ICD_TC_UNROLL
   for (int kk = 0; kk < C::kKeys / 16; ++kk) {
     uint32_t a[4];
     hw.template ldmatrix_x4<true>(
@@ -523,9 +525,9 @@ ICD_TC_DEVICE void dq_step(Hw& hw, const T* ds_s, const T* k_s, float* dq_s, int
       mma_row_times_tile<T, true, kTiles / 2>(hw, acc, a, k_rows + col0, C::kStride);
     }
   }
-#pragma unroll
+ICD_TC_UNROLL
   for (int j = 0; j < kTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
     for (int r = 0; r < 2; ++r) {
       const int row = r0 + rg * 16 + c_row(lane, 2 * r);
       const int col = col0 + j * 8 + c_col(lane, 2 * r);
@@ -623,9 +625,9 @@ ICD_TC_DEVICE void attention_backward_tile(Hw& hw, const BackwardParams<T>& p, u
     const bool block_live = hw.sync_or(any_live);
 
     float dk[kDimTiles][4], dv[kDimTiles][4];
-#pragma unroll
+ICD_TC_UNROLL
     for (int j = 0; j < kDimTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
       for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
     }
     bool key_live[2] = {false, false};
@@ -634,7 +636,7 @@ ICD_TC_DEVICE void attention_backward_tile(Hw& hw, const BackwardParams<T>& p, u
       key_live[1] = hw.load(live_s + key_in_block[1]) != 0.f;
       uint32_t kf[C::kKeepKeyFragments ? kSteps : 1][4], vf[C::kKeepKeyFragments ? kSteps : 1][4];
       const auto load_key_fragments = [&](uint32_t (*kfr)[4], uint32_t (*vfr)[4]) {
-#pragma unroll
+ICD_TC_UNROLL
         for (int kk = 0; kk < kSteps; ++kk) {
           const int at = (warp * 16 + a_load_row(lane)) * kStride + kk * 16 + a_load_col(lane);
           hw.template ldmatrix_x4<false>(kfr[kk], k_s + at);
@@ -646,13 +648,13 @@ ICD_TC_DEVICE void attention_backward_tile(Hw& hw, const BackwardParams<T>& p, u
       for (int qb = 0; qb < c_blocks; ++qb) {
         const int r0 = qb * C::kRows;
         float st[kRowTiles][4], dpt[kRowTiles][4];
-#pragma unroll
+ICD_TC_UNROLL
         for (int j = 0; j < kRowTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
           for (int i = 0; i < 4; ++i) st[j][i] = dpt[j][i] = 0.f;
         }
         if constexpr (C::kKeepKeyFragments) {
-#pragma unroll
+ICD_TC_UNROLL
           for (int kk = 0; kk < kSteps; ++kk) {
             mma_row_times_tile<T, false, kRowTiles / 2>(hw, st, kf[kk], q_s + r0 * kStride + kk * 16, kStride);
             mma_row_times_tile<T, false, kRowTiles / 2>(hw, dpt, vf[kk], do_s + r0 * kStride + kk * 16, kStride);
@@ -660,16 +662,16 @@ ICD_TC_DEVICE void attention_backward_tile(Hw& hw, const BackwardParams<T>& p, u
         } else {
           uint32_t kfr[kSteps][4], vfr[kSteps][4];
           load_key_fragments(kfr, vfr);
-#pragma unroll
+ICD_TC_UNROLL
           for (int kk = 0; kk < kSteps; ++kk) {
             mma_row_times_tile<T, false, kRowTiles / 2>(hw, st, kfr[kk], q_s + r0 * kStride + kk * 16, kStride);
             mma_row_times_tile<T, false, kRowTiles / 2>(hw, dpt, vfr[kk], do_s + r0 * kStride + kk * 16, kStride);
           }
         }
         // P^T and dS^T; a masked key or a row without keys gets exactly 0 (not 0 * NaN)
-#pragma unroll
+ICD_TC_UNROLL
         for (int j = 0; j < kRowTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
           for (int i = 0; i < 4; ++i) {
             const int col = r0 + j * 8 + c_col(lane, i);
             const float row_lse = hw.load(lse_s + col);
@@ -680,7 +682,7 @@ ICD_TC_DEVICE void attention_backward_tile(Hw& hw, const BackwardParams<T>& p, u
           }
         }
         // dv += P^T dO and dk += dS^T Q (k = the block's queries)
-#pragma unroll
+ICD_TC_UNROLL
         for (int kk = 0; kk < kRowTiles / 2; ++kk) {
           uint32_t a[4];
           c_pair_as_a<T>(a, st[2 * kk], st[2 * kk + 1]);
@@ -689,9 +691,9 @@ ICD_TC_DEVICE void attention_backward_tile(Hw& hw, const BackwardParams<T>& p, u
           mma_row_times_tile<T, true, kDimTiles / 2>(hw, dk, a, q_s + (r0 + kk * 16) * kStride, kStride);
         }
         hw.sync();  // every warp has finished the previous query block's dq step (ds_s reads)
-#pragma unroll
+ICD_TC_UNROLL
         for (int j = 0; j < kRowTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
           for (int r = 0; r < 2; ++r) {
             hw.store(reinterpret_cast<uint32_t*>(ds_s + key_in_block[r] * C::kDsStride + j * 8 +
                                                  c_col(lane, 2 * r)),
@@ -704,13 +706,13 @@ ICD_TC_DEVICE void attention_backward_tile(Hw& hw, const BackwardParams<T>& p, u
     }
 
     // this warp's 16 keys: dk (scaled) and dv, exact zeros for masked keys
-#pragma unroll
+ICD_TC_UNROLL
     for (int r = 0; r < 2; ++r) {
       const int64_t key = s0 + key_in_block[r];
       if (key >= s_end) continue;
-#pragma unroll
+ICD_TC_UNROLL
       for (int j = 0; j < kDimTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
         for (int e = 0; e < 2; ++e) {
           const int64_t col = j * 8 + c_col(lane, 2 * r + e);
           if (col >= p.dim) continue;
@@ -791,7 +793,7 @@ ICD_TC_DEVICE void value_mask_tile(Hw& hw, const ValueMaskParams<T>& p, unsigned
                              p.ks.d, s0, p.keys, p.dim, skip);
   hw.sync();
   uint32_t kf[kSteps][4];
-#pragma unroll
+ICD_TC_UNROLL
   for (int kk = 0; kk < kSteps; ++kk) {
     hw.template ldmatrix_x4<false>(
         kf[kk], k_s + (warp * 16 + a_load_row(lane)) * kStride + kk * 16 + a_load_col(lane));
@@ -826,15 +828,15 @@ ICD_TC_DEVICE void value_mask_tile(Hw& hw, const ValueMaskParams<T>& p, unsigned
     if (!hw.sync_or(any)) continue;
 
     float st[kRowTiles][4];
-#pragma unroll
+ICD_TC_UNROLL
     for (int j = 0; j < kRowTiles; ++j) st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.f;
-#pragma unroll
+ICD_TC_UNROLL
     for (int kk = 0; kk < kSteps; ++kk) {
       mma_row_times_tile<T, false, kRowTiles / 2>(hw, st, kf[kk], q_s + kk * 16, kStride);
     }
-#pragma unroll
+ICD_TC_UNROLL
     for (int j = 0; j < kRowTiles; ++j) {
-#pragma unroll
+ICD_TC_UNROLL
       for (int i = 0; i < 4; ++i) {
         const int col = j * 8 + c_col(lane, i);
         const float w = hw.load(weight_s + col);
@@ -843,7 +845,7 @@ ICD_TC_DEVICE void value_mask_tile(Hw& hw, const ValueMaskParams<T>& p, unsigned
     }
   }
 
-#pragma unroll
+ICD_TC_UNROLL
   for (int r = 0; r < 2; ++r) {
     const float total = quad_sum(hw, sum[r]);
     const int64_t key = s0 + warp * 16 + c_row(lane, 2 * r);

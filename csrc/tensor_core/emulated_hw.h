@@ -86,7 +86,7 @@ class EmulatedBlock {
     for (int w = 0; w < warps; ++w) {
       warp_barriers_.emplace_back(new Rendezvous(std::min(kWarpSize, threads - w * kWarpSize)));
     }
-    slots_.resize(static_cast<size_t>(warps) * kWarpSize);
+    slots_.resize(2 * static_cast<size_t>(warps) * kWarpSize);
   }
 
   unsigned char* shared() const { return reinterpret_cast<unsigned char*>(shared_.get()); }
@@ -118,7 +118,10 @@ class EmulatedBlock {
     int mask = 0;
     const unsigned char* address = nullptr;
   };
-  Slot& slot(int thread) { return slots_[thread]; }
+  // Two banks, used by alternate warp-wide instructions: a lane can only write bank b again
+  // after the whole warp met at the instruction in between, that is after every lane has read
+  // what it needed from bank b, so one meeting per instruction suffices.
+  Slot& slot(int bank, int thread) { return slots_[bank * threads_ + thread]; }
 
   // Records an access of [p, p + bytes) by `thread` in `epoch`; p is in shared memory.
   void record_shared(const void* p, size_t bytes, int thread, int64_t epoch, bool write) {
@@ -291,9 +294,7 @@ class EmulatedHw {
     mine.mask = mask;
     meet();
     check_same_op(kShuffle, [&](const EmulatedBlock::Slot& s) { return s.mask == mask; });
-    const float result = block_->slot(warp_base() + (lane() ^ mask)).value;
-    meet();
-    return result;
+    return other(lane() ^ mask).value;
   }
 
   float exp2(float x) const { return std::exp2(x); }
@@ -326,7 +327,7 @@ class EmulatedHw {
       for (int h = 0; h < 2; ++h) {
         const int source = ldmatrix_source_lane(lane(), m, h, kTrans);
         const unsigned char* element =
-            block_->slot(warp_base() + source).address + 2 * ldmatrix_source_col(lane(), h, kTrans);
+            other(source).address + 2 * ldmatrix_source_col(lane(), h, kTrans);
         track(element, 2, false);
         uint16_t bits;
         std::memcpy(&bits, element, 2);
@@ -334,7 +335,6 @@ class EmulatedHw {
       }
       r[m] = reg;
     }
-    meet();
   }
 
   template <typename T>
@@ -347,7 +347,7 @@ class EmulatedHw {
     check_same_op(kMma, [](const EmulatedBlock::Slot&) { return true; });
     float A[16][16], B[16][8], C[16][8];
     for (int l = 0; l < kWarpSize; ++l) {
-      const auto& s = block_->slot(warp_base() + l);
+      const auto& s = other(l);
       for (int i = 0; i < kAElements; ++i) A[a_row(l, i)][a_col(l, i)] = element_of<T>(s.regs[i >> 1], i & 1);
       for (int i = 0; i < kBElements; ++i) B[b_row(l, i)][b_col(l, i)] = element_of<T>(s.b[i >> 1], i & 1);
       for (int i = 0; i < kCElements; ++i) C[c_row(l, i)][c_col(l, i)] = s.c[i];
@@ -359,7 +359,6 @@ class EmulatedHw {
       for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
       d[i] = sum;
     }
-    meet();
   }
 
  private:
@@ -374,16 +373,19 @@ class EmulatedHw {
       block_->fail("warp-wide instruction in a block whose size is not a multiple of 32");
       throw EmulationAborted{};
     }
-    auto& mine = block_->slot(thread_);
+    bank_ = 1 - bank_;
+    auto& mine = block_->slot(bank_, thread_);
     mine.op = op;
     return mine;
   }
   void meet() { block_->warp_barrier(warp()); }
+  // Lane `l`'s slot of the current instruction.
+  const EmulatedBlock::Slot& other(int l) const { return block_->slot(bank_, warp_base() + l); }
 
   template <typename Same>
   void check_same_op(Op op, Same same) {
     for (int l = 0; l < kWarpSize; ++l) {
-      const auto& s = block_->slot(warp_base() + l);
+      const auto& s = other(l);
       if (s.op != op || !same(s)) {
         block_->fail("lanes " + std::to_string(lane()) + " and " + std::to_string(l) + " of warp " +
                      std::to_string(warp()) + " are at different warp-wide instructions");
@@ -404,6 +406,7 @@ class EmulatedHw {
   int thread_;
   int64_t bx_, by_, bz_;
   int64_t epoch_ = 0;
+  int bank_ = 0;
 };
 
 // Runs `body(hw)` for every thread of every block of a grid (blocks one after another, the
