@@ -460,3 +460,19 @@ def test_tensor_cores_in_a_cuda_graph(dtype):
     torch.cuda.synchronize()
     for a, b in zip(captured, step(), strict=True):
         assert torch.equal(a, b)
+
+
+@needs_tensor_cores
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=_dtype_id)
+def test_tensor_cores_with_no_instances_or_no_keys(dtype):
+    """K = 0 (an image batch without instances) and S = 0 return before any launch."""
+    for k_slots, keys in ((0, 50), (3, 0)):
+        q = torch.randn(2, 2, k_slots, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 2, keys, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+        out, lse = ops.instance_attention(q, k, k, backend=BACKEND)
+        want_out, want_lse = ops.instance_attention(q, k, k, backend="reference")
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+        dq, dk = torch.autograd.grad(out.float().sum(), (q, k), allow_unused=False)
+        assert torch.all(dq == 0) and torch.all(dk == 0)
+        weight = torch.ones(2, k_slots, device=DEVICE)
+        assert torch.all(ops.instance_value_mask(q.detach(), k.detach(), weight, backend=BACKEND) == 0)

@@ -35,6 +35,7 @@ namespace icd_tc {
 namespace {
 
 using at::Tensor;
+using icd_checks::text_of;
 
 // run.h's Launch policy on the CPU.
 class EmulatedLaunch {
@@ -92,13 +93,13 @@ class EmulatedLaunch {
   template <typename Body>
   void run(Grid g, int threads, size_t shared, const Body& body) {
     TORCH_CHECK(static_cast<int64_t>(shared) <= limits_.shared_per_block,
-                "icd_emu: a launch asks for ", std::to_string(shared),
-                " bytes of shared memory, more than the ",
-                std::to_string(limits_.shared_per_block), " of a block");
+                "icd_emu: a launch asks for ", text_of(static_cast<int64_t>(shared)),
+                " bytes of shared memory, more than the ", text_of(limits_.shared_per_block),
+                " of a block");
     try {
       emulate_launch(g.x, g.y, g.z, threads, shared, ranges_, body);
     } catch (const std::runtime_error& e) {
-      TORCH_CHECK(false, e.what());
+      TORCH_CHECK(false, std::string(e.what()));
     }
   }
 
@@ -106,12 +107,10 @@ class EmulatedLaunch {
   std::vector<GlobalRange> ranges_;
 };
 
-const char* kOp = "icd_emu";
-
 void check_half(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), kOp, ": `", name, "` must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, kOp, ": `", name,
-              "` has dtype ", icd_checks::text_of(t.scalar_type()),
+  TORCH_CHECK(t.device().is_cpu(), "icd_emu: `", name, "` must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, "icd_emu: `",
+              name, "` has dtype ", text_of(t.scalar_type()),
               "; the tensor-core kernels take float16 or bfloat16");
 }
 
@@ -173,8 +172,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
                                                      out, lse_c, static_cast<float>(scale), dq, dk, dv);
     });
   });
-  TORCH_CHECK(ran, kOp, "::attention_backward: one query block does not fit in shared_per_block = ",
-              std::to_string(shared_per_block), " bytes");
+  TORCH_CHECK(ran, "icd_emu::attention_backward: one query block does not fit in ",
+              "shared_per_block = ", text_of(shared_per_block), " bytes");
   return {dq, dk, dv};
 }
 
@@ -215,7 +214,8 @@ Tensor mma(const Tensor& a, const Tensor& b, const Tensor& c) {
   TORCH_CHECK(a.sizes() == at::IntArrayRef({16, 16}) && b.sizes() == at::IntArrayRef({16, 8}) &&
                   c.sizes() == at::IntArrayRef({16, 8}) && b.scalar_type() == a.scalar_type() &&
                   c.scalar_type() == at::kFloat,
-              kOp, "::mma: expected a [16, 16] and b [16, 8] of one 16-bit dtype, c [16, 8] float32");
+              "icd_emu::mma: expected a [16, 16] and b [16, 8] of one 16-bit dtype, c [16, 8] ",
+              "float32");
   const Tensor ab = a.contiguous(), bb = b.contiguous(), cc = c.contiguous();
   const auto* a_bits = reinterpret_cast<const uint16_t*>(ab.data_ptr());
   const auto* b_bits = reinterpret_cast<const uint16_t*>(bb.data_ptr());
@@ -276,9 +276,10 @@ Tensor ldmatrix(bool trans) {
 // (row, col) of every element of every lane's fragment: which in {"a", "b", "c"} ->
 // int64 [32, elements, 2].
 Tensor fragment_layout(const std::string& which) {
+  TORCH_CHECK(which == "a" || which == "b" || which == "c",
+              "icd_emu::fragment_layout: `which` is '", std::string(which),
+              "'; expected 'a', 'b' or 'c'");
   const int elements = which == "a" ? kAElements : which == "b" ? kBElements : kCElements;
-  TORCH_CHECK(which == "a" || which == "b" || which == "c", kOp,
-              "::fragment_layout: `which` is '", which, "'; expected 'a', 'b' or 'c'");
   Tensor result = at::empty({kWarpSize, elements, 2}, at::TensorOptions().dtype(at::kLong));
   int64_t* out = result.data_ptr<int64_t>();
   for (int lane = 0; lane < kWarpSize; ++lane) {

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/tensor_core.cuh"
+#include "cuda/tile_kernels.cuh"
 #include "tensor_core/attention_tiles.h"
 #include "tensor_core/device_hw.cuh"
 #include "tensor_core/plan.h"
@@ -35,33 +36,6 @@ __global__ void __launch_bounds__(ValueMaskConfig::kThreads)
     tc_value_mask_kernel(const ValueMaskParams<T> p) {
   DeviceHw hw;
   value_mask_tile<T, DB>(hw, p, reinterpret_cast<unsigned char*>(dynamic_shared));
-}
-
-template <typename T>
-__global__ void __launch_bounds__(ForwardConfig::kThreads)
-    tc_combine_kernel(const float* part_acc, const float* part_max, const float* part_sum,
-                      int splits, int64_t rows, int64_t heads, int64_t queries, int64_t dim,
-                      const float* row_weight, T* out, float* lse) {
-  DeviceHw hw;
-  combine_splits_tile<T>(hw, part_acc, part_max, part_sum, splits, rows, heads, queries, dim,
-                         row_weight, out, lse);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(ForwardConfig::kThreads)
-    tc_delta_kernel(const T* grad_out, Strides4 gs, const T* out, Strides4 os,
-                    const float* grad_lse, int64_t heads, int64_t queries, int64_t dim,
-                    int64_t rows, float* delta) {
-  DeviceHw hw;
-  attention_delta_tile<T>(hw, grad_out, gs, out, os, grad_lse, heads, queries, dim, rows, delta);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(ForwardConfig::kThreads)
-    tc_sum_partials_kernel(const float* part, int parts, int64_t size, int64_t heads,
-                           int64_t length, int64_t dim, Strides4 os, T* out, int64_t grid_blocks) {
-  DeviceHw hw;
-  sum_partials_tile<T>(hw, part, parts, size, heads, length, dim, os, out, grid_blocks);
 }
 
 int64_t device_attribute(cudaDeviceAttr attribute, int device) {

@@ -92,12 +92,13 @@ constexpr size_t value_mask_shared_bytes() {
 
 // Backward pass: 8 warps, 16 keys each (128-key blocks); query blocks of kRows rows; the dq
 // step splits a query block's rows into kRowGroups groups of 16 and DB into kColGroups.
+// kDsStride = kRows + 8 keeps the dS^T stores and their ldmatrix reads free of bank conflicts.
 template <int DB>
 struct BackwardConfig {
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kKeys = 16 * kWarps;
-  static constexpr int kRows = DB <= 64 ? 64 : 32;
+  static constexpr int kRows = DB <= 64 ? 64 : 16;  // DB 128: fewer S^T, dP^T registers
   static constexpr int kRowGroups = kRows / 16;
   static constexpr int kColGroups = kWarps / kRowGroups;
   static constexpr int kColsPerWarp = DB / kColGroups;  // 8 (DB 16) or a multiple of 16
@@ -115,13 +116,36 @@ struct BackwardConfig {
 
 // ---- shared helpers -----------------------------------------------------------------------------
 
+// 16 bytes moved as one access (8 elements of a row when the rows allow it).
+struct alignas(16) Chunk16 {
+  uint32_t w[4];
+};
+
 // Rows [row0, row0 + rows) of a strided [L, D] matrix into a shared tile of `stride` 16-bit
 // elements per row and DB columns: rows at or past row_end, rows with skip(row), and columns
-// at or past dim are zero. Called by all `threads` threads of the block.
+// at or past dim are zero. Called by all `threads` threads of the block. When every row is
+// 16-byte aligned, contiguous and DB wide (D = DB, as at the ICD shape), each thread moves 16
+// bytes at a time; otherwise pairs of elements.
 template <int DB, int kThreads, typename T, class Hw, class Skip>
 ICD_TC_DEVICE void load_tile(Hw& hw, T* tile, int stride, int rows, const T* matrix,
                              int64_t row_stride, int64_t d_stride, int64_t row0, int64_t row_end,
                              int64_t dim, const Skip& skip) {
+  const bool whole_rows = d_stride == 1 && dim == DB && row_stride % 8 == 0 &&
+                          reinterpret_cast<uintptr_t>(matrix) % 16 == 0;
+  if (whole_rows) {
+    constexpr int kChunks = DB / 8;
+    for (int i = hw.thread(); i < rows * kChunks; i += kThreads) {
+      const int r = i / kChunks;
+      const int c = (i % kChunks) * 8;
+      const int64_t row = row0 + r;
+      Chunk16 chunk{{0u, 0u, 0u, 0u}};
+      if (row < row_end && !skip(row)) {
+        chunk = hw.load(reinterpret_cast<const Chunk16*>(matrix + row * row_stride + c));
+      }
+      hw.store(reinterpret_cast<Chunk16*>(tile + r * stride + c), chunk);
+    }
+    return;
+  }
   constexpr int kPairs = DB / 2;
   for (int i = hw.thread(); i < rows * kPairs; i += kThreads) {
     const int r = i / kPairs;
@@ -149,6 +173,27 @@ struct SkipMasked {
     return mask_row != nullptr && hw.load(mask_row + key);
   }
 };
+
+// Keys [s0, s0 + kKeys) of one head into k_s and, with values, v_s (keys at or past s_end and
+// masked keys as zero rows); live_s[r] = 1 for the keys that count, else 0. Ends with a
+// barrier, and returns to every thread whether any key of the block counts.
+template <int DB, int kThreads, int kKeys, bool kWithValues, typename T, class Hw>
+ICD_TC_DEVICE bool load_key_block(Hw& hw, T* k_s, T* v_s, float* live_s, const T* k_head,
+                                  const Strides4& ks, const T* v_head, const Strides4& vs,
+                                  int64_t s0, int64_t s_end, int64_t dim, const SkipMasked& masked) {
+  const auto skip = [&](int64_t key) { return masked.is_masked(hw, key); };
+  load_tile<DB, kThreads>(hw, k_s, tile_stride<DB>(), kKeys, k_head, ks.row, ks.d, s0, s_end, dim, skip);
+  if constexpr (kWithValues) {
+    load_tile<DB, kThreads>(hw, v_s, tile_stride<DB>(), kKeys, v_head, vs.row, vs.d, s0, s_end, dim, skip);
+  }
+  bool any_live = false;
+  for (int r = hw.thread(); r < kKeys; r += kThreads) {
+    const bool live = s0 + r < s_end && !skip(s0 + r);
+    hw.store(live_s + r, live ? 1.f : 0.f);
+    any_live = any_live || live;
+  }
+  return hw.sync_or(any_live);
+}
 
 // Sum over the 4 lanes of a quad (the lanes that share an accumulator row).
 template <class Hw>
@@ -279,20 +324,10 @@ ICD_TC_UNROLL
   const T* v_head = kWithValues ? p.v + n * p.vs.n + h * p.vs.h : nullptr;
   for (int64_t s0 = s_begin; s0 < s_end; s0 += C::kKeys) {
     hw.sync();  // the previous tile is consumed
-    const auto skip = [&](int64_t key) { return masked.is_masked(hw, key); };
-    load_tile<DB, C::kThreads>(hw, k_s, kStride, C::kKeys, k_head, p.ks.row, p.ks.d, s0, s_end,
-                               p.dim, skip);
-    if constexpr (kWithValues) {
-      load_tile<DB, C::kThreads>(hw, v_s, kStride, C::kKeys, v_head, p.vs.row, p.vs.d, s0, s_end,
-                                 p.dim, skip);
+    if (!load_key_block<DB, C::kThreads, C::kKeys, kWithValues>(hw, k_s, v_s, live_s, k_head, p.ks,
+                                                                v_head, p.vs, s0, s_end, p.dim, masked)) {
+      continue;  // a fully padded tile adds nothing
     }
-    bool any_live = false;
-    for (int r = tid; r < C::kKeys; r += C::kThreads) {
-      const bool live = s0 + r < s_end && !skip(s0 + r);
-      hw.store(live_s + r, live ? 1.f : 0.f);
-      any_live = any_live || live;
-    }
-    if (!hw.sync_or(any_live)) continue;  // a fully padded tile adds nothing
 
     float s[kKeyTiles][4];
 ICD_TC_UNROLL
@@ -611,18 +646,8 @@ ICD_TC_DEVICE void attention_backward_tile(Hw& hw, const BackwardParams<T>& p, u
   const int key_in_block[2] = {warp * 16 + c_row(lane, 0), warp * 16 + c_row(lane, 2)};
   for (int64_t s0 = s_begin; s0 < s_end; s0 += C::kKeys) {
     hw.sync();  // the previous key block is consumed (and the chunk loaded)
-    const auto skip = [&](int64_t key) { return masked.is_masked(hw, key); };
-    load_tile<DB, C::kThreads>(hw, k_s, kStride, C::kKeys, k_head, p.ks.row, p.ks.d, s0, s_end,
-                               p.dim, skip);
-    load_tile<DB, C::kThreads>(hw, v_s, kStride, C::kKeys, v_head, p.vs.row, p.vs.d, s0, s_end,
-                               p.dim, skip);
-    bool any_live = false;
-    for (int r = tid; r < C::kKeys; r += C::kThreads) {
-      const bool live = s0 + r < s_end && !skip(s0 + r);
-      hw.store(live_s + r, live ? 1.f : 0.f);
-      any_live = any_live || live;
-    }
-    const bool block_live = hw.sync_or(any_live);
+    const bool block_live = load_key_block<DB, C::kThreads, C::kKeys, true>(
+        hw, k_s, v_s, live_s, k_head, p.ks, v_head, p.vs, s0, s_end, p.dim, masked);
 
     float dk[kDimTiles][4], dv[kDimTiles][4];
 ICD_TC_UNROLL
