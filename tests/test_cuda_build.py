@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
+import subprocess
+from functools import cache
 
 import pytest
 import torch
@@ -92,6 +95,105 @@ def test_cpu_kernels_are_still_registered():
 
 def test_cuda_backend_is_available():
     assert "cuda" in ops.available_backends()
+
+
+# --- what nvcc put in the library: machine code for sm_80 and sm_90, tensor-core instructions ---
+
+TENSOR_CORE_KERNELS = ("tc_attention_forward_kernel", "tc_attention_backward_kernel", "tc_value_mask_kernel")
+
+
+@cache
+def _cuobjdump() -> str | None:
+    """cuobjdump from PATH, CUDA_HOME/bin, or the one the triton wheel ships."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidates = [shutil.which("cuobjdump")]
+    if CUDA_HOME is not None:
+        candidates.append(os.path.join(CUDA_HOME, "bin", "cuobjdump"))
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _dump(*args: str) -> str:
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (PATH, CUDA_HOME/bin, triton's bundled tools)")
+    import icd._C as extension
+
+    result = subprocess.run([tool, *args, extension.__file__], capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+@cache
+def _resource_usage() -> dict[str, list[dict[str, int]]]:
+    """{mangled kernel name: its resource lines (REG, STACK, LOCAL, ...), one per architecture}."""
+    usage: dict[str, list[dict[str, int]]] = {}
+    name = None
+    for line in _dump("--dump-resource-usage").splitlines():
+        found = re.match(r"\s*Function (\S+):$", line)
+        if found:
+            name = found.group(1)
+        elif name is not None and "REG:" in line:
+            usage.setdefault(name, []).append({k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)})
+            name = None
+    return usage
+
+
+def _tensor_core_kernels(kind: str) -> list[str]:
+    return sorted(n for n in _resource_usage() if kind in n)
+
+
+def test_library_holds_sm80_and_sm90_machine_code():
+    elves = _dump("--list-elf")
+    for arch in ("sm_80", "sm_90"):
+        assert f".{arch}." in elves, f"no {arch} cubin in icd._C (TORCH_CUDA_ARCH_LIST 8.0;9.0):\n{elves}"
+
+
+# Measured stack frames of this build: at most 16 bytes (a 16-byte tile chunk held on the stack
+# in a few instantiations; docs/cuda-kernels.md); a real spill would show as LOCAL or grow it.
+MAX_STACK_BYTES = 16
+
+
+@pytest.mark.parametrize("kind", TENSOR_CORE_KERNELS)
+def test_tensor_core_kernels_do_not_spill(kind):
+    """Every instantiation (2 dtypes x 4 head-dim buckets), on both architectures: no local
+    memory, and no stack frame beyond MAX_STACK_BYTES."""
+    names = _tensor_core_kernels(kind)
+    assert names, f"no {kind} in icd._C"
+    for name in names:
+        for arch_usage in _resource_usage()[name]:
+            assert arch_usage["LOCAL"] == 0 and arch_usage["STACK"] <= MAX_STACK_BYTES, (name, arch_usage)
+
+
+@cache
+def _sass_bodies(arch: str) -> dict[str, str]:
+    """{mangled name: SASS} of every tensor-core kernel on ``arch`` (one cuobjdump call)."""
+    names = [n for kind in TENSOR_CORE_KERNELS for n in _tensor_core_kernels(kind)]
+    sass = _dump("--dump-sass", "--gpu-architecture", arch, "--function", ",".join(names))
+    bodies = {}
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, _, code = body.partition("\n")
+        bodies[name.strip()] = code
+    return bodies
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("kind", TENSOR_CORE_KERNELS)
+def test_tensor_core_kernels_run_hmma_and_ldmatrix(kind, arch):
+    """The SASS of each kernel has HMMA.16816.F32[.BF16] (mma.sync m16n8k16 with float32
+    accumulators) and LDSM.16.M88.4 (ldmatrix .x4)."""
+    names = _tensor_core_kernels(kind)
+    bodies = _sass_bodies(arch)
+    for name in names:
+        assert name in bodies, f"{name}: no SASS for {arch}"
+        hmma = "HMMA.16816.F32.BF16 " if "BFloat16" in name else "HMMA.16816.F32 "  # fp16: no suffix
+        assert hmma in bodies[name], f"{name}: no {hmma.strip()} on {arch}"
+        assert "LDSM.16.M88.4" in bodies[name], f"{name}: no ldmatrix (LDSM) on {arch}"
 
 
 def test_cuda_backend_refuses_cpu_tensors():

@@ -377,3 +377,102 @@ def test_opcheck():
     student, teacher, mse_weight = _mse_inputs(2, 2, 70, 16, torch.float32, permuted=True)
     mse_args = (student, teacher, mse_weight, "ln", 1e-5, "per_head", BACKEND)
     torch.library.opcheck(masked_feature_mse_op, mse_args)
+
+
+# --- the tensor-core kernels (float16 and bfloat16 on sm_80 and later) ---------------------
+
+needs_tensor_cores = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+    reason="the tensor-core kernels need compute capability 8.0 or later",
+)
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@needs_tensor_cores
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=_dtype_id)
+def test_tensor_cores_match_their_cpu_emulation(dtype):
+    """The GPU runs what tests/test_tensor_core_emulation.py checked on the CPU: the same
+    bodies, so the results agree to the rounding of exp2 and of the summation order inside
+    an mma (both float32)."""
+    case = Case(2, 2, 70, 300, 32, padding=True, empty_image=True, permuted=True)
+    q, k, v, mask = attention_inputs(case, dtype, DEVICE)
+    grad_out = torch.randn_like(q)
+    out, lse = torch.ops.icd_ext.attention_forward(q, k, v, mask, 0.2)
+    grads = torch.ops.icd_ext.attention_backward(grad_out, None, q, k, v, mask, out, lse, 0.2)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    cpu = [t.cpu() if t is not None else None for t in (q, k, v, mask, grad_out)]
+    e_out, e_lse = torch.ops.icd_emu.attention_forward(*cpu[:4], 0.2, sms)
+    e_grads = torch.ops.icd_emu.attention_backward(cpu[4], None, *cpu[:4], e_out, e_lse, 0.2, sms, 227 * 1024)
+    assert_close(out.cpu(), e_out, dtype, "out")
+    assert_close(lse.cpu(), e_lse, torch.float32, "lse")
+    _assert_grads_close([g.cpu() for g in grads], e_grads, dtype, "vs emulation")
+
+
+@needs_tensor_cores
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=_dtype_id)
+def test_tensor_cores_with_query_chunks(dtype):
+    """K = 300 at D = 128 does not fit in one block's shared memory: the backward cuts the
+    queries into chunks and sums float32 dk, dv partials."""
+    case = Case(1, 2, 300, 700, 128, padding=True, permuted=True)
+    inputs = attention_inputs(case, dtype, DEVICE, requires_grad=True)
+    got = _attention_loss_grads(*inputs, BACKEND)
+    want = _attention_loss_grads(*inputs, "reference")
+    assert_close(got[0], want[0], dtype, "out")
+    _assert_grads_close(got[2:], want[2:], dtype, "query chunks")
+
+
+@needs_tensor_cores
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=_dtype_id)
+def test_tensor_cores_are_deterministic(dtype):
+    case = Case(2, 8, 300, 5000, 32, padding=True, permuted=True)
+    inputs = attention_inputs(case, dtype, DEVICE, requires_grad=True)
+    first = _attention_loss_grads(*inputs, BACKEND)
+    second = _attention_loss_grads(*inputs, BACKEND)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    q, k, weight, mask = _value_mask_inputs(case, dtype)
+    masks = [ops.instance_value_mask(q, k, weight, mask, temperature=0.5, backend=BACKEND) for _ in range(2)]
+    assert torch.equal(masks[0], masks[1])
+
+
+@needs_tensor_cores
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=_dtype_id)
+def test_tensor_cores_in_a_cuda_graph(dtype):
+    """Forward, backward and value mask captured once and replayed on new inputs."""
+    case = Case(2, 4, 300, 3000, 32, padding=True)
+    q, k, v, mask = attention_inputs(case, dtype, DEVICE)
+    grad_out = torch.randn_like(q)
+    weight = instance_weight(case, DEVICE)
+
+    def step():
+        out, lse = torch.ops.icd_ext.attention_forward(q, k, v, mask, 0.2)
+        grads = torch.ops.icd_ext.attention_backward(grad_out, None, q, k, v, mask, out, lse, 0.2)
+        return out, lse, *grads, torch.ops.icd_ext.value_mask(q, k, weight, mask, None, 0.2, 0.5)
+
+    step()  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for t in (q, k, v, grad_out):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, step(), strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_tensor_cores
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=_dtype_id)
+def test_tensor_cores_with_no_instances_or_no_keys(dtype):
+    """K = 0 (an image batch without instances) and S = 0 return before any launch."""
+    for k_slots, keys in ((0, 50), (3, 0)):
+        q = torch.randn(2, 2, k_slots, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 2, keys, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+        out, lse = ops.instance_attention(q, k, k, backend=BACKEND)
+        want_out, want_lse = ops.instance_attention(q, k, k, backend="reference")
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+        dq, dk = torch.autograd.grad(out.float().sum(), (q, k), allow_unused=False)
+        assert torch.all(dq == 0) and torch.all(dk == 0)
+        weight = torch.ones(2, k_slots, device=DEVICE)
+        assert torch.all(ops.instance_value_mask(q.detach(), k.detach(), weight, backend=BACKEND) == 0)

@@ -7,7 +7,7 @@
 // row keeps a running max m and sum l of exp(logit - m) (and, with values, the running
 // sum of exp(logit - m) v); a row that has seen only masked keys keeps m = -inf and l = 0.
 // With one split the block writes out = acc / l and lse = m + log l; with several, each
-// split writes (acc, m, l) and attention_combine_kernel merges them.
+// split writes (acc, m, l) and tc_combine_kernel (cuda/tile_kernels.cuh) merges them.
 //
 // Non-finite inputs: masked keys get logit -inf and zeroed k and v rows (load_key_rows), so
 // nothing stored there reaches a result. A NaN logit is skipped by the running max (fmaxf)
@@ -16,6 +16,7 @@
 #pragma once
 
 #include "cuda/common.cuh"
+#include "cuda/tile_kernels.cuh"
 
 namespace icd_cuda {
 
@@ -186,42 +187,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Merges the splits' (acc, m, l) of each row: M = max m, L = sum l exp(m - M),
-// out = sum acc exp(m - M) / L, lse = M + log L; a row without any key gets out 0 and
-// lse -inf. A split with m = -inf saw no finite logit: its l and acc are 0, or NaN when it
-// met NaN logits, and are added as they are, so a NaN reaches out and lse. One warp per row;
-// out may be nullptr (lse only).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    attention_combine_kernel(const float* part_acc, const float* part_max, const float* part_sum,
-                             int splits, int64_t rows, int64_t dim, T* out, float* lse) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t row = int64_t{blockIdx.x} * (kThreads / kWarp) + threadIdx.x / kWarp;
-  if (row >= rows) return;
-  float max_all = -INFINITY;
-  for (int z = 0; z < splits; ++z) max_all = fmaxf(max_all, part_max[z * rows + row]);
-  float total = 0.f;
-  for (int z = 0; z < splits; ++z) {
-    const float m = part_max[z * rows + row];
-    const float l = part_sum[z * rows + row];
-    total += m == -INFINITY ? l : l * expf(m - max_all);
-  }
-  if (lane == 0) lse[row] = total == 0.f ? -INFINITY : max_all + logf(total);
-  if (out == nullptr) return;
-  for (int64_t d = lane; d < dim; d += kWarp) {
-    float sum = 0.f;
-    if (total != 0.f) {
-      for (int z = 0; z < splits; ++z) {
-        const float m = part_max[z * rows + row];
-        const float acc = part_acc[(z * rows + row) * dim + d];
-        sum += m == -INFINITY ? acc : acc * expf(m - max_all);
-      }
-      sum /= total;
-    }
-    out[row * dim + d] = static_cast<T>(sum);
-  }
-}
-
 // How many pieces to cut the keys of each block's work into: enough blocks for about four
 // per multiprocessor, each piece at least four key tiles long.
 inline int choose_key_splits(int64_t blocks, int64_t key_tiles) {
@@ -262,9 +227,9 @@ void run_attention_forward(AttentionForwardArgs<T> a, int64_t nh, const Tensor& 
   attention_forward_kernel<T, DB, kWithValues><<<grid, kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto combine_blocks = static_cast<unsigned>(ceil_div(rows, kThreads / kWarp));
-  attention_combine_kernel<T><<<combine_blocks, kThreads, 0, stream>>>(
-      a.part_acc, a.part_max, a.part_sum, splits, rows, a.dim, kWithValues ? a.out : nullptr,
-      a.lse);
+  icd_tc::tc_combine_kernel<T><<<combine_blocks, kThreads, 0, stream>>>(
+      a.part_acc, a.part_max, a.part_sum, splits, rows, a.heads, a.queries, a.dim, nullptr,
+      kWithValues ? a.out : nullptr, a.lse);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

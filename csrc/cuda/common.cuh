@@ -19,6 +19,7 @@
 #include <c10/util/Half.h>
 
 #include "checks.h"
+#include "tensor_core/attention_tiles.h"
 
 #include <algorithm>
 #include <cmath>
@@ -129,9 +130,7 @@ void dispatch_head_dim(int64_t d, const char* op, const Body& body) {
 
 // ---- strided [N, h, L, D] tensors -----------------------------------------------------------
 
-struct HeadStrides {
-  int64_t n, h, row, d;
-};
+using HeadStrides = icd_tc::Strides4;  // [N, h, L, D] strides, shared with the tile bodies
 
 inline HeadStrides strides_of(const Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};

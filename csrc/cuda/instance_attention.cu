@@ -18,6 +18,7 @@
 
 #include "cuda/attention_forward.cuh"
 #include "cuda/common.cuh"
+#include "cuda/tensor_core.cuh"
 
 namespace icd_cuda {
 namespace {
@@ -70,6 +71,11 @@ std::tuple<Tensor, Tensor> attention_forward_cuda(const Tensor& q, const Tensor&
     lse.fill_(-INFINITY);
     return {out, lse};
   }
+  if (tensor_cores_take(q)) {
+    tensor_core_attention_forward(q, k, v, mask == nullptr ? Tensor() : *key_padding_mask, scale,
+                                  out, lse);
+    return {out, lse};
+  }
   ICD_DISPATCH_FLOAT_TYPES(q.scalar_type(), "attention_forward", [&] {
     dispatch_head_dim(dims.d, op, [&](auto bucket) {
       constexpr int DB = decltype(bucket)::value;
@@ -116,25 +122,6 @@ struct AttentionBackwardArgs {
   HeadStrides dqs, dks, dvs;
   float* part_dq;  // [splits, N * h * K, D] contiguous (several splits)
 };
-
-// delta[row] = sum_d grad_out[row, d] * out[row, d] - grad_lse[row]; one warp per row.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    attention_delta_kernel(const T* grad_out, HeadStrides gs, const T* out, HeadStrides os,
-                           const float* grad_lse, int64_t heads, int64_t queries, int64_t dim,
-                           int64_t rows, float* delta) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t row = int64_t{blockIdx.x} * (kThreads / kWarp) + threadIdx.x / kWarp;
-  if (row >= rows) return;  // the whole warp leaves
-  const int64_t nh = row / queries;
-  const int64_t kq = row % queries;
-  const T* g = head_start(grad_out, gs, nh / heads, nh % heads) + kq * gs.row;
-  const T* o = head_start(out, os, nh / heads, nh % heads) + kq * os.row;
-  float sum = 0.f;
-  for (int64_t d = lane; d < dim; d += kWarp) sum += to_float(g[d * gs.d]) * to_float(o[d * os.d]);
-  sum = warp_sum(sum);
-  if (lane == 0) delta[row] = sum - (grad_lse == nullptr ? 0.f : grad_lse[row]);
-}
 
 // dk and dv of one key tile (x = key tile, y = image * h + head), over all query rows.
 template <typename T, int DB>
@@ -323,23 +310,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dq = sum over splits of the partial dq (contiguous [N * h * K, D]), in the input dtype,
-// written through dq's strides.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    attention_dq_reduce_kernel(const float* part_dq, int splits, int64_t size, int64_t heads,
-                               int64_t queries, int64_t dim, HeadStrides dqs, T* dq) {
-  const int64_t stride = int64_t{gridDim.x} * kThreads;
-  for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < size; i += stride) {
-    float sum = 0.f;
-    for (int z = 0; z < splits; ++z) sum += part_dq[z * size + i];
-    const int64_t d = i % dim;
-    const int64_t row = (i / dim) % queries;
-    const int64_t nh = i / (dim * queries);
-    head_start(dq, dqs, nh / heads, nh % heads)[row * dqs.row + d * dqs.d] = static_cast<T>(sum);
-  }
-}
-
 template <typename T, int DB>
 void run_attention_backward(AttentionBackwardArgs<T> a, int64_t nh, const Tensor& out,
                             const float* grad_lse, float* delta) {
@@ -347,7 +317,7 @@ void run_attention_backward(AttentionBackwardArgs<T> a, int64_t nh, const Tensor
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = nh * a.queries;
   const auto row_blocks = static_cast<unsigned>(ceil_div(rows, kThreads / kWarp));
-  attention_delta_kernel<T><<<row_blocks, kThreads, 0, stream>>>(
+  icd_tc::tc_delta_kernel<T><<<row_blocks, kThreads, 0, stream>>>(
       a.grad_out, a.gs, out.data_ptr<T>(), strides_of(out), grad_lse, a.heads, a.queries, a.dim,
       rows, delta);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -374,8 +344,8 @@ void run_attention_backward(AttentionBackwardArgs<T> a, int64_t nh, const Tensor
   if (splits > 1) {
     const int64_t size = rows * a.dim;
     const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(size, kThreads), 4096));
-    attention_dq_reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(
-        a.part_dq, splits, size, a.heads, a.queries, a.dim, a.dqs, a.dq);
+    icd_tc::tc_sum_partials_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        a.part_dq, splits, size, a.heads, a.queries, a.dim, a.dqs, a.dq, int64_t{blocks});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -409,6 +379,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
     dq.zero_();
     dk.zero_();
     dv.zero_();
+    return {dq, dk, dv};
+  }
+  if (tensor_cores_take(q) &&
+      tensor_core_attention_backward(grad_out, grad_lse_c, q, k, v,
+                                     mask == nullptr ? Tensor() : *key_padding_mask, out, lse_c,
+                                     scale, dq, dk, dv)) {
     return {dq, dk, dv};
   }
   Tensor delta = at::empty({dims.n, dims.h, dims.k}, q.options().dtype(at::kFloat));

@@ -11,6 +11,7 @@
 
 #include "cuda/attention_forward.cuh"
 #include "cuda/common.cuh"
+#include "cuda/tensor_core.cuh"
 
 namespace icd_cuda {
 namespace {
@@ -119,6 +120,11 @@ Tensor value_mask_cuda(const Tensor& q, const Tensor& k, const Tensor& weight,
   Tensor out = at::empty({n, heads, keys}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   if (queries == 0) return out.zero_();
+  if (tensor_cores_take(q)) {
+    tensor_core_value_mask(q, k, weight_c, mask == nullptr ? Tensor() : *key_padding_mask, lse_c,
+                           scale, temperature, out);
+    return out;
+  }
   const float logit_scale = static_cast<float>(scale / temperature);
   if (!lse_c.defined()) lse_c = at::empty({n, heads, queries}, out.options());
 

@@ -9,6 +9,8 @@ it, and where its kernels are:
   cpu        the C++ extension's CPU kernels: ``torch.ops.icd_ext`` (icd._C).
   cuda       the C++ extension's CUDA kernels: ``torch.ops.icd_ext`` (icd._C built with nvcc);
              the device of the inputs picks the CPU or the CUDA kernel of each icd_ext op.
+             float16 / bfloat16 attention and value mask run on tensor cores on sm_80 and
+             later, float32 on CUDA cores (docs/cuda-kernels.md).
   triton     the Triton kernels of icd.kernels (``icd.ops.backends.triton``); CUDA tensors,
              or CPU tensors when TRITON_INTERPRET=1 (how CI tests them).
 
