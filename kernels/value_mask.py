@@ -1,11 +1,14 @@
 """Fused instance value mask (docs/method.md 3.2): sum_k weight[n, k] softmax_s(logits / T).
 
-One program per (key block, head) loops over the K queries, recomputes each probability
-exp(x / T - lse_T) from q, k and the row logsumexp, and adds weight[n, k] * p over k: one
-write per [n, h, s], no atomics, no [N, h, K, S] tensor. The row logsumexp is the given lse
-(temperature 1) or comes from the attention forward's split-S pass run without values.
-Query blocks whose weights are all zero (fake and padding slots) are skipped. Masked keys
-are never read (their k may hold NaN or inf without effect).
+One program per (key block, head) recomputes each probability exp(x / T - lse_T) from q, k
+and the row logsumexp, and adds weight[n, k] * p over k: one write per [n, h, s], no atomics,
+no [N, h, K, S] tensor. Only the slots of weight > 0 are computed (7-12 of 300 in ICD): each
+program compacts its image's nonzero slots on chip (tiles.nonzero_slots) and walks them in
+query blocks, so fake and padding slots cost nothing and are never read. The row logsumexp is
+the given lse (temperature 1) or comes from the attention forward's split-S pass run without
+values, over the same compacted slots. Key blocks of padding are skipped (zeros written),
+partly padded ones masked per element. Masked keys are never read (their k may hold NaN or
+inf without effect).
 
 Shapes: q [N, h, K, D]; k [N, h, S, D] (any strides); weight [N, K] float32 contiguous;
 key_padding_mask bool [N, S] or None; lse [N, h, K] float32 or None; out [N, h, S] float32.
@@ -20,7 +23,8 @@ from torch import Tensor
 
 from . import tuning
 from .instance_attention import ATTENTION_KEY, LOG2E, key_mask_argument, softmax_statistics
-from .tiles import head_base, key_is_valid, load_rows, load_tile
+from .launch import launcher
+from .tiles import head_base, key_block, load_tile, query_rows
 
 
 @tuning.autotune("key_block", key=ATTENTION_KEY)
@@ -34,34 +38,34 @@ def _value_mask_kernel(
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[n, h, s] for one block of keys s; lse_ptr holds the natural-log lse of x / T."""
+    """out[n, h, s] for one block of keys s; lse_ptr holds the natural-log lse of x / T (read
+    at the nonzero-weight slots only)."""
     pid_s = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = pid_nh // heads
-    keys = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys, valid, num_valid = key_block(mask_ptr, n, pid_s * BLOCK_N, num_keys, HAS_MASK, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    valid = key_is_valid(mask_ptr, n, keys, num_keys, HAS_MASK)
-    # masked keys are not loaded: their k reads as 0, whatever memory holds
-    k = load_tile(head_base(k_ptr, pid_nh, heads, stride_kn, stride_kh), keys, dims,
-                  stride_ks, stride_kd, valid, head_dim)
-    q_base = head_base(q_ptr, pid_nh, heads, stride_qn, stride_qh)
-
     total = tl.zeros([BLOCK_N], tl.float32)
-    for row_start in range(0, num_queries, BLOCK_M):
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_ok = rows < num_queries
-        weight = tl.load(weight_ptr + n * num_queries + rows, mask=row_ok, other=0.0)
-        if tl.max(weight, 0) > 0:
-            q = load_rows(q_base, rows, dims, stride_qk, stride_qd, num_queries, head_dim)
+    if num_valid > 0:  # a block of padding is 0
+        # masked keys are not loaded: their k reads as 0, whatever memory holds
+        k = load_tile(head_base(k_ptr, pid_nh, heads, stride_kn, stride_kh), keys, dims,
+                      stride_ks, stride_kd, valid, head_dim)
+        q_base = head_base(q_ptr, pid_nh, heads, stride_qn, stride_qh)
+        partial = num_valid < BLOCK_N
+        _, _, count = query_rows(weight_ptr, n, 0, num_queries, True, BLOCK_M)
+        for first in range(0, count, BLOCK_M):
+            rows, row_ok, _ = query_rows(weight_ptr, n, first, num_queries, True, BLOCK_M)
+            # rows past the count read as q = 0, lse = +inf, weight = 0: they add exactly 0
+            q = load_tile(q_base, rows, dims, stride_qk, stride_qd, row_ok, head_dim)
+            weight = tl.load(weight_ptr + n * num_queries + rows, mask=row_ok, other=0.0)
             lse = tl.load(lse_ptr + pid_nh * num_queries + rows, mask=row_ok, other=float("inf"))
             # fully masked rows (lse -inf) contribute nothing: subtract +inf instead
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            x = tl.where(valid[None, :], x, float("-inf"))
-            p = tl.exp2(x - lse2[:, None])
-            # masked keys and slots of weight 0 add exactly nothing, even where p is NaN
-            keep = valid[None, :] & (weight[:, None] > 0)
-            total += tl.sum(tl.where(keep, p * weight[:, None], 0.0), 0)
+            x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            p = tl.exp2(x * qk_scale - lse2[:, None]) * weight[:, None]
+            if partial:  # masked keys add exactly nothing, even where p is NaN
+                p = tl.where(valid[None, :], p, 0.0)
+            total += tl.sum(p, 0)
     tl.store(out_ptr + pid_nh * num_keys + keys, total, mask=keys < num_keys)
 
 
@@ -78,22 +82,23 @@ def value_mask(
     """[N, h, S] float32: out[n, h, s] = sum_k weight[n, k] softmax_s(scale q k^T / T)[s].
 
     ``lse`` (float32 [N, h, K], only valid with temperature 1) skips the logsumexp pass;
-    ``num_splits`` sets that pass's key slices (tests).
+    ``num_splits`` sets that pass's key slices (tests). Launches 1 kernel with ``lse``, else 2
+    or 3 (the statistics pass, its merge when it has several slices, the mask).
     """
     n, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
     logit_scale = scale / temperature
-    if lse is None:
-        _, lse = softmax_statistics(q, k, None, key_padding_mask, logit_scale, num_splits)
-    lse = lse.to(torch.float32).contiguous()
     weight = weight.to(torch.float32).contiguous()
+    if lse is None:
+        _, lse = softmax_statistics(q, k, None, key_padding_mask, logit_scale, num_splits, weight=weight)
+    lse = lse.to(torch.float32).contiguous()
     out = torch.empty((n, heads, num_keys), device=k.device, dtype=torch.float32)
     mask, has_mask = key_mask_argument(key_padding_mask, q)
 
     def grid(meta):
         return (triton.cdiv(num_keys, meta["BLOCK_N"]), n * heads)
 
-    _value_mask_kernel[grid](
+    launcher(_value_mask_kernel)[grid](
         q, k, mask, weight, lse, out,
         *q.stride(), *k.stride(),
         heads, num_queries, num_keys, head_dim, logit_scale * LOG2E,

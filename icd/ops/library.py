@@ -3,10 +3,14 @@
 Every op takes the resolved backend name as its last argument, so a traced graph records
 which backend it runs and torch.compile never has to guess; the op calls that backend's
 kernel table (``BACKEND_TABLE[backend].kernels``: ``torch.ops.icd_ext`` for cpu and cuda,
-``icd.ops.backends.triton`` for triton). One fake kernel and one autograd formula per op
-serve every backend. The ops are opaque to
-torch.compile (their fake kernels state the output shapes), and work under
-``torch.library.opcheck``. Validation happens before, in ``icd.ops``.
+``icd.ops.backends.triton`` for triton). One fake kernel per op serves every backend. These
+ops are opaque to torch.compile (their fake kernels state the output shapes), and work
+under ``torch.library.opcheck``. Validation happens before, in ``icd.ops``.
+
+A backend whose kernel-table functions are torch ops themselves (``Backend.traceable``: the
+Triton kernels, registered with torch.library.triton_op, which torch.compile traces into) is
+called directly instead, with the same autograd formulas registered on its forward ops:
+``instance_attention``, ``instance_value_mask`` and ``masked_feature_mse`` below choose.
 
 Gradients come in the layout of their inputs: dq, dk, dv and the student's gradient have
 the strides ``torch.empty_like(input)`` gives (the input's own when it is dense and
@@ -15,6 +19,10 @@ and in the fake ones alike, so autograd hands them to permuted views without a c
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -26,13 +34,73 @@ from icd.ops.reference import compute_dtype
 def _in_layout_of(grad: Tensor, like: Tensor) -> Tensor:
     """``grad`` with the strides of ``torch.empty_like(like)``, copied only if it has others.
 
-    The contract of every backward op; the built-in kernels already keep it, so this is a
-    stride comparison for them (a meta tensor: nothing is allocated).
+    The contract of every backward op; the built-in kernels already keep it, so for them this
+    is one stride comparison (the strides of a dense ``like``, which kernels reproduce);
+    only a mismatch asks a meta tensor what empty_like would give.
     """
+    if grad.stride() == like.stride():
+        return grad  # like's own strides: what empty_like gives whenever a kernel can match them
     expected = torch.empty_like(like, device="meta").stride()
     if grad.stride() == expected:
         return grad
     return torch.empty_like(like, dtype=grad.dtype).copy_(grad)
+
+
+# --- autograd formulas, shared by the icd:: ops and a traceable backend's own ops -------------
+
+
+def _attention_autograd(backward_op: Callable) -> tuple[Callable, Callable]:
+    """(setup_context, backward) of an attention forward op whose inputs are (q, k, v,
+    key_padding_mask, scale, *rest): rest is (backend,) for icd::instance_attention and empty
+    for a backend's own op, and is passed on to ``backward_op``."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, key_padding_mask, scale, *rest = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+        ctx.scale = scale
+        ctx.rest = tuple(rest)
+
+    def backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+        no_grads = (None,) * (2 + len(ctx.rest))
+        if not any(ctx.needs_input_grad[:3]):
+            return (None, None, None, *no_grads)
+        dq, dk, dv = backward_op(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, ctx.scale, *ctx.rest)
+        return (dq, dk, dv, *no_grads)
+
+    return setup_context, backward
+
+
+def _mse_autograd(backward_op: Callable) -> tuple[Callable, Callable]:
+    """(setup_context, backward) of a feature-MSE forward op whose inputs are (student,
+    teacher, weight, norm, eps, reduction, *rest), rest as in _attention_autograd."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        student, teacher, weight, norm, eps, reduction, *rest = inputs
+        ctx.save_for_backward(student, teacher, weight)
+        ctx.options = (norm, eps, reduction, *rest)
+
+    def backward(ctx, grad_loss: Tensor):
+        student, teacher, weight = ctx.saved_tensors
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            grad_student = backward_op(grad_loss, student, teacher, weight, *ctx.options)
+        return (grad_student, *(None,) * (2 + len(ctx.options)))
+
+    return setup_context, backward
+
+
+@functools.cache
+def _traceable_kernels(backend: str) -> ModuleType:
+    """The kernel table of a traceable backend, its forward ops given the autograd formulas
+    (once, on first use: the table is imported only when the backend is)."""
+    kernels = BACKEND_TABLE[backend].kernels
+    setup, backward = _attention_autograd(kernels.attention_backward)
+    kernels.attention_forward.register_autograd(backward, setup_context=setup)
+    setup, backward = _mse_autograd(kernels.feature_mse_backward)
+    kernels.feature_mse_forward.register_autograd(backward, setup_context=setup)
+    return kernels
 
 
 # --- instance_attention ------------------------------------------------------------------
@@ -77,25 +145,17 @@ def _(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _attention_setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
-    ctx.scale = scale
-    ctx.backend = backend
+_setup, _backward = _attention_autograd(instance_attention_backward_op)
+instance_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _attention_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
-    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-    if not any(ctx.needs_input_grad[:3]):
-        return None, None, None, None, None, None
-    dq, dk, dv = instance_attention_backward_op(
-        grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, ctx.scale, ctx.backend
-    )
-    return dq, dk, dv, None, None, None
-
-
-instance_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+def instance_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """The attention forward of ``backend``: its own op if traceable, else icd::instance_attention."""
+    if BACKEND_TABLE[backend].traceable:
+        return _traceable_kernels(backend).attention_forward(q, k, v, key_padding_mask, scale)
+    return instance_attention_op(q, k, v, key_padding_mask, scale, backend)
 
 
 # --- instance_value_mask -------------------------------------------------------------------
@@ -120,6 +180,22 @@ def instance_value_mask_op(
 def _(q, k, weight, key_padding_mask, lse, scale, temperature, backend):
     n, h, s, _ = k.shape
     return k.new_empty((n, h, s), dtype=compute_dtype(q, k, weight))
+
+
+def instance_value_mask(
+    q: Tensor,
+    k: Tensor,
+    weight: Tensor,
+    key_padding_mask: Tensor | None,
+    lse: Tensor | None,
+    scale: float,
+    temperature: float,
+    backend: str,
+) -> Tensor:
+    """The value mask of ``backend``: its own op if traceable, else icd::instance_value_mask."""
+    if BACKEND_TABLE[backend].traceable:
+        return _traceable_kernels(backend).value_mask(q, k, weight, key_padding_mask, lse, scale, temperature)
+    return instance_value_mask_op(q, k, weight, key_padding_mask, lse, scale, temperature, backend)
 
 
 # --- masked_feature_mse ----------------------------------------------------------------------
@@ -161,18 +237,14 @@ def _(grad_loss, student, teacher, weight, norm, eps, reduction, backend):
     return torch.empty_like(student)
 
 
-def _mse_setup_context(ctx, inputs, output) -> None:
-    student, teacher, weight, norm, eps, reduction, backend = inputs
-    ctx.save_for_backward(student, teacher, weight)
-    ctx.options = (norm, eps, reduction, backend)
+_setup, _backward = _mse_autograd(masked_feature_mse_backward_op)
+masked_feature_mse_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _mse_backward(ctx, grad_loss: Tensor):
-    student, teacher, weight = ctx.saved_tensors
-    grad_student = None
-    if ctx.needs_input_grad[0]:
-        grad_student = masked_feature_mse_backward_op(grad_loss, student, teacher, weight, *ctx.options)
-    return grad_student, None, None, None, None, None, None
-
-
-masked_feature_mse_op.register_autograd(_mse_backward, setup_context=_mse_setup_context)
+def masked_feature_mse(
+    student: Tensor, teacher: Tensor, weight: Tensor, norm: str, eps: float, reduction: str, backend: str
+) -> Tensor:
+    """The feature MSE of ``backend``: its own op if traceable, else icd::masked_feature_mse."""
+    if BACKEND_TABLE[backend].traceable:
+        return _traceable_kernels(backend).feature_mse_forward(student, teacher, weight, norm, eps, reduction)
+    return masked_feature_mse_op(student, teacher, weight, norm, eps, reduction, backend)
