@@ -305,6 +305,7 @@ def size_class(num_keys: int) -> int:
 # --- sizes and grids -------------------------------------------------------------------------
 
 
+@functools.cache
 def block_d(head_dim: int) -> int:
     """The padded head-dim block: a power of two >= 16 (tl.dot's smallest operand side)."""
     return max(16, triton.next_power_of_2(head_dim))

@@ -7,10 +7,17 @@ kernel table (``BACKEND_TABLE[backend].kernels``: ``torch.ops.icd_ext`` for cpu 
 ops are opaque to torch.compile (their fake kernels state the output shapes), and work
 under ``torch.library.opcheck``. Validation happens before, in ``icd.ops``.
 
-A backend whose kernel-table functions are torch ops themselves (``Backend.traceable``: the
-Triton kernels, registered with torch.library.triton_op, which torch.compile traces into) is
-called directly instead, with the same autograd formulas registered on its forward ops:
-``instance_attention``, ``instance_value_mask`` and ``masked_feature_mse`` below choose.
+A traceable backend (``Backend.traceable``: the Triton kernels, whose functions are torch
+allocations and Triton launches only) bypasses them. Under torch.compile it runs as its own
+ops, ``icd::<backend>_<kernel>``, registered with ``torch.library.triton_op`` (``traceable_ops``):
+Dynamo and AOTAutograd trace into them, so Inductor launches the Triton kernels itself and a
+compiled graph holds no Python between them (under the Triton interpreter, where triton_op
+cannot trace, they are custom ops whose fake kernel is the kernel function itself). In eager
+mode it runs as a ``torch.autograd.Function`` that calls the kernel functions directly: a
+custom op with autograd costs ~115 us of host time per call on the 2-core CI machine against
+~7 us for a (ctx-style) autograd.Function (benchmarks/host_overhead.py measures the path). Both
+use the autograd formulas below. ``instance_attention``, ``instance_value_mask`` and
+``masked_feature_mse`` choose the path.
 
 Gradients come in the layout of their inputs: dq, dk, dv and the student's gradient have
 the strides ``torch.empty_like(input)`` gives (the input's own when it is dense and
@@ -22,13 +29,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from types import ModuleType
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-from icd.ops.backends import BACKEND_TABLE
+from icd.ops.backends import BACKEND_TABLE, triton_interpreted
 from icd.ops.reference import compute_dtype
+
+KERNEL_NAMES = ("attention_forward", "attention_backward", "value_mask", "feature_mse_forward",
+                "feature_mse_backward")
+"""The functions of every kernel table (icd/ops/backends/__init__.py lists their signatures)."""
 
 
 def _in_layout_of(grad: Tensor, like: Tensor) -> Tensor:
@@ -92,15 +103,55 @@ def _mse_autograd(backward_op: Callable) -> tuple[Callable, Callable]:
 
 
 @functools.cache
-def _traceable_kernels(backend: str) -> ModuleType:
-    """The kernel table of a traceable backend, its forward ops given the autograd formulas
-    (once, on first use: the table is imported only when the backend is)."""
+def traceable_ops(backend: str) -> SimpleNamespace:
+    """The kernel-table functions of traceable ``backend`` registered as ops
+    ``icd::<backend>_<kernel>`` (torch.library.triton_op; custom ops with the function as fake
+    kernel under the Triton interpreter), the forward ops with their autograd formulas.
+    Registered once, on first use: the table is imported only when the backend is used."""
     kernels = BACKEND_TABLE[backend].kernels
-    setup, backward = _attention_autograd(kernels.attention_backward)
-    kernels.attention_forward.register_autograd(backward, setup_context=setup)
-    setup, backward = _mse_autograd(kernels.feature_mse_backward)
-    kernels.feature_mse_forward.register_autograd(backward, setup_context=setup)
-    return kernels
+
+    def register(name: str) -> torch.library.CustomOpDef:
+        fn = getattr(kernels, name)
+        if triton_interpreted():
+            op = torch.library.custom_op(f"icd::{backend}_{name}", fn, mutates_args=())
+            op.register_fake(fn)  # its launches do nothing on tensors without data
+            return op
+        return torch.library.triton_op(f"icd::{backend}_{name}", fn, mutates_args=())
+
+    ops = SimpleNamespace(**{name: register(name) for name in KERNEL_NAMES})
+    setup, backward = _attention_autograd(ops.attention_backward)
+    ops.attention_forward.register_autograd(backward, setup_context=setup)
+    setup, backward = _mse_autograd(ops.feature_mse_backward)
+    ops.feature_mse_forward.register_autograd(backward, setup_context=setup)
+    return ops
+
+
+def _function(name: str, forward: Callable, autograd: tuple[Callable, Callable]) -> type:
+    """A torch.autograd.Function running ``forward`` with an autograd formula's (setup_context,
+    backward). Written in the ctx style (forward(ctx, ...)): a Function with a separate
+    setup_context goes through functorch's generic path, ~90 us per call here against ~7."""
+    setup, backward = autograd
+
+    def run(ctx, *inputs):
+        output = forward(*inputs)
+        setup(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(run), "backward": staticmethod(backward)})
+
+
+@functools.cache
+def eager_functions(backend: str) -> SimpleNamespace:
+    """The eager path of traceable ``backend``: autograd.Functions of its attention and feature
+    MSE, and its value mask function (not differentiable), calling the kernels directly."""
+    kernels = BACKEND_TABLE[backend].kernels
+    return SimpleNamespace(
+        attention=_function("InstanceAttention", kernels.attention_forward,
+                            _attention_autograd(kernels.attention_backward)),
+        feature_mse=_function("MaskedFeatureMse", kernels.feature_mse_forward,
+                              _mse_autograd(kernels.feature_mse_backward)),
+        value_mask=kernels.value_mask,
+    )
 
 
 # --- instance_attention ------------------------------------------------------------------
@@ -152,10 +203,13 @@ instance_attention_op.register_autograd(_backward, setup_context=_setup)
 def instance_attention(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
-    """The attention forward of ``backend``: its own op if traceable, else icd::instance_attention."""
-    if BACKEND_TABLE[backend].traceable:
-        return _traceable_kernels(backend).attention_forward(q, k, v, key_padding_mask, scale)
-    return instance_attention_op(q, k, v, key_padding_mask, scale, backend)
+    """The attention of ``backend``: for a traceable one its triton_op under torch.compile and
+    its autograd.Function in eager mode, else icd::instance_attention."""
+    if not BACKEND_TABLE[backend].traceable:
+        return instance_attention_op(q, k, v, key_padding_mask, scale, backend)
+    if torch.compiler.is_compiling():
+        return traceable_ops(backend).attention_forward(q, k, v, key_padding_mask, scale)
+    return eager_functions(backend).attention.apply(q, k, v, key_padding_mask, scale)
 
 
 # --- instance_value_mask -------------------------------------------------------------------
@@ -192,10 +246,12 @@ def instance_value_mask(
     temperature: float,
     backend: str,
 ) -> Tensor:
-    """The value mask of ``backend``: its own op if traceable, else icd::instance_value_mask."""
-    if BACKEND_TABLE[backend].traceable:
-        return _traceable_kernels(backend).value_mask(q, k, weight, key_padding_mask, lse, scale, temperature)
-    return instance_value_mask_op(q, k, weight, key_padding_mask, lse, scale, temperature, backend)
+    """The value mask of ``backend`` (see ``instance_attention`` for the three paths)."""
+    if not BACKEND_TABLE[backend].traceable:
+        return instance_value_mask_op(q, k, weight, key_padding_mask, lse, scale, temperature, backend)
+    if torch.compiler.is_compiling():
+        return traceable_ops(backend).value_mask(q, k, weight, key_padding_mask, lse, scale, temperature)
+    return eager_functions(backend).value_mask(q, k, weight, key_padding_mask, lse, scale, temperature)
 
 
 # --- masked_feature_mse ----------------------------------------------------------------------
@@ -244,7 +300,9 @@ masked_feature_mse_op.register_autograd(_backward, setup_context=_setup)
 def masked_feature_mse(
     student: Tensor, teacher: Tensor, weight: Tensor, norm: str, eps: float, reduction: str, backend: str
 ) -> Tensor:
-    """The feature MSE of ``backend``: its own op if traceable, else icd::masked_feature_mse."""
-    if BACKEND_TABLE[backend].traceable:
-        return _traceable_kernels(backend).feature_mse_forward(student, teacher, weight, norm, eps, reduction)
-    return masked_feature_mse_op(student, teacher, weight, norm, eps, reduction, backend)
+    """The feature MSE of ``backend`` (see ``instance_attention`` for the three paths)."""
+    if not BACKEND_TABLE[backend].traceable:
+        return masked_feature_mse_op(student, teacher, weight, norm, eps, reduction, backend)
+    if torch.compiler.is_compiling():
+        return traceable_ops(backend).feature_mse_forward(student, teacher, weight, norm, eps, reduction)
+    return eager_functions(backend).feature_mse.apply(student, teacher, weight, norm, eps, reduction)
