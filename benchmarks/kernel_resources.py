@@ -25,10 +25,7 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, never interpret
 
 import torch  # noqa: E402
-from triton.backends import backends  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.driver import DriverBase  # noqa: E402
-from triton.runtime import driver  # noqa: E402
+from icd.kernels.offline import offline_target  # noqa: E402
 
 # The ICD shape's launch arguments that decide the compiled code (strides only matter through
 # Triton's specialisation: == 1 or a multiple of 16).
@@ -36,48 +33,6 @@ N, H, K, S, D = 2, 8, 300, 22_400, 32
 REGISTERS_PER_SM = 65_536
 THREADS_PER_SM = 2_048
 SHARED_PER_SM = {80: 167_936, 86: 102_400, 89: 102_400, 90: 233_472}
-
-
-class _OfflineDriver(DriverBase):
-    """Triton's CUDA driver pinned to one architecture, with no device behind it."""
-
-    def __init__(self, arch: int) -> None:
-        self.arch = arch
-        self.cuda = backends["nvidia"].driver.__new__(backends["nvidia"].driver)
-
-    @classmethod
-    def is_active(cls) -> bool:
-        return True
-
-    def get_current_target(self) -> GPUTarget:
-        return GPUTarget("cuda", self.arch, 32)
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def set_current_device(self, device: int) -> None:
-        pass
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-    def get_active_torch_device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def map_python_to_cpp_type(self, ty: str) -> str:
-        return backends["nvidia"].driver.map_python_to_cpp_type(self.cuda, ty)
-
-    def get_benchmarker(self):  # pragma: no cover - never benchmarks
-        raise RuntimeError("no device")
-
-    def get_device_interface(self):  # pragma: no cover
-        raise RuntimeError("no device")
-
-    def get_empty_cache_for_benchmark(self):  # pragma: no cover
-        raise RuntimeError("no device")
-
-    def clear_cache(self, cache) -> None:  # pragma: no cover
-        pass
 
 
 def _triton_nvidia_dir() -> str:
@@ -121,8 +76,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--backward-configs",
                         help="BLOCK_M:BLOCK_N:warps:stages,... instead of tuning.BACKWARD_CONFIGS")
     args = parser.parse_args(argv)
-    driver.set_active(_OfflineDriver(args.arch))
+    with offline_target(args.arch):
+        _report_all(args)
+    return 0
 
+
+def _report_all(args: argparse.Namespace) -> None:
     from icd.kernels import feature_mse, instance_attention, tuning, value_mask
 
     dtype = getattr(torch, args.dtype)
@@ -187,10 +146,9 @@ def main(argv: list[str]) -> int:
                     dtype, dtype, f32, f32, f32, dtype, *k_strides, *k_strides, *k_strides,
                     H, N * H, S, d, 1e-5, 1e-6, 4, 1,
                     grid=(1,), PER_HEAD=True, NORM_STUDENT=True, NORM_TEACHER=True, BLOCK_D=bd,
-                    BLOCK_H=16, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+                    BLOCK_P=64, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
                 )
             _report(f"{name} {config.kwargs} w{config.num_warps} s{config.num_stages}", compiled, args.arch)
-    return 0
 
 
 if __name__ == "__main__":

@@ -81,6 +81,16 @@ def nonzero_slots(weight_row_ptr, num_slots, first, BLOCK_M: tl.constexpr, CHUNK
 
 
 @triton.jit
+def nonzero_count(weight_row_ptr, num_slots, CHUNK: tl.constexpr):
+    """int32: how many of weight_row_ptr[0:num_slots] are > 0."""
+    count = tl.sum(tl.zeros([CHUNK], tl.int32), 0)
+    for start in range(0, num_slots, CHUNK):
+        index = start + tl.arange(0, CHUNK)
+        count += tl.sum((tl.load(weight_row_ptr + index, mask=index < num_slots, other=0.0) > 0).to(tl.int32), 0)
+    return count
+
+
+@triton.jit
 def query_rows(weight_ptr, n, first, num_queries, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr):
     """(rows, row_ok, count) of the query block whose first row is ``first``: rows
     first ... of the K queries, or with COMPACT the slots of image n whose weight is > 0 (the

@@ -34,6 +34,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Programs per multiprocessor that a split-S forward grid aims for (latency hiding).
 PROGRAMS_PER_SM = 4
+# ... and the feature MSE's bandwidth-bound grid-stride kernels.
+MSE_PROGRAMS_PER_SM = 8
 # A split of the keys is never shorter than this many keys (the partial results cost a write;
 # a backward slice also reloads its head's queries, dO and out).
 MIN_KEYS_PER_SPLIT = 32 if INTERPRETED else 1024
@@ -261,8 +263,10 @@ def query_blocks(num_queries: int, block_m: int) -> tuple[int, bool]:
 def specialisation(value: object) -> object:
     """A stand-in for an integer launch argument that compiles to the same kernel (Triton
     specialises integers on == 1, divisibility by 16 and 64-bit range); floats as 1.0."""
-    if isinstance(value, float):
+    if isinstance(value, (float, torch.SymFloat)):
         return 1.0
+    if isinstance(value, torch.SymInt):  # traced with dynamic shapes: guard on what Triton sees
+        return 1 if value == 1 else (16 if value % 16 == 0 else 3)
     if isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31:
         return 1 if value == 1 else (16 if value % 16 == 0 else 3)
     return value
@@ -305,10 +309,9 @@ def size_class(num_keys: int) -> int:
 # --- sizes and grids -------------------------------------------------------------------------
 
 
-@functools.cache
 def block_d(head_dim: int) -> int:
     """The padded head-dim block: a power of two >= 16 (tl.dot's smallest operand side)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
 
 
 @functools.cache

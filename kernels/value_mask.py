@@ -24,7 +24,7 @@ from torch import Tensor
 from . import tuning
 from .instance_attention import ATTENTION_KEY, LOG2E, key_mask_argument, softmax_statistics
 from .launch import launcher
-from .tiles import head_base, key_block, load_tile, query_rows
+from .tiles import head_base, key_block, load_tile, nonzero_count, query_rows
 
 
 @tuning.autotune("key_block", key=ATTENTION_KEY)
@@ -52,7 +52,7 @@ def _value_mask_kernel(
                       stride_ks, stride_kd, valid, head_dim)
         q_base = head_base(q_ptr, pid_nh, heads, stride_qn, stride_qh)
         partial = num_valid < BLOCK_N
-        _, _, count = query_rows(weight_ptr, n, 0, num_queries, True, BLOCK_M)
+        count = nonzero_count(weight_ptr + n * num_queries, num_queries, 32)
         for first in range(0, count, BLOCK_M):
             rows, row_ok, _ = query_rows(weight_ptr, n, first, num_queries, True, BLOCK_M)
             # rows past the count read as q = 0, lse = +inf, weight = 0: they add exactly 0

@@ -102,12 +102,10 @@ def _mse_autograd(backward_op: Callable) -> tuple[Callable, Callable]:
     return setup_context, backward
 
 
-@functools.cache
-def traceable_ops(backend: str) -> SimpleNamespace:
+def _register_traceable(backend: str) -> SimpleNamespace:
     """The kernel-table functions of traceable ``backend`` registered as ops
     ``icd::<backend>_<kernel>`` (torch.library.triton_op; custom ops with the function as fake
-    kernel under the Triton interpreter), the forward ops with their autograd formulas.
-    Registered once, on first use: the table is imported only when the backend is used."""
+    kernel under the Triton interpreter), the forward ops with their autograd formulas."""
     kernels = BACKEND_TABLE[backend].kernels
 
     def register(name: str) -> torch.library.CustomOpDef:
@@ -124,6 +122,27 @@ def traceable_ops(backend: str) -> SimpleNamespace:
     setup, backward = _mse_autograd(ops.feature_mse_backward)
     ops.feature_mse_forward.register_autograd(backward, setup_context=setup)
     return ops
+
+
+# Registered at import (~0.1 s, after importing the Triton kernels, ~0.3 s, on the CI machine),
+# not on first use: torch.compile may trace the first call, and Dynamo cannot trace an import
+# or a registration. A backend whose registration fails keeps the error for its first use.
+_TRACEABLE: dict[str, SimpleNamespace] = {}
+_TRACEABLE_ERRORS: dict[str, str] = {}
+for _name, _described in BACKEND_TABLE.items():
+    if _described.traceable and _described.available:
+        try:
+            _TRACEABLE[_name] = _register_traceable(_name)
+        except Exception as exc:  # noqa: BLE001 - reported when the backend is used
+            _TRACEABLE_ERRORS[_name] = f"{type(exc).__name__}: {exc}"
+
+
+def traceable_ops(backend: str) -> SimpleNamespace:
+    """The ops of traceable ``backend`` (attention_forward, ..., feature_mse_backward)."""
+    if backend not in _TRACEABLE:
+        raise RuntimeError(f"icd backend {backend!r} could not register its ops: "
+                           f"{_TRACEABLE_ERRORS.get(backend, 'it is not traceable or not available')}")
+    return _TRACEABLE[backend]
 
 
 def _function(name: str, forward: Callable, autograd: tuple[Callable, Callable]) -> type:
@@ -144,6 +163,7 @@ def _function(name: str, forward: Callable, autograd: tuple[Callable, Callable])
 def eager_functions(backend: str) -> SimpleNamespace:
     """The eager path of traceable ``backend``: autograd.Functions of its attention and feature
     MSE, and its value mask function (not differentiable), calling the kernels directly."""
+    traceable_ops(backend)  # raises the registration's error, if any
     kernels = BACKEND_TABLE[backend].kernels
     return SimpleNamespace(
         attention=_function("InstanceAttention", kernels.attention_forward,
