@@ -126,8 +126,8 @@ def _report_all(args: argparse.Namespace) -> None:
     mask_kernel = value_mask._value_mask_kernel.fn
     for config in tuning.GPU_CONFIGS["key_block"] if args.only in (None, "value_mask") else ():
         compiled = mask_kernel.warmup(
-            dtype, dtype, u8, f32, f32, f32, *q_strides, *k_strides, H, kq, S, d, 0.25, 1,
-            grid=(1,), HAS_MASK=True, DOT_PRECISION=precision, BLOCK_D=bd, **config.kwargs,
+            dtype, dtype, u8, f32, f32, f32, f32, f32, *q_strides, *k_strides, H, kq, S, d, 0.25, 22, 1,
+            grid=(1,), HAS_MASK=True, FROM_PARTS=True, DOT_PRECISION=precision, BLOCK_D=bd, **config.kwargs,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         _report(f"value mask {config.kwargs} w{config.num_warps} s{config.num_stages}", compiled, args.arch)

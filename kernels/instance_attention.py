@@ -72,6 +72,18 @@ def finish_rows(row_max, row_sum, acc, out_ptr, lse_ptr, stats_rows, row_ok, dim
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dims[None, :] < head_dim))
 
 
+@triton.jit
+def merge_step(row_max, row_sum, split_max, split_sum):
+    """One slice's softmax state into the running one (base-2 maxima): (new max, new sum, the
+    running state's rescale, the slice's). Rows still without a valid key keep max -inf and
+    shift by 0, so exp2 gives 0, not NaN."""
+    new_max = tl.maximum(row_max, split_max)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    old_scale = tl.exp2(row_max - shift)
+    split_scale = tl.exp2(split_max - shift)
+    return new_max, row_sum * old_scale + split_sum * split_scale, old_scale, split_scale
+
+
 @tuning.autotune("split", key=[*ATTENTION_KEY, "WITH_VALUES"])
 @triton.jit
 def _forward_split_kernel(
@@ -154,41 +166,33 @@ def _forward_split_kernel(
                 tl.store(ptrs, acc, mask=row_ok[:, None] & (dims[None, :] < head_dim))
 
 
-@tuning.autotune("row", key=["BLOCK_D", "S_CLASS", "WITH_VALUES"], tensor_arg="part_sum_ptr")
+@tuning.autotune("row", key=["BLOCK_D", "S_CLASS"], tensor_arg="part_sum_ptr")
 @triton.jit
 def _forward_merge_kernel(
-    part_out_ptr, part_max_ptr, part_sum_ptr, weight_ptr, out_ptr, lse_ptr,
-    heads, num_queries, head_dim, num_splits,
+    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, lse_ptr,
+    num_queries, head_dim, num_splits,
     S_CLASS,
-    WITH_VALUES: tl.constexpr, COMPACT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Merge the per-slice softmax states into lse [N h, K] and out [N h, K, D], in slice order."""
     pid_m = tl.program_id(0)
     pid_nh = tl.program_id(1)
-    first = pid_m * BLOCK_M
-    rows, row_ok, count = query_rows(weight_ptr, pid_nh // heads, first, num_queries, COMPACT, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    if first < count:
-        tile_ok = row_ok[:, None] & (dims[None, :] < head_dim)
-        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        row_sum = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for split in range(0, num_splits):
-            part_rows = (pid_nh * num_splits + split) * num_queries + rows
-            split_max = tl.load(part_max_ptr + part_rows, mask=row_ok, other=float("-inf"))
-            split_sum = tl.load(part_sum_ptr + part_rows, mask=row_ok, other=0.0)
-            new_max = tl.maximum(row_max, split_max)
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            old_scale = tl.exp2(row_max - shift)
-            split_scale = tl.exp2(split_max - shift)
-            row_sum = row_sum * old_scale + split_sum * split_scale
-            if WITH_VALUES:
-                ptrs = part_out_ptr + dense_offsets(part_rows, dims, head_dim)
-                split_out = tl.load(ptrs, mask=tile_ok, other=0.0)
-                acc = acc * old_scale[:, None] + split_out * split_scale[:, None]
-            row_max = new_max
-        finish_rows(row_max, row_sum, acc, out_ptr, lse_ptr, pid_nh * num_queries + rows, row_ok, dims,
-                    head_dim, WITH_VALUES)
+    row_ok = rows < num_queries
+    tile_ok = row_ok[:, None] & (dims[None, :] < head_dim)
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for split in range(0, num_splits):
+        part_rows = (pid_nh * num_splits + split) * num_queries + rows
+        split_max = tl.load(part_max_ptr + part_rows, mask=row_ok, other=float("-inf"))
+        split_sum = tl.load(part_sum_ptr + part_rows, mask=row_ok, other=0.0)
+        row_max, row_sum, old_scale, split_scale = merge_step(row_max, row_sum, split_max, split_sum)
+        split_out = tl.load(part_out_ptr + dense_offsets(part_rows, dims, head_dim), mask=tile_ok, other=0.0)
+        acc = acc * old_scale[:, None] + split_out * split_scale[:, None]
+    finish_rows(row_max, row_sum, acc, out_ptr, lse_ptr, pid_nh * num_queries + rows, row_ok, dims, head_dim,
+                True)
 
 
 def _strides(t: Tensor) -> tuple[int, ...]:
@@ -202,78 +206,79 @@ def key_mask_argument(key_padding_mask: Tensor | None, fallback: Tensor) -> tupl
     return key_padding_mask.contiguous().view(torch.uint8), True
 
 
-def softmax_statistics(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor | None,
-    key_padding_mask: Tensor | None,
-    scale: float,
-    num_splits: int | None = None,
-    weight: Tensor | None = None,
-) -> tuple[Tensor | None, Tensor]:
-    """(out or None, lse) of softmax(scale q k^T) over the keys, by split-S flash decoding.
-
-    With ``v`` None only lse [N, h, K] float32 is computed (the value mask's first pass);
-    with ``weight`` ([N, K] float32 contiguous) only the rows of slots of weight > 0 (the
-    others' lse is left unwritten). ``num_splits`` overrides the number of key slices
-    (tests); by default it fills the GPU. The key mask must be contiguous.
-    """
+def _split_pass(
+    q: Tensor, k: Tensor, v: Tensor | None, key_padding_mask: Tensor | None, weight: Tensor | None,
+    scale: float, num_splits: int, final: bool, out: Tensor, lse: Tensor,
+    part_out: Tensor, part_max: Tensor, part_sum: Tensor,
+) -> None:
+    """Launch the split kernel (one program per key slice, query block, (image, head))."""
     n, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
-    nh = n * heads
-    if num_splits is None:
-        num_splits = tuning.num_key_splits(q.device, nh, num_queries, num_keys)
-    with_values = v is not None
-    final = num_splits == 1
-    f32 = dict(device=q.device, dtype=torch.float32)
-    out = None
-    if with_values:
-        out = torch.empty((n, heads, num_queries, head_dim), device=q.device, dtype=q.dtype)
-    lse = torch.empty((n, heads, num_queries), **f32)
-    part_max = part_sum = part_out = lse  # placeholder pointers when the split kernel finishes
-    if not final:
-        part_max = torch.empty((nh, num_splits, num_queries), **f32)
-        part_sum = torch.empty((nh, num_splits, num_queries), **f32)
-        if with_values:
-            part_out = torch.empty((nh, num_splits, num_queries, head_dim), **f32)
-    values = v if with_values else k
-    out_arg = out if with_values else lse
+    values = v if v is not None else k
     mask, has_mask = key_mask_argument(key_padding_mask, q)
-    weight_arg = weight if weight is not None else lse
-    bd = tuning.block_d(head_dim)
-    s_class = tuning.size_class(num_keys)
 
     def split_grid(meta):
-        return (num_splits, triton.cdiv(num_queries, meta["BLOCK_M"]), nh)
+        return (num_splits, triton.cdiv(num_queries, meta["BLOCK_M"]), n * heads)
 
     launcher(_forward_split_kernel)[split_grid](
-        q, k, values, mask, weight_arg, part_out, part_max, part_sum, out_arg, lse,
+        q, k, values, mask, weight if weight is not None else lse, part_out, part_max, part_sum, out, lse,
         *_strides(q), *_strides(k), *_strides(values),
-        heads, num_queries, num_keys, head_dim, scale * LOG2E, num_splits, s_class,
-        HAS_MASK=has_mask, WITH_VALUES=with_values, COMPACT=weight is not None, FINAL=final,
-        DOT_PRECISION=tuning.dot_precision(q.dtype), BLOCK_D=bd,
+        heads, num_queries, num_keys, head_dim, scale * LOG2E, num_splits, tuning.size_class(num_keys),
+        HAS_MASK=has_mask, WITH_VALUES=v is not None, COMPACT=weight is not None, FINAL=final,
+        DOT_PRECISION=tuning.dot_precision(q.dtype), BLOCK_D=tuning.block_d(head_dim),
     )
-    if not final:
-
-        def merge_grid(meta):
-            return (triton.cdiv(num_queries, meta["BLOCK_M"]), nh)
-
-        launcher(_forward_merge_kernel)[merge_grid](
-            part_out, part_max, part_sum, weight_arg, out_arg, lse,
-            heads, num_queries, head_dim, num_splits, s_class,
-            WITH_VALUES=with_values, COMPACT=weight is not None, BLOCK_D=bd,
-        )
-    return out, lse
 
 
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float,
     num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """out [N, h, K, D] (q's dtype) and lse [N, h, K] float32 of softmax(scale q k^T) v."""
-    out, lse = softmax_statistics(q, k, v, key_padding_mask, scale, num_splits)
-    assert out is not None
+    """out [N, h, K, D] (q's dtype) and lse [N, h, K] float32 of softmax(scale q k^T) v, by
+    split-S flash decoding: the split kernel, then the merge (none with one slice).
+    ``num_splits`` overrides the number of key slices (tests); by default it fills the GPU."""
+    n, heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    nh = n * heads
+    if num_splits is None:
+        num_splits = tuning.num_key_splits(q.device, nh, num_queries, num_keys)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    out = torch.empty((n, heads, num_queries, head_dim), device=q.device, dtype=q.dtype)
+    lse = torch.empty((n, heads, num_queries), **f32)
+    if num_splits == 1:  # the split kernel finishes the rows; the partials' pointers are unused
+        _split_pass(q, k, v, key_padding_mask, None, scale, 1, True, out, lse, lse, lse, lse)
+        return out, lse
+    part_max = torch.empty((nh, num_splits, num_queries), **f32)
+    part_sum = torch.empty((nh, num_splits, num_queries), **f32)
+    part_out = torch.empty((nh, num_splits, num_queries, head_dim), **f32)
+    _split_pass(q, k, v, key_padding_mask, None, scale, num_splits, False, out, lse, part_out, part_max, part_sum)
+
+    def merge_grid(meta):
+        return (triton.cdiv(num_queries, meta["BLOCK_M"]), nh)
+
+    launcher(_forward_merge_kernel)[merge_grid](
+        part_out, part_max, part_sum, out, lse, num_queries, head_dim, num_splits,
+        tuning.size_class(num_keys), BLOCK_D=tuning.block_d(head_dim),
+    )
     return out, lse
+
+
+def weighted_row_statistics(
+    q: Tensor, k: Tensor, key_padding_mask: Tensor | None, weight: Tensor, scale: float,
+    num_splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The softmax statistics of the rows of weight > 0 only, per key slice, unmerged:
+    (part_max, part_sum) [N h, splits, K] float32, max in base-2 logits (scale log2(e) q k^T),
+    sum = sum_s 2^(x_s - max); rows of weight 0 are left unwritten. The value mask merges the
+    rows it reads itself. ``weight`` [N, K] float32 contiguous."""
+    n, heads, num_queries, _ = q.shape
+    nh = n * heads
+    if num_splits is None:  # ~one query block of weighted rows per (image, head)
+        num_splits = tuning.num_key_splits(q.device, nh, tuning.ROW_BLOCK_GUESS, k.shape[2])
+    part_max = torch.empty((nh, num_splits, num_queries), device=q.device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    _split_pass(q, k, None, key_padding_mask, weight, scale, num_splits, False, part_max, part_max, part_max,
+                part_max, part_sum)
+    return part_max, part_sum
 
 
 # --- backward ----------------------------------------------------------------------------------

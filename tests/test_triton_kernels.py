@@ -352,7 +352,7 @@ def test_every_kernel_is_autotuned_with_coarse_keys():
     tuners = tuning.autotuners()
     assert set(tuners) == set(tuning.FAMILY)
     coarse = {"BLOCK_D", "S_CLASS", "HAS_MASK", "DOT_PRECISION", "WITH_VALUES", "HAS_GRAD_LSE",
-              "NORM_STUDENT", "NORM_TEACHER"}
+              "NORM_STUDENT", "NORM_TEACHER", "FROM_PARTS"}
     for name, t in tuners.items():
         assert set(t.keys) <= coarse, f"{name}: autotune key {t.keys} varies with the batch"
 
