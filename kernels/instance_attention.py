@@ -603,6 +603,7 @@ def attention_backward(
     n, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
     nh = n * heads
+    lse = lse.to(torch.float32).contiguous()  # [N, h, K] float32: already so from the forward
     mask, has_mask = key_mask_argument(key_padding_mask, q)
     config = tuning.backward_config(num_queries)
     block_m, block_n, num_warps, num_stages = config
