@@ -64,7 +64,7 @@ class OfflineDriver(DriverBase):
 @contextlib.contextmanager
 def offline_target(arch: int = 90) -> Iterator[OfflineDriver]:
     """Within the block Triton compiles for sm_<arch> without a device."""
-    previous = driver._active  # None when no driver was made yet (there is no device to make one for)
+    previous = getattr(driver, "_active", None)  # None until a driver is made (none can be here)
     offline = OfflineDriver(arch)
     driver.set_active(offline)
     try:

@@ -103,7 +103,7 @@ def test_attention_with_padded_valid_and_partial_key_blocks(kq, s, dtype):
     _attention_case(3, kq, s, 16, dtype)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5])
+@pytest.mark.parametrize("num_splits", [1, 5])
 def test_backward_chunks_and_slices(monkeypatch, num_splits):
     # two query blocks per chunk: K = 40 is three blocks in two chunks, with the dk, dv scratch
     monkeypatch.setattr(tuning, "MAX_QUERY_BLOCKS", 2)
@@ -154,9 +154,9 @@ def test_value_mask_compacts_scattered_nonzero_slots(temperature, with_lse, num_
 
 
 def test_feature_mse_never_reads_rows_of_weight_zero():
-    student = torch.randn(2, 2, 70, 16, device=DEVICE)
-    teacher = torch.randn(2, 2, 70, 16, device=DEVICE)
-    weight = torch.rand(2, 2, 70, device=DEVICE)
+    student = torch.randn(2, 2, 50, 16, device=DEVICE)
+    teacher = torch.randn(2, 2, 50, 16, device=DEVICE)
+    weight = torch.rand(2, 2, 50, device=DEVICE)
     weight[..., BLOCK:3 * BLOCK] = 0.0
     weight[1, 1] = 0.0  # a head without weight
     zero = (weight == 0)[..., None]
