@@ -2,11 +2,15 @@
 
 Forward: one pass over student and teacher; each program normalises its [BLOCK_S, D] tiles in
 registers and accumulates sum_s w * sum_d e and sum_s w for its (image, head); a one-program
-kernel reduces those per-program sums to the loss. Backward: the loss depends on the weight
-sums only through one scalar per (image, head) ("per_head") or one overall ("global"), so a
-small kernel computes the weight sums and one pass recomputes the LayerNorms and writes the
-student gradient, scaled by grad_loss / denominator. No normalised copy of either tensor and
-no un-scaled gradient is ever stored.
+kernel reduces those per-program sums to the loss, in a fixed order. Backward: the loss
+depends on the weight sums only through one scalar per (image, head) ("per_head") or one
+overall ("global"): a first kernel sums the weights into [N h, P] partials (P programs per
+head, enough to fill the device: a bandwidth-bound pass, not N h programs each walking a
+whole row), and a second adds them up in a fixed order, recomputes the LayerNorms and
+writes the student gradient, scaled by grad_loss / denominator. Rows of weight 0 (padding,
+and whatever the value mask zeroes) are never read: they add nothing to the loss and get a
+gradient of exact zeros without a load. No normalised copy of either tensor and no
+un-scaled gradient is ever stored. Two launches each way (docs/gpu-kernels.md).
 
 Shapes: student, teacher [N, h, S, D] (any strides, one float dtype); weight [N, h, S]
 float32 contiguous; loss 0-dim float32; grad_student [N, h, S, D] in the student's dtype and
@@ -22,7 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tuning
-from .tiles import head_base, load_rows, store_tile
+from .launch import launcher
+from .tiles import head_base, load_tile, store_tile
 
 _NORMALISED = {"ln": (True, True), "tln": (False, True), "none": (False, False)}
 MSE_KEY = ["BLOCK_D", "S_CLASS"]  # coarse: see tuning.py
@@ -39,12 +44,12 @@ def layer_norm_rows(x, dims, head_dim, eps):
 
 
 @triton.jit
-def normalised_pair(s_base, t_base, rows, dims, stride_ss, stride_sd, stride_ts, stride_td,
-                    num_rows, head_dim, eps,
-                    NORM_STUDENT: tl.constexpr, NORM_TEACHER: tl.constexpr):
-    """(a, b, rstd of the student): the (normalised) student and teacher tiles in float32."""
-    a = load_rows(s_base, rows, dims, stride_ss, stride_sd, num_rows, head_dim).to(tl.float32)
-    b = load_rows(t_base, rows, dims, stride_ts, stride_td, num_rows, head_dim).to(tl.float32)
+def normalised_pair(s_base, t_base, rows, row_ok, dims, stride_ss, stride_sd, stride_ts, stride_td,
+                    head_dim, eps, NORM_STUDENT: tl.constexpr, NORM_TEACHER: tl.constexpr):
+    """(a, b, rstd of the student): the (normalised) student and teacher tiles in float32;
+    rows where ``row_ok`` is False are not read (0)."""
+    a = load_tile(s_base, rows, dims, stride_ss, stride_sd, row_ok, head_dim).to(tl.float32)
+    b = load_tile(t_base, rows, dims, stride_ts, stride_td, row_ok, head_dim).to(tl.float32)
     rstd = tl.zeros([a.shape[0]], tl.float32)
     if NORM_STUDENT:
         a, rstd = layer_norm_rows(a, dims, head_dim, eps)
@@ -75,11 +80,12 @@ def _mse_forward_kernel(
     for tile in range(pid_s, tl.cdiv(num_rows, BLOCK_S), programs_per_head):
         rows = tile * BLOCK_S + tl.arange(0, BLOCK_S)
         w = tl.load(w_ptr + pid_nh.to(tl.int64) * num_rows + rows, mask=rows < num_rows, other=0.0)
-        a, b, _ = normalised_pair(s_base, t_base, rows, dims, stride_ss, stride_sd, stride_ts,
-                                  stride_td, num_rows, head_dim, eps, NORM_STUDENT, NORM_TEACHER)
-        diff = a - b  # 0 in the padded columns and rows: both tiles are 0 there
-        # a location of weight 0 adds exactly nothing, whatever its features hold
-        err_acc += tl.where(w > 0, tl.sum(diff * diff, 1) * w, 0.0)
+        # a location of weight 0 is not read and adds exactly nothing, whatever it holds
+        used = w > 0
+        a, b, _ = normalised_pair(s_base, t_base, rows, used, dims, stride_ss, stride_sd, stride_ts,
+                                  stride_td, head_dim, eps, NORM_STUDENT, NORM_TEACHER)
+        diff = a - b  # 0 in the padded columns and unread rows: both tiles are 0 there
+        err_acc += tl.where(used, tl.sum(diff * diff, 1) * w, 0.0)
         w_acc += w
     slot = pid_nh * programs_per_head + pid_s
     tl.store(part_err_ptr + slot, tl.sum(err_acc, 0))
@@ -113,42 +119,51 @@ def _mse_reduce_kernel(
     tl.store(loss_ptr, loss)
 
 
+@tuning.autotune("mse", key=["S_CLASS"], tensor_arg="w_ptr")
 @triton.jit
-def _weight_sum_kernel(w_ptr, sums_ptr, num_rows, BLOCK: tl.constexpr):
-    """sums[nh] = sum_s weight[nh, s]: the per-(image, head) denominators."""
-    pid_nh = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, num_rows, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        w = tl.load(w_ptr + pid_nh.to(tl.int64) * num_rows + rows, mask=rows < num_rows, other=0.0)
-        acc += w
-    tl.store(sums_ptr + pid_nh, tl.sum(acc, 0))
+def _weight_sum_kernel(w_ptr, part_w_ptr, num_rows, programs_per_head, S_CLASS, BLOCK_S: tl.constexpr):
+    """part_w[nh, p] = the sum of the weights of tiles p, p + P, ... of (image, head) nh: P
+    partial sums per head, which the backward adds up in a fixed order."""
+    pid_s = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    acc = tl.zeros([BLOCK_S], tl.float32)
+    for tile in range(pid_s, tl.cdiv(num_rows, BLOCK_S), programs_per_head):
+        rows = tile * BLOCK_S + tl.arange(0, BLOCK_S)
+        acc += tl.load(w_ptr + pid_nh.to(tl.int64) * num_rows + rows, mask=rows < num_rows, other=0.0)
+    tl.store(part_w_ptr + pid_nh * programs_per_head + pid_s, tl.sum(acc, 0))
 
 
 @tuning.autotune("mse", key=[*MSE_KEY, "NORM_STUDENT", "NORM_TEACHER"], tensor_arg="s_ptr")
 @triton.jit
 def _mse_backward_kernel(
-    s_ptr, t_ptr, w_ptr, sums_ptr, grad_loss_ptr, grad_ptr,
+    s_ptr, t_ptr, w_ptr, part_w_ptr, grad_loss_ptr, grad_ptr,
     stride_sn, stride_sh, stride_ss, stride_sd,
     stride_tn, stride_th, stride_ts, stride_td,
     stride_gn, stride_gh, stride_gs, stride_gd,
     heads, num_heads_total, num_rows, head_dim, eps, floor, programs_per_head,
     S_CLASS,
     PER_HEAD: tl.constexpr, NORM_STUDENT: tl.constexpr, NORM_TEACHER: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """grad_student = LayerNorm backward of 2 (a - b) * w * grad_loss / denominator."""
+    """grad_student = LayerNorm backward of 2 (a - b) * w * grad_loss / denominator, the
+    denominator added up from the weight partials in a fixed order."""
     pid_s = tl.program_id(0)
     pid_nh = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
     grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
     if PER_HEAD:
-        denominator = tl.maximum(tl.load(sums_ptr + pid_nh), floor) * num_heads_total * head_dim
+        first = pid_nh * programs_per_head
+        last = first + programs_per_head
     else:
-        total = tl.zeros([BLOCK_H], tl.float32)
-        for head_start in range(0, num_heads_total, BLOCK_H):
-            all_heads = head_start + tl.arange(0, BLOCK_H)
-            total += tl.load(sums_ptr + all_heads, mask=all_heads < num_heads_total, other=0.0)
+        first = 0
+        last = num_heads_total * programs_per_head
+    total = tl.zeros([BLOCK_P], tl.float32)
+    for start in range(first, last, BLOCK_P):
+        slots = start + tl.arange(0, BLOCK_P)
+        total += tl.load(part_w_ptr + slots, mask=slots < last, other=0.0)
+    if PER_HEAD:
+        denominator = tl.maximum(tl.sum(total, 0), floor) * num_heads_total * head_dim
+    else:
         denominator = tl.maximum(tl.sum(total, 0), floor) * head_dim
     factor = 2.0 * grad_loss / denominator
 
@@ -158,22 +173,26 @@ def _mse_backward_kernel(
     for tile in range(pid_s, tl.cdiv(num_rows, BLOCK_S), programs_per_head):
         rows = tile * BLOCK_S + tl.arange(0, BLOCK_S)
         w = tl.load(w_ptr + pid_nh.to(tl.int64) * num_rows + rows, mask=rows < num_rows, other=0.0)
-        a, b, rstd = normalised_pair(s_base, t_base, rows, dims, stride_ss, stride_sd, stride_ts,
-                                     stride_td, num_rows, head_dim, eps, NORM_STUDENT, NORM_TEACHER)
+        used = w > 0  # rows of weight 0 are not read: their gradient is exactly 0
+        a, b, rstd = normalised_pair(s_base, t_base, rows, used, dims, stride_ss, stride_sd, stride_ts,
+                                     stride_td, head_dim, eps, NORM_STUDENT, NORM_TEACHER)
         grad = (a - b) * (w * factor)[:, None]
         if NORM_STUDENT:
             # d LN(x) / dx applied to grad: rstd (g - mean_d g - a mean_d(g a))
             mean_g = tl.sum(grad, 1) / head_dim
             mean_ga = tl.sum(grad * a, 1) / head_dim
             grad = rstd[:, None] * (grad - mean_g[:, None] - a * mean_ga[:, None])
-        grad = tl.where((w > 0)[:, None], grad, 0.0)  # weight 0: exactly 0, even for NaN features
+        grad = tl.where(used[:, None], grad, 0.0)
         store_tile(g_base, rows, dims, stride_gs, stride_gd, rows < num_rows, head_dim, grad)
 
 
 def _programs_per_head(student: Tensor) -> int:
-    """Programs per (image, head): enough to fill the device, each with several row tiles."""
+    """Programs per (image, head): enough to fill the device, each with several row tiles. The
+    kernels are bandwidth-bound and small (<= 48 registers per thread at D = 32 on sm_90: 10
+    or more programs of 4 warps fit a multiprocessor), so the grid aims at MSE_PROGRAMS_PER_SM,
+    twice the dot kernels' count, to keep more loads in flight."""
     n, heads, num_rows, _ = student.shape
-    wanted = triton.cdiv(tuning.target_programs(student.device), n * heads)
+    wanted = triton.cdiv(tuning.target_programs(student.device, tuning.MSE_PROGRAMS_PER_SM), n * heads)
     return max(1, min(wanted, triton.cdiv(num_rows, 256 if not tuning.INTERPRETED else 16)))
 
 
@@ -190,7 +209,7 @@ def feature_mse_forward(
     f32 = dict(device=student.device, dtype=torch.float32)
     part_err = torch.empty((nh, programs), **f32)
     part_w = torch.empty((nh, programs), **f32)
-    _mse_forward_kernel[(programs, nh)](
+    launcher(_mse_forward_kernel)[(programs, nh)](
         student, teacher, weight, part_err, part_w,
         *student.stride(), *teacher.stride(),
         heads, num_rows, head_dim, float(eps), programs, tuning.size_class(num_rows),
@@ -199,7 +218,7 @@ def feature_mse_forward(
     loss = torch.empty((), **f32)
     block_p = triton.next_power_of_2(programs)
     block_h = max(1, min(triton.next_power_of_2(nh), 4096 // block_p))
-    _mse_reduce_kernel[(1,)](
+    launcher(_mse_reduce_kernel)[(1,)](
         part_err, part_w, loss, nh, programs, head_dim, float(floor),
         PER_HEAD=reduction == "per_head", BLOCK_H=block_h,
         BLOCK_P=block_p,
@@ -225,15 +244,16 @@ def feature_mse_backward(
     nh = n * heads
     norm_student, norm_teacher = _NORMALISED[norm]
     weight = weight.to(torch.float32).contiguous()
-    sums = torch.empty((nh,), device=student.device, dtype=torch.float32)
-    _weight_sum_kernel[(nh,)](weight, sums, num_rows, BLOCK=16 if tuning.INTERPRETED else 1024)
-    grad = torch.empty_like(student)  # the student's layout: autograd passes it on without a copy
     programs = _programs_per_head(student)
-    _mse_backward_kernel[(programs, nh)](
-        student, teacher, weight, sums, grad_loss, grad,
+    s_class = tuning.size_class(num_rows)
+    part_w = torch.empty((nh, programs), device=student.device, dtype=torch.float32)
+    launcher(_weight_sum_kernel)[(programs, nh)](weight, part_w, num_rows, programs, s_class)
+    grad = torch.empty_like(student)  # the student's layout: autograd passes it on without a copy
+    launcher(_mse_backward_kernel)[(programs, nh)](
+        student, teacher, weight, part_w, grad_loss, grad,
         *student.stride(), *teacher.stride(), *grad.stride(),
-        heads, nh, num_rows, head_dim, float(eps), float(floor), programs, tuning.size_class(num_rows),
+        heads, nh, num_rows, head_dim, float(eps), float(floor), programs, s_class,
         PER_HEAD=reduction == "per_head", NORM_STUDENT=norm_student, NORM_TEACHER=norm_teacher,
-        BLOCK_D=tuning.block_d(head_dim), BLOCK_H=min(triton.next_power_of_2(nh), 1024),
+        BLOCK_D=tuning.block_d(head_dim), BLOCK_P=min(triton.next_power_of_2(programs * nh), 1024),
     )
     return grad

@@ -34,11 +34,17 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Programs per multiprocessor that a split-S forward grid aims for (latency hiding).
 PROGRAMS_PER_SM = 4
-# The one-pass backward holds dk, dv and a dq tile in registers: about two programs fit on a
-# multiprocessor, and every extra key slice costs a K x D float32 partial dq to write and add.
-BACKWARD_PROGRAMS_PER_SM = 2
-# A split of the keys is never shorter than this many keys (the partial results cost a write).
+# ... and the feature MSE's bandwidth-bound grid-stride kernels.
+MSE_PROGRAMS_PER_SM = 8
+# A split of the keys is never shorter than this many keys (the partial results cost a write;
+# a backward slice also reloads its head's queries, dO and out).
 MIN_KEYS_PER_SPLIT = 32 if INTERPRETED else 1024
+# The backward keeps the dq accumulators of up to this many query blocks of an (image, head)
+# on chip (unrolled in the kernel: K <= 512 at BLOCK_M = 64); more queries are walked in
+# chunks of that many blocks.
+MAX_QUERY_BLOCKS = 8
+# Backward programs per multiprocessor assumed under the interpreter (no compiled kernel).
+INTERPRETED_RESIDENCY = 2
 # The query block assumed when sizing a split grid (the autotuned one is not known yet).
 ROW_BLOCK_GUESS = 16 if INTERPRETED else 64
 # Problems with fewer keys than this are tuned apart from detection-sized ones (a unit test's
@@ -61,19 +67,13 @@ GPU_CONFIGS: dict[str, list[triton.Config]] = {
     # forward split-S pass: one program per (key slice, query block, head)
     "split": _tiles([
         (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4),
-        (128, 64, 8, 3), (32, 16, 4, 1),
+        (128, 64, 8, 3), (16, 128, 4, 3), (32, 16, 4, 1),
     ]),
-    # value mask: one program per (key block, head), looping over the query blocks
+    # value mask: one program per (key block, head), looping over the compacted query blocks
+    # (7-12 rows of weight > 0 per image in ICD: a 16-row block wastes least)
     "key_block": _tiles([
         (32, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2),
-        (128, 64, 8, 2), (32, 32, 4, 1),
-    ]),
-    # one-pass backward: one program per (key slice, head); key blocks of BLOCK_N, query
-    # blocks of BLOCK_M in the inner loop. dk and dv [BLOCK_N, D] stay in registers: 128-key
-    # blocks get 8 warps (with 4, ptxas spills at D = 32 on sm_90)
-    "backward": _tiles([
-        (32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2),
-        (128, 64, 8, 2), (32, 16, 4, 1),
+        (128, 64, 8, 2), (16, 128, 4, 3), (32, 32, 4, 1),
     ]),
     # merges and reductions over [K, D] rows (no dots)
     "row": [triton.Config({"BLOCK_M": 16}, num_warps=2, num_stages=1),
@@ -85,7 +85,6 @@ GPU_CONFIGS: dict[str, list[triton.Config]] = {
 INTERPRETED_BLOCKS: dict[str, dict[str, int]] = {
     "split": {"BLOCK_M": 16, "BLOCK_N": 16},
     "key_block": {"BLOCK_M": 16, "BLOCK_N": 16},
-    "backward": {"BLOCK_M": 16, "BLOCK_N": 16},
     "row": {"BLOCK_M": 16},
     "mse": {"BLOCK_S": 16},
 }
@@ -116,11 +115,6 @@ _STAGED: dict[str, tuple[tuple[str, str, str, tuple[int, int], bool], ...]] = {
     "key_block": (("BLOCK_N", "BLOCK_D", "E", (1, 2), False),  # k
                   ("BLOCK_M", "BLOCK_D", "E", (1, 2), True),   # q
                   ("BLOCK_M", "BLOCK_N", "F", (1, 1), False)),  # column sums of P
-    "backward": (("BLOCK_N", "BLOCK_D", "E", (2, 3), False),  # k
-                 ("BLOCK_N", "BLOCK_D", "E", (2, 3), False),  # v
-                 ("BLOCK_M", "BLOCK_D", "E", (1, 1), True),   # q
-                 ("BLOCK_M", "BLOCK_D", "E", (1, 1), True),   # dO
-                 ("BLOCK_M", "BLOCK_N", "E", (1, 2), False)),  # P^T and dS^T as dot operands
 }
 
 
@@ -202,23 +196,110 @@ def autotuners() -> dict[str, triton.runtime.autotuner.Autotuner]:
     return found
 
 
+_pinned_index: int | None = None  # set by pinned(): the backward's config too
+
+
 @contextlib.contextmanager
 def pinned(index: int) -> Iterator[None]:
     """Within the block every autotuned kernel runs GPU config ``index`` of its family (modulo
-    the family's count), untuned; the configs and tunings are restored afterwards. For tests
-    and acceptance checks: each config can be checked in turn, under the interpreter too."""
+    the family's count), untuned, and the backward runs BACKWARD_CONFIGS[index] (modulo);
+    the configs and tunings are restored afterwards. For tests and acceptance checks: each
+    config can be checked (and timed) in turn, under the interpreter too."""
+    global _pinned_index
     tuners = autotuners()
     saved = {name: t.configs for name, t in tuners.items()}
+    previous = _pinned_index
     try:
         for name, t in tuners.items():
             family = GPU_CONFIGS[FAMILY[name]]
             t.configs = [family[index % len(family)]]
             t.cache.clear()
+        _pinned_index = index
         yield
     finally:
+        _pinned_index = previous
         for name, t in tuners.items():
             t.configs = saved[name]
             t.cache.clear()
+
+
+# --- the backward's launch (not autotuned: its grid comes from the compiled kernel) -------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the key-slice backward. Its registers hold one
+# float32 dq accumulator [BLOCK_M, D] per query block (all of K: 40 registers per thread at
+# K = 300, D = 32, 8 warps), dk and dv [BLOCK_N, D] and one [BLOCK_N, BLOCK_M] tile at a time.
+# A fixed choice by K (BACKWARD_RULE), not a tuned one: the slice count is sized from the
+# compiled kernel (resident_programs), and the same config on every run keeps dq's
+# summation order, hence its bits, run to run. Checked for spills with
+# benchmarks/kernel_resources.py (sm_90, D = 32).
+BACKWARD_CONFIGS: list[tuple[int, int, int, int]] = [
+    (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 8, 1), (128, 64, 8, 2), (32, 64, 4, 2),
+    (64, 32, 4, 2), (16, 64, 4, 1),
+]
+# (largest K, config index), in order; larger K use the last entry's config, in chunks
+BACKWARD_RULE: tuple[tuple[int, int], ...] = ((64, 0), (512, 1))
+INTERPRETED_BACKWARD_CONFIG = (16, 16, 1, 1)
+
+
+def backward_config(num_queries: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward for K queries:
+    BACKWARD_RULE, or the pinned config."""
+    if _pinned_index is not None:
+        return BACKWARD_CONFIGS[_pinned_index % len(BACKWARD_CONFIGS)]
+    if INTERPRETED:
+        return INTERPRETED_BACKWARD_CONFIG
+    for largest, index in BACKWARD_RULE:
+        if num_queries <= largest:
+            return BACKWARD_CONFIGS[index]
+    return BACKWARD_CONFIGS[BACKWARD_RULE[-1][1]]
+
+
+def query_blocks(num_queries: int, block_m: int) -> tuple[int, bool]:
+    """(query blocks kept on chip, chunked): ceil(K / BLOCK_M) blocks, at most
+    MAX_QUERY_BLOCKS; beyond that the backward walks K in chunks of that many blocks."""
+    blocks = max(1, math.ceil(num_queries / block_m))
+    return min(blocks, MAX_QUERY_BLOCKS), blocks > MAX_QUERY_BLOCKS
+
+
+def specialisation(value: object) -> object:
+    """A stand-in for an integer launch argument that compiles to the same kernel (Triton
+    specialises integers on == 1, divisibility by 16 and 64-bit range); floats as 1.0."""
+    if isinstance(value, (float, torch.SymFloat)):
+        return 1.0
+    if isinstance(value, torch.SymInt):  # traced with dynamic shapes: guard on what Triton sees
+        return 1 if value == 1 else (16 if value % 16 == 0 else 3)
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31:
+        return 1 if value == 1 else (16 if value % 16 == 0 else 3)
+    return value
+
+
+def resident_programs(compiled: object, device: torch.device) -> int:
+    """How many programs of a compiled kernel one multiprocessor of ``device`` holds at once,
+    from the kernel's registers per thread, shared memory and warps (the CUDA occupancy rules:
+    registers are allocated per warp in units of 256, each block reserves 1 KiB of shared
+    memory)."""
+    compiled._init_handles()
+    metadata = compiled.metadata
+    num_warps = int(getattr(metadata, "num_warps", None) or metadata["num_warps"])
+    shared = int(getattr(metadata, "shared", None) or 0)
+    props = torch.cuda.get_device_properties(device)
+    warp = int(getattr(props, "warp_size", 32))
+    regs_per_warp = math.ceil(max(int(compiled.n_regs), 1) * warp / 256) * 256
+    by_regs = int(getattr(props, "regs_per_multiprocessor", 65536)) // (regs_per_warp * num_warps)
+    by_threads = int(getattr(props, "max_threads_per_multi_processor", 2048)) // (num_warps * warp)
+    shared_per_sm = int(getattr(props, "shared_memory_per_multiprocessor", 0) or DEFAULT_SHARED_MEMORY)
+    by_shared = shared_per_sm // (shared + 1024) if shared else by_threads
+    return max(1, min(by_regs, by_threads, by_shared, 32))
+
+
+def num_backward_slices(device: torch.device, heads_total: int, num_keys: int, residency: int) -> int:
+    """Key slices per (image, head) of the backward: as many as fill the device's resident
+    program slots (``residency`` per multiprocessor) in one wave, never an almost empty
+    second one, and never slices under MIN_KEYS_PER_SPLIT keys. More (image, head) pairs than
+    slots get one slice each."""
+    slots = residency * multiprocessor_count(device)
+    wanted = max(1, slots // heads_total)
+    return max(1, min(wanted, math.ceil(num_keys / MIN_KEYS_PER_SPLIT)))
 
 
 def size_class(num_keys: int) -> int:
@@ -231,7 +312,7 @@ def size_class(num_keys: int) -> int:
 
 def block_d(head_dim: int) -> int:
     """The padded head-dim block: a power of two >= 16 (tl.dot's smallest operand side)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
 
 
 @functools.cache
@@ -254,16 +335,12 @@ def num_key_splits(device: torch.device, heads_total: int, num_queries: int, num
     return max(1, min(wanted, math.ceil(num_keys / MIN_KEYS_PER_SPLIT)))
 
 
-def num_backward_splits(device: torch.device, heads_total: int, num_keys: int) -> int:
-    """How many slices of the S keys the one-pass backward uses (one program per slice and
-    head): enough to fill the device, never slices under MIN_KEYS_PER_SPLIT."""
-    wanted = math.ceil(target_programs(device, BACKWARD_PROGRAMS_PER_SM) / heads_total)
-    return max(1, min(wanted, math.ceil(num_keys / MIN_KEYS_PER_SPLIT)))
-
-
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make t's GPU current for a launch (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Make t's GPU current for a launch (Triton launches on the current device); nothing to
+    do (no device switch on the host path) when it is current already."""
+    if t.device.type != "cuda" or t.device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

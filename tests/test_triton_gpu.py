@@ -4,10 +4,14 @@ N = 2 images, h = 8 heads, K = 300 instance slots, S = 22,400 keys (P3-P7 of an 
 input), D = 32, ~20% padded keys; bfloat16 included; gradients; an image whose keys are all
 padding; [S, N, h, D] buffers viewed as [N, h, S, D] (gradients come back in that layout);
 NaN behind the key mask; autotuning only in the first step; torch.compile(fullgraph=True) of a
-step that calls the three icd.ops ops; and the memory bound (no [N, h, K, S] tensor).
+step that calls the three icd.ops ops; the memory bound (no [N, h, K, S] tensor); and for the
+K << S kernels (docs/gpu-kernels.md): bitwise determinism, K = 600 (the chunked backward), the
+backward's one-wave grid from the loaded kernel's occupancy, CUDA-graph capture and replay.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -215,3 +219,88 @@ def test_torch_compile_fullgraph_of_a_distillation_step():
     torch.testing.assert_close(loss, eager_loss, **tol)
     for a, b in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, **tol)
+
+
+# --- the K << S kernels (docs/gpu-kernels.md) ----------------------------------------------------
+
+
+def test_fwd_bwd_and_value_mask_are_bitwise_deterministic():
+    q, k, v, mask = _attention_inputs(torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(N, H, K, D, device="cuda")
+    grad_lse = torch.randn(N, H, K, device="cuda")
+    weight = _instance_weight()
+    first = _forward_backward(q, k, v, mask, "triton", grad_out, grad_lse)
+    second = _forward_backward(q, k, v, mask, "triton", grad_out, grad_lse)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, second, strict=True):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+    masks = [ops.instance_value_mask(q.detach(), k.detach(), weight, mask, temperature=0.5, backend="triton")
+             for _ in range(2)]
+    assert torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_backward_beyond_the_resident_queries(dtype):
+    """K = 600 > 8 query blocks of 64: the backward walks K in chunks (dk, dv via a scratch)."""
+    from icd.kernels import tuning
+
+    kq, s = 600, 4_096
+    assert tuning.query_blocks(kq, tuning.backward_config(kq)[0])[1]
+    q = torch.randn(N, H, kq, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = _permuted(N, H, s, D, dtype=dtype).requires_grad_(True)
+    v = _permuted(N, H, s, D, dtype=dtype).requires_grad_(True)
+    mask = torch.rand(N, s, device="cuda") < 0.2
+    grad_out = torch.randn(N, H, kq, D, device="cuda")
+    grad_lse = torch.randn(N, H, kq, device="cuda")
+    got = _forward_backward(q, k, v, mask, "triton", grad_out, grad_lse)
+    want = _forward_backward(q, k, v, mask, "reference", grad_out, grad_lse)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        _relative(a, b, dtype if name != "lse" else torch.float32, f"{name} K={kq} {dtype}")
+
+
+def test_backward_grid_is_one_full_wave():
+    """The slice count comes from the loaded kernel's registers, shared memory and warps."""
+    from icd.kernels import instance_attention, tuning
+
+    q, k, v, mask = _attention_inputs(torch.bfloat16, requires_grad=True)
+    out, lse = ops.instance_attention(q, k, v, mask, backend="triton")
+    torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert instance_attention._backward_residency.cache_info().currsize >= 1, "occupancy not computed"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for residency in range(1, 5):
+        slices = tuning.num_backward_slices(q.device, N * H, S, residency)
+        assert 1 <= slices and slices * N * H <= residency * sms, "more programs than one wave"
+        assert slices == math.ceil(S / tuning.MIN_KEYS_PER_SPLIT) or (slices + 1) * N * H > residency * sms
+
+
+def test_cuda_graph_capture_and_replay_of_a_step():
+    """A distillation step's forward and backward captured in one CUDA graph: every launch on
+    the current stream, grids from shapes, nothing read on the host."""
+    q, k, v, mask = _attention_inputs(torch.bfloat16, empty_image=True, requires_grad=True)
+    student = _permuted(N, H, S, D, dtype=torch.bfloat16).requires_grad_(True)
+    weight = _instance_weight()
+
+    def step():
+        out, lse = ops.instance_attention(q, k, v, mask, backend="triton")
+        value_mask = ops.instance_value_mask(q.detach(), k.detach(), weight, mask, lse=lse.detach(),
+                                             backend="triton")
+        loss = out.float().square().mean() + ops.masked_feature_mse(student, v.detach(), value_mask,
+                                                                     backend="triton")
+        return (loss, *torch.autograd.grad(loss, (q, k, v, student)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # autotuning and compilation before the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for t in (q, k, v, student):
+            t.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, b in zip(captured, eager, strict=True):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.bfloat16])

@@ -18,7 +18,7 @@ import math
 
 from torch import Tensor
 
-from icd.ops import reference
+from icd.ops import library, reference
 from icd.ops.dispatch import (
     BACKENDS,
     available_backends,
@@ -27,7 +27,6 @@ from icd.ops.dispatch import (
     resolve_backend,
     set_backend,
 )
-from icd.ops.library import instance_attention_op, instance_value_mask_op, masked_feature_mse_op
 from icd.ops.multiscale import flatten_levels, padding_mask, sine_position_embedding, unflatten_levels
 from icd.ops.validation import (
     check_feature_mse_args,
@@ -90,7 +89,7 @@ def instance_attention(
     scale = _default_scale(q, scale)
     if name == "reference" or q.numel() == 0:
         return reference.instance_attention(q, k, v, key_padding_mask, scale)
-    return instance_attention_op(q, k, v, _as_mask(key_padding_mask), scale, name)
+    return library.instance_attention(q, k, v, _as_mask(key_padding_mask), scale, name)
 
 
 def instance_value_mask(
@@ -130,7 +129,7 @@ def instance_value_mask(
     stat = reference.compute_dtype(q)
     weight = weight.to(stat).contiguous()
     lse = None if lse is None else lse.to(stat).contiguous()
-    return instance_value_mask_op(q, k, weight, _as_mask(key_padding_mask), lse, scale, temperature, name)
+    return library.instance_value_mask(q, k, weight, _as_mask(key_padding_mask), lse, scale, temperature, name)
 
 
 def masked_feature_mse(
@@ -164,7 +163,7 @@ def masked_feature_mse(
         return reference.masked_feature_mse(student, teacher, weight, norm, eps, reduction)
     stat = reference.compute_dtype(student)
     weight = weight.to(stat).contiguous()
-    return masked_feature_mse_op(student, teacher, weight, norm, float(eps), reduction, name)
+    return library.masked_feature_mse(student, teacher, weight, norm, float(eps), reduction, name)
 
 
 def _as_mask(key_padding_mask: Tensor | None) -> Tensor | None:

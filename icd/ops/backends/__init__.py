@@ -11,8 +11,9 @@ it, and where its kernels are:
              the device of the inputs picks the CPU or the CUDA kernel of each icd_ext op.
              float16 / bfloat16 attention and value mask run on tensor cores on sm_80 and
              later, float32 on CUDA cores (docs/cuda-kernels.md).
-  triton     the Triton kernels of icd.kernels (``icd.ops.backends.triton``); CUDA tensors,
-             or CPU tensors when TRITON_INTERPRET=1 (how CI tests them).
+  triton     the Triton kernels of icd.kernels (``icd.ops.backends.triton``, each function
+             an icd::triton_* op that torch.compile traces into); CUDA tensors, or CPU
+             tensors when TRITON_INTERPRET=1 (how CI tests them).
 
 Every kernel table has these five functions (letters as in ``icd.ops``; arguments arrive
 validated; forward outputs are contiguous; gradients have the strides of their inputs,
@@ -64,6 +65,9 @@ class Backend:
         load_kernels: returns its kernel table; ``None`` for the reference.
         max_head_dim: the largest head dim D its attention and value-mask kernels take;
             ``None`` for any D.
+        traceable: its kernel-table functions are torch ops that torch.compile traces into
+            (torch.library.triton_op): icd.ops calls them directly, with icd.ops.library's
+            autograd formulas, rather than through the opaque icd:: ops.
     """
 
     name: str
@@ -75,6 +79,7 @@ class Backend:
     interpreted_devices: tuple[str, ...] = ()
     load_kernels: Callable[[], ModuleType] | None = None
     max_head_dim: int | None = None
+    traceable: bool = False
 
     @property
     def available(self) -> bool:
@@ -166,6 +171,7 @@ def _build_table() -> dict[str, Backend]:
             why_not=triton_why_not,
             how_to_get="Install it with `pip install triton`",
             load_kernels=_triton_kernels,
+            traceable=True,
         ),
     ]
     return {b.name: b for b in backends}

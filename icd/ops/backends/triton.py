@@ -1,12 +1,17 @@
 """The Triton kernels (icd.kernels): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 
-The five kernel functions of this package's docstring, with the icd_ext ops' signatures. Inputs
-arrive validated (float32, float16 or bfloat16; float64 is rejected before this point) and
-are passed with their strides, never copied. Any head dim D works (padded to a power of two
->= 16 inside the kernels). Gradients come back in their inputs' layout (``torch.empty_like``:
-a permuted [S, N, h, D] buffer's view gets a gradient with the same strides), so autograd
-hands them on without a copy. Autotuning happens in the first call per head dim and dtype
-and is cached on disk (see icd/kernels/tuning.py).
+The five kernel functions of this package's docstring, with the icd_ext ops' signatures. They
+are traceable (``Backend.traceable``): nothing but torch allocations and Triton launches
+through ``icd.kernels.launch``, so icd.ops.library registers each as a
+``torch.library.triton_op`` that torch.compile traces into, and calls them directly in eager
+mode (see there).
+
+Inputs arrive validated (float32, float16 or bfloat16; float64 is rejected before this
+point) and are passed with their strides, never copied. Any head dim D works (padded to a
+power of two >= 16 inside the kernels). Gradients come back in their inputs' layout
+(``torch.empty_like``: a permuted [S, N, h, D] buffer's view gets a gradient with the same
+strides), so autograd hands them on without a copy. Autotuning happens in the first call per
+head dim and dtype and is cached on disk (see icd/kernels/tuning.py).
 """
 
 from __future__ import annotations
