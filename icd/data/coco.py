@@ -271,6 +271,11 @@ class CocoDetection(Dataset):
         return len(self.category_ids)
 
     @property
+    def categories(self) -> list[dict]:
+        """[{"id", "name"}] of each class in label order (what checkpoints keep as class names)."""
+        return [{"id": c, "name": n} for c, n in zip(self.category_ids, self.category_names, strict=True)]
+
+    @property
     def num_annotations(self) -> int:
         """Annotations kept (crowd ones included)."""
         return sum(len(anns) for anns in self._annotations.values())

@@ -199,6 +199,7 @@ class Pretrainer:
             "iteration": self.iteration,
             "best_score": self.best_score,
             "signature": self.signature,
+            "categories": self.train_set.categories,
             "args": self.saved_args,
             "rng": capture_rng_state(),
         }
@@ -275,7 +276,8 @@ class Pretrainer:
             self.best_score = score
             save_atomic(
                 {"teacher_side": teacher_side_state(self.distiller), "signature": self.signature,
-                 "iteration": self.iteration, "attention": stats, "args": self.saved_args},
+                 "iteration": self.iteration, "attention": stats, "args": self.saved_args,
+                 "categories": self.train_set.categories},
                 os.path.join(self.args.output_dir, TEACHER_SIDE_FILE),
             )  # fmt: skip
         record["best_score"] = self.best_score

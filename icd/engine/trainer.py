@@ -334,6 +334,7 @@ class Trainer:
             "iteration": self.iteration,
             "args": _plain_args(self.args),
             "detector_spec": self.spec.to_dict(),
+            "categories": self.train_set.categories,
             "rng": capture_rng_state(),
         }
         if self.distiller is not None:
