@@ -13,17 +13,19 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    """Appends JSON lines; a no-op on ranks other than 0 (``enabled=False``)."""
+    """Appends JSON lines; a no-op on ranks other than 0 (``enabled=False``). ``sinks``: callables that
+    get every record written too (``icd.engine.tensorboard.TensorBoardLog.write``)."""
 
     def __init__(self, output_dir: str, enabled: bool = True) -> None:
         self.path = os.path.join(output_dir, METRICS_FILE)
         self.enabled = enabled
+        self.sinks: list[Callable[[dict], None]] = []
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
 
@@ -34,6 +36,8 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        for sink in self.sinks:
+            sink(record)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -14,7 +14,7 @@ import os
 from icd.errors import ConfigError, OutputDirError
 
 RUN_FILES = ("checkpoint.pth", "metrics.jsonl")
-RUN_FILE_PATTERNS = ("model_*.pth",)
+RUN_FILE_PATTERNS = ("model_*.pth", "events.out.tfevents.*")  # the second: --tensorboard's event files
 
 
 def previous_run_files(output_dir: str) -> list[str]:

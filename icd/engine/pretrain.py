@@ -286,6 +286,18 @@ class Pretrainer:
 
     def run(self) -> dict[str, float]:
         """Pre-train to --iters; returns the last attention statistics."""
+        if not getattr(self.args, "tensorboard", False):
+            return self._run()
+        from icd.engine.tensorboard import TensorBoardLog
+
+        tensorboard = TensorBoardLog(self.args.output_dir, purge_step=self.iteration + 1 if self.args.resume else None)
+        self.metrics.sinks.append(tensorboard.write)
+        try:
+            return self._run()
+        finally:
+            tensorboard.close()
+
+    def _run(self) -> dict[str, float]:
         args = self.args
         self.distiller.train()
         if self.iteration == 0:

@@ -187,6 +187,7 @@ class Trainer:
         self.iteration = 0  # optimiser steps done
         self.metrics = MetricsLog(args.output_dir, enabled=self.info.is_main)
         self.hooks: list[Hook] = []  # set by run()
+        self.tensorboard = None  # icd.engine.tensorboard.TensorBoardLog under --tensorboard, from run()
         self.best: dict | None = None  # {"metric", "value", "epoch", "iter"} of the best evaluation
         self.last_evaluation: dict[str, float] = {}
         if args.resume:
@@ -519,6 +520,11 @@ class Trainer:
         if self.overwritten and self.info.is_main:
             log.warning("--overwrite: removing the previous run's %s", ", ".join(self.overwritten))
             remove_previous_run(self.overwritten)
+        if getattr(args, "tensorboard", False) and self.info.is_main:  # after the removal: its files are new
+            from icd.engine.tensorboard import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(args.output_dir, purge_step=self.iteration + 1 if args.resume else None)
+            self.metrics.sinks.append(self.tensorboard.write)
         self.hooks = [
             HealthCheck(args.health_window, stop=args.on_unhealthy == "stop"),
             TrainMetrics(args.print_freq, last=stop_at),
@@ -614,6 +620,8 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.batches.close()
         if self.tap is not None:
             self.tap.remove()
