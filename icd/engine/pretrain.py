@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from icd.data.coco import CocoDetection, collate, dataset_paths
+from icd.data.coco import CocoDetection, collate, dataset_paths, report_categories
 from icd.detection.models import DetectorSpec
 from icd.engine import optim
 from icd.engine.attention import attention_statistics
@@ -154,12 +154,15 @@ class Pretrainer:
         train_dir, train_ann = dataset_paths(
             args.data_path, args.train_split, getattr(args, "train_ann", None), getattr(args, "train_images", None)
         )
+        drop_empty = getattr(args, "drop_empty_categories", False)
         self.train_set = CocoDetection(
             train_dir, train_ann, train=True, flip_prob=args.flip_prob,
-            on_bad_data=args.on_bad_data, seed=args.seed,
+            on_bad_data=args.on_bad_data, seed=args.seed, drop_empty_categories=drop_empty,
         )  # fmt: skip
+        report_categories(self.train_set)
         val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
-        self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data)
+        classes = self.train_set.category_ids if drop_empty else None
+        self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
         num_classes = self.train_set.num_classes
         self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)
         self.level_names = [f"P{lvl}" for lvl in self.teacher_spec.levels]

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from icd.config import PRESET_IMAGES_PER_ITERATION
-from icd.data.coco import CocoDetection, dataset_paths
+from icd.data.coco import CocoDetection, dataset_paths, report_categories
 from icd.detection.feature_tap import FeatureTap
 from icd.detection.inherit import inherit_from_teacher, parse_parts
 from icd.detection.models import MASK_DETECTORS, DetectorSpec, build_detector, load_detector_weights
@@ -197,6 +197,7 @@ class Trainer:
     def _build_data(self) -> None:
         args = self.args
         train_dir, train_ann = dataset_paths(args.data_path, args.train_split, args.train_ann, args.train_images)
+        drop_empty = getattr(args, "drop_empty_categories", False)
         self.train_set = CocoDetection(
             train_dir,
             train_ann,
@@ -205,7 +206,10 @@ class Trainer:
             on_bad_data=args.on_bad_data,
             seed=args.seed,
             with_masks=args.detector in MASK_DETECTORS,
+            drop_empty_categories=drop_empty,
         )
+        if self.info.is_main:
+            report_categories(self.train_set)
         self.train_annotations = train_ann
         if self.train_set.num_annotations == 0 and self.info.is_main:
             log.warning(
@@ -214,7 +218,8 @@ class Trainer:
         self.val_set = None
         if not args.no_eval:
             val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
-            self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data)
+            classes = self.train_set.category_ids if drop_empty else None  # the val split's empty ones go too
+            self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
 
     def _build_distillation(self, num_classes: int) -> None:
         """The frozen teacher, the distiller and the tap on the student (``--distill none``: only
