@@ -65,7 +65,7 @@ def test_train_eval_plot_and_fpn_mse_distillation(data, tmp_path):
     teacher = str(tmp_path / "teacher")
     # --score-thresh 0: an untrained detector still gives detections, so eval is exercised
     main(f"train --data-path {data} {TINY} --epochs 2 --batch-size 2 --print-freq 1 --lr 0.02 "
-         f"--score-thresh 0 --output-dir {teacher}".split())
+         f"--score-thresh 0 --epoch-checkpoint-every 1 --output-dir {teacher}".split())
     ckpt = load_checkpoint(os.path.join(teacher, "checkpoint.pth"))
     assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "iteration", "rng"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 4 and ckpt["args"]["lr"] == 0.02

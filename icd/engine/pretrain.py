@@ -165,6 +165,10 @@ class Pretrainer:
         self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
         num_classes = self.train_set.num_classes
         self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)
+        if args.min_size is not None:  # the students' sizes, not the teacher checkpoint's
+            self.teacher.transform.min_size = tuple(args.min_size)
+        if args.max_size is not None:
+            self.teacher.transform.max_size = args.max_size
         self.level_names = [f"P{lvl}" for lvl in self.teacher_spec.levels]
         self.distiller = build_distiller(
             **distiller_kwargs(vars(args), self.teacher_spec, num_classes),

@@ -97,8 +97,8 @@ def load_teacher(
             min_level=args.min_level,
             max_level=args.max_level,
             norm=args.teacher_norm or BARE_STATE_DICT_NORM,
-            min_size=tuple(args.min_size),
-            max_size=args.max_size,
+            # icd pretrain's sizes may be unset: DetectorSpec's defaults then
+            **{k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None},
         )
     return load_frozen_teacher(path, num_classes, device, flags=flags)
 
