@@ -23,7 +23,7 @@ from collections.abc import Collection, Sequence
 
 from icd.config import FlagRecorder
 from icd.errors import IcdError
-from icd.flags import CheckedType, check_teacher_flags, default_workers, finite_float, int_at_least
+from icd.flags import DATA_WORKERS, CheckedType, check_teacher_flags, default_workers, finite_float, int_at_least
 
 # The parser of a command imports what its flags offer (detectors, backends, ...) when it is built:
 # `icd --help` and `icd --version` import none of it and work without the `detection` extra.
@@ -105,7 +105,7 @@ def _add_run_flags(p: argparse.ArgumentParser | FlagRecorder) -> None:
         "-j",
         type=int_at_least(0),
         default=default_workers(),
-        help="data loading processes (default: 4, at most the CPUs this process may use; "
+        help=f"data loading processes (default: {DATA_WORKERS}, at most the CPUs this process may use; "
         f"{default_workers()} here)",
     )
     p.add_argument(
@@ -117,7 +117,7 @@ def _add_run_flags(p: argparse.ArgumentParser | FlagRecorder) -> None:
     p.add_argument(
         "--amp",
         action="store_true",
-        help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU",
+        help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (slower there: docs/nn.md)",
     )
     p.add_argument("--output-dir", default="output", help="checkpoints, metrics.jsonl, detections")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")

@@ -165,6 +165,11 @@ class Trainer:
                 "frozen_bn without --backbone-weights: the backbone's BatchNorm layers stay at identity "
                 "and its weights start random; give ImageNet weights, or --norm gn to train from scratch"
             )
+        if args.amp and self.info.device.type == "cpu" and self.info.is_main:
+            log.warning(
+                "--amp on the CPU: bfloat16 autocast makes torchvision's detectors slower there, not faster "
+                "(a RetinaNet R18 step took 5.9x the CPU time of float32, docs/nn.md); leave --amp for CUDA"
+            )
         self.model = build_detector(self.spec, args.backbone_weights).to(self.info.device)
         sampler = ResumableSampler(self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=args.seed)
         self.batches = EpochBatches(
