@@ -730,6 +730,10 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
         dataset = CocoDetection(image_dir, ann, on_bad_data=args.on_bad_data, categories=classes)
         if trained is not None and info.is_main:
             _warn_renamed_classes(trained, dataset, args.checkpoint)
+        elif info.is_main and "model" in ckpt:  # an icd train checkpoint written before names were kept
+            logging.getLogger("icd.eval").info(
+                "%s keeps no class names; the per-category table names the classes after the data", args.checkpoint
+            )
         if "teacher_side" in ckpt:  # icd pretrain's output: attention statistics only
             return _attention_stats(args, ckpt, dataset, info)
         flags = None  # a bare state dict's architecture: the model flags, frozen_bn unless --norm

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 
 import numpy as np
@@ -179,6 +180,7 @@ def test_predict_writes_coco_detections_and_drawn_pngs(trained, tmp_path, capsys
 
 
 def test_predict_with_a_checkpoint_without_class_names(trained, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     data, run = trained
     ckpt = load_checkpoint(str(run / "checkpoint.pth"))
     del ckpt["categories"]  # as written before class names were kept
@@ -191,6 +193,12 @@ def test_predict_with_a_checkpoint_without_class_names(trained, tmp_path, caplog
         assert json.load(f)["categories"][:2] == [{"id": 0, "name": "0"}, {"id": 1, "name": "1"}]
     ann = data / "annotations" / "instances_train.json"
     assert main([*common.split(), "--categories", str(ann), "--out", str(tmp_path / "named")]) == 0
+    # icd eval of it names the classes after the data, and says so
+    assert main(f"eval --data-path {data} --checkpoint {old} --workers 0 --device cpu --no-progress "
+                f"--output-dir {tmp_path / 'eval'}".split()) == 0  # fmt: skip
+    assert "keeps no class names; the per-category table names the classes after the data" in caplog.text
+    with open(tmp_path / "eval" / "per_class_ap_val.json") as f:
+        assert json.load(f)[0]["name"] == "circle"
     with open(tmp_path / "named" / "detections.json") as f:
         assert json.load(f)["categories"][0] == {"id": 1, "name": "circle"}
 
