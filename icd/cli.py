@@ -1,10 +1,11 @@
-"""``icd`` command line: train, eval, plot, data shapes, demo (also ``python -m icd``).
+"""``icd`` command line: train, pretrain, eval, predict, plot, data shapes, demo (also ``python -m icd``).
 
     icd train --data-path DIR --detector retinanet --backbone resnet101 --output-dir runs/teacher
     icd train --data-path DIR --backbone resnet18 --teacher runs/teacher/checkpoint.pth \\
               --distill icd --output-dir runs/icd
     icd train --config configs/retinanet/r50_1x_icd.toml --data-path /data/coco
     icd eval --data-path DIR --checkpoint runs/icd/checkpoint.pth
+    icd predict --checkpoint runs/icd/model_best.pth photos/ --score-threshold 0.5 --out predictions
     icd plot runs/baseline runs/icd --out curves.png
     icd data shapes --out DIR --num-train 2000 --num-val 500
     icd demo --out demo_output
@@ -18,19 +19,14 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from icd.config import FlagRecorder
-from icd.data.coco import BAD_DATA_CHOICES
-from icd.detection.models import BACKBONES, DETECTORS, NORMS
-from icd.engine.distill import DISTILL_METHODS, FPN_MSE_NORMS
-from icd.engine.health import HEALTH_ACTIONS
-from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
-from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
-from icd.engine.run_spec import BARE_STATE_DICT_NORM
 from icd.errors import ConfigError, IcdError
-from icd.flags import CheckedType, check_teacher_flags, finite_float, int_at_least
-from icd.ops.dispatch import BACKENDS
+from icd.flags import DATA_WORKERS, CheckedType, check_teacher_flags, default_workers, finite_float, int_at_least
+
+# The parser of a command imports what its flags offer (detectors, backends, ...) when it is built:
+# `icd --help` and `icd --version` import none of it and work without the `detection` extra.
 
 # errors a user causes: one line "icd: error: ..." and exit 2 (IcdError: its exit_code), no traceback
 USER_ERRORS = (IcdError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -44,32 +40,73 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"icd: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
 
 
-def _add_data_flags(p: argparse.ArgumentParser | FlagRecorder) -> None:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default at the end of its help, ``(default: 800)``, except where there is none to
+    show (None, a switch that is off) or the help already says it in words (``default ...``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default is None or default is False or default is argparse.SUPPRESS:
+            return text
+        if "default" in text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def _command(sub, name: str, **text: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``icd <name>``, with its flags' defaults in --help."""
+    return sub.add_parser(name, formatter_class=_HelpFormatter, **text)
+
+
+def _add_data_flags(p: argparse.ArgumentParser | FlagRecorder, splits: Sequence[str] = ("train", "val")) -> None:
+    """Where a command's COCO-format data is, the same flags in every command that reads data: a
+    --data-path root with its layout and --{split}-split names, or per split --{split}-ann FILE and
+    --{split}-images DIR (any export, read in place). ``splits``: the splits the command reads."""
+    from icd.data.coco import BAD_DATA_CHOICES
+
     p.add_argument(
         "--data-path",
         default=None,
-        help="COCO-layout root: annotations/instances_{split}[2017].json and an "
-        "image folder {split}[2017]/ (or give each split's files with --*-ann and --*-images)",
+        help="COCO-layout root: annotations/instances_{split}[2017].json and an image folder "
+        "{split}[2017]/ (or give each split's files with "
+        + " and ".join(f"--{s}-ann / --{s}-images" for s in splits) + ")",
     )
-    p.add_argument(
-        "--val-ann",
-        default=None,
-        metavar="FILE",
-        help="COCO-format annotation JSON of the split to evaluate (any export), instead of --data-path",
-    )
-    p.add_argument(
-        "--val-images",
-        default=None,
-        metavar="DIR",
-        help="the folder that --val-ann's file_names are relative to",
-    )
-    p.add_argument("--batch-size", "-b", type=int_at_least(1), default=2, help="images per process")
-    p.add_argument("--workers", "-j", type=int_at_least(0), default=4, help="data loading processes")
+    for split in splits:
+        names = [f"--{split}-split"] + (["--split"] if splits == ("val",) else [])  # icd eval's --split
+        p.add_argument(*names, default=split, dest=f"{split}_split", help=f"the {split} split's name under --data-path")
+        p.add_argument(
+            f"--{split}-ann",
+            default=None,
+            metavar="FILE",
+            help=f"COCO-format annotation JSON of the {split} split (any export, e.g. Roboflow's "
+            f"{'valid' if split == 'val' else split}/_annotations.coco.json), instead of --data-path",
+        )
+        p.add_argument(
+            f"--{split}-images",
+            default=None,
+            metavar="DIR",
+            help=f"the folder that --{split}-ann's file_names are relative to",
+        )
     p.add_argument(
         "--on-bad-data",
         choices=BAD_DATA_CHOICES,
         default="error",
         help="a corrupt image or malformed annotation: report it and skip it, or stop",
+    )
+
+
+def _add_run_flags(p: argparse.ArgumentParser | FlagRecorder) -> None:
+    """Batches, workers, device, precision and the output folder of a command that runs a model."""
+    p.add_argument("--batch-size", "-b", type=int_at_least(1), default=2, help="images per process")
+    p.add_argument(
+        "--workers",
+        "-j",
+        type=int_at_least(0),
+        default=default_workers(),
+        help=f"data loading processes (default: {DATA_WORKERS}, at most the CPUs this process may use; "
+        f"{default_workers()} here)",
     )
     p.add_argument(
         "--device",
@@ -80,11 +117,29 @@ def _add_data_flags(p: argparse.ArgumentParser | FlagRecorder) -> None:
     p.add_argument(
         "--amp",
         action="store_true",
-        help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU",
+        help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (slower there: docs/nn.md)",
     )
     p.add_argument("--output-dir", default="output", help="checkpoints, metrics.jsonl, detections")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     _add_debug_flag(p)
+
+
+def _add_drop_empty_categories_flag(p: argparse.ArgumentParser | FlagRecorder) -> None:
+    p.add_argument(
+        "--drop-empty-categories",
+        action="store_true",
+        help="leave out the training split's categories that no annotation uses (a Roboflow export's "
+        "dataset-level category 0), in the val split too; default: keep them as classes, with a warning",
+    )
+
+
+def _add_tensorboard_flag(p: argparse.ArgumentParser | FlagRecorder) -> None:
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write every metrics.jsonl value as TensorBoard scalars to --output-dir (needs the "
+        "tensorboard package, the 'tensorboard' extra); metrics.jsonl is written either way",
+    )
 
 
 def _add_debug_flag(p: argparse.ArgumentParser | FlagRecorder) -> None:
@@ -96,9 +151,11 @@ def _add_debug_flag(p: argparse.ArgumentParser | FlagRecorder) -> None:
 
 
 def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool = True) -> None:
+    from icd.detection.models import BACKBONES, DETECTORS, NORMS
+
     d = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("--detector", choices=DETECTORS, default=d("retinanet"))
-    p.add_argument("--backbone", choices=BACKBONES, default=d("resnet50"))
+    p.add_argument("--detector", choices=DETECTORS, default=d("retinanet"), help="torchvision detector")
+    p.add_argument("--backbone", choices=BACKBONES, default=d("resnet50"), help="ResNet of the FPN backbone")
     p.add_argument(
         "--backbone-weights",
         default=None,
@@ -116,7 +173,7 @@ def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool =
         default=None,
         help="backbone normalisation (default frozen_bn with --backbone-weights, else gn)",
     )
-    p.add_argument("--fpn-channels", type=int_at_least(1), default=d(256))
+    p.add_argument("--fpn-channels", type=int_at_least(1), default=d(256), help="width of the FPN maps and the head")
     p.add_argument(
         "--min-level",
         type=CheckedType(int, minimum=2, maximum=5),
@@ -147,15 +204,21 @@ def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool =
 
 def _add_icd_flags(g) -> None:
     """ICD's distiller settings and the bare-state-dict teacher flags (train and pretrain)."""
-    g.add_argument("--icd-heads", type=int_at_least(1), default=8)
-    g.add_argument("--icd-layers", type=int_at_least(1), default=1)
+    from icd.detection.models import BACKBONES, DETECTORS, NORMS
+    from icd.engine.run_spec import BARE_STATE_DICT_NORM
+    from icd.ops.dispatch import BACKENDS
+
+    g.add_argument("--icd-heads", type=int_at_least(1), default=8, help="attention heads of ICD's decoder")
+    g.add_argument("--icd-layers", type=int_at_least(1), default=1, help="layers of ICD's decoder")
     g.add_argument(
         "--icd-max-labels",
         type=int_at_least(1),
         default=None,
         help="real + fake instances per image (default 300, 100 for fasterrcnn and maskrcnn)",
     )
-    g.add_argument("--icd-neg-ratio", type=finite_float(minimum=0.0), default=5.0)
+    g.add_argument(
+        "--icd-neg-ratio", type=finite_float(minimum=0.0), default=5.0, help="fake instances per real one"
+    )
     g.add_argument(
         "--icd-clamp-fakes",
         action="store_true",
@@ -169,23 +232,20 @@ def _add_icd_flags(g) -> None:
         "counts (for torch.compile and CUDA graphs); default: K = the batch's largest count, "
         "1.6x faster eager on CPU (docs/nn.md, Static shapes)",
     )
-    g.add_argument("--teacher-detector", choices=DETECTORS, default=None)
-    g.add_argument("--teacher-backbone", choices=BACKBONES, default=None)
-    g.add_argument("--teacher-fpn-channels", type=int_at_least(1), default=256)
-    g.add_argument("--teacher-norm", choices=NORMS, default=BARE_STATE_DICT_NORM)
+    bare = "of a --teacher that is a bare state dict (a checkpoint of icd train says its own)"
+    g.add_argument("--teacher-detector", choices=DETECTORS, default=None, help=f"the detector {bare}")
+    g.add_argument("--teacher-backbone", choices=BACKBONES, default=None, help=f"the backbone {bare}")
+    g.add_argument("--teacher-fpn-channels", type=int_at_least(1), default=256, help=f"the FPN width {bare}")
+    g.add_argument("--teacher-norm", choices=NORMS, default=BARE_STATE_DICT_NORM, help=f"the backbone norm {bare}")
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "pretrain",
-        help="pre-train ICD's teacher side on a frozen teacher (once per teacher)",
-        description="Train ICD's instance encoder, decoder and auxiliary head on the frozen "
-        "teacher's FPN maps alone (no student), with lift and distinctness of the attention "
-        "measured on the val split every --eval-every iterations. Writes teacher_side.pth (the "
-        "best-scoring evaluation) for `icd train --icd-init`, checkpoint.pth for --resume, "
-        "metrics.jsonl and attention_curve.png.",
-    )
+    from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
+
+    p = _command(sub, "pretrain", **COMMAND_TEXT["pretrain"])
     _add_data_flags(p)
+    _add_run_flags(p)
+    _add_tensorboard_flag(p)
     p.add_argument("--teacher", required=True, help="teacher checkpoint (icd train's)")
     p.add_argument("--iters", type=int_at_least(1), default=600, help="pre-training iterations")
     p.add_argument(
@@ -211,16 +271,37 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         "--attention-images", type=int_at_least(1), default=None, help="val images for the statistics (default all)"
     )
     p.add_argument("--print-freq", type=int_at_least(1), default=20, help="iterations per metrics line")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
     p.add_argument(
         "--flip-prob", type=finite_float(minimum=0.0, maximum=1.0), default=0.5, help="horizontal flip probability"
     )
-    p.add_argument("--min-level", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--max-level", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--min-size", type=int, nargs="+", default=[800], help=argparse.SUPPRESS)
-    p.add_argument("--max-size", type=int, default=1333, help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0)
+    _add_drop_empty_categories_flag(p)
+    p.add_argument(
+        "--min-size",
+        type=int_at_least(1),
+        nargs="+",
+        default=None,
+        help="shorter side of the teacher's input after resizing, one value drawn per batch: give the "
+        "students' --min-size (default: the teacher checkpoint's own; 800 for a bare state dict)",
+    )
+    p.add_argument(
+        "--max-size",
+        type=int_at_least(1),
+        default=None,
+        help="longer side cap after resizing (default: the teacher checkpoint's own; 1333 for a bare state dict)",
+    )
+    p.add_argument(
+        "--min-level",
+        type=CheckedType(int, minimum=2, maximum=5),
+        default=None,
+        help="lowest FPN level of a bare state dict teacher (default 3; 2 for fasterrcnn and maskrcnn)",
+    )
+    p.add_argument(
+        "--max-level",
+        type=CheckedType(int, minimum=2, maximum=8),
+        default=None,
+        help="highest FPN level of a bare state dict teacher (default 7; 6 for fasterrcnn and maskrcnn)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, flips and fake instances")
     p.add_argument("--resume", default=None, help="checkpoint.pth of an interrupted pre-training")
     p.add_argument(
         "--overwrite",
@@ -256,31 +337,19 @@ def _apply_preset(p: FlagRecorder, ignore: set[str] | None = None) -> None:
 
 def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     """The ``icd train`` parser (``.parser``) and the record of its flags (``.flags``)."""
-    parser = sub.add_parser(
-        "train",
-        help="train a detector, plain or distilled from a teacher",
-        description="Train a torchvision detector on a COCO-format dataset. "
-        "Without --teacher: plain training (teachers, baselines). With "
-        "--teacher CKPT: distillation (--distill icd or fpn-mse) and/or --inherit-teacher.",
-    )
-    p = _flag_recorder(parser, preset)
+    from icd.engine.distill import DISTILL_METHODS, FPN_MSE_NORMS
+    from icd.engine.health import HEALTH_ACTIONS
+    from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
+
+    p = _flag_recorder(_command(sub, "train", **COMMAND_TEXT["train"]), preset)
     _add_data_flags(p)
+    _add_run_flags(p)
+    _add_tensorboard_flag(p)
     _add_model_flags(p)
-    p.add_argument(
-        "--train-ann",
-        default=None,
-        metavar="FILE",
-        help="COCO-format annotation JSON of the training images (any export, e.g. Roboflow's "
-        "train/_annotations.coco.json), instead of --data-path",
-    )
-    p.add_argument(
-        "--train-images", default=None, metavar="DIR", help="the folder that --train-ann's file_names are relative to"
-    )
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
     p.add_argument(
         "--flip-prob", type=finite_float(minimum=0.0, maximum=1.0), default=0.5, help="horizontal flip probability"
     )
+    _add_drop_empty_categories_flag(p)
     p.add_argument(
         "--config",
         default=None,
@@ -316,8 +385,8 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         help="SGD lr (default: 0.01 per 16 images, 0.02 for fasterrcnn and maskrcnn, scaled to "
         "batch-size x processes)",
     )
-    p.add_argument("--momentum", type=finite_float(minimum=0.0, below=1.0), default=0.9)
-    p.add_argument("--weight-decay", "--wd", type=finite_float(minimum=0.0), default=1e-4)
+    p.add_argument("--momentum", type=finite_float(minimum=0.0, below=1.0), default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", "--wd", type=finite_float(minimum=0.0), default=1e-4, help="SGD weight decay")
     p.add_argument(
         "--warmup-iters",
         type=int_at_least(0),
@@ -339,7 +408,7 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         help="start a new run in an --output-dir that holds another run's checkpoint or metrics "
         "(they are deleted when training starts); without it such a directory is refused",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and flips")
     p.add_argument("--print-freq", type=int_at_least(1), default=20, help="iterations per metrics line")
     p.add_argument(
         "--checkpoint-every",
@@ -350,8 +419,10 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     p.add_argument(
         "--epoch-checkpoint-every",
         type=int_at_least(0),
-        default=1,
-        help="keep model_{epoch}.pth every N epochs, as torchvision does each epoch (0: never)",
+        default=0,
+        help="also keep model_{epoch}.pth every N epochs (0: never). Each is a whole checkpoint like "
+        "checkpoint.pth, weights and optimiser state: about twice the model's weights, ~260 MB for "
+        "RetinaNet R50 and ~160 MB for R18 at 80 classes, per file (torchvision writes one every epoch)",
     )
     p.add_argument("--eval-every", type=int_at_least(0), default=1, help="evaluate every N epochs (and last)")
     p.add_argument("--no-eval", action="store_true", help="no evaluation (no val split needed)")
@@ -451,17 +522,10 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
 
 
 def _eval_parser(sub, preset: str | None = None) -> FlagRecorder:
-    parser = sub.add_parser(
-        "eval",
-        help="COCO bbox (and segm) AP of a checkpoint; writes the detections JSON",
-        description="Evaluate a checkpoint (COCOeval bbox: AP, AP50, AP75, APs, "
-        "APm, APl; for maskrcnn also segm: segm_AP, ...) and write detections_{split}.json to --output-dir. The "
-        "architecture comes from the checkpoint; the model flags are only needed "
-        "for a bare state dict.",
+    p = _flag_recorder(_command(sub, "eval", **COMMAND_TEXT["eval"]), preset)
+    p.add_argument(
+        "--checkpoint", "--weights", required=True, dest="checkpoint", help="icd train's checkpoint, or a state dict"
     )
-    p = _flag_recorder(parser, preset)
-    p.add_argument("--checkpoint", "--weights", required=True, dest="checkpoint")
-    p.add_argument("--split", default="val")
     p.add_argument(
         "--config",
         default=None,
@@ -477,11 +541,60 @@ def _eval_parser(sub, preset: str | None = None) -> FlagRecorder:
         "file of `icd pretrain` gives these statistics only",
     )
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the run's own)")
-    _add_data_flags(p)
+    _add_data_flags(p, splits=("val",))
+    _add_run_flags(p)
     _add_model_flags(p, defaults=False)
     if preset is not None:
         train_flags = _train_parser(argparse.ArgumentParser().add_subparsers()).flags
         _apply_preset(p, ignore=set(train_flags))
+    return p
+
+
+def _predict_parser(sub) -> argparse.ArgumentParser:
+    from icd.data.coco import BAD_DATA_CHOICES
+
+    p = _command(sub, "predict", **COMMAND_TEXT["predict"])
+    p.add_argument(
+        "--checkpoint",
+        "--weights",
+        required=True,
+        dest="checkpoint",
+        help="a checkpoint of icd train (checkpoint.pth, model_best.pth)",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files and folders of images (not recursive)")
+    p.add_argument(
+        "--score-threshold",
+        "--score-thresh",
+        dest="score_thresh",
+        type=finite_float(minimum=0.0, maximum=1.0),
+        default=0.5,
+        help="lowest score of a detection written and drawn",
+    )
+    p.add_argument("--out", default="predictions", metavar="DIR", help="folder of detections.json and the PNGs")
+    p.add_argument(
+        "--categories",
+        default=None,
+        metavar="FILE",
+        help="COCO annotation JSON whose categories name the classes (default: the names the checkpoint "
+        "keeps; a checkpoint without them shows labels 0..C-1)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier prediction in --out (its detections.json and PNGs); files that are no "
+        "prediction's are never written over",
+    )
+    p.add_argument("--batch-size", "-b", type=int_at_least(1), default=2, help="images per forward pass")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on CPU")
+    p.add_argument(
+        "--on-bad-data",
+        choices=BAD_DATA_CHOICES,
+        default="error",
+        help="an image that cannot be read: report it and skip it, or stop",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    _add_debug_flag(p)
     return p
 
 
@@ -495,7 +608,7 @@ def _picture_path(text: str) -> str:
 
 
 def _plot_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("plot", help="loss and AP curves of runs as a PNG")
+    p = _command(sub, "plot", **COMMAND_TEXT["plot"])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output dirs with metrics.jsonl")
     p.add_argument(
         "--out", type=_picture_path, default=None, help="PNG path (default RUN_DIR/curves.png of the first)"
@@ -505,18 +618,20 @@ def _plot_parser(sub) -> argparse.ArgumentParser:
 
 
 def _data_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("data", help="dataset tools")
+    p = _command(sub, "data", **COMMAND_TEXT["data"])
     dsub = p.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser(
+    s = _command(
+        dsub,
         "shapes",
         help="generate the seeded COCO-format shapes dataset",
         description="Write DIR/train, DIR/val PNGs and DIR/annotations/instances_{train,val}.json.",
     )
-    s.add_argument("--out", required=True, metavar="DIR")
-    s.add_argument("--num-train", type=int_at_least(1), default=2000)
-    s.add_argument("--num-val", type=int_at_least(1), default=500)
-    s.add_argument("--image-size", type=int_at_least(48), default=256)  # smaller: the backgrounds fail
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, metavar="DIR", help="the dataset root to write")
+    s.add_argument("--num-train", type=int_at_least(1), default=2000, help="training images")
+    s.add_argument("--num-val", type=int_at_least(1), default=500, help="validation images")
+    # smaller than 48 px: the backgrounds fail
+    s.add_argument("--image-size", type=int_at_least(48), default=256, help="side of the square images (pixels)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator (the same seed, the same files)")
     s.add_argument(
         "--format",
         choices=("coco", "yolo"),
@@ -534,16 +649,48 @@ def _data_parser(sub) -> argparse.ArgumentParser:
 def _demo_parser(sub) -> argparse.ArgumentParser:
     from icd.apps.demo.command import add_demo_flags
 
-    p = sub.add_parser(
-        "demo",
-        help="teacher -> student with ICD on the shapes data, end to end (CPU, ~10 min)",
-        description="Generate the shapes data, train a teacher and a student baseline, distil the "
-        "student with ICD and with FPN-MSE, evaluate the four; write the table, the curves and "
-        "the attention maps under --out. A finished teacher there is reused.",
-    )
+    p = _command(sub, "demo", **COMMAND_TEXT["demo"])
     add_demo_flags(p)
     _add_debug_flag(p)
     return p
+
+
+# what `icd --help` lists: each command's one-line help and the description of `icd <command> --help`
+COMMAND_TEXT = {
+    "train": {
+        "help": "train a detector, plain or distilled from a teacher",
+        "description": "Train a torchvision detector on a COCO-format dataset. Without --teacher: plain "
+        "training (teachers, baselines). With --teacher CKPT: distillation (--distill icd or fpn-mse) "
+        "and/or --inherit-teacher.",
+    },
+    "pretrain": {
+        "help": "pre-train ICD's teacher side on a frozen teacher (once per teacher)",
+        "description": "Train ICD's instance encoder, decoder and auxiliary head on the frozen teacher's FPN "
+        "maps alone (no student), with lift and distinctness of the attention measured on the val split "
+        "every --eval-every iterations. Writes teacher_side.pth (the best-scoring evaluation) for `icd "
+        "train --icd-init`, checkpoint.pth for --resume, metrics.jsonl and attention_curve.png.",
+    },
+    "eval": {
+        "help": "COCO bbox (and segm) AP of a checkpoint; writes the detections JSON",
+        "description": "Evaluate a checkpoint (COCOeval bbox: AP, AP50, AP75, APs, APm, APl; for maskrcnn also "
+        "segm: segm_AP, ...) and write detections_{split}.json to --output-dir. The architecture comes "
+        "from the checkpoint; the model flags are only needed for a bare state dict.",
+    },
+    "predict": {
+        "help": "detect objects in images with a checkpoint: COCO-format JSON and PNGs with the boxes drawn",
+        "description": "Run a trained detector on image files and folders; write OUT/detections.json (COCO "
+        "format: images, categories, one annotation per detection with its score) and OUT/<image>.png "
+        "with each box, class name and score drawn.",
+    },
+    "plot": {"help": "loss and AP curves of runs as a PNG"},
+    "data": {"help": "dataset tools"},
+    "demo": {
+        "help": "teacher -> student with ICD on the shapes data, end to end (CPU, ~10 min)",
+        "description": "Generate the shapes data, train a teacher and a student baseline, distil the student "
+        "with ICD and with FPN-MSE, evaluate the four; write the table, the curves and the attention maps "
+        "under --out. A finished teacher there is reused.",
+    },
+}
 
 
 def icd_version() -> str:
@@ -558,9 +705,12 @@ def icd_version() -> str:
         return icd.__version__
 
 
-def build_parser(train_preset: str | None = None, eval_preset: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    train_preset: str | None = None, eval_preset: str | None = None, commands: Collection[str] | None = None
+) -> argparse.ArgumentParser:
     """The ``icd`` parser; ``train_preset`` / ``eval_preset``: a --config file whose keys become
-    defaults of ``icd train`` / ``icd eval``."""
+    defaults of ``icd train`` / ``icd eval``; ``commands``: the commands whose flags are added (each
+    imports what its flags offer; None: all), the others are listed by ``icd --help`` only."""
     parser = _Parser(
         prog="icd",
         description="Instance-Conditional Knowledge "
@@ -568,12 +718,20 @@ def build_parser(train_preset: str | None = None, eval_preset: str | None = None
     )
     parser.add_argument("--version", action="version", version=f"icd {icd_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub, train_preset)
-    _pretrain_parser(sub)
-    _eval_parser(sub, eval_preset)
-    _plot_parser(sub)
-    _data_parser(sub)
-    _demo_parser(sub)
+    flags = {
+        "train": lambda: _train_parser(sub, train_preset),
+        "pretrain": lambda: _pretrain_parser(sub),
+        "eval": lambda: _eval_parser(sub, eval_preset),
+        "predict": lambda: _predict_parser(sub),
+        "plot": lambda: _plot_parser(sub),
+        "data": lambda: _data_parser(sub),
+        "demo": lambda: _demo_parser(sub),
+    }
+    for name, add in flags.items():
+        if commands is None or name in commands:
+            add()
+        else:
+            _command(sub, name, **COMMAND_TEXT[name])
     return parser
 
 
@@ -585,15 +743,28 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
     from icd.engine.evaluator import eval_loader, evaluate
     from icd.engine.metrics import MetricsLog
     from icd.engine.output_dir import probe_writable
-    from icd.engine.run_spec import build_loaded_detector, checkpoint_detector_spec
+    from icd.engine.run_spec import (
+        BARE_STATE_DICT_NORM,
+        build_loaded_detector,
+        checkpoint_categories,
+        checkpoint_detector_spec,
+    )
 
     info = init_distributed(args.device)
     try:
         if info.is_main:  # the detections and metrics are written at the end: fail now, not then
             probe_writable(args.output_dir)
-        image_dir, ann = dataset_paths(args.data_path, args.split, args.val_ann, args.val_images, "val")
-        dataset = CocoDetection(image_dir, ann, on_bad_data=args.on_bad_data)
+        image_dir, ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
         ckpt = load_checkpoint(args.checkpoint, "--checkpoint")
+        trained = checkpoint_categories(ckpt)  # the classes, when the checkpoint says them
+        classes = None if trained is None else [c["id"] for c in trained]
+        dataset = CocoDetection(image_dir, ann, on_bad_data=args.on_bad_data, categories=classes)
+        if trained is not None and info.is_main:
+            _warn_renamed_classes(trained, dataset, args.checkpoint)
+        elif info.is_main and "model" in ckpt:  # an icd train checkpoint written before names were kept
+            logging.getLogger("icd.eval").info(
+                "%s keeps no class names; the per-category table names the classes after the data", args.checkpoint
+            )
         if "teacher_side" in ckpt:  # icd pretrain's output: attention statistics only
             return _attention_stats(args, ckpt, dataset, info)
         flags = None  # a bare state dict's architecture: the model flags, frozen_bn unless --norm
@@ -627,7 +798,7 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
             spec.label_offset,
             amp=args.amp,
             output_dir=args.output_dir,
-            split=args.split,
+            split=args.val_split,
             progress=not args.no_progress,
         )
         if args.attention_stats and info.is_main:
@@ -645,9 +816,33 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
                 }
             )
             print(" ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            _print_class_table(args.output_dir, args.val_split)
         return metrics
     finally:
         cleanup(info)
+
+
+def _warn_renamed_classes(trained: list[dict], dataset, checkpoint: str) -> None:
+    """A warning when the data names a class otherwise than the checkpoint (same id, another name)."""
+    renamed = [
+        f"{c['id']}: {c['name']!r} there, {name!r} here"
+        for c, name in zip(trained, dataset.category_names, strict=True)
+        if c["name"] != name
+    ]
+    if renamed:
+        logging.getLogger("icd.eval").warning(
+            "%s was trained on categories named otherwise (%s); the table uses the data's names",
+            checkpoint, "; ".join(renamed),
+        )  # fmt: skip
+
+
+def _print_class_table(output_dir: str, split: str) -> None:
+    """The per-category AP table that the evaluation wrote, and where it is."""
+    from icd.detection.class_table import TABLE_FILE
+
+    base = os.path.join(output_dir, TABLE_FILE.format(split=split))
+    with open(f"{base}.md") as f:
+        print(f"\nAP per category ({base}.json / .csv / .md):\n{f.read()}", end="")
 
 
 def _attention_stats(args: argparse.Namespace, ckpt: dict, dataset, info) -> dict[str, float]:
@@ -673,16 +868,15 @@ def _check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
     from icd.data.coco import dataset_paths
 
     if args.command in ("train", "pretrain"):
-        splits = [(args.train_split, getattr(args, "train_ann", None), getattr(args, "train_images", None), "train")]
-        if not getattr(args, "no_eval", False):
-            splits.append((args.val_split, args.val_ann, args.val_images, "val"))
+        splits = ["train"] if getattr(args, "no_eval", False) else ["train", "val"]
     elif args.command == "eval":
-        splits = [(args.split, args.val_ann, args.val_images, "val")]
+        splits = ["val"]
     else:
         return
-    for split, ann, images, flag in splits:
+    for split in splits:
         try:
-            dataset_paths(args.data_path, split, ann, images, flag)
+            ann, images = getattr(args, f"{split}_ann"), getattr(args, f"{split}_images")
+            dataset_paths(args.data_path, getattr(args, f"{split}_split"), ann, images, split)
         except ValueError as err:  # flags that do not go together: a usage error
             parser.error(str(err))
         # a missing file propagates: main() prints it as one line, or raises it under --debug
@@ -740,8 +934,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(err, "exit_code", 2)
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command an ``icd`` command line runs (None for ``icd --help``, ``icd --version``)."""
+    return argv[0] if argv and not argv[0].startswith("-") else None
+
+
 def _main(argv: list[str]) -> int:
-    parser = build_parser(_train_preset_of(argv), _train_preset_of(argv, "eval"))
+    command = _command_of(argv)
+    commands = () if command is None else (command,)
+    parser = build_parser(_train_preset_of(argv), _train_preset_of(argv, "eval"), commands=commands)
     args = parser.parse_args(argv)
     if args.command == "train":  # flags and another run's files first: before any data is looked at
         from icd.engine.run_spec import detector_spec_from_args
@@ -754,6 +955,11 @@ def _main(argv: list[str]) -> int:
         check_output_dir(args.output_dir, args.resume, args.overwrite, args.command)
     _check_backend(args)
     _check_data_flags(parser, args)
+    if getattr(args, "tensorboard", False):
+        from icd.engine.tensorboard import tensorboard_missing
+
+        if tensorboard_missing():
+            parser.error(tensorboard_missing())
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         from icd.engine.trainer import train
@@ -765,6 +971,10 @@ def _main(argv: list[str]) -> int:
         pretrain(args)
     elif args.command == "eval":
         _run_eval(args)
+    elif args.command == "predict":
+        from icd.engine.predict import predict
+
+        print(predict(args))
     elif args.command == "plot":
         from icd.engine.metrics import plot_runs
 

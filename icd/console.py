@@ -2,7 +2,8 @@
 
 ``pip install icd`` brings torch, numpy and tqdm: enough for ``icd.ops`` and ``icd.nn``. The command
 line also needs torchvision, Pillow, pycocotools and matplotlib (the ``detection`` extra); without
-them it says which extra to install and exits with status 2 instead of a traceback.
+them ``icd --help`` and ``icd --version`` still work (each command imports what it needs when it
+runs), and a command says which extra to install and exits with status 2 instead of a traceback.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ def missing_extra_message(err: ModuleNotFoundError) -> str | None:
     if extra is None:
         return None
     return (
-        f"icd: error: no module named {module!r}; the icd command needs the '{extra}' extra: "
-        f"pip install 'icd[{extra}]'"
+        f"icd: error: no module named {module!r}; this icd command needs the '{extra}' extra: "
+        f"{install_hint(extra)}"
     )
+
+
+def install_hint(extra: str) -> str:
+    """How to install ``extra`` into an installation from the icd checkout (icd is not on a package index)."""
+    return f'run pip install --no-build-isolation ".[{extra}]" in the icd checkout'
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ values, so ``--batch-size 0`` and ``batch_size = 0`` in a ``--config`` file are 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -62,6 +63,23 @@ def finite_float(
 ) -> CheckedType:  # fmt: skip
     """A finite float within the given bounds (lr, momentum, weight decay, loss weights)."""
     return CheckedType(float, minimum=minimum, above=above, maximum=maximum, below=below)
+
+
+DATA_WORKERS = 4  # torchvision's references/detection default, capped by default_workers()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or taskset's share), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """``--workers``' default: 4 data loading processes, at most the CPUs available (more make torch's
+    DataLoader warn and only compete with the training process)."""
+    return min(DATA_WORKERS, available_cpus())
 
 
 # flags that only mean something with --teacher: every --icd-*, --distill*, --teacher-*,

@@ -561,3 +561,14 @@ def test_fcos_takes_a_lone_image_whose_top_level_is_one_pixel():
     model.train()
     assert model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[4.0, 4, 30, 30]]),
                                             "labels": torch.tensor([1])}])  # fmt: skip
+
+
+def test_ids_of_the_wrong_type_with_the_classes_given(tmp_path, caplog):
+    """drop_empty_categories / categories= (icd eval of a checkpoint with class names) look at the
+    category ids before the annotation checks: a list there is still the checks' one line, not a TypeError."""
+    good = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8]}
+    image_dir, path = _coco_split(tmp_path, [good, {**good, "id": 3, "category_id": [1]}])
+    for kwargs in ({"categories": [1]}, {"drop_empty_categories": True}):
+        with pytest.raises(BadDataError, match=r"'category_id' \[1\] is not an integer"):
+            CocoDetection(image_dir, path, **kwargs)
+        assert CocoDetection(image_dir, path, on_bad_data="skip", **kwargs).num_annotations == 1

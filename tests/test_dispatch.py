@@ -158,3 +158,23 @@ def test_the_extension_records_whether_it_has_cuda_kernels():
     extension = pytest.importorskip("icd._C")
     assert extension.with_cuda in (0, 1)
     assert BACKEND_TABLE["cuda"].available == bool(extension.with_cuda)
+
+
+def test_available_backends_on_a_device_lists_what_runs_there(monkeypatch):
+    built = ops.available_backends()
+    assert "reference" in built and "cpu" in built  # this checkout builds the C++ extension
+    # a machine without a GPU: nothing runs on CUDA tensors, and triton runs on CPU ones only interpreted
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops.available_backends("cpu") == ["reference", "cpu"]
+    assert ops.available_backends(torch.device("cpu")) == ["reference", "cpu"]
+    assert ops.available_backends("cuda") == [] and ops.available_backends("cuda:0") == []
+    if dispatch.is_built("triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert ops.available_backends("cpu") == ["reference", "cpu", "triton"]
+    # a machine with one GPU: what was built for CUDA tensors; not on a second GPU it does not have
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    on_gpu = ops.available_backends("cuda")
+    assert on_gpu == [name for name in ops.BACKENDS if name in built and name != "cpu"]
+    assert ops.available_backends("cuda:1") == []

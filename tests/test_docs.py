@@ -45,3 +45,34 @@ def test_every_reference_to_method_md_resolves_and_none_points_outside():
         assert "../shared" not in text, f"{name} links outside the repository"
         for ref in re.findall(r"docs/method\.md,? (?:section )?(\d+(?:\.\d+)?)", text):
             assert ref in sections, f"{name} cites docs/method.md {ref}, which has no such section"
+
+
+# the README's quick start at test sizes: each value of these flags is replaced
+QUICK_START_SIZES = {"--num-train": "4", "--num-val": "2", "--image-size": "64", "--min-size": "64",
+                     "--max-size": "64", "--epochs": "1", "--batch-size": "2", "--fpn-channels": "32"}  # fmt: skip
+
+
+def _quick_start_commands() -> list[list[str]]:
+    """The `icd ...` commands of the README's quick start, as argv lists (line continuations joined)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line.split("#", 1)[0].split()[1:] for line in lines if line.startswith("icd ")]
+
+
+def test_readme_quick_start_runs(tmp_path, monkeypatch):
+    from icd.cli import main
+
+    commands = _quick_start_commands()
+    assert [c[0] for c in commands] == ["data", "train", "train", "eval", "predict", "plot"]
+    monkeypatch.chdir(tmp_path)  # the commands' relative paths land here
+    for argv in commands:
+        argv = [QUICK_START_SIZES.get(prev, arg) for prev, arg in zip(["", *argv], argv, strict=False)]
+        argv += ["--device", "cpu", "--no-progress"] if argv[0] in ("train", "eval", "predict") else []
+        argv += ["--workers", "0"] if argv[0] in ("train", "eval") else []
+        assert main(argv) == 0, argv
+    assert (tmp_path / "runs" / "icd_eval" / "per_class_ap_val.md").exists()
+    assert (tmp_path / "runs" / "icd_predictions" / "detections.json").exists()
+    assert (tmp_path / "runs" / "curves.png").exists()

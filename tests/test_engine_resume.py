@@ -76,6 +76,8 @@ def test_sigkill_then_resume_matches_unbroken_run(tmp_path):
         "1",
         "--checkpoint-every",
         "1",
+        "--epoch-checkpoint-every",
+        "1",
         "--teacher",
         str(teacher),
         "--distill",

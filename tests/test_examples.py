@@ -125,3 +125,41 @@ def test_ops_demo_runs_every_cpu_backend():
     assert set(rows) == {"reference", "cpu"}
     diffs = [float(x) for x in re.findall(r"(?:out|lse|value mask|mse|dq|dk|d student) ([0-9.e+-]+)", rows["cpu"])]
     assert len(diffs) == 7 and max(diffs) < 1e-4
+
+
+@pytest.mark.parametrize("detector", ["fcos", "fasterrcnn"])
+def test_nn_md_fcos_and_faster_rcnn_builders_train_a_distilled_step(detector):
+    from icd.detection import check_same_input_transform
+    from icd.nn import ICDDistiller
+
+    scope: dict = {}
+    for block in _python_blocks(_read("docs", "nn.md"), "Other detectors: FCOS and Faster R-CNN"):
+        exec(compile(block, "docs/nn.md", "exec"), scope)
+    torch.manual_seed(0)
+    teacher, student = scope[f"build_{detector}_pair"](3, 64, 64, channels=32)
+    teacher.eval()
+    student.train()
+    check_same_input_transform(teacher, student)
+    offset = scope["LABEL_OFFSET"][detector]
+    seen = {}
+    student.transform.register_forward_hook(lambda m, inp, out: seen.update(batch=out))
+    student.backbone.register_forward_hook(lambda m, inp, out: seen.update(features=list(out.values())))
+    distiller = ICDDistiller(3, teacher_channels=teacher.backbone.out_channels, student_channels=32, heads=4,
+                             warmup_iters=0, **scope["ICD_SETTINGS"][detector])  # fmt: skip
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 48)]
+    labels = [torch.tensor([0, 2]), torch.tensor([1])]  # the dataset's 0..C-1
+    targets = [{"boxes": torch.tensor([[4.0, 4, 30, 40], [20, 10, 60, 50]]), "labels": labels[0] + offset},
+               {"boxes": torch.tensor([[8.0, 8, 40, 30]]), "labels": labels[1] + offset}]  # fmt: skip
+    detection = student(images, targets)
+    image_list, resized = seen["batch"]
+    with torch.no_grad():
+        teacher_features = list(teacher.backbone(image_list.tensors).values())
+    assert len(teacher_features) == len(seen["features"]) == 5  # P3-P7 / P2-P6
+    given = [t["labels"] - offset for t in resized]
+    assert all(torch.equal(a, b) for a, b in zip(given, labels, strict=True))
+    losses = distiller(teacher_features, seen["features"], [t["boxes"] for t in resized], given,
+                       torch.tensor(image_list.image_sizes), tuple(image_list.tensors.shape[-2:]))  # fmt: skip
+    total = sum(detection.values()) + sum(losses.values())
+    total.backward()
+    assert torch.isfinite(total) and losses["distill"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())

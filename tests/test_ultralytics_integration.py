@@ -181,3 +181,31 @@ def test_bad_teachers_and_labels_raise_before_training(tiny, tmp_path):
         YOLO("yolov8n.yaml").train(
             trainer=ICDTrainer.configure(teacher), epochs=1, name="bad_labels", **_args(str(bad_yaml), runs)
         )
+
+
+def test_logs_say_the_frozen_teacher_once_and_results_have_no_always_zero_val_columns(tiny):
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    data, teacher, runs = tiny
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = LOGGER.level
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    try:
+        args = _args(data, runs, val=True, name="quiet")
+        YOLO("yolov8n.yaml").train(trainer=ICDTrainer.configure(teacher, warmup_iters=0), epochs=1, **args)
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+    assert not [line for line in lines if line.startswith("Freezing layer 'teacher_model.")]
+    (frozen,) = [line for line in lines if "the teacher is frozen" in line]
+    assert "tensors of teacher_model" in frozen
+    assert [line for line in lines if line.startswith("Freezing layer 'student_model.")]  # the student's own, kept
+    with open(runs / "quiet" / "results.csv") as f:
+        columns = [c.strip() for c in f.readline().split(",")]
+    assert {"train/icd", "train/aux", "val/box_loss", "metrics/mAP50-95(B)"} <= set(columns), columns
+    assert not {"val/icd", "val/aux"} & set(columns)

@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -216,6 +216,46 @@ def read_annotation_file(path: str) -> dict:
     return data
 
 
+def empty_categories(data: dict) -> list[dict]:
+    """The categories of a (file-level checked) annotation dict that no annotation uses."""
+    # a malformed category_id (a list, a dict) uses nothing here: the annotation checks name it
+    used = {ann.get("category_id") for ann in data["annotations"]
+            if isinstance(ann, dict) and isinstance(ann.get("category_id"), int)}  # fmt: skip
+    return [cat for cat in data["categories"] if cat["id"] not in used]
+
+
+def empty_categories_message(data: dict, path: str) -> str | None:
+    """What to tell about the categories of ``path`` without any annotation (None: there are none).
+
+    A Roboflow export has one: category 0, named after the dataset and the supercategory of every
+    other category, which no annotation uses; it becomes a class the detector never sees."""
+    empty = empty_categories(data)
+    if not empty:
+        return None
+    others = [cat for cat in data["categories"] if cat not in empty]
+    described = []
+    for cat in empty:
+        parent = bool(others) and all(c.get("supercategory") == cat["name"] for c in others)
+        note = " (the supercategory of every other category: an export's dataset-level category)" if parent else ""
+        described.append(f"{cat['id']} {cat['name']!r}{note}")
+    return (
+        f"{path}: {len(empty)} of {len(data['categories'])} categories have no annotation: {'; '.join(described)}. "
+        "Each stays a class of the detector that it never sees; --drop-empty-categories leaves them out"
+    )
+
+
+def report_categories(dataset: CocoDetection) -> None:
+    """Log what a training split's categories need said: those --drop-empty-categories left out, or a
+    warning about categories without any annotation (``empty_categories_message``)."""
+    if dataset.dropped_categories:
+        names = ", ".join(f"{c['id']} {c['name']!r}" for c in dataset.dropped_categories)
+        log.info("%s: left out the categories without annotations: %s", dataset.annotation_file, names)
+        return
+    message = empty_categories_message(dataset.coco.dataset, dataset.annotation_file)
+    if message is not None:
+        log.warning("%s", message)
+
+
 def coco_index(data: dict):
     """pycocotools.coco.COCO over an already loaded (and checked) annotation dict."""
     from pycocotools.coco import COCO
@@ -239,6 +279,11 @@ class CocoDetection(Dataset):
             and augmentation are reproducible across worker counts, processes and resumes.
         with_masks: give each target ``masks`` uint8 [n, H, W] (decoded when a sample is read;
             non-crowd annotations without a usable ``segmentation`` are bad data).
+        drop_empty_categories: leave out the categories that no annotation of the file uses (a
+            Roboflow export's dataset-level category 0); the classes are the others.
+        categories: the category ids that are the classes (the training split's, or those a
+            checkpoint was trained on); the file's other categories must be unused (left out),
+            and each of these must be in the file. None: every category of the file.
     """
 
     def __init__(
@@ -250,6 +295,8 @@ class CocoDetection(Dataset):
         on_bad_data: str = "error",
         seed: int = 0,
         with_masks: bool = False,
+        drop_empty_categories: bool = False,
+        categories: Collection[int] | None = None,
     ) -> None:
         if on_bad_data not in BAD_DATA_CHOICES:
             raise ValueError(f"on_bad_data={on_bad_data!r}; expected one of {BAD_DATA_CHOICES}")
@@ -262,6 +309,9 @@ class CocoDetection(Dataset):
         self.with_masks = with_masks
         self.epoch = 0
         data = read_annotation_file(annotation_file)
+        self.dropped_categories: list[dict] = []  # left out by drop_empty_categories or categories
+        if drop_empty_categories or categories is not None:
+            data["categories"] = self._kept_categories(data, drop_empty_categories, categories)
         data["images"] = self._checked_images(data["images"])
         data["annotations"] = self._checked_annotations(data)
         self.coco = coco_index(data)
@@ -276,6 +326,11 @@ class CocoDetection(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
+
+    @property
+    def categories(self) -> list[dict]:
+        """[{"id", "name"}] of each class in label order (what checkpoints keep as class names)."""
+        return [{"id": c, "name": n} for c, n in zip(self.category_ids, self.category_names, strict=True)]
 
     @property
     def num_annotations(self) -> int:
@@ -295,6 +350,26 @@ class CocoDetection(Dataset):
         if self.on_bad_data == "error":
             raise BadDataError(f"{message} (pass --on-bad-data skip to leave it out)")
         log.warning("skipping: %s", message)
+
+    def _kept_categories(self, data: dict, drop_empty: bool, keep: Collection[int] | None) -> list[dict]:
+        path, empty = self.annotation_file, {cat["id"] for cat in empty_categories(data)}
+        by_id = {cat["id"]: cat for cat in data["categories"]}
+        if keep is not None:
+            missing = sorted(set(keep) - set(by_id))
+            if missing:
+                raise BadDataError(f"{path}: no category with id {missing} (the classes are {sorted(keep)})")
+            used = sorted(c for c in by_id if c not in keep and c not in empty)
+            if used:
+                raise BadDataError(
+                    f"{path}: categories {used} have annotations but are not among the classes {sorted(keep)} "
+                    "(the training split's or the checkpoint's)"
+                )
+        kept = [cat for cat in data["categories"] if (keep is None or cat["id"] in keep)
+                and not (drop_empty and cat["id"] in empty)]  # fmt: skip
+        if not kept:
+            raise BadDataError(f"{path}: no category has an annotation; nothing is left to detect")
+        self.dropped_categories = [cat for cat in data["categories"] if cat not in kept]
+        return kept
 
     def _checked_images(self, images: list) -> list[dict]:
         kept, seen = [], set()

@@ -1,4 +1,5 @@
-"""COCO evaluation (pycocotools COCOeval, bbox and segm) of torchvision detector outputs."""
+"""COCO evaluation (pycocotools COCOeval, bbox and segm) of torchvision detector outputs: the
+summary metrics and, from the same COCOeval run, the AP of each category."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import Tensor
@@ -67,6 +69,20 @@ def to_coco_detections(
     return results
 
 
+# per category: AP over IoU 0.50:0.95, AP at IoU 0.5 and 0.75 (area all, at most 100 detections per image)
+PER_CLASS_NAMES = ("AP", "AP50", "AP75")
+
+
+@dataclass
+class CocoScores:
+    """What one COCOeval run gives: ``metrics`` (``metric_names(iou_type)``, %, -1 for an area range
+    without ground truth) and ``per_class``: category id -> {"AP", "AP50", "AP75"} (%; None for a
+    category without ground truth in the evaluated images), in the order of the category ids."""
+
+    metrics: dict[str, float]
+    per_class: dict[int, dict[str, float | None]] = field(default_factory=dict)
+
+
 def coco_metrics(
     coco_gt,
     detections: list[dict],
@@ -74,22 +90,39 @@ def coco_metrics(
     image_ids: list[int] | None = None,
     verbose: bool = False,
 ) -> dict[str, float]:
-    """AP, AP50, AP75, APs, APm, APl (as percentages) of ``detections`` against ``coco_gt``.
+    """AP, AP50, AP75, APs, APm, APl (as percentages) of ``detections`` against ``coco_gt``
+    (``coco_scores(...).metrics``)."""
+    return coco_scores(coco_gt, detections, iou_type, image_ids, verbose).metrics
+
+
+def coco_scores(
+    coco_gt,
+    detections: list[dict],
+    iou_type: str = "bbox",
+    image_ids: list[int] | None = None,
+    verbose: bool = False,
+) -> CocoScores:
+    """AP, AP50, AP75, APs, APm, APl (as percentages) of ``detections`` against ``coco_gt``, and the
+    AP, AP50 and AP75 of each category, from one COCOeval run.
 
     ``iou_type`` "bbox" matches the results' boxes, "segm" their ``segmentation`` masks (results
     without one are left out; the ground truth needs segmentations); see ``metric_names`` for
     the keys. Each result is evaluated through a copy holding only the fields of ``iou_type``:
     COCOeval's loadRes fills in fields in place, and given a bbox it would take the box's area,
     not the mask's, for the area ranges of segm. With no detections every AP is 0 (COCOeval
-    cannot load an empty result list).
+    cannot load an empty result list; a category with ground truth then has AP 0, one without None).
     """
     names = metric_names(iou_type)
-    field = _RESULT_FIELD[iou_type]
+    result_field = _RESULT_FIELD[iou_type]
     results = [
-        {k: d[k] for k in ("image_id", "category_id", "score", field)} for d in detections if field in d
+        {k: d[k] for k in ("image_id", "category_id", "score", result_field)} for d in detections if result_field in d
     ]
     if not results:
-        return dict.fromkeys(names, 0.0)
+        with_truth = set(_ground_truth_counts(coco_gt, image_ids))
+        per_class = {
+            c: dict.fromkeys(PER_CLASS_NAMES, 0.0 if c in with_truth else None) for c in sorted(coco_gt.getCatIds())
+        }
+        return CocoScores(dict.fromkeys(names, 0.0), per_class)
     from pycocotools.cocoeval import COCOeval
 
     sink = io.StringIO()
@@ -109,9 +142,63 @@ def coco_metrics(
         )
     stats = np.asarray(evaluator.stats[:6], dtype=float)
     # COCOeval gives -1 for an area range without ground truth; keep it visible as -1.
-    return {
-        name: (float(v) * 100.0 if v >= 0 else -1.0) for name, v in zip(names, stats, strict=True)
-    }
+    metrics = {name: (float(v) * 100.0 if v >= 0 else -1.0) for name, v in zip(names, stats, strict=True)}
+    return CocoScores(metrics, _per_class(evaluator))
+
+
+def _per_class(evaluator) -> dict[int, dict[str, float | None]]:
+    """Each category's AP, AP50, AP75 (%) from an accumulated COCOeval, as its summarize() reads the
+    overall ones: precision [IoU, recall, category, area, max dets] at area "all" and the largest
+    max-dets setting, averaged over the entries that are not -1 (None when all are: no ground truth)."""
+    params = evaluator.params
+    precision = evaluator.eval["precision"][:, :, :, params.areaRngLbl.index("all"), -1]
+    iou_rows = {"AP": slice(None), "AP50": _iou_index(params, 0.5), "AP75": _iou_index(params, 0.75)}
+    out = {}
+    for k, category in enumerate(params.catIds):
+        values = {}
+        for name, rows in iou_rows.items():
+            p = precision[rows, :, k]
+            p = p[p > -1]
+            values[name] = float(p.mean()) * 100.0 if p.size else None
+        out[int(category)] = values
+    return out
+
+
+def _iou_index(params, iou: float) -> int:
+    return int(np.flatnonzero(np.isclose(params.iouThrs, iou))[0])
+
+
+def _ground_truth_counts(coco_gt, image_ids: list[int] | None = None) -> dict[int, int]:
+    """Non-crowd ground-truth boxes per category id (of ``image_ids``; categories without any left out)."""
+    ann_ids = coco_gt.getAnnIds(imgIds=image_ids) if image_ids is not None else coco_gt.getAnnIds()
+    counts: dict[int, int] = {}
+    for a in ann_ids:
+        ann = coco_gt.anns[a]
+        if not ann.get("iscrowd", 0):
+            counts[ann["category_id"]] = counts.get(ann["category_id"], 0) + 1
+    return counts
+
+
+def per_class_rows(
+    coco_gt, scores: dict[str, CocoScores], image_ids: list[int] | None = None
+) -> list[dict]:
+    """One row per category of ``coco_gt`` (id order): ``category_id``, ``name``, ``instances`` (its
+    non-crowd ground-truth boxes in ``image_ids``) and the per-class values of each CocoScores of
+    ``scores`` (iou type -> scores): AP, AP50, AP75 for "bbox", segm_AP, ... for "segm"."""
+    counts = _ground_truth_counts(coco_gt, image_ids)
+    rows = []
+    for category in sorted(coco_gt.getCatIds()):
+        row = {
+            "category_id": int(category),
+            "name": coco_gt.cats[category]["name"],
+            "instances": counts.get(category, 0),
+        }
+        for iou_type, result in scores.items():
+            prefix = "" if iou_type == "bbox" else f"{iou_type}_"
+            values = result.per_class.get(int(category), dict.fromkeys(PER_CLASS_NAMES))
+            row.update({f"{prefix}{name}": values[name] for name in PER_CLASS_NAMES})
+        rows.append(row)
+    return rows
 
 
 def has_segmentations(coco_gt, image_ids: list[int] | None = None) -> bool:
@@ -120,8 +207,9 @@ def has_segmentations(coco_gt, image_ids: list[int] | None = None) -> bool:
     return all(coco_gt.anns[a].get("segmentation") for a in ann_ids)
 
 
-def write_detections(path: str, detections: list[dict]) -> None:
-    """Write COCO results JSON atomically (temporary file + os.replace)."""
+def write_detections(path: str, detections: list[dict] | dict) -> None:
+    """Write COCO results JSON (a results list, or a whole COCO-format dict) atomically (temporary
+    file + os.replace)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

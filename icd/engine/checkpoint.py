@@ -11,6 +11,9 @@ resume needs)::
                          them when written at the epoch's last batch, before its end: a resume
                          then does that epoch's end first, see icd.engine.batches.EpochBatches)
     detector_spec        the architecture (icd.detection.DetectorSpec as a dict)
+    categories           [{"id", "name"}] of the training data's categories in label order: the
+                         class names (icd.engine.run_spec.checkpoint_categories reads them;
+                         checkpoints written before they were saved have none)
     distiller, teacher_optimizer, teacher_lr_scheduler    (distillation runs)
     scaler               AMP GradScaler state (CUDA float16 runs)
     rng                  python, numpy, torch (and cuda) generator states

@@ -12,9 +12,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from icd.data.coco import CocoDetection, collate
+from icd.detection.class_table import write_class_tables
 from icd.detection.evaluation import (
-    coco_metrics,
+    coco_scores,
     has_segmentations,
+    per_class_rows,
     to_coco_detections,
     write_detections,
 )
@@ -62,8 +64,9 @@ def evaluate(
     the ground truth has segmentations (otherwise a warning and bbox metrics only). Every rank
     predicts its share; rank 0 gathers them (dropping the duplicates that DistributedSampler pads
     with), runs COCOeval and writes ``detections_{split}.json`` in ``output_dir`` (one result per
-    detection, with its ``segmentation`` when there are masks). Other ranks return the same
-    metrics (broadcast through the gather).
+    detection, with its ``segmentation`` when there are masks) and the AP of each category as
+    ``per_class_ap_{split}.json`` / ``.csv`` / ``.md`` (``icd.detection.class_table``). Other ranks
+    return the same metrics (broadcast through the gather).
     """
     was_training = model.training
     model.eval()
@@ -97,16 +100,18 @@ def evaluate(
     if info.is_main:
         detections = [d for image_id in sorted(merged) for d in merged[image_id]]
         image_ids = sorted(merged)
-        metrics = coco_metrics(dataset.coco, detections, "bbox", image_ids=image_ids)
+        scores = {"bbox": coco_scores(dataset.coco, detections, "bbox", image_ids=image_ids)}
         if gives_masks and has_segmentations(dataset.coco, image_ids):
-            metrics |= coco_metrics(dataset.coco, detections, "segm", image_ids=image_ids)
+            scores["segm"] = coco_scores(dataset.coco, detections, "segm", image_ids=image_ids)
         elif gives_masks:
             log.warning(
                 "%s: an annotation has no 'segmentation'; the masks are not evaluated (no segm_AP)",
                 dataset.annotation_file,
             )
+        metrics = {name: value for result in scores.values() for name, value in result.metrics.items()}
         if output_dir is not None:
             write_detections(
                 os.path.join(output_dir, DETECTIONS_FILE.format(split=split)), detections
             )
+            write_class_tables(output_dir, split, per_class_rows(dataset.coco, scores, image_ids))
     return all_gather_objects(metrics, info)[0]

@@ -1,9 +1,9 @@
 """--output-dir safety: a run never lands on another run's files, and two runs never share a folder.
 
 A folder "holds a run" when it has a checkpoint (``checkpoint.pth``, ``model_*.pth``,
-``teacher_side.pth``) or a ``metrics.jsonl``. Beside them, ``icd_run.json`` holds the run's id
-and command (written when a run claims the folder; alone, as a run that failed while setting up
-leaves it, it holds nothing).
+``teacher_side.pth``), a ``metrics.jsonl`` or ``--tensorboard``'s event files. Beside them,
+``icd_run.json`` holds the run's id and command (written when a run claims the folder; alone, as
+a run that failed while setting up leaves it, it holds nothing).
 
 A run *claims* its folder before anything is built (:func:`claim_output_dir`):
 
@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks; the checks
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("checkpoint.pth", "teacher_side.pth", "metrics.jsonl")
-RUN_FILE_PATTERNS = ("model_*.pth",)
+RUN_FILE_PATTERNS = ("model_*.pth", "events.out.tfevents.*")  # the second: --tensorboard's event files
 IDENTITY_FILE = "icd_run.json"  # {"run_id", "command", "created"}
 LOCK_FILE = ".icd_lock"  # flock'ed by the live run; holds its pid, host and command
 TMP_PATTERNS = ("*.pth.tmp", f"{IDENTITY_FILE}.tmp")

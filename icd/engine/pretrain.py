@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from icd.data.coco import CocoDetection, collate, dataset_paths
+from icd.data.coco import CocoDetection, collate, dataset_paths, report_categories
 from icd.detection.models import DetectorSpec
 from icd.engine import optim
 from icd.engine.attention import attention_statistics
@@ -166,14 +166,21 @@ class Pretrainer:
         train_dir, train_ann = dataset_paths(
             args.data_path, args.train_split, getattr(args, "train_ann", None), getattr(args, "train_images", None)
         )
+        drop_empty = getattr(args, "drop_empty_categories", False)
         self.train_set = CocoDetection(
             train_dir, train_ann, train=True, flip_prob=args.flip_prob,
-            on_bad_data=args.on_bad_data, seed=args.seed,
+            on_bad_data=args.on_bad_data, seed=args.seed, drop_empty_categories=drop_empty,
         )  # fmt: skip
+        report_categories(self.train_set)
         val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
-        self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data)
+        classes = self.train_set.category_ids if drop_empty else None
+        self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
         num_classes = self.train_set.num_classes
         self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)
+        if args.min_size is not None:  # the students' sizes, not the teacher checkpoint's
+            self.teacher.transform.min_size = tuple(args.min_size)
+        if args.max_size is not None:
+            self.teacher.transform.max_size = args.max_size
         self.level_names = [f"P{lvl}" for lvl in self.teacher_spec.levels]
         check_icd_heads(args.icd_heads, self.teacher_spec.fpn_channels, args.teacher)
         self.distiller = build_distiller(
@@ -212,6 +219,7 @@ class Pretrainer:
             "iteration": self.iteration,
             "best_score": self.best_score,
             "signature": self.signature,
+            "categories": self.train_set.categories,
             "args": self.saved_args,
             "rng": capture_rng_state(),
         }
@@ -294,7 +302,8 @@ class Pretrainer:
             self.best_score = score
             save_atomic(
                 {"teacher_side": teacher_side_state(self.distiller), "signature": self.signature,
-                 "iteration": self.iteration, "attention": stats, "args": self.saved_args},
+                 "iteration": self.iteration, "attention": stats, "args": self.saved_args,
+                 "categories": self.train_set.categories},
                 os.path.join(self.args.output_dir, TEACHER_SIDE_FILE),
             )  # fmt: skip
         record["best_score"] = self.best_score
@@ -303,10 +312,22 @@ class Pretrainer:
 
     def run(self) -> dict[str, float]:
         """Pre-train to --iters; returns the last attention statistics."""
-        args = self.args
-        if self.claim.overwritten:
+        if self.claim.overwritten:  # before the event file is opened: only the old run's files go
             log.warning("--overwrite: removing the previous run's %s", ", ".join(self.claim.overwritten))
             remove_previous_run(self.claim.overwritten)
+        if not getattr(self.args, "tensorboard", False):
+            return self._run()
+        from icd.engine.tensorboard import TensorBoardLog
+
+        tensorboard = TensorBoardLog(self.args.output_dir, purge_step=self.iteration + 1 if self.args.resume else None)
+        self.metrics.sinks.append(tensorboard.write)
+        try:
+            return self._run()
+        finally:
+            tensorboard.close()
+
+    def _run(self) -> dict[str, float]:
+        args = self.args
         self.distiller.train()
         if self.iteration == 0:
             self.evaluate()  # where the untrained teacher side looks: the curve's start

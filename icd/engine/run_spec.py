@@ -9,6 +9,7 @@ attention statistics, the demo's figure) goes through these functions::
     checkpoint_detector_spec(ckpt, source, ...)   the spec of a checkpoint (the rules below)
     load_detector(ckpt, ...)                      that detector with the checkpoint's weights
     load_frozen_teacher(path, ...)                ... checked finite, on a device, frozen
+    checkpoint_categories(ckpt)                   its class names and category ids (or None)
     distiller_kwargs(run_args, teacher_spec, C)   ``build_distiller``'s arguments of a run
 
 The spec of a checkpoint is the first of:
@@ -103,6 +104,17 @@ def checkpoint_detector_spec(
     if num_classes is not None and spec.num_classes != num_classes:
         raise ConfigError(f"{source} has {spec.num_classes} classes; the data has {num_classes}")
     return spec
+
+
+def checkpoint_categories(ckpt: Mapping[str, Any]) -> list[dict] | None:
+    """The ``[{"id", "name"}]`` of the classes a checkpoint was trained on, in label order; None for
+    a checkpoint without them (a bare state dict, or written before icd saved class names)."""
+    categories = ckpt.get("categories")
+    if not isinstance(categories, list) or not all(
+        isinstance(c, Mapping) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str) for c in categories
+    ):
+        return None
+    return [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
 
 
 def _is_train_args(args: Any) -> bool:

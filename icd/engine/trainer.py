@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from icd.config import PRESET_IMAGES_PER_ITERATION
-from icd.data.coco import CocoDetection, dataset_paths
+from icd.data.coco import CocoDetection, dataset_paths, report_categories
 from icd.detection.feature_tap import FeatureTap
 from icd.detection.inherit import inherit_from_teacher, parse_parts
 from icd.detection.models import MASK_DETECTORS, DetectorSpec, build_detector, load_detector_weights
@@ -102,8 +102,8 @@ def load_teacher(
             min_level=args.min_level,
             max_level=args.max_level,
             norm=args.teacher_norm or BARE_STATE_DICT_NORM,
-            min_size=tuple(args.min_size),
-            max_size=args.max_size,
+            # icd pretrain's sizes may be unset: DetectorSpec's defaults then
+            **{k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None},
         )
     return load_frozen_teacher(path, num_classes, device, flags=flags)
 
@@ -183,6 +183,11 @@ class Trainer:
                 "frozen_bn without --backbone-weights: the backbone's BatchNorm layers stay at identity "
                 "and its weights start random; give ImageNet weights, or --norm gn to train from scratch"
             )
+        if args.amp and self.info.device.type == "cpu" and self.info.is_main:
+            log.warning(
+                "--amp on the CPU: bfloat16 autocast makes torchvision's detectors slower there, not faster "
+                "(a RetinaNet R18 step took 5.9x the CPU time of float32, docs/nn.md); leave --amp for CUDA"
+            )
         backbone = None  # ImageNet weights of the ResNet body, read like every checkpoint file
         if args.backbone_weights:
             backbone = state_dict_entry(load_checkpoint(args.backbone_weights, "--backbone-weights"),
@@ -211,6 +216,7 @@ class Trainer:
         self.metrics = MetricsLog(args.output_dir, enabled=self.info.is_main)
         self.hooks: list[Hook] = []  # set by run()
         self.stop = StopRequest(enabled=False)  # run() installs the Ctrl-C handler
+        self.tensorboard = None  # icd.engine.tensorboard.TensorBoardLog under --tensorboard, from run()
         self.best: dict | None = None  # {"metric", "value", "epoch", "iter"} of the best evaluation
         self.last_evaluation: dict[str, float] = {}
         self.pending_evaluation: tuple[int, dict | None] | None = None  # (epoch, its checkpoint) to evaluate
@@ -221,6 +227,7 @@ class Trainer:
     def _build_data(self) -> None:
         args = self.args
         train_dir, train_ann = dataset_paths(args.data_path, args.train_split, args.train_ann, args.train_images)
+        drop_empty = getattr(args, "drop_empty_categories", False)
         self.train_set = CocoDetection(
             train_dir,
             train_ann,
@@ -229,7 +236,10 @@ class Trainer:
             on_bad_data=args.on_bad_data,
             seed=args.seed,
             with_masks=args.detector in MASK_DETECTORS,
+            drop_empty_categories=drop_empty,
         )
+        if self.info.is_main:
+            report_categories(self.train_set)
         self.train_annotations = train_ann
         if self.train_set.num_annotations == 0 and self.info.is_main:
             log.warning(
@@ -238,7 +248,8 @@ class Trainer:
         self.val_set = None
         if not args.no_eval:
             val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
-            self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data)
+            classes = self.train_set.category_ids if drop_empty else None  # the val split's empty ones go too
+            self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
 
     def _build_distillation(self, num_classes: int) -> None:
         """The frozen teacher, the distiller and the tap on the student (``--distill none``: only
@@ -363,6 +374,7 @@ class Trainer:
             "detector_spec": self.spec.to_dict(),
             "world_size": self.info.world_size,
             "train_images": len(self.train_set),
+            "categories": self.train_set.categories,
             "rng": capture_rng_state(),
         }
         if self.distiller is not None:
@@ -610,6 +622,11 @@ class Trainer:
         if self.overwritten and self.info.is_main:
             log.warning("--overwrite: removing the previous run's %s", ", ".join(self.overwritten))
             remove_previous_run(self.overwritten)
+        if getattr(args, "tensorboard", False) and self.info.is_main:  # after the removal: its files are new
+            from icd.engine.tensorboard import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(args.output_dir, purge_step=self.iteration + 1 if args.resume else None)
+            self.metrics.sinks.append(self.tensorboard.write)
         self.hooks = [
             HealthCheck(args.health_window, stop=args.on_unhealthy == "stop"),
             TrainMetrics(args.print_freq, last=stop_at),
@@ -734,6 +751,8 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.batches.close()
         if self.tap is not None:
             self.tap.remove()

@@ -23,6 +23,7 @@ to that program.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -39,13 +40,16 @@ try:
     from ultralytics.utils import DEFAULT_CFG, LOGGER
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
-        "icd.integrations.ultralytics needs ultralytics: pip install 'icd[ultralytics]'"
+        'icd.integrations.ultralytics needs ultralytics: run pip install --no-build-isolation ".[ultralytics]" '
+        "in the icd checkout (or pip install --no-deps -r requirements-ultralytics.txt, see docs/ultralytics.md)"
     ) from exc
 
 from icd.engine.optim import TEACHER_SIDE_LR, teacher_side_optimizer, teacher_side_scheduler
 from icd.nn import ClassPrior, ICDDistiller, unpack_boxes
 
 STUDENT_CLIP = 10.0  # ultralytics' gradient-norm clip of the detector, kept for the student side
+ICD_LOSS_ITEMS = ("icd", "aux")  # the loss items ICD adds; in validation they are always 0
+TEACHER_FREEZE_LINE = "Freezing layer 'teacher_model."  # ultralytics logs one per teacher tensor
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,21 @@ class ICDDetectionModel(DistillationModel):
         return torch.cat([regular, extra]), items
 
 
+class _TeacherFreezeLines(logging.Filter):
+    """Drops ultralytics' "Freezing layer 'teacher_model...'" lines (one per teacher tensor, hundreds)
+    and counts them, so that one line can say it instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(TEACHER_FREEZE_LINE):
+            self.count += 1
+            return False
+        return True
+
+
 def _round_to(value: int, multiple: int) -> int:
     return max(multiple, (value // multiple) * multiple)
 
@@ -275,6 +294,30 @@ class ICDTrainer(DetectionTrainer):
         if len(folders) > 1:
             LOGGER.warning(f"ICDTrainer: class prior from the first train label folder {folders[0]}")
         return ClassPrior.from_yolo_labels(folders[0], nc)
+
+    # --- logs ----------------------------------------------------------------------------------
+
+    def _setup_train(self) -> None:
+        """ultralytics' set-up, with its line per frozen teacher tensor said once."""
+        quiet = _TeacherFreezeLines()
+        LOGGER.addFilter(quiet)
+        try:
+            super()._setup_train()
+        finally:
+            LOGGER.removeFilter(quiet)
+        if quiet.count:
+            LOGGER.info(f"ICDTrainer: the teacher is frozen ({quiet.count} tensors of teacher_model, no gradients)")
+
+    def label_loss_items(self, loss_items: Any = None, prefix: str = "train") -> Any:
+        """ultralytics' labelled loss items, without the validation columns of ICD's losses: the
+        validator runs the model in evaluation mode, where they are always 0 (no teacher pass)."""
+        labelled = super().label_loss_items(loss_items, prefix)
+        if prefix != "val":
+            return labelled
+        hidden = {f"{prefix}/{name}" for name in ICD_LOSS_ITEMS}
+        if isinstance(labelled, dict):
+            return {k: v for k, v in labelled.items() if k not in hidden}
+        return [k for k in labelled if k not in hidden]
 
     # --- optimisers ----------------------------------------------------------------------------
 

@@ -45,9 +45,32 @@ def is_built(name: str) -> bool:
     return backend_of(name).available
 
 
-def available_backends() -> list[str]:
-    """The backends built in this installation."""
-    return [b.name for b in BACKEND_TABLE.values() if b.available]
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run: with ``device``, those that run on its tensors here and now (none
+    for a device type this machine does not have: ``"cuda"`` without a GPU; ``triton`` on the CPU
+    only with TRITON_INTERPRET=1), in the order of ``BACKENDS``; without it, those built in this
+    installation, for any device (``cuda`` and ``triton`` included on a machine without a GPU).
+
+        >>> icd.ops.available_backends("cpu")     # on a CPU-only machine
+        ['reference', 'cpu']
+    """
+    built = [b for b in BACKEND_TABLE.values() if b.available]
+    if device is None:
+        return [b.name for b in built]
+    device = torch.device(device)
+    if not _device_present(device):
+        return []
+    return [b.name for b in built if b.runs_on(device)]
+
+
+def _device_present(device: torch.device) -> bool:
+    """Whether this machine has a device of ``device``'s type (and index, when it gives one)."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
+    module = getattr(torch, device.type, None)  # mps, xpu, ...: the backend's own is_available()
+    return bool(module is not None and getattr(module, "is_available", lambda: False)())
 
 
 def _check_name(name: str, source: str) -> str:

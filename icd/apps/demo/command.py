@@ -28,15 +28,39 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
         help="seed of the three student runs only (default --seed): with the data and teacher "
         "of --seed copied into --out, repeats the students over seeds",
     )
-    p.add_argument("--image-size", type=int_at_least(48), default=None)  # smaller: the shapes' backgrounds fail
-    p.add_argument("--num-train", type=int_at_least(1), default=None)
-    p.add_argument("--num-val", type=int_at_least(1), default=None)
-    p.add_argument("--teacher-epochs", type=int_at_least(1), default=None)
-    p.add_argument("--student-epochs", type=int_at_least(1), default=None)
-    p.add_argument("--lr", type=finite_float(above=0.0), default=None)
+    def default(key: str, what: str) -> str:  # the value a None flag stands for, in its help
+        tiny = f"; {TINY[key]} with --tiny" if key in TINY else ""
+        return f"{what} (default {getattr(d, key)}{tiny})"
+
+    p.add_argument(  # smaller: the shapes' backgrounds fail
+        "--image-size", type=int_at_least(48), default=None, help=default("image_size", "side of the generated images")
+    )
+    p.add_argument(
+        "--num-train", type=int_at_least(1), default=None, help=default("num_train", "generated training images")
+    )
+    p.add_argument(
+        "--num-val", type=int_at_least(1), default=None, help=default("num_val", "generated validation images")
+    )
+    p.add_argument(
+        "--teacher-epochs", type=int_at_least(1), default=None, help=default("teacher_epochs", "the teacher's epochs")
+    )
+    p.add_argument(
+        "--student-epochs", type=int_at_least(1), default=None, help=default("student_epochs", "each student's epochs")
+    )
+    p.add_argument("--lr", type=finite_float(above=0.0), default=None, help=default("lr", "SGD lr of every run"))
     p.add_argument("--icd-weight", type=finite_float(minimum=0.0), default=None, help="ICD loss weight (default 8)")
-    p.add_argument("--distill-warmup-iters", type=int_at_least(0), default=None)
-    p.add_argument("--fpn-mse-weight", type=finite_float(minimum=0.0), default=None)
+    p.add_argument(
+        "--distill-warmup-iters",
+        type=int_at_least(0),
+        default=None,
+        help="the students' distillation warm-up (default icd train's: min(1000, 10%% of the run))",
+    )
+    p.add_argument(
+        "--fpn-mse-weight",
+        type=finite_float(minimum=0.0),
+        default=None,
+        help="FPN-MSE loss weight (default icd train's: 16)",
+    )
     p.add_argument(
         "--pretrain-iters",
         type=int_at_least(0),
@@ -48,8 +72,13 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--jobs", type=int_at_least(1), default=d.jobs, help="training runs side by side")
     p.add_argument("--threads", type=int_at_least(1), default=d.threads, help="intra-op threads per run")
-    p.add_argument("--attention-images", type=int_at_least(1), default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--attention-images",
+        type=int_at_least(1),
+        default=None,
+        help=default("attention_images", "validation images of the attention maps picture"),
+    )
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument(
         "--summarize",
         nargs="+",
