@@ -143,7 +143,8 @@ def test_run_distill_main_on_a_tiny_step(tmp_path):
     assert float(rows["student"]["time_vs_student"]) == 1.0
     for name, row in rows.items():
         assert float(row["median_ms"]) > 0 and float(row["peak_mb"]) > 0
-        assert int(row["repeats"]) == 2  # the measure() call, then one interleaved round
+        # measure()'s timed calls (blocked_autorange: one or more, by load), then one interleaved round
+        assert int(row["repeats"]) >= 2
         if name.startswith("icd"):
             # K = 6 * the most real boxes of an image (neg_ratio 5): 18 for 3 boxes
             assert int(row["K"]) == 18 and int(row["S"]) > 0
