@@ -29,8 +29,9 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,8 +230,22 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
+def git_commit() -> str:
+    """The short commit of the checkout these benchmarks run from ('+dirty' with local changes), or
+    'unknown' outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine_info(device: torch.device) -> dict[str, str]:
-    """CPU model and cores, GPU name, library versions: printed and stored with the results."""
+    """CPU model and cores, GPU name, library versions, the commit: printed and stored with the results."""
     try:
         import triton
 
@@ -245,20 +260,44 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
+        "commit": git_commit(),
     }
     return info
+
+
+# Written into every row of every benchmark CSV, so that a row read alone says where it was measured.
+RUN_COLUMNS = ("machine", "torch_threads", "torch", "commit")
+
+
+def run_columns(info: Mapping[str, str], device: torch.device) -> dict[str, str]:
+    """The RUN_COLUMNS values of ``machine_info``: the GPU's name on CUDA, else the CPU model with its cores."""
+    machine = info["gpu"] if device.type == "cuda" else f"{info['cpu']} ({info['cores']} cores)"
+    return {"machine": machine, "torch_threads": info["torch_threads"], "torch": info["torch"],
+            "commit": info["commit"]}  # fmt: skip
+
+
+def default_out_dir() -> Path:
+    """Where a benchmark writes unless told: ~/icd-benchmarks, outside the checkout (``--out
+    benchmarks/results`` keeps a result with the project)."""
+    return Path.home() / "icd-benchmarks"
+
+
+OUT_HELP = "folder for the CSV and PNG (default: ~/icd-benchmarks; benchmarks/results keeps them with the project)"
 
 
 # --- output --------------------------------------------------------------------------------
 
 
-def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str], run: Mapping[str, str]) -> None:
+    """``rows`` as CSV with ``columns`` then RUN_COLUMNS (``run``: ``run_columns()``) in every row."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = [*columns, *(c for c in RUN_COLUMNS if c not in columns)]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: _csv_value(row.get(c)) for c in columns})
+            row = {**row, **{c: run[c] for c in RUN_COLUMNS}}
+            writer.writerow({c: _csv_value(row.get(c)) for c in fields})
 
 
 def _csv_value(value: Any) -> Any:

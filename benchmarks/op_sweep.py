@@ -22,12 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Measurement, format_table, machine_info, measure, peak_memory, rss_peak, slug, write_csv
+from common import (
+    OUT_HELP,
+    Measurement,
+    default_out_dir,
+    format_table,
+    machine_info,
+    measure,
+    peak_memory,
+    rss_peak,
+    run_columns,
+    slug,
+    write_csv,
+)
 from workload import INPUTS, LAYOUTS, LEVEL_SETS, TARGET, Inputs, Workload, make_inputs, parse_inputs, relative_error
 
 import icd.ops
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 ICD_BACKENDS = {"cpu": ("reference", "cpu"), "cuda": ("reference", "triton", "cuda")}
 # Backends that hold [N, h, K, S] tensors (their memory is predicted from OpBenchmark.bytes_per_logit)
@@ -303,10 +313,12 @@ def print_targets(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark], peer:
 
 
 def plot(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark], path: Path, title: str) -> None:
-    """Median time and peak memory per backend, one panel per op and pass (log scale).
+    """Time and peak memory of each backend as a ratio to a baseline, one panel per op and pass.
 
-    Against S when the run has several sizes (solid: largest K, dashed: smaller K), as
-    bars when it has one (--quick).
+    The baseline of a panel is torch's SDPA where the op has that peer, else the reference;
+    the ratios sit on linear axes from zero with a line at 1 (below it: ahead of the baseline).
+    Bars when the run has one size (--quick, each annotated with its milliseconds or MB);
+    against S when it has several (solid: largest K, dashed: smaller K).
     """
     import matplotlib
 
@@ -314,47 +326,50 @@ def plot(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark], path: Path, ti
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r.get("status") == "ok"]
-    panels = [
-        (op.name, p)
-        for op in benchmarks
-        for p in op.passes
-        if any((r["op"], r["pass"]) == (op.name, p) for r in ok)
-    ]
+    panels = []
+    for op in benchmarks:
+        for p in op.passes:
+            mine = [r for r in ok if (r["op"], r["pass"]) == (op.name, p)]
+            suffix = "sdpa" if any("time_vs_sdpa" in r for r in mine) else "ref"
+            mine = [r for r in mine if f"time_vs_{suffix}" in r]
+            if mine:
+                panels.append((op.name, p, suffix, mine))
     if not panels:
         return
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.5), squeeze=False)
     colors = {b: f"C{i}" for i, b in enumerate(sorted({r["backend"] for r in ok}))}
     one_size = len({r["S"] for r in ok}) == 1 and len({r["K"] for r in ok if r["K"] != ""}) <= 1
-    for col, (op, pass_) in enumerate(panels):
-        mine = [r for r in ok if (r["op"], r["pass"]) == (op, pass_)]
-        for row, key, unit in (
-            (0, "median_ms", "median time [ms]"),
-            (1, "peak_mb", "peak memory [MB]"),
-        ):
+    for col, (op, pass_, suffix, mine) in enumerate(panels):
+        baseline = "SDPA" if suffix == "sdpa" else "reference"
+        for row, measure_, unit, absolute in ((0, "time", "time", "median_ms"), (1, "mem", "peak memory", "peak_mb")):
             ax = axes[row][col]
+            key = f"{measure_}_vs_{suffix}"
             if one_size:
-                _bars(ax, mine, key, colors)
+                _bars(ax, mine, key, absolute, colors)
             else:
                 _lines(ax, mine, key, colors)
-            ax.set_yscale("log")
-            ax.set_ylabel(unit)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][col].set_title(f"{op} {pass_}")
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_ylim(bottom=0)
+            ax.set_ylabel(f"{unit} / {baseline}'s")
+            ax.grid(True, axis="y", alpha=0.3)
+        axes[0][col].set_title(f"{op} {pass_} (lower is better)", fontsize=9)
         if not one_size:
             axes[0][col].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _bars(ax: Any, rows: Sequence[dict], key: str, colors: dict[str, str]) -> None:
+def _bars(ax: Any, rows: Sequence[dict], key: str, absolute: str, colors: dict[str, str]) -> None:
     names = [r["backend"] for r in rows]
-    values = [max(r[key], 1e-3) for r in rows]
+    values = [r.get(key, 0.0) for r in rows]
     ax.bar(names, values, color=[colors[n] for n in names])
-    for i, v in enumerate(values):
-        ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
+    for i, (v, r) in enumerate(zip(values, rows, strict=True)):
+        unit = "ms" if absolute == "median_ms" else "MB"
+        ax.annotate(f"{v:.2f}x\n{r[absolute]:.3g} {unit}", (i, v), ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(top=1.2 * max([*values, 1.0]))
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
 
 
@@ -362,16 +377,15 @@ def _lines(ax: Any, rows: Sequence[dict], key: str, colors: dict[str, str]) -> N
     largest_k = max((r["K"] for r in rows if r["K"] != ""), default="")
     for backend, k in sorted({(r["backend"], r["K"]) for r in rows}, key=str):
         series = sorted(
-            (r for r in rows if (r["backend"], r["K"]) == (backend, k)), key=lambda r: r["S"]
+            (r for r in rows if (r["backend"], r["K"]) == (backend, k) and key in r), key=lambda r: r["S"]
         )
         ax.plot(
-            [r["S"] for r in series], [max(r[key], 1e-3) for r in series],
+            [r["S"] for r in series], [r[key] for r in series],
             "-" if k == largest_k else "--", marker="o", color=colors[backend],
             label=backend if k == "" else f"{backend} K={k}",
         )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("S (tokens)")
-
 
 
 # --- resident-set cross-check --------------------------------------------------------------
@@ -484,7 +498,7 @@ def parse_args(argv: Sequence[str] | None, benchmarks: Sequence[OpBenchmark], de
         default=5.0,
         help="skip a measurement whose call is predicted (from the previous size) to take longer (default 5)",
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV and PNG")
+    p.add_argument("--out", type=Path, default=default_out_dir(), help=OUT_HELP)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
         "--rss-check",
@@ -597,13 +611,17 @@ def main(
     stem = f"attention_{cfg.device.type}-{slug(rows[0]['device_name'] if rows else 'unknown')}"
     stem += "_quick" if args.quick else ""
     csv_path = args.out / f"{stem}.csv"
-    write_csv(csv_path, rows, COLUMNS)
+    write_csv(csv_path, rows, COLUMNS, run_columns(info, cfg.device))
     print(f"\nwrote {csv_path}")
     if not args.no_plot:
         name = rows[0]["device_name"] if rows else str(cfg.device)
+        ks = sorted({int(r["K"]) for r in rows if r["K"] != ""})
+        ss = sorted({int(r["S"]) for r in rows})
+        sizes = f"K={'/'.join(map(str, ks))}, S={ss[0]}" + (f"-{ss[-1]}" if len(ss) > 1 else "") if ss else ""
+        threads = f", {info['torch_threads']} threads" if cfg.device.type == "cpu" else ""
         title = (
-            f"icd ops on {name} (N=2, h=8, D=32, {args.dtype}, layout {cfg.layout}; "
-            f"torch {info['torch']}, triton {info['triton']})"
+            f"icd ops on {name}{threads}: N=2, h=8, D=32, {args.dtype}, layout {cfg.layout}, {sizes}\n"
+            f"torch {info['torch']}, triton {info['triton']}, commit {info['commit']}"
         )
         plot(rows, chosen, args.out / f"{stem}.png", title)
         print(f"wrote {args.out / f'{stem}.png'}")

@@ -27,7 +27,6 @@ Writes ``compile_<device>.csv`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -40,9 +39,9 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icd.nn import ICDDistiller, pad_instances  # noqa: E402
+from common import OUT_HELP, default_out_dir, machine_info, run_columns, write_csv  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from icd.nn import ICDDistiller, pad_instances  # noqa: E402
 
 
 @dataclass
@@ -169,7 +168,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--with-compiled-dynamic", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--quick", action="store_true", help="128x128, 8 batches, 1 pass")
-    p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--out", type=Path, default=default_out_dir(), help=OUT_HELP)
     return p.parse_args(argv)
 
 
@@ -222,13 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "compiled static" in static_rows:
         ratio = static_rows["eager static"]["step_ms"] / static_rows["compiled static"]["step_ms"]
         print(f"compiled static is {ratio:.2f}x faster than eager static")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compile_{args.device}.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    path = Path(args.out) / f"compile_{args.device}.csv"
+    write_csv(path, rows, list(rows[0]), run_columns(machine_info(device), device))
     print(f"wrote {path}")
     return 0
 

@@ -31,10 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import format_table, machine_info, measure, slug, time_once, write_csv
+from common import (
+    OUT_HELP,
+    default_out_dir,
+    format_table,
+    machine_info,
+    measure,
+    run_columns,
+    slug,
+    time_once,
+    write_csv,
+)
 from torch import Tensor, nn
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 COLUMNS = (
     "device", "device_name", "variant", "backend", "detector", "student", "teacher", "input",
@@ -284,7 +293,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--out", type=Path, default=default_out_dir(), help=OUT_HELP)
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
@@ -358,10 +367,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(table, header))
     name = f"distill_step_{cfg.device.type}-{slug(workload['device_name'])}" + ("_quick" if args.quick else "")
     out = Path(args.out)
-    write_csv(out / f"{name}.csv", rows, COLUMNS)
+    write_csv(out / f"{name}.csv", rows, COLUMNS, run_columns(info, cfg.device))
     if not args.no_plot:
         title = (f"training step, {cfg.detector} {cfg.student} <- {cfg.teacher}, "
-                 f"{workload['input']} x{workload['N']}, {workload['device_name']}")  # fmt: skip
+                 f"{workload['input']} x{workload['N']}, {workload['device_name']}"
+                 + (f", {info['torch_threads']} threads" if cfg.device.type == "cpu" else "")
+                 + f", commit {info['commit']}")  # fmt: skip
         plot(rows, out / f"{name}.png", title)
     print(f"wrote {out / name}.csv" + ("" if args.no_plot else " and .png"))
     return 0

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +49,14 @@ def profile_cpu_allocations(fn: Callable[[], Any]) -> tuple[Any, AllocationProfi
     Memory allocated before the call and freed during it is not reported by the profiler,
     so it does not lower the figure.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_silenced():
+        prof.start()
+    try:
         result = fn()
+    finally:
+        with _stderr_silenced():
+            prof.stop()
     # prof.events() / key_averages() fold each allocation into the op that made it (a
     # temporary freed inside its op nets to zero); the exported trace keeps one "[memory]"
     # instant event per allocation (+bytes) and per free (-bytes), with its timestamp.
@@ -71,3 +79,19 @@ def profile_cpu_allocations(fn: Callable[[], Any]) -> tuple[Any, AllocationProfi
         held += nbytes
         peak = max(peak, held)
     return result, AllocationProfile(tuple(n for _, n in records if n > 0), peak)
+
+
+@contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null: the profiler's C++ side (kineto) prints a
+    "USDT: ... profiler_start" / "profiler_stop" line per start and stop that no log level
+    turns off (KINETO_LOG_LEVEL does not); only the start and stop run in here, never the call."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

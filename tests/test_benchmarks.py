@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -67,6 +68,15 @@ def test_cpu_peak_counts_what_the_call_holds_at_once_not_its_inputs():
     assert sorted(allocations.sizes, reverse=True)[:2] == [4 * MIB, 2 * MIB]
 
 
+def test_profiling_prints_nothing_and_keeps_stderr_working(capfd):
+    """kineto prints a 'USDT: ... profiler_start/stop' line per call on fd 2: silenced, fd 2 restored."""
+    profile_cpu_allocations(lambda: torch.ones(8).sum())
+    print("still here", file=sys.stderr, flush=True)
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "profiler_st" not in err, err
+    assert "still here" in err
+
+
 def test_measure_times_fresh_calls_and_reports_the_first_result(benchmarks):
     _, _, common = benchmarks
     leaf = torch.randn(64, 64, requires_grad=True)
@@ -91,7 +101,7 @@ def test_do_bench_takes_what_the_cuda_path_passes():
 
 
 def test_main_on_a_tiny_size_writes_csv_and_plot(benchmarks, tmp_path):
-    run_attention, _, _ = benchmarks
+    run_attention, _, common = benchmarks
     argv = ["--device", "cpu", "--inputs", "64x107", "--levels", "p3-p7", "--k", "5",
             "--warmup", "1", "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
     assert run_attention.main(argv) == 0
@@ -110,6 +120,11 @@ def test_main_on_a_tiny_size_writes_csv_and_plot(benchmarks, tmp_path):
     }  # fmt: skip
     assert expected <= set(measured)
     assert {r["op"] for r in rows} == {"attention", "value_mask", "feature_mse"}
+    # every row says where it was measured: machine, threads, torch and the commit
+    assert {(r["machine"], r["torch_threads"], r["torch"]) for r in rows} == {
+        (f"{common.cpu_model()} ({os.cpu_count()} cores)", str(torch.get_num_threads()), torch.__version__)
+    }
+    assert all(r["commit"] and r["commit"] == rows[0]["commit"] for r in rows)
     for key in expected:
         row = measured[key]
         assert row["status"] == "ok", (key, row["status"])
@@ -142,3 +157,9 @@ def test_op_script_runs_standalone(benchmarks, script, monkeypatch, capsys):
         runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
     assert done.value.code == 0
     assert script.removeprefix("bench_").removesuffix(".py") in capsys.readouterr().out
+
+
+def test_benchmark_output_defaults_outside_the_checkout(benchmarks):
+    _, _, common = benchmarks
+    out = common.default_out_dir().resolve()
+    assert BENCHMARKS.parent.resolve() not in (out, *out.parents)
