@@ -8,6 +8,7 @@ import os
 import random
 
 import pytest
+import torch
 from tiny_runs import ON_CPU, THREE_LEVELS, TINY_MODEL
 
 from icd.cli import main
@@ -155,3 +156,15 @@ def test_on_unhealthy_stop_ends_the_run(data_and_teacher, tmp_path):
     assert [r["iter"] for r in _health_lines(out)] == [3]
     with pytest.raises(SystemExit):  # out of range: a parse error
         main([*argv[:-2], "--health-window", "1", "--output-dir", str(tmp_path / "x")])
+
+
+def test_first_non_finite_names_the_first_bad_tensor_and_skips_what_cannot_be_checked():
+    from icd.engine.finite import all_finite, first_non_finite
+
+    good = [("empty", torch.empty(0)), ("half", torch.ones(2, dtype=torch.float16)), ("ids", torch.arange(3)),
+            ("big", torch.tensor([3e38, -3e38])), ("w", torch.nn.Parameter(torch.ones(3)))]  # fmt: skip
+    assert first_non_finite(good) is None and first_non_finite([]) is None
+    assert bool(all_finite([t for _, t in good if t.is_floating_point()]))
+    bad = [*good, ("b16", torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)), ("f64", torch.tensor([-math.inf]))]
+    assert first_non_finite(bad) == "b16"
+    assert first_non_finite(bad[-1:]) == "f64"

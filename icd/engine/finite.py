@@ -20,15 +20,25 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     One fused max-norm over all of them: NaN propagates through it, and unlike a 2-norm it
     cannot overflow for large finite values.
     """
+    tensors = [t for t in tensors if t.numel()]  # an empty tensor has no max norm (and nothing to check)
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    total = torch.nn.utils.get_total_norm(list(tensors), norm_type=math.inf, foreach=None)
+    total = torch.nn.utils.get_total_norm(tensors, norm_type=math.inf, foreach=None)
     return torch.isfinite(total)
 
 
 def first_non_finite(named: Iterable[tuple[str, Tensor]]) -> str | None:
-    """The name of the first floating tensor with a NaN or inf (host sync per tensor: failure
-    paths and checkpoints only)."""
+    """The name of the first floating tensor with a NaN or inf.
+
+    One fused check (``all_finite``, one host sync per device) first; only when it fails is
+    each tensor checked in turn (a sync per tensor) to name the culprit.
+    """
+    named = [(n, t) for n, t in named if torch.is_tensor(t) and t.is_floating_point()]
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for _, tensor in named:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    if all(bool(all_finite(tensors)) for tensors in by_device.values()):
+        return None
     for name, tensor in named:
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
