@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections import deque
@@ -542,9 +543,13 @@ def stage_ultralytics(check: Check, timeout: float) -> StageResult:
     if check.dry_run or not check.has_cuda:
         return StageResult("skipped", "dry run / no CUDA: would run run_ultralytics.py overhead --device 0")
     out = check.folder / "ultralytics"
-    cmd = check.py("benchmarks/run_ultralytics.py", "overhead", "--device", "0", "--out", str(out), "--imgsz", "128",
-                   "--iters", "100")  # fmt: skip
-    res = check.run("ultralytics", cmd, timeout)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="icd_gpu_check_ultralytics_") as work:  # data, weights, runs
+        cmd = check.py("benchmarks/run_ultralytics.py", "overhead", "--device", "0", "--out", work, "--imgsz", "128",
+                       "--iters", "100")  # fmt: skip
+        res = check.run("ultralytics", cmd, timeout)
+        if (Path(work) / "ultralytics.md").exists():
+            shutil.copy2(Path(work) / "ultralytics.md", out / "ultralytics.md")
     details = _include([out / "ultralytics.md"]) or _code(res.lines, 30)
     summary = _tail_match(res.lines, r"^OVERHEAD ") or _status(res)
     return StageResult(_status(res), summary, details)
@@ -711,6 +716,20 @@ def write_report(check: Check, stages: Sequence[Stage]) -> Path:
         return path
 
 
+TAR_SUFFIXES = {".md", ".csv", ".png", ".log", ".txt", ".json", ".jsonl", ".yaml"}
+TAR_MAX_FILE = 4 * 2**20
+
+
+def _small_text(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """Reports, tables, plots and logs only: checkpoints and data stay out of the tarball (the
+    device tool returns files of at most 16 MB)."""
+    if info.isdir():
+        return info
+    if Path(info.name).suffix not in TAR_SUFFIXES or info.size > TAR_MAX_FILE:
+        return None
+    return info
+
+
 def _copy_out(check: Check, report: Path) -> None:
     dest = check.copy_to
     dest.mkdir(parents=True, exist_ok=True)
@@ -719,7 +738,7 @@ def _copy_out(check: Check, report: Path) -> None:
         shutil.copy2(found, dest / found.name)
     tmp = dest / f".{check.folder.name}.tar.gz.tmp"
     with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(check.folder, arcname=check.folder.name)
+        tar.add(check.folder, arcname=check.folder.name, filter=_small_text)
     os.replace(tmp, dest / f"{check.folder.name}.tar.gz")
 
 
@@ -753,9 +772,26 @@ def download_wheels(python_version: str, dest: Path = WHEELS_DIR) -> int:
     print("$ " + shlex.join(cmd), flush=True)
     rc = subprocess.run(cmd, check=False).returncode
     size = sum(p.stat().st_size for p in dest.glob("*.whl"))
-    print(f"{dest}: {len(list(dest.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB "
-          f"(the device tool carries at most {CARRY_LIMIT / 2**20:.0f} MiB with the working tree)")  # fmt: skip
+    tree = _tree_bytes()
+    print(f"{dest}: {len(list(dest.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB; with the working tree "
+          f"({tree / 2**20:.1f} MiB) {(size + tree) / 2**20:.1f} of the {CARRY_LIMIT / 2**20:.0f} MiB the device "
+          "tool carries")  # fmt: skip
+    if size + tree > CARRY_LIMIT:
+        print("too large to carry: leave out polars and polars-runtime-32 (ultralytics reads its results.csv with "
+              "them when it saves a checkpoint)", file=sys.stderr)  # fmt: skip
+        return 1
     return rc
+
+
+def _tree_bytes() -> int:
+    """Bytes of the files the device tool sends: tracked, and untracked files git does not ignore."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, check=True, timeout=30).stdout.split(b"\0")  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    paths = [ROOT / os.fsdecode(p) for p in listed if p]
+    return sum(p.stat().st_size for p in paths if p.is_file())
 
 
 # --- command line ----------------------------------------------------------------------------------
