@@ -27,8 +27,9 @@ def mods():
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_dry_run_writes_a_report_naming_every_stage(mods, tmp_path):
+def test_dry_run_writes_a_report_naming_every_stage(mods, tmp_path, monkeypatch):
     gpu_check, _ = mods
+    monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")  # whatever .wheels/ this clone has
     rc = gpu_check.main(["--dry-run", "--stages", "env,wheels,training,ddp", "--out", str(tmp_path)])
     reports = list(tmp_path.glob("gpu_check_*.md"))
     assert len(reports) == 1
@@ -36,7 +37,7 @@ def test_dry_run_writes_a_report_naming_every_stage(mods, tmp_path):
     table = gpu_check.parse_report(text)
     assert list(table) == [s.name for s in gpu_check.STAGES]
     assert table["env"]["status"] == "ok"
-    for name in ("wheels", "training", "ddp"):  # no .wheels here; no GPU: planned, not run
+    for name in ("wheels", "training", "ddp"):  # no wheels; no GPU: planned, not run
         assert table[name]["status"] == "skipped", (name, table[name])
     for name in ("build", "tests", "extras", "kernels", "ultralytics"):
         assert table[name]["status"] == "not selected"
