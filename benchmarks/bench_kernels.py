@@ -250,9 +250,9 @@ def call_for(op: str, pass_: str, backend: str, x: Inputs, w: Workload, attends:
 
 def run_block(
     shape: Shape, dtype_name: str, device: torch.device, backends: Sequence[str] | None, repeats: int, warmup: int,
-    base: dict[str, Any],
+    base: dict[str, Any], on_row: Callable[[dict[str, Any]], None] = lambda row: None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Every op, pass and backend at one shape and dtype."""
+    """Every op, pass and backend at one shape and dtype; ``on_row`` gets each row when it is done."""
     w = shape.workload
     dtype = DTYPES[dtype_name]
     x = make_inputs(w, device, dtype, "tokens")
@@ -282,6 +282,7 @@ def run_block(
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
+            on_row(row)
             gpu = f"{row['gpu_ms']:8.3f}" if "gpu_ms" in row else "       -"
             eager = f"{row['eager_ms']:8.3f}" if "eager_ms" in row else "       -"
             print(f"  {shape.name:7s} {dtype_name} {op:11s} {pass_:7s} {backend:15s} gpu {gpu} ms  eager {eager} ms"
@@ -534,8 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
                 print(f"  {shape.name} {dtype_name}: skipped, --max-seconds {args.max_seconds:g} reached", flush=True)
                 continue
-            rows += run_block(shape, dtype_name, device, _split(args.backends), repeats, args.warmup, base)
-            _write(rows, args.out, stem, device_name, peak, name)  # after each block: a timeout keeps them
+            def keep(row: dict[str, Any]) -> None:  # after each row: a run cut short keeps what it measured
+                rows.append(row)
+                _write(rows, args.out, stem, device_name, peak, name)
+
+            run_block(shape, dtype_name, device, _split(args.backends), repeats, args.warmup, base, keep)
     targets = _write(rows, args.out, stem, device_name, peak, name)
     print("\n".join(targets), flush=True)
     if not args.no_plot and rows:

@@ -238,7 +238,9 @@ def overhead(args: argparse.Namespace) -> None:
         start = time.time()
         error = ""
         try:
-            model.train(epochs=1, name=name.split()[0], **_common(args, 0), **extra)
+            # deterministic algorithms only on CPU: on a GPU they would time slower kernels than training uses
+            kwargs = {**_common(args, 0), "deterministic": args.device == "cpu", **extra}
+            model.train(epochs=1, name=name.split()[0], **kwargs)
         except Exception as exc:  # recorded; the next method runs
             error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
         steps = [b - a for a, b in zip(marks, marks[1:], strict=False)][args.warmup :]
