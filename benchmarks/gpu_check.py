@@ -839,6 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in STAGES:
         r = check.results[s.name]
         print(f"  {s.name:12s} {r.status:12s} {r.seconds:6.1f} s  {r.summary}")
+    for found in sorted(check.folder.glob("kernels_*.md")):  # the targets last: the device tool returns the tail
+        print("\n".join(ln for ln in found.read_text().splitlines() if ln.startswith("TARGET ")))
     bad = [n for n, r in check.results.items() if r.status in ("failed", "timeout")]
     return 1 if bad else 0
 
