@@ -23,7 +23,8 @@ Per row:
     (common.eager_times): what a training step pays, host included.
   * the shape's floor: FLOPs of the matrix products, exp2 count, HBM bytes (each input read
     once, each output written once), and the microseconds each costs at the device's peak
-    (``PEAKS``: datasheet figures, cited); ``floor_us`` is the largest of the three.
+    (``PEAKS``: datasheet figures, cited); ``floor_us`` is the largest of the three. The counts
+    are those of docs/gpu-kernels.md section 1 (tests/test_gpu_check.py checks the ICD shape's).
   * ratios to SDPA cuDNN's time for the same pass (``sdpa_flash`` on CPU).
 Then TARGET lines (issue 28 items 4 and 5, issue 30 item 4) with PASS/FAIL and the numbers, a
 CSV (one row per op/backend/shape/dtype/pass) and a PNG of the attention ratios.

@@ -166,6 +166,10 @@ class Stage:
     reserve_s: float = 10.0
 
 
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 @dataclass
 class Check:
     """One gpu_check run: its options, its folder, what the stages found so far."""
@@ -180,7 +184,7 @@ class Check:
     env_info: dict = field(default_factory=dict)
     results: dict[str, StageResult] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
-    started_at: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))  # noqa: E501
+    started_at: str = field(default_factory=lambda: _utc_now())
 
     # -- where things go
     @property
