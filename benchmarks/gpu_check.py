@@ -117,7 +117,7 @@ def run_command(
             rc: int | None = proc.wait(timeout=max(timeout, 0.1))
         except subprocess.TimeoutExpired:
             timed_out, rc = True, None
-            _kill_group(proc)
+        _kill_group(proc)  # also what a finished command left running in its group (it may hold the GPU)
         reader.join(timeout=5)  # a grandchild that left the group may hold the pipe: stop reading
         seconds = time.monotonic() - start
         note = f"# killed at the {timeout:.0f} s timeout" if timed_out else f"# exit {rc} after {seconds:.1f} s"

@@ -77,15 +77,31 @@ def test_a_hanging_stage_is_killed_with_its_children_and_the_next_stage_runs(mod
     assert results["hang"].status == "timeout"
     assert "hanging" in results["hang"].summary and "killed at the 3 s timeout" in results["hang"].summary
     assert results["after"].status == "ok" and results["after"].summary == "ran after"
-    # the process group went with it: the grandchild is gone (or a zombie awaiting its reaper)
-    pid = int(pid_file.read_text())
+    _assert_gone(int(pid_file.read_text()))  # the process group went with it
+    table = gpu_check.parse_report(check.report_path.read_text())
+    assert table["hang"]["status"] == "timeout" and table["after"]["status"] == "ok"
+    assert "killed at the 3 s timeout" in check.log("hang").read_text()
+
+
+def test_what_a_finished_command_leaves_running_in_its_group_is_ended(mods, tmp_path):
+    gpu_check, _ = mods
+    pid_file = tmp_path / "left.pid"
+    code = (
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], stdout=subprocess.DEVNULL)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+    )
+    res = gpu_check.run_command(_python(code), 60, tmp_path / "log")
+    assert res.ok
+    _assert_gone(int(pid_file.read_text()))
+
+
+def _assert_gone(pid: int) -> None:
+    """The process ended (or is a zombie awaiting its reaper)."""
     status = Path(f"/proc/{pid}/status")
     if status.exists():
         state = next(line for line in status.read_text().splitlines() if line.startswith("State:"))
         assert "Z" in state.split()[1], state
-    table = gpu_check.parse_report(check.report_path.read_text())
-    assert table["hang"]["status"] == "timeout" and table["after"]["status"] == "ok"
-    assert "killed at the 3 s timeout" in check.log("hang").read_text()
 
 
 def test_the_report_table_parses_back(mods, tmp_path):
