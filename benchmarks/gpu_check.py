@@ -500,7 +500,7 @@ def stage_kernels(check: Check, timeout: float) -> StageResult:
     if check.dry_run or not check.has_cuda:
         args = ["--device", "cpu", "--shapes", "icd", "--repeats", "3"]
     else:
-        args = ["--device", "cuda", "--max-seconds", str(int(max(timeout - 45, 10)))]
+        args = ["--device", "cuda", "--max-seconds", str(int(max(timeout - 35, 10)))]
         args += ["--quick"] if check.quick else []
     env = {"ICD_COMMIT": _commit()}
     res = check.run("kernels", check.py("benchmarks/bench_kernels.py", *args, "--out", str(out)), timeout, env)
@@ -518,6 +518,7 @@ def stage_kernels(check: Check, timeout: float) -> StageResult:
 # training, ultralytics, ddp -------------------------------------------------------------------------
 
 TRAINING = ROOT / "benchmarks" / "run_training.py"
+TRAINING_FULL_S = 300.0  # a training stage given less runs run_training.py --quick
 
 
 def _include(paths: Sequence[Path]) -> str:
@@ -536,8 +537,10 @@ def stage_training(check: Check, timeout: float) -> StageResult:
     deadline = time.monotonic() + timeout
     out = check.folder / "training"
     base = check.py(str(TRAINING.relative_to(ROOT)), "--device", "cuda", "--out", str(out))
-    res = check.run("training", base + (["--quick"] if check.quick else []), max(timeout - 30, timeout * 0.75))
-    statuses, notes = [_status(res)], [f"table: {_status(res)} ({res.seconds:.0f} s)"]
+    # the whole sweep (10 warm-up + 30 timed steps of 11 configurations) needs minutes: --quick below that
+    quick = check.quick or timeout < TRAINING_FULL_S
+    res = check.run("training", base + (["--quick"] if quick else []), max(timeout - 30, timeout * 0.75))
+    statuses, notes = [_status(res)], [f"table{' (--quick)' if quick else ''}: {_status(res)} ({res.seconds:.0f} s)"]
     left = deadline - time.monotonic()
     if left >= 10:
         resume = check.run("training", base + ["--check", "resume"], left)
@@ -583,15 +586,15 @@ def stage_ddp(check: Check, timeout: float) -> StageResult:
 
 
 STAGES = (
-    Stage("env", "environment", stage_env, 25, 20, reserve_s=5),
-    Stage("wheels", "carried wheels", stage_wheels, 30, 20, reserve_s=5),
-    Stage("build", "build for the device's architecture", stage_build, 150, 60, reserve_s=30),
-    Stage("tests", "GPU tests (pytest)", stage_tests, 100, 40, reserve_s=20),
-    Stage("extras", "extra checks: determinism, graphs, shapes, sanitizer", stage_extras, 100, 30, reserve_s=20),
-    Stage("kernels", "kernel benchmark", stage_kernels, 120, 45, reserve_s=30),
-    Stage("training", "training (run_training.py)", stage_training, 100, 30, reserve_s=20),
-    Stage("ultralytics", "ultralytics on CUDA", stage_ultralytics, 60, None, reserve_s=15),
-    Stage("ddp", "DDP with NCCL", stage_ddp, 40, 20, reserve_s=15),
+    Stage("env", "environment", stage_env, 20, 20, reserve_s=5),
+    Stage("wheels", "carried wheels", stage_wheels, 20, 20, reserve_s=5),
+    Stage("build", "build for the device's architecture", stage_build, 150, 60, reserve_s=40),
+    Stage("tests", "GPU tests (pytest)", stage_tests, 80, 40, reserve_s=20),
+    Stage("extras", "extra checks: determinism, graphs, shapes, sanitizer", stage_extras, 80, 30, reserve_s=20),
+    Stage("kernels", "kernel benchmark", stage_kernels, 110, 45, reserve_s=60),
+    Stage("training", "training (run_training.py)", stage_training, 100, 30, reserve_s=60),
+    Stage("ultralytics", "ultralytics on CUDA", stage_ultralytics, 50, None, reserve_s=30),
+    Stage("ddp", "DDP with NCCL", stage_ddp, 30, 20, reserve_s=20),
 )
 PARALLEL = {"tests": "extras"}  # correctness only: these two share the GPU, no timing is taken
 
