@@ -17,8 +17,8 @@ Stages, in order (``STAGES``):
                the measured ceilings, compute-sanitizer memcheck/racecheck on small shapes
   kernels      benchmarks/bench_kernels.py: every op and backend, GPU and eager time, floors, targets
   training     benchmarks/run_training.py (its table, then --check resume)
-  ultralytics  benchmarks/run_ultralytics.py overhead: YOLOv8n <- YOLOv8s, ICD vs ultralytics' own
   ddp          torchrun --nproc-per-node <GPUs> benchmarks/run_training.py --check ddp (NCCL)
+  ultralytics  benchmarks/run_ultralytics.py overhead: YOLOv8n <- YOLOv8s, ICD vs ultralytics' own
 
 Every command runs in its own process group and is killed with its group at its stage's timeout;
 its output goes to the console and to ``<report folder>/logs/<stage>.log``; the next stage runs
@@ -591,10 +591,10 @@ STAGES = (
     Stage("build", "build for the device's architecture", stage_build, 150, 60, reserve_s=40),
     Stage("tests", "GPU tests (pytest)", stage_tests, 80, 40, reserve_s=20),
     Stage("extras", "extra checks: determinism, graphs, shapes, sanitizer", stage_extras, 80, 30, reserve_s=20),
-    Stage("kernels", "kernel benchmark", stage_kernels, 110, 45, reserve_s=60),
-    Stage("training", "training (run_training.py)", stage_training, 100, 30, reserve_s=60),
-    Stage("ultralytics", "ultralytics on CUDA", stage_ultralytics, 50, None, reserve_s=30),
+    Stage("kernels", "kernel benchmark", stage_kernels, 100, 45, reserve_s=60),
+    Stage("training", "training (run_training.py)", stage_training, 90, 30, reserve_s=60),
     Stage("ddp", "DDP with NCCL", stage_ddp, 30, 20, reserve_s=20),
+    Stage("ultralytics", "ultralytics on CUDA", stage_ultralytics, 50, None, reserve_s=30),
 )
 PARALLEL = {"tests": "extras"}  # correctness only: these two share the GPU, no timing is taken
 
@@ -602,11 +602,23 @@ PARALLEL = {"tests": "extras"}  # correctness only: these two share the GPU, no 
 # --- the run ---------------------------------------------------------------------------------------
 
 
+def _limit(stage: Stage, check: Check) -> float:
+    return (stage.quick_s if check.quick else stage.full_s) or 0.0
+
+
+def reserve_of(later: Sequence[Stage], check: Check) -> float:
+    """The time the ``later`` stages keep: each its ``reserve_s``, at most half its limit (the
+    --quick limits are small), a parallel pair (PARALLEL) the larger of its two."""
+    keep = {s.name: min(s.reserve_s, _limit(s, check) / 2) for s in later}
+    for first, second in PARALLEL.items():
+        if first in keep and second in keep:
+            keep[first] = max(keep[first], keep.pop(second))
+    return sum(keep.values())
+
+
 def timeout_for(stage: Stage, later: Sequence[Stage], check: Check) -> float:
     """The stage's own limit, cut so that the later stages keep their reserve of the budget."""
-    own = stage.quick_s if check.quick else stage.full_s
-    keep = sum(s.reserve_s for s in later)
-    return max(min(own or 0.0, check.left() - keep), 0.0)
+    return max(min(_limit(stage, check), check.left() - reserve_of(later, check)), 0.0)
 
 
 def run_stages(check: Check, stages: Sequence[Stage], selected: set[str] | None = None) -> dict[str, StageResult]:
@@ -641,8 +653,7 @@ def _run_one(check: Check, stage: Stage, timeout: float) -> None:
     print(f"\n==== {stage.name}: {stage.title} (timeout {timeout:.0f} s, {check.left():.0f} s of budget left)",
           flush=True)  # fmt: skip
     start = time.monotonic()
-    own = (stage.quick_s if check.quick else stage.full_s) or 0.0
-    if timeout < min(5.0, own):
+    if timeout < min(5.0, _limit(stage, check)):
         result = StageResult("skipped", "out of time budget")
     else:
         try:

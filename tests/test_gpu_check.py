@@ -130,10 +130,20 @@ def test_stage_timeouts_keep_the_later_stages_reserve(mods, tmp_path):
     first = gpu_check.Stage("a", "a", noop, 90, 20, reserve_s=5)
     later = [gpu_check.Stage("b", "b", noop, 50, 10, reserve_s=30),
              gpu_check.Stage("c", "c", noop, 50, 10, reserve_s=20)]  # fmt: skip
-    assert gpu_check.timeout_for(first, later, check) == pytest.approx(50, abs=1)  # 100 left - 50 reserved
+    # 100 s left - reserves 30 (at most half b's 50 s: 25) and 20: 55 s
+    assert gpu_check.timeout_for(first, later, check) == pytest.approx(55, abs=1)
     assert gpu_check.timeout_for(first, [], check) == pytest.approx(90, abs=1)  # its own limit
-    check.quick = True
+    check.quick = True  # quick limits 10 s: each keeps 5 s
+    assert gpu_check.reserve_of(later, check) == 10
     assert gpu_check.timeout_for(first, later, check) == 20
+    # the real stages: every one of them starts with a time of its own, full and quick
+    for quick, budget in ((False, 450.0), (True, 175.0)):
+        check = gpu_check.Check(out=tmp_path, budget_s=budget, quick=quick)
+        chosen = [s for s in gpu_check.STAGES if not quick or s.quick_s]
+        assert gpu_check.timeout_for(chosen[0], chosen[1:], check) == gpu_check._limit(chosen[0], check)
+        tests = next(i for i, s in enumerate(chosen) if s.name == "tests")
+        with_extras = gpu_check.reserve_of(chosen[tests:], check)
+        assert with_extras == gpu_check.reserve_of([s for s in chosen[tests:] if s.name != "extras"], check)
 
 
 def test_the_wheels_the_device_lacks_are_pinned(mods):
