@@ -34,6 +34,7 @@ A backend that errors gets an error row; the run goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -234,8 +235,9 @@ def measure_row(
         row["graph_status"] = "ok"
     except Exception as exc:  # a call that cannot be captured keeps its eager time
         row["graph_status"] = f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
-        torch.cuda.synchronize()
         x.clear_grads()
+        with contextlib.suppress(Exception):  # a broken context fails the next row, not this one
+            torch.cuda.synchronize()
     return row, result
 
 
@@ -281,7 +283,8 @@ def run_block(
                 row["status"] = f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
                 x.clear_grads()
                 if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    with contextlib.suppress(Exception):  # a sticky CUDA error: later rows record it
+                        torch.cuda.empty_cache()
             rows.append(row)
             on_row(row)
             gpu = f"{row['gpu_ms']:8.3f}" if "gpu_ms" in row else "       -"
@@ -293,7 +296,8 @@ def run_block(
         gc.collect()
     del attends, x
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -302,6 +306,8 @@ def add_derived(rows: list[dict[str, Any]], device_type: str, peak: Peak | None)
     baseline = BASELINE[device_type]
     ok = {(r["op"], r["pass"], r["shape"], r["dtype"], r["backend"]): r for r in rows if r.get("status") == "ok"}
     for r in rows:
+        if r["op"] not in {op for op, _ in OPS}:
+            continue
         dims = (int(r["N"]), int(r["h"]), int(r["K"] or 0), int(r["S"]), int(r["D"]))
         work = floor(r["op"], r["pass"], *dims, DTYPES[r["dtype"]].itemsize)
         r["gflop"], r["mexp2"], r["hbm_mb"] = work["flop"] / 1e9, work["exp2"] / 1e6, work["bytes"] / 1e6
@@ -399,7 +405,7 @@ def markdown(rows: Sequence[dict[str, Any]], device_name: str, peak: Peak | None
         mine = [r for r in rows if (r["shape"], r["dtype"]) == (shape, dtype)]
         r0 = mine[0]
         out.append(f"### {shape} ({dtype}): N={r0['N']} h={r0['h']} K={r0['K'] or '-'} S={int(r0['S']):,} "
-                   f"D={r0['D']}, {100 * float(r0['masked_frac']):.0f}% keys padded")  # fmt: skip
+                   f"D={r0['D']}, {100 * float(r0.get('masked_frac') or 0):.0f}% keys padded")  # fmt: skip
         out.append("")
         out.append("| op | pass | backend | GPU ms (graph) | eager ms (host incl.) | GPU / base | eager / base "
                    "| floor us (by) | GPU / floor | peak MB | rel err | status |")
@@ -419,7 +425,7 @@ def markdown(rows: Sequence[dict[str, Any]], device_name: str, peak: Peak | None
         out.append(f"Floors at {shapes[shape].text if shape in shapes else shape}, {dtype}:")
         seen = set()
         for r in mine:
-            if (r["op"], r["pass"]) in seen:
+            if (r["op"], r["pass"]) in seen or "gflop" not in r:
                 continue
             seen.add((r["op"], r["pass"]))
             us = f", {r['floor_us']:.1f} us at peak ({r['floor_by']})" if r.get("floor_us") else ""
@@ -540,7 +546,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(row)
                 _write(rows, args.out, stem, device_name, peak, name)
 
-            run_block(shape, dtype_name, device, _split(args.backends), repeats, args.warmup, base, keep)
+            try:
+                run_block(shape, dtype_name, device, _split(args.backends), repeats, args.warmup, base, keep)
+            except Exception as exc:  # the inputs could not be made (memory, a broken context): one error row
+                w = shape.workload
+                keep({**base, "op": "inputs", "pass": "", "backend": "", "shape": shape.name, "N": w.n, "h": w.heads,
+                      "K": w.k, "S": w.s, "D": w.head_dim, "dtype": dtype_name,
+                      "status": f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"})  # fmt: skip
     targets = _write(rows, args.out, stem, device_name, peak, name)
     print("\n".join(targets), flush=True)
     if not args.no_plot and rows:

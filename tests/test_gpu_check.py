@@ -218,3 +218,19 @@ def test_the_kernel_benchmark_writes_its_columns_and_error_rows(mods, tmp_path, 
     md = (tmp_path / "kernels_cpu.md").read_text()
     assert "TARGET 28.5 n/a" in md and "planted failure" in md
     assert os.path.getsize(tmp_path / "kernels_cpu.csv") > 0
+
+
+def test_a_block_whose_inputs_fail_is_an_error_row(mods, tmp_path, monkeypatch):
+    _, bk = mods
+
+    def no_inputs(*args, **kwargs):
+        raise MemoryError("planted: no room for the inputs")
+
+    monkeypatch.setattr(bk, "make_inputs", no_inputs)
+    assert bk.main(["--device", "cpu", "--shapes", "icd,d64", "--no-plot", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "kernels_cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["shape"], r["op"], r["status"]) for r in rows] == [
+        (shape, "inputs", "error: MemoryError: planted: no room for the inputs") for shape in ("icd", "d64")
+    ]
+    assert "planted: no room" in (tmp_path / "kernels_cpu.md").read_text()
