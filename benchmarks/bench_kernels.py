@@ -556,8 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = _write(rows, args.out, stem, device_name, peak, name)
     print("\n".join(targets), flush=True)
     if not args.no_plot and rows:
-        plot(rows, args.out / f"{stem}.png", device_name, BASELINE[name])
-        print(f"wrote {args.out / f'{stem}.png'}", flush=True)
+        try:
+            plot(rows, args.out / f"{stem}.png", device_name, BASELINE[name])
+            print(f"wrote {args.out / f'{stem}.png'}", flush=True)
+        except Exception as exc:  # the CSV and tables are written already
+            print(f"plot failed: {type(exc).__name__}: {exc}", flush=True)
     print(f"wrote {args.out / f'{stem}.csv'} and .md in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 
