@@ -268,7 +268,8 @@ nvcc = shutil.which("nvcc") or next(iter(glob.glob("/usr/local/cuda/bin/nvcc")),
 if nvcc:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     info["nvcc"] = out[-1] if out else nvcc
-info["compute_sanitizer"] = shutil.which("compute-sanitizer") or ""
+found = [p for d in ("bin", "compute-sanitizer") for p in glob.glob(f"/usr/local/cuda*/{d}/compute-sanitizer")]
+info["compute_sanitizer"] = shutil.which("compute-sanitizer") or next(iter(sorted(found)), "")
 print("ENV_JSON " + json.dumps(info))
 """
 
