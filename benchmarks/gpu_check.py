@@ -128,16 +128,38 @@ def run_command(
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    """SIGTERM to the command's process group, SIGKILL to what is left 5 s later; returns once
+    no process of the group runs (zombies aside)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader
+            if not _group_alive(proc.pid):
+                return
+            time.sleep(0.02)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (not a zombie): /proc on Linux."""
+    proc = Path("/proc")
+    if not proc.is_dir():
         try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):  # state, ppid, pgrp
+            return True
+    return False
 
 
 # --- stages --------------------------------------------------------------------------------------
