@@ -650,7 +650,8 @@ def run_stages(check: Check, stages: Sequence[Stage], selected: set[str] | None 
     chosen = [s for s in stages if (selected is None or s.name in selected) and (not check.quick or s.quick_s)]
     for stage in stages:
         if stage not in chosen:
-            check.results[stage.name] = StageResult("not selected")
+            quick_only = check.quick and not stage.quick_s and (selected is None or stage.name in selected)
+            check.results[stage.name] = StageResult("not selected", "not part of --quick" if quick_only else "")
     done: set[str] = set()
     for i, stage in enumerate(chosen):
         if stage.name in done:
