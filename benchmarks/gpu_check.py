@@ -761,7 +761,10 @@ def write_report(check: Check, stages: Sequence[Stage]) -> Path:
         tmp.write_text(format_report(check, stages))
         os.replace(tmp, path)
         if check.copy_to is not None:
-            _copy_out(check, path)
+            try:
+                _copy_out(check, path)
+            except OSError as exc:  # the report here is written; the next stage may copy again
+                print(f"--copy-to {check.copy_to}: {exc}", flush=True)
         return path
 
 
@@ -865,7 +868,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stages:
         selected = {x.strip() for x in args.stages.split(",") if x.strip()}
         if selected - set(names):
-            p.error(f"--stages: {sorted(selected - set(names))}; expected some of {', '.join(names)}")
+            unknown = ", ".join(sorted(selected - set(names)))
+            raise SystemExit(f"--stages: {unknown}; expected some of {', '.join(names)}")
+    if args.budget is not None and args.budget <= 0:
+        raise SystemExit(f"--budget: {args.budget:g}; expected seconds > 0")
+    if args.copy_to is not None and args.copy_to.exists() and not args.copy_to.is_dir():
+        raise SystemExit(f"--copy-to {args.copy_to}: a file; expected a folder")
     budget = args.budget or (175.0 if args.quick else 450.0)
     check = Check(out=args.out, quick=args.quick, dry_run=args.dry_run, budget_s=budget, copy_to=args.copy_to,
                   command=shlex.join(["gpu_check.py", *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip

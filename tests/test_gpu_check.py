@@ -234,3 +234,17 @@ def test_a_block_whose_inputs_fail_is_an_error_row(mods, tmp_path, monkeypatch):
         (shape, "inputs", "error: MemoryError: planted: no room for the inputs") for shape in ("icd", "d64")
     ]
     assert "planted: no room" in (tmp_path / "kernels_cpu.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stages", "env,bild"], "--stages: bild; expected some of env, wheels, build"),
+        (["--budget", "0"], "--budget: 0; expected seconds > 0"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_errors(mods, argv, message):
+    gpu_check, _ = mods
+    with pytest.raises(SystemExit) as err:
+        gpu_check.main(argv)
+    assert str(err.value).startswith(message)
