@@ -215,7 +215,7 @@ def graph_replay_times(
     torch.cuda.synchronize()
     drop_grads(grad_to_none)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls are no error
         fn()
     graph.replay()
     torch.cuda.synchronize()
