@@ -31,6 +31,7 @@ still leaves a report of what ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import importlib.util
@@ -96,11 +97,13 @@ def run_command(
         try:
             proc = subprocess.Popen(
                 list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=cwd, env=env, start_new_session=True,
+                cwd=cwd, env=env, **_OWN_GROUP,
             )  # fmt: skip
         except OSError as exc:
             sink.write(f"could not start: {exc}\n")
             return CommandResult(127, time.monotonic() - start, False, [f"could not start: {exc}"])
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(proc.pid)
 
         def pump() -> None:
             for raw in iter(proc.stdout.readline, b""):
@@ -118,6 +121,8 @@ def run_command(
         except subprocess.TimeoutExpired:
             timed_out, rc = True, None
         _kill_group(proc)  # also what a finished command left running in its group (it may hold the GPU)
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(proc.pid)
         reader.join(timeout=5)  # a grandchild that left the group may hold the pipe: stop reading
         seconds = time.monotonic() - start
         note = f"# killed at the {timeout:.0f} s timeout" if timed_out else f"# exit {rc} after {seconds:.1f} s"
@@ -125,6 +130,22 @@ def run_command(
     if timed_out:
         tail.append(note)
     return CommandResult(rc, seconds, timed_out, list(tail))
+
+
+# A command runs in a process group of its own (killed as one), inside the driver's session, so
+# that whoever ends the driver's session (a device tool at its limit) ends the commands too.
+_OWN_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+_ACTIVE: set[int] = set()  # the process groups of the commands running now
+_ACTIVE_LOCK = threading.Lock()
+
+
+def kill_active(signum: int = signal.SIGKILL) -> None:
+    """Signal every running command's group (the driver is being stopped)."""
+    with _ACTIVE_LOCK:
+        groups = list(_ACTIVE)
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signum)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -664,7 +685,7 @@ def run_stages(check: Check, stages: Sequence[Stage], selected: set[str] | None 
         timeouts = [timeout_for(s, later, check) for s in group]
         threads = []
         for s, t in zip(group, timeouts, strict=True):
-            threads.append(threading.Thread(target=_run_one, args=(check, s, t)))
+            threads.append(threading.Thread(target=_run_one, args=(check, s, t), daemon=True))
             threads[-1].start()
         for t in threads:
             t.join()
@@ -748,7 +769,7 @@ def parse_report(text: str) -> dict[str, dict[str, object]]:
     return found
 
 
-_REPORT_LOCK = threading.Lock()
+_REPORT_LOCK = threading.RLock()  # also taken by the SIGTERM handler, maybe while held
 
 
 def write_report(check: Check, stages: Sequence[Stage]) -> Path:
@@ -883,7 +904,17 @@ def main(argv: Sequence[str] | None = None) -> int:
           + f"; budget {budget:.0f} s" + ("; dry run" if args.dry_run else ""), flush=True)  # fmt: skip
     if "env" not in {s.name for s in plan}:  # every stage needs the device facts
         stage_env(check, 30)
-    run_stages(check, STAGES, selected)
+    def stop(signum: int, frame: object) -> None:  # stopped from outside: no command outlives the driver
+        kill_active()
+        write_report(check, STAGES)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        run_stages(check, STAGES, selected)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     path = write_report(check, STAGES)
     print(f"\nwrote {path}")
     for s in STAGES:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +84,39 @@ def test_a_hanging_stage_is_killed_with_its_children_and_the_next_stage_runs(mod
     table = gpu_check.parse_report(check.report_path.read_text())
     assert table["hang"]["status"] == "timeout" and table["after"]["status"] == "ok"
     assert "killed at the 3 s timeout" in check.log("hang").read_text()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace") and Path(cmdline.parent, "stat").exists():
+                state = Path(cmdline.parent, "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state not in ("Z", "X"):
+                    found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_stopped_driver_ends_its_running_command_and_leaves_a_report(tmp_path):
+    out = tmp_path / "run"
+    driver = subprocess.Popen([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run", "--stages", "kernels",
+                               "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    log = out / "gpu_check_cpu" / "logs" / "kernels.log"
+    for _ in range(1200):  # until the kernel benchmark runs (its first lines are in its log)
+        if log.exists() and "machine:" in log.read_text():
+            break
+        time.sleep(0.05)
+    assert _processes_mentioning(str(out) + "/gpu_check_cpu")  # bench_kernels.py --out <that folder>
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=60) == 128 + signal.SIGTERM
+    assert _processes_mentioning(str(out) + "/gpu_check_cpu") == []
+    table = {}
+    for line in (out / "gpu_check_cpu.md").read_text().splitlines():
+        if line.startswith("| kernels |"):
+            table["kernels"] = line.split("|")[2].strip()
+    assert table == {"kernels": "pending"}
 
 
 def test_what_a_finished_command_leaves_running_in_its_group_is_ended(mods, tmp_path):
