@@ -15,7 +15,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: install test demo ops-demo lint bench clean
+.PHONY: install test demo ops-demo lint bench clean gpu-check gpu-check-quick gpu-wheels
 
 $(PYTHON):
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -50,6 +50,23 @@ ops-demo: install
 
 bench: install
 	$(PYTHON) benchmarks/run_attention.py --quick
+
+# The GPU check (benchmarks/gpu_check.py; benchmarks/README.md "GPU check"): on a machine with an
+# NVIDIA GPU, with the python that holds its CUDA torch (GPU_PYTHON; not .venv's pins, which a
+# GPU image without network cannot install). It builds the extension for that GPU itself.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+PYVER ?= 3.12
+
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-quick:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py --quick $(GPU_CHECK_ARGS)
+
+# the pinned wheels a GPU image without network lacks, into .wheels/ (carried to the device)
+gpu-wheels:
+	$(PYTHON_SYS) benchmarks/gpu_check.py --download-wheels --python-version $(PYVER)
 
 clean:
 	rm -rf build *.egg-info icd/_C*.so $(EXT_STAMP)

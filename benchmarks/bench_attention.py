@@ -62,8 +62,11 @@ def _flex_attention(x: Inputs, w: Workload) -> Attend:
     return attend
 
 
-def build_call(backend: str, pass_: str, x: Inputs, w: Workload) -> Callable[[], tuple[Tensor, ...]]:
-    """fwd returns (out,); fwd+bwd backpropagates ``grad_out`` through out and returns (dq, dk, dv)."""
+def make_attend(backend: str, x: Inputs, w: Workload) -> Attend:
+    """The attention of ``backend`` (an icd backend, ``sdpa_*`` or ``flex``) on ``x``'s mask.
+
+    ``flex`` compiles FlexAttention for this size (after a dynamo reset): make it once per
+    size and share it between passes (``call_of``)."""
     from torch.nn.attention import SDPBackend
 
     sdpa = {
@@ -73,11 +76,19 @@ def build_call(backend: str, pass_: str, x: Inputs, w: Workload) -> Callable[[],
         "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
     }
     if backend in sdpa:
-        attend = _sdpa_attention(x, sdpa[backend])
-    elif backend == "flex":
-        attend = _flex_attention(x, w)
-    else:
-        attend = _icd_attention(x, backend)
+        return _sdpa_attention(x, sdpa[backend])
+    if backend == "flex":
+        return _flex_attention(x, w)
+    return _icd_attention(x, backend)
+
+
+def build_call(backend: str, pass_: str, x: Inputs, w: Workload) -> Callable[[], tuple[Tensor, ...]]:
+    """fwd returns (out,); fwd+bwd backpropagates ``grad_out`` through out and returns (dq, dk, dv)."""
+    return call_of(make_attend(backend, x, w), pass_, x)
+
+
+def call_of(attend: Attend, pass_: str, x: Inputs) -> Callable[[], tuple[Tensor, ...]]:
+    """The measured call of one pass of ``attend`` (see ``build_call``)."""
 
     def forward() -> tuple[Tensor, ...]:
         return (attend(x.heads(x.q_base), x.heads(x.k_base), x.heads(x.v_base)).detach(),)
