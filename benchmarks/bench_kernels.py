@@ -38,7 +38,6 @@ import contextlib
 import gc
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -50,12 +49,21 @@ import torch
 from bench_attention import call_of, make_attend
 from bench_feature_mse import build_call as mse_call
 from bench_value_mask import build_call as value_mask_call
-from common import eager_times, graph_replay_times, machine_info, peak_memory, slug, write_csv
+from common import (
+    OUT_HELP,
+    default_out_dir,
+    eager_times,
+    graph_replay_times,
+    machine_info,
+    peak_memory,
+    run_columns,
+    slug,
+    write_csv,
+)
 from workload import REAL_INSTANCES, Inputs, Workload, make_inputs, relative_error
 
 import icd.ops
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -484,17 +492,6 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, device_name: str, baseline:
     plt.close(fig)
 
 
-def git_commit() -> str:
-    if os.environ.get("ICD_COMMIT"):
-        return os.environ["ICD_COMMIT"]
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent)  # fmt: skip
-        return done.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _split(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
@@ -509,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 20, --quick 10)")
     p.add_argument("--warmup", type=int, default=2, help="eager calls before timing (compilation, autotuning)")
     p.add_argument("--max-seconds", type=float, default=None, help="start no new shape/dtype block after this")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for kernels_<device>.csv/.png/.md")
+    p.add_argument("--out", type=Path, default=default_out_dir(), help=OUT_HELP + "; kernels_<device>.csv/.png/.md")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -529,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info(device)
     device_name = info["gpu"] if name == "cuda" else info["cpu"]
     peak = peak_for(device_name) if name == "cuda" else None
-    base = {"device": name, "device_name": device_name, "commit": git_commit(), "torch": info["torch"],
+    run = run_columns(info, device)
+    base = {"device": name, "device_name": device_name, "commit": info["commit"], "torch": info["torch"],
             "triton": info["triton"]}  # fmt: skip
     stem = f"kernels_{slug(device_name) if name == 'cuda' else 'cpu'}"
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
@@ -544,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             def keep(row: dict[str, Any]) -> None:  # after each row: a run cut short keeps what it measured
                 rows.append(row)
-                _write(rows, args.out, stem, device_name, peak, name)
+                _write(rows, args.out, stem, device_name, peak, name, run)
 
             try:
                 run_block(shape, dtype_name, device, _split(args.backends), repeats, args.warmup, base, keep)
@@ -553,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keep({**base, "op": "inputs", "pass": "", "backend": "", "shape": shape.name, "N": w.n, "h": w.heads,
                       "K": w.k, "S": w.s, "D": w.head_dim, "dtype": dtype_name,
                       "status": f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"})  # fmt: skip
-    targets = _write(rows, args.out, stem, device_name, peak, name)
+    targets = _write(rows, args.out, stem, device_name, peak, name, run)
     print("\n".join(targets), flush=True)
     if not args.no_plot and rows:
         try:
@@ -566,12 +564,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write(rows: list[dict[str, Any]], out: Path, stem: str, device_name: str, peak: Peak | None,
-           device_type: str) -> list[str]:  # fmt: skip
+           device_type: str, run: dict[str, str]) -> list[str]:  # fmt: skip
     add_derived(rows, device_type, peak)
     targets = check_targets(rows)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{stem}.csv.tmp"
-    write_csv(tmp, rows, COLUMNS)
+    write_csv(tmp, rows, COLUMNS, run)
     os.replace(tmp, out / f"{stem}.csv")
     tmp = out / f".{stem}.md.tmp"
     tmp.write_text(markdown(rows, device_name, peak, targets))

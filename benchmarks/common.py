@@ -284,7 +284,10 @@ def slug(text: str) -> str:
 
 def git_commit() -> str:
     """The short commit of the checkout these benchmarks run from ('+dirty' with local changes), or
-    'unknown' outside a git checkout."""
+    'unknown' outside a git checkout; ICD_COMMIT when set (a copy of the tree without .git, as
+    on a lent GPU machine)."""
+    if os.environ.get("ICD_COMMIT"):
+        return os.environ["ICD_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,

@@ -237,7 +237,7 @@ def test_the_kernel_benchmark_writes_its_columns_and_error_rows(mods, tmp_path, 
                     "--no-plot", "--out", str(tmp_path)]) == 0  # fmt: skip
     with open(tmp_path / "kernels_cpu.csv", newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == bk.COLUMNS
+        assert tuple(reader.fieldnames) == (*bk.COLUMNS, "machine", "torch_threads")  # + common.RUN_COLUMNS
         rows = list(reader)
     got = {(r["op"], r["pass"], r["backend"]): r for r in rows}
     want = {(op, p, b) for op, p in bk.OPS for b in backends.split(",") if op == "attention" or b != "sdpa_flash"}
