@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -538,6 +539,9 @@ def check_ddp(opts: argparse.Namespace) -> int:
         return 0 if agree and dist.is_initialized() else 1
     finally:
         trainer.close()
+        shutil.rmtree(work, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(out / "ddp-run", ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -211,8 +211,9 @@ class Trainer:
             )
         if args.amp and self.info.device.type == "cpu" and self.info.is_main:
             log.warning(
-                "--amp on the CPU: bfloat16 autocast makes torchvision's detectors slower there, not faster "
-                "(a RetinaNet R18 step took 5.9x the CPU time of float32, docs/nn.md); leave --amp for CUDA"
+                "--amp on the CPU: %s autocast makes torchvision's detectors slower there, not faster "
+                "(a RetinaNet R18 step took 5.9x the CPU time of float32 in bfloat16, docs/nn.md); leave --amp "
+                "for CUDA", getattr(args, "amp_dtype", None) or "bfloat16",
             )
         backbone = None  # ImageNet weights of the ResNet body, read like every checkpoint file
         if args.backbone_weights:
