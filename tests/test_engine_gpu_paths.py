@@ -224,6 +224,22 @@ def test_resume_restores_the_grad_scaler(data, tmp_path):
         resumed.close()
 
 
+def test_speed_flags_may_change_on_resume_and_distillation_flags_may_not(data, teacher, tmp_path):
+    from icd.engine.resume_settings import check_resume_compatible
+
+    base = f"train --data-path {data} {RUN} --teacher {teacher} --output-dir {tmp_path}"
+    saved = build_parser(commands=("train",)).parse_args(
+        f"{base} --amp --amp-dtype float16 --compile --icd-static-shapes --icd-cuda-graphs".split()
+    )
+    ckpt = {k: {} for k in ("model", "optimizer", "lr_scheduler", "rng")} | {"epoch": 0, "iteration": 1}
+    ckpt["args"] = vars(saved)
+    now = build_parser(commands=("train",)).parse_args(f"{base} --icd-static-shapes".split())
+    check_resume_compatible(ckpt, "c.pth", now, {}, 1, 4)  # no --amp, --compile, CUDA graphs: accepted
+    now = build_parser(commands=("train",)).parse_args(base.split())
+    with pytest.raises(ConfigError, match=r"--icd-static-shapes True there, False here"):
+        check_resume_compatible(ckpt, "c.pth", now, {}, 1, 4)
+
+
 # -- benchmarks/run_training.py -------------------------------------------------------------------
 def test_run_training_tiny_writes_its_table(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
