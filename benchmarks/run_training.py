@@ -47,7 +47,7 @@ PRECISIONS = {"fp32": [], "bf16": ["--amp", "--amp-dtype", "bfloat16"], "fp16": 
 COLUMNS = (
     "config", "distill", "precision", "extra", "status", "median_ms", "min_ms", "max_ms", "iqr_ms", "steps",
     "images_per_s", "peak_mb", "teacher_fwd_ms", "icd_ratio", "syncs_per_step", "icd_syncs_per_step",
-    "final_loss", "device_name", "error",
+    "final_loss", "graph_breaks", "cudagraph_skips", "device_name", "error",
 )  # fmt: skip
 
 
@@ -192,6 +192,17 @@ def _sync_counts(trainer, batches, steps: int) -> tuple[float, float]:
     return len(syncs) / steps, len(ours) / steps
 
 
+def _compile_counts(args) -> dict:
+    """torch.compile's graph breaks and the graphs inductor ran without CUDA graphs (it skips them,
+    with a log line, for e.g. a CPU tensor in the graph): a compiled run's health."""
+    if not (args.compile or getattr(args, "icd_cuda_graphs", False)):
+        return {}
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0)}  # fmt: skip
+
+
 def _elapsed_ms(step, n: int, device) -> list[float]:
     """Wall times (ms) of ``n`` calls of ``step(i)``: CUDA events (read after the last call, so
     the calls queue as in training), or the clock on CPU."""
@@ -250,7 +261,7 @@ def run_one(w: Workload, cfg: Config, data: Path, teacher: Path, out: Path) -> d
             syncs, icd_syncs = _sync_counts(trainer, batches, w.sync_steps)
             trainer.read_losses()
         row = {"times": times, "peak_mb": peak_mb, "syncs": syncs, "icd_syncs": icd_syncs,
-               "final_loss": losses[-1][1]["loss"]}  # fmt: skip
+               "final_loss": losses[-1][1]["loss"], **_compile_counts(args)}  # fmt: skip
         if cfg.distill == "none":  # the teacher's forward on the same padded batches, for the ratio
             teacher_model, _ = load_teacher(str(teacher), trainer.train_set.num_classes, args, device)
             padded = []
@@ -296,7 +307,8 @@ def _row(cfg: Config, w: Workload, got: dict, device_name: str) -> dict:
         row.update(median_ms=median, min_ms=min(times), max_ms=max(times), iqr_ms=q[2] - q[0], steps=len(times),
                    images_per_s=w.batch_size * 1e3 / median, peak_mb=got.get("peak_mb"),
                    syncs_per_step=got.get("syncs"), icd_syncs_per_step=got.get("icd_syncs"),
-                   final_loss=got.get("final_loss"))  # fmt: skip
+                   final_loss=got.get("final_loss"), graph_breaks=got.get("graph_breaks"),
+                   cudagraph_skips=got.get("cudagraph_skips"))  # fmt: skip
     if got.get("teacher_times"):
         row["teacher_fwd_ms"] = statistics.median(got["teacher_times"])
     return row
@@ -337,8 +349,8 @@ def write_report(out: Path, rows: list[dict], w: Workload, machine: dict, second
         " | ".join(f"{k}: {v}" for k, v in machine.items()),
         "",
         "| configuration | status | step ms (median) | min-max | IQR | images/s | peak MB | teacher fwd ms "
-        "| ICD / (student + teacher fwd) | syncs/step (icd's) | final loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ICD / (student + teacher fwd) | syncs/step (icd's) | final loss | graph breaks / CUDA-graph skips |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
@@ -347,6 +359,7 @@ def write_report(out: Path, rows: list[dict], w: Workload, machine: dict, second
             _fmt(r.get("iqr_ms")), _fmt(r.get("images_per_s")), _fmt(r.get("peak_mb"), 0),
             _fmt(r.get("teacher_fwd_ms")), _fmt(r.get("icd_ratio"), 3),
             f"{_fmt(r.get('syncs_per_step'))} ({_fmt(r.get('icd_syncs_per_step'))})", _fmt(r.get("final_loss"), 4),
+            f"{_fmt(r.get('graph_breaks'))} / {_fmt(r.get('cudagraph_skips'))}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     ratios = [r["icd_ratio"] for r in rows if r.get("icd_ratio") is not None]
@@ -358,7 +371,9 @@ def write_report(out: Path, rows: list[dict], w: Workload, machine: dict, second
         "",
         "syncs/step: host synchronisations per training step seen by torch.cuda.set_sync_debug_mode "
         "(in brackets those called from icd's code; torchvision's detection losses and GradScaler's "
-        "step synchronise by themselves). Losses are read every --print-freq steps, outside these.",
+        "step synchronise by themselves). Losses are read every --print-freq steps, outside these. "
+        "Graph breaks / CUDA-graph skips (compiled runs): torch._dynamo's counters; a skip means inductor "
+        "ran that graph without CUDA graphs (its log says why).",
     ]
     (out / "training.md").write_text("\n".join(lines) + "\n")
 
@@ -375,8 +390,11 @@ def sweep(opts: argparse.Namespace) -> int:
     configs = configurations()
     if opts.device == "cpu":  # CUDA graphs need CUDA (the run refuses them with one line)
         configs = [c for c in configs if "--icd-cuda-graphs" not in c.extra]
-    if opts.tiny:  # --tiny: a check that every path runs, not a timing
+    if opts.tiny:  # --tiny: a check that every path runs, not a timing (aot_eager: inductor takes minutes)
         configs = [c for c in configs if not c.extra or opts.compile_tiny]
+        for c in configs:
+            if "--compile" in c.extra:
+                c.extra = [*c.extra, "--compile-backend", "aot_eager"]
     if opts.only:
         configs = [c for c in configs if c.name in opts.only.split(",")]
     machine = machine_info(torch.device(opts.device))

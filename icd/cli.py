@@ -434,8 +434,9 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     p.add_argument(
         "--compile-backend",
         choices=COMPILE_BACKENDS,
-        default="inductor",
-        help="torch.compile backend of --compile (aot_eager: no code generation, for checking on a CPU)",
+        default=None,
+        help="torch.compile backend of --compile (default inductor; aot_eager: no code generation, for "
+        "checking on a CPU)",
     )
     p.add_argument(
         "--checkpoint-every",

@@ -105,9 +105,11 @@ def test_a_non_finite_loss_stops_the_loop_at_the_next_read_without_a_checkpoint(
     assert not os.path.exists(out / "checkpoint.pth")
 
 
-def test_amp_dtype_is_checked(data, tmp_path, capsys):
+def test_amp_dtype_and_compile_backend_need_their_switch(data, tmp_path, capsys):
     assert main(f"train --data-path {data} {RUN} --amp-dtype float16 --output-dir {tmp_path / 'r'}".split()) == 2
     assert error_line(capsys) == "icd: error: --amp-dtype float16: needs --amp (without it the run is in float32)"
+    assert main(f"train --data-path {data} {RUN} --compile-backend eager --output-dir {tmp_path / 'r'}".split()) == 2
+    assert error_line(capsys) == "icd: error: --compile-backend eager: needs --compile"
     trainer = _trainer(data, tmp_path / "b", "--amp --amp-dtype bfloat16")
     try:
         assert trainer.scaler is None  # bfloat16 needs no loss scaling

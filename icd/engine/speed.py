@@ -59,11 +59,15 @@ def check_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
     """ConfigError for --compile, --icd-cuda-graphs and --amp-dtype settings that cannot run."""
     if getattr(args, "amp_dtype", None) is not None and not args.amp:
         raise ConfigError(f"--amp-dtype {args.amp_dtype}: needs --amp (without it the run is in float32)")
+    backend = getattr(args, "compile_backend", None)
+    if backend is not None and not getattr(args, "compile", False):
+        raise ConfigError(f"--compile-backend {backend}: needs --compile")
     if getattr(args, "compile", False):
-        reason = compile_unavailable(device, args.compile_backend)
+        backend = backend or "inductor"
+        reason = compile_unavailable(device, backend)
         if reason is not None:
             raise ConfigError(
-                f"--compile (--compile-backend {args.compile_backend})",
+                f"--compile (--compile-backend {backend})",
                 f"{reason}; leave --compile out (or try --compile-backend aot_eager)",
             )
     if getattr(args, "icd_cuda_graphs", False):

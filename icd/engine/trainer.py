@@ -389,7 +389,7 @@ class Trainer:
                 modules += compiled_parts(self.teacher)
             if self.distiller is not None and not graphs:
                 modules.append(self.distiller)
-            compile_in_place(modules, args.compile_backend)
+            compile_in_place(modules, args.compile_backend or "inductor")
         if graphs:
             compile_in_place([self.distiller], "inductor", mode="reduce-overhead", dynamic=False)
 
@@ -611,7 +611,7 @@ class Trainer:
                     batch.features,
                     boxes,
                     labels,
-                    batch.image_sizes.to(self.info.device),
+                    batch.image_sizes.to(self.info.device, non_blocking=True),
                     batch.padded_size,
                 )
                 self.tap.clear()
@@ -635,19 +635,20 @@ class Trainer:
         and stop there when either is non-finite.
         """
         device, offset = self.info.device, self.spec.label_offset
+        # copies that do not block the host (pinned memory on CUDA: the batches' pin_memory)
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [
             {
-                "boxes": t["boxes"].to(device),
-                "labels": t["labels"].to(device) + offset,
-                **({"masks": t["masks"].to(device)} if "masks" in t else {}),
+                "boxes": t["boxes"].to(device, non_blocking=True),
+                "labels": t["labels"].to(device, non_blocking=True) + offset,
+                **({"masks": t["masks"].to(device, non_blocking=True)} if "masks" in t else {}),
             }
             for t in targets
         ]
         try:
             losses = self._losses(images, targets)
         except Exception as err:
-            failed = compile_error(err, getattr(self.args, "compile_backend", "inductor"))
+            failed = compile_error(err, getattr(self.args, "compile_backend", None) or "inductor")
             if failed is not None:
                 raise failed from err
             raise
