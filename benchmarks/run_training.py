@@ -410,8 +410,15 @@ def sweep(opts: argparse.Namespace) -> int:
                    "out": str(work / f"run{k}")}  # fmt: skip
             result = work / f"result{k}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job), "--result", str(result)]
-            timeout = opts.timeout * (3 if "--compile" in cfg.extra or "--icd-cuda-graphs" in cfg.extra else 1)
+            compiled = "--compile" in cfg.extra or "--icd-cuda-graphs" in cfg.extra
+            timeout = opts.timeout or (90.0 if opts.quick else 300.0)
+            timeout *= 2 if compiled else 1
             t0 = time.perf_counter()
+            if opts.budget is not None and t0 - start + timeout > opts.budget:
+                got = {"status": "skipped", "error": f"--budget {opts.budget:.0f} s: not started"}
+                rows.append(_row(cfg, w, got, device_name))
+                print(f"{cfg.name:<24} skipped (budget)", flush=True)
+                continue
             try:
                 proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
                 got = json.loads(result.read_text()) if result.exists() else {
@@ -571,7 +578,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-tiny", action="store_true", help="--tiny: also the --compile configuration")
     p.add_argument("--check", choices=("resume", "ddp"), default=None)
     p.add_argument("--only", default=None, help="comma-separated configuration names (e.g. 'icd bf16')")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration (x3 compiled)")
+    p.add_argument(
+        "--timeout", type=float, default=None,
+        help="seconds per configuration, doubled for the compiled ones (default 300; 90 with --quick)",
+    )
+    p.add_argument(
+        "--budget", type=float, default=None,
+        help="seconds for the whole sweep: a configuration that could end past it is not started (reported as skipped)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
