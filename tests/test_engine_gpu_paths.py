@@ -242,6 +242,30 @@ def test_speed_flags_may_change_on_resume_and_distillation_flags_may_not(data, t
         check_resume_compatible(ckpt, "c.pth", now, {}, 1, 4)
 
 
+def test_torchrun_of_one_process_joins_the_process_group(monkeypatch):
+    """torchrun --nproc_per_node 1 runs the path of a larger job (nccl on CUDA, gloo here)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from icd.engine.distributed import cleanup, init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"TORCHELASTIC_RUN_ID": "t", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    info = init_distributed("cpu")
+    try:
+        assert info.distributed and info.world_size == 1 and dist.get_backend() == "gloo"
+    finally:
+        cleanup(info)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # a plain process with WORLD_SIZE=1: no group
+    assert not init_distributed("cpu").distributed and not dist.is_initialized()
+
+
 # -- benchmarks/run_training.py -------------------------------------------------------------------
 def test_run_training_tiny_writes_its_table(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
