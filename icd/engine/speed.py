@@ -90,6 +90,13 @@ def compile_in_place(
 ) -> None:
     """``module.compile(...)`` for each module: compiled on its first call, its state dict keys and
     hooks unchanged (unlike ``torch.compile(module)``, which wraps it)."""
+    if mode == "reduce-overhead":
+        import torch._inductor.config as inductor_config
+
+        # ICD's level shapes are small CPU tensors in its graph: without partitioning inductor
+        # skips CUDA graphs for a graph with any CPU node (the default from some torch 2.x on)
+        if hasattr(inductor_config, "graph_partition"):
+            inductor_config.graph_partition = True
     for module in modules:
         module.compile(backend=backend, mode=mode, dynamic=dynamic)
 
