@@ -802,8 +802,13 @@ class Trainer:
                 continue
             images, targets = batch
             # a batch whose every image was a skipped corrupt one: under DDP all ranks skip
-            # the step together, or the others would wait for its gradients forever
-            if not all_ranks(bool(images), self.info):
+            # the step together, or the others would wait for its gradients forever. Only
+            # --on-bad-data skip empties a batch: otherwise no collective (its flag is read on
+            # the host, a synchronisation per step)
+            if self.args.on_bad_data == "skip":
+                if not all_ranks(bool(images), self.info):
+                    continue
+            elif not images:
                 continue
             self.step(images, targets)
             if self.iteration % self.args.print_freq == 0 or self.iteration == max_iter or self.stop.requested:
