@@ -159,8 +159,8 @@ def train_argv(w: Workload, data: Path, teacher: Path, out: Path, cfg: Config, i
         preset = "r50_1x.toml" if cfg.distill == "none" else "r50_1x_icd.toml"
         # the preset's lr is for 16 images per step: scaled to this batch (a random-initialised
         # student at 8x that lr may diverge within the timed steps)
-        argv = ["train", "--config", str(CONFIG_DIR / preset), "--data-path", str(data),
-                "--min-size", str(w.height), "--max-size", str(w.width), "--lr", str(0.01 * w.batch_size / 16)]  # fmt: skip
+        argv = ["train", "--config", str(CONFIG_DIR / preset), "--data-path", str(data), "--min-size",
+                str(w.height), "--max-size", str(w.width), "--lr", str(0.01 * w.batch_size / 16)]  # fmt: skip
     argv += ["--batch-size", str(w.batch_size), "--workers", "0", "--device", w.device, "--no-eval",
              "--no-progress", "--output-dir", str(out), "--iters", str(iters), "--print-freq", str(iters),
              "--checkpoint-every", "0", "--warmup-iters", "0", "--lr-steps", str(iters)]  # fmt: skip
