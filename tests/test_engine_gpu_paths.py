@@ -141,6 +141,23 @@ def test_compile_trains_two_steps(data, teacher, tmp_path):
         trainer.close()
 
 
+def test_a_code_generation_failure_is_one_line_naming_compile(data, tmp_path, monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    trainer = _trainer(data, tmp_path / "r", "--compile --compile-backend eager")
+    try:
+        def failing(*args):
+            raise BackendCompilerFailed(lambda *a: None, RuntimeError("cc1plus: out of memory\nmore"), None)
+
+        monkeypatch.setattr(trainer, "_losses", failing)
+        with pytest.raises(ConfigError, match=r"^--compile \(--compile-backend eager\): torch.compile failed to "
+                                              r"compile the model: RuntimeError: cc1plus: out of memory; run "
+                                              r"without --compile"):  # fmt: skip
+            trainer.step(*_batch(trainer))
+    finally:
+        trainer.close()
+
+
 def test_cuda_graphs_are_refused_with_one_line(data, teacher, tmp_path, capsys):
     base = f"train --data-path {data} {RUN} --teacher {teacher} --output-dir {tmp_path / 'r'}"
     assert main(f"{base} --icd-static-shapes --icd-cuda-graphs".split()) == 2

@@ -117,7 +117,9 @@ def compile_error(err: Exception, backend: str) -> ConfigError | None:
         return None
     if not isinstance(err, BackendCompilerFailed):
         return None
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    inner = getattr(err, "inner_exception", None) or err
+    text = str(inner).strip()
+    first = f"{type(inner).__name__}: {text.splitlines()[0]}" if text else type(inner).__name__
     return ConfigError(
         f"--compile (--compile-backend {backend})",
         f"torch.compile failed to compile the model: {first}; run without --compile (or with "

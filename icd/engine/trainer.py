@@ -21,6 +21,7 @@ hooks of ``icd.engine.hooks``, after each step and at each epoch's end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -645,13 +646,8 @@ class Trainer:
             }
             for t in targets
         ]
-        try:
+        with self._compile_errors():
             losses = self._losses(images, targets)
-        except Exception as err:
-            failed = compile_error(err, getattr(self.args, "compile_backend", None) or "inductor")
-            if failed is not None:
-                raise failed from err
-            raise
         total = sum(losses.values())
         teacher_maps, self._teacher_maps = self._teacher_maps, None
         teacher_peak = None
@@ -671,10 +667,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher_optimizer is not None:
             self.teacher_optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-        else:
-            total.backward()
+        with self._compile_errors():  # inductor may compile a backward graph at its first call
+            (self.scaler.scale(total) if self.scaler is not None else total).backward()
         if self.teacher_optimizer is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.teacher_optimizer)
@@ -698,6 +692,17 @@ class Trainer:
         self._pending.append(PendingStep(self.iteration + 1, names, values, self._params_finite, teacher_peak))
         self._params_finite = all_finite(self.trained_params)
         self.iteration += 1
+
+    @contextlib.contextmanager
+    def _compile_errors(self):
+        """torch.compile's code-generation failures as one line naming --compile."""
+        try:
+            yield
+        except Exception as err:
+            failed = compile_error(err, getattr(self.args, "compile_backend", None) or "inductor")
+            if failed is not None:
+                raise failed from err
+            raise
 
     def read_losses(self) -> list[tuple[int, dict[str, float]]]:
         """The losses of the steps since the last read, as (iteration, {name: value}) in step order:
