@@ -117,7 +117,15 @@ def _add_run_flags(p: argparse.ArgumentParser | FlagRecorder) -> None:
     p.add_argument(
         "--amp",
         action="store_true",
-        help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (slower there: docs/nn.md)",
+        help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (slower there: docs/nn.md); "
+        "--amp-dtype picks the type",
+    )
+    p.add_argument(
+        "--amp-dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="the autocast type of --amp: float16 (training scales its loss with a GradScaler, on CUDA "
+        "and CPU alike) or bfloat16 (no scaler); default: float16 on CUDA, bfloat16 on CPU",
     )
     p.add_argument("--output-dir", default="output", help="checkpoints, metrics.jsonl, detections")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -340,6 +348,7 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     from icd.engine.distill import DISTILL_METHODS, FPN_MSE_NORMS
     from icd.engine.health import HEALTH_ACTIONS
     from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
+    from icd.engine.speed import COMPILE_BACKENDS
 
     p = _flag_recorder(_command(sub, "train", **COMMAND_TEXT["train"]), preset)
     _add_data_flags(p)
@@ -409,7 +418,26 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         "(they are deleted when training starts); without it such a directory is refused",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and flips")
-    p.add_argument("--print-freq", type=int_at_least(1), default=20, help="iterations per metrics line")
+    p.add_argument(
+        "--print-freq",
+        type=int_at_least(1),
+        default=20,
+        help="iterations per metrics line; the losses of the steps between stay on the device and are "
+        "read (and checked for NaN/inf) together at each line, so a step does not wait for the GPU",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the student's and the teacher's ResNet and FPN and the distiller (the first "
+        "steps take minutes to compile; docs/training.md, On a GPU)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        choices=COMPILE_BACKENDS,
+        default=None,
+        help="torch.compile backend of --compile (default inductor; aot_eager: no code generation, for "
+        "checking on a CPU)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int_at_least(0),
@@ -482,6 +510,12 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         "(default min(1000, 10%% of the run))",
     )
     _add_icd_flags(g)
+    g.add_argument(
+        "--icd-cuda-graphs",
+        action="store_true",
+        help="replay ICD's distiller forward and backward as CUDA graphs (torch.compile mode "
+        "reduce-overhead); needs --icd-static-shapes and a CUDA --device",
+    )
     g.add_argument(
         "--icd-lr",
         type=finite_float(minimum=0.0),
@@ -797,6 +831,7 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
             info,
             spec.label_offset,
             amp=args.amp,
+            amp_dtype=args.amp_dtype,
             output_dir=args.output_dir,
             split=args.val_split,
             progress=not args.no_progress,
@@ -954,6 +989,8 @@ def _main(argv: list[str]) -> int:
 
         check_output_dir(args.output_dir, args.resume, args.overwrite, args.command)
     _check_backend(args)
+    if getattr(args, "amp_dtype", None) is not None and not args.amp:
+        raise ConfigError(f"--amp-dtype {args.amp_dtype}: needs --amp (without it the run is in float32)")
     _check_data_flags(parser, args)
     if getattr(args, "tensorboard", False):
         from icd.engine.tensorboard import tensorboard_missing

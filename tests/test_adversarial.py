@@ -473,15 +473,14 @@ def test_unusable_teacher_features_blame_the_teacher(data, finished_run, tmp_pat
 # -- signals ---------------------------------------------------------------------------------------
 def test_ctrl_c_stops_with_a_checkpoint_and_one_line(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    real_step = trainer_module.Trainer.train_step
+    real_step = trainer_module.Trainer.step  # what the loop runs per iteration
 
-    def step_then_ctrl_c(self, images, targets):
-        record = real_step(self, images, targets)
+    def step_then_ctrl_c(self, images, targets, **kwargs):
+        real_step(self, images, targets, **kwargs)
         if self.iteration == 1:
             os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends it
-        return record
 
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(trainer_module.Trainer, "step", step_then_ctrl_c)
     handler = signal.getsignal(signal.SIGINT)
     argv = f"train --data-path {data} {TINY} --iters 3 --no-eval --epoch-checkpoint-every 0 --output-dir {out}"
     assert main(argv.split()) == 130

@@ -19,6 +19,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # started by torchrun: in a process group (nccl or gloo), DDP-wrapped
 
     @property
     def is_main(self) -> bool:
@@ -26,7 +27,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """In a process group: a torchrun launch, also of one process (the path of a larger job)."""
+        return self.launched or self.world_size > 1
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -44,11 +46,18 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (torch.distributed.run) started this process, at any world size."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+
+
 def init_distributed(device_name: str | None) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1, or 1 under torchrun:
+    ``torchrun --nproc_per_node 1`` runs the path of a larger job, nccl and DDP included), else a
+    single process."""
     device = resolve_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if world_size <= 1 and not launched_by_torchrun():
         return DistInfo(device=device)
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -58,7 +67,7 @@ def init_distributed(device_name: str | None) -> DistInfo:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://")
-    return DistInfo(rank, world_size, local_rank, device)
+    return DistInfo(rank, world_size, local_rank, device, launched=True)
 
 
 def all_gather_objects(obj, info: DistInfo) -> list:

@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 DETECTIONS_FILE = "detections_{split}.json"
 
 
-def autocast(device: torch.device, enabled: bool):
-    """float16 autocast on CUDA, bfloat16 on CPU; a no-op context when disabled."""
+def autocast(device: torch.device, enabled: bool, dtype: str | None = None):
+    """Autocast to ``dtype`` ("float16" or "bfloat16"; None: float16 on CUDA, bfloat16 on CPU);
+    a no-op context when disabled."""
     if not enabled:
         return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    from icd.engine.speed import amp_dtype
+
+    return torch.autocast(device_type=device.type, dtype=amp_dtype(device, dtype))
 
 
 def eval_loader(
@@ -55,6 +57,7 @@ def evaluate(
     label_offset: int,
     amp: bool = False,
     output_dir: str | None = None,
+    amp_dtype: str | None = None,
     split: str = "val",
     progress: bool = True,
 ) -> dict[str, float]:
@@ -77,7 +80,7 @@ def evaluate(
         if not images:
             continue
         images = [im.to(info.device, non_blocking=True) for im in images]
-        with autocast(info.device, amp):
+        with autocast(info.device, amp, amp_dtype):
             outputs = model(images)
         for out, target in zip(outputs, targets, strict=True):
             gives_masks = gives_masks or "masks" in out

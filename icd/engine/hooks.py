@@ -2,8 +2,11 @@
 
 ``Trainer.train`` calls each hook, in the order of ``Trainer.hooks``:
 
-- ``after_step(trainer, record)`` after every optimiser step (``trainer.iteration`` steps done;
-  ``record``: this rank's loss values as floats);
+- ``after_step(trainer)`` after every optimiser step (``trainer.iteration`` steps done);
+- ``after_losses(trainer, iteration, record)`` for each step's losses once they are read from the
+  device (``record``: this rank's loss values of step ``iteration`` as floats), in step order: every
+  --print-freq steps, at the run's last step, and before a checkpoint is written, so that no step
+  waits for the GPU to report its losses;
 - ``after_epoch(trainer, end)`` when an epoch's batches are used up, or when the run stops
   part-way through one (``end`` says which; the checkpoint hook puts what it wrote in
   ``end.saved`` for the evaluation hook's model_best.pth).
@@ -42,7 +45,10 @@ class EpochEnd:
 class Hook:
     """Periodic work of the training loop; both methods do nothing unless overridden."""
 
-    def after_step(self, trainer: Trainer, record: dict[str, float]) -> None:
+    def after_step(self, trainer: Trainer) -> None:
+        pass
+
+    def after_losses(self, trainer: Trainer, iteration: int, record: dict[str, float]) -> None:
         pass
 
     def after_epoch(self, trainer: Trainer, end: EpochEnd) -> None:
@@ -65,15 +71,16 @@ def average_across_ranks(record: dict[str, float], info: DistInfo) -> dict[str, 
 
 class HealthCheck(Hook):
     """Warn (once per loss and problem) about stuck or blowing-up losses of this rank, or stop
-    under ``stop``; reads only the record's floats (no device synchronisation). Under torchrun a
-    stopping rank ends the whole job, as any rank's error does."""
+    under ``stop``; reads only the records' floats (no device synchronisation of its own), so it
+    speaks when they are read, up to --print-freq steps later. Under torchrun a stopping rank ends
+    the whole job, as any rank's error does."""
 
     def __init__(self, window: int, stop: bool) -> None:
         self.health = LossHealth(window)
         self.stop = stop
 
-    def after_step(self, trainer: Trainer, record: dict[str, float]) -> None:
-        for problem in self.health.check(trainer.iteration, record):
+    def after_losses(self, trainer: Trainer, iteration: int, record: dict[str, float]) -> None:
+        for problem in self.health.check(iteration, record):
             trainer.metrics.write({"type": "health", "iter": problem.iteration, "loss": problem.loss,
                                    "problem": problem.kind, "value": problem.value})
             where = f"rank {trainer.info.rank}: " if trainer.info.distributed else ""
@@ -89,13 +96,13 @@ class TrainMetrics(Hook):
     def __init__(self, every: int, last: int) -> None:
         self.every, self.last = every, last
 
-    def after_step(self, trainer: Trainer, record: dict[str, float]) -> None:
-        if trainer.iteration % self.every != 0 and trainer.iteration != self.last:
+    def after_losses(self, trainer: Trainer, iteration: int, record: dict[str, float]) -> None:
+        if iteration % self.every != 0 and iteration != self.last:
             return
         record = average_across_ranks(record, trainer.info)
         record.update(
             type="train",
-            iter=trainer.iteration,
+            iter=iteration,
             epoch=trainer.batches.epoch,
             lr=trainer.optimizer.param_groups[0]["lr"],
             sec_per_iter=trainer.batches.seconds_per_batch(),
@@ -111,7 +118,7 @@ class PeriodicCheckpoint(Hook):
     def __init__(self, every: int, epoch_file_every: int) -> None:
         self.every, self.epoch_file_every = every, epoch_file_every
 
-    def after_step(self, trainer: Trainer, record: dict[str, float]) -> None:
+    def after_step(self, trainer: Trainer) -> None:
         if self.every and trainer.iteration % self.every == 0:
             trainer.save(trainer.batches.epoch, trainer.batches.position)
 

@@ -27,8 +27,12 @@ from icd.flags import teacher_only
 REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "iteration", "rng")
 # the architecture: another value here is another model (min_size, max_size, score_thresh may change)
 SPEC_FIELDS = ("detector", "backbone", "num_classes", "fpn_channels", "min_level", "max_level", "norm")
-# may differ on resume: where the ICD ops run (a GPU run continued on CPU)
-RESUMABLE_CHANGES = ("icd_backend",)
+# how fast a step runs, not what it computes: a run may resume with others (a GPU run continued
+# on the CPU without CUDA graphs; the GradScaler's state is restored when both runs use float16)
+SPEED_FLAGS = ("amp", "amp_dtype", "compile", "compile_backend", "icd_cuda_graphs")
+# may differ on resume: where the ICD ops run, and the speed settings (the distillation flags among
+# them would otherwise be compared)
+RESUMABLE_CHANGES = ("icd_backend", *SPEED_FLAGS)
 # change the lr schedule of the student (the teacher side's flags are compared as distillation flags)
 SCHEDULE_FLAGS = ("lr", "momentum", "weight_decay", "warmup_iters", "lr_steps", "iters", "epochs")
 # change which images the saved position (batches of the epoch) stands for

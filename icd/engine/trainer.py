@@ -21,10 +21,12 @@ hooks of ``icd.engine.hooks``, after each step and at each epoch's end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,6 +58,7 @@ from icd.engine.output_dir import claim_output_dir, remove_previous_run
 from icd.engine.resume_settings import check_resume_compatible, resumed_position, schedule_changes
 from icd.engine.run_spec import BARE_STATE_DICT_NORM, detector_spec_from_args, distiller_kwargs, load_frozen_teacher
 from icd.engine.sampler import ResumableSampler
+from icd.engine.speed import check_speed_flags, compile_error, compile_in_place, compiled_parts, grad_scaler
 from icd.errors import ConfigError, InterruptedRun, NonFiniteError, NothingDoneError
 from icd.ops.validation import value_checks
 
@@ -131,6 +134,27 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+@dataclass
+class PendingStep:
+    """One optimiser step's losses, kept on the device until they are read (``Trainer.read_losses``).
+
+    ``values``: float32 [len(names) + 1], each named loss then their sum; ``params_finite``: 0-dim
+    bool, the parameters before this step had no NaN or inf (None: not known); ``teacher_peak``:
+    0-dim, the largest magnitude of the teacher's FPN maps of this batch (None without a teacher).
+    """
+
+    iteration: int  # the step's number: ``Trainer.iteration`` once it is done
+    names: tuple[str, ...]
+    values: torch.Tensor
+    params_finite: torch.Tensor | None
+    teacher_peak: torch.Tensor | None
+
+
+def _loss_key(name: str) -> str:
+    """A loss's name in records and metrics: loss_<name> (names that start with loss_ kept)."""
+    return name if name.startswith("loss_") else f"loss_{name}"
+
+
 def _plain_args(args: argparse.Namespace) -> dict:
     """args as a dict of str/int/float/bool/None/list (weights_only-loadable)."""
     out = {}
@@ -156,6 +180,9 @@ class Trainer:
             )
         if args.health_window < 2:
             raise ConfigError(f"--health-window {args.health_window}: expected at least 2 iterations")
+        from icd.engine.distributed import resolve_device
+
+        check_speed_flags(args, resolve_device(args.device))
         # another run's files there, or a live run in it, stop this one before anything is built;
         # rank 0 holds the folder (its lock) until close()
         self.claim = (
@@ -185,8 +212,9 @@ class Trainer:
             )
         if args.amp and self.info.device.type == "cpu" and self.info.is_main:
             log.warning(
-                "--amp on the CPU: bfloat16 autocast makes torchvision's detectors slower there, not faster "
-                "(a RetinaNet R18 step took 5.9x the CPU time of float32, docs/nn.md); leave --amp for CUDA"
+                "--amp on the CPU: %s autocast makes torchvision's detectors slower there, not faster "
+                "(a RetinaNet R18 step took 5.9x the CPU time of float32 in bfloat16, docs/nn.md); leave --amp "
+                "for CUDA", getattr(args, "amp_dtype", None) or "bfloat16",
             )
         backbone = None  # ImageNet weights of the ResNet body, read like every checkpoint file
         if args.backbone_weights:
@@ -209,8 +237,9 @@ class Trainer:
         ]
         self._params_finite: torch.Tensor | None = None  # on the device, read at the next loss check
         self._teacher_maps: list[torch.Tensor] | None = None
-        use_scaler = args.amp and self.info.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self._pending: list[PendingStep] = []  # steps whose losses are still on the device
+        self.scaler = grad_scaler(self.info.device, args.amp, getattr(args, "amp_dtype", None))
+        self._compile()
         self._wrap_ddp()
         self.iteration = 0  # optimiser steps done
         self.metrics = MetricsLog(args.output_dir, enabled=self.info.is_main)
@@ -349,6 +378,22 @@ class Trainer:
                     self.teacher_optimizer, self.total_iters
                 )
 
+    def _compile(self) -> None:
+        """--compile: the student's and the teacher's ResNet + FPN and the distiller, compiled in
+        place (state dict keys unchanged); --icd-cuda-graphs: the distiller in mode
+        reduce-overhead (CUDA graphs of its forward and backward, fixed shapes)."""
+        args = self.args
+        graphs = getattr(args, "icd_cuda_graphs", False)
+        if getattr(args, "compile", False):
+            modules = compiled_parts(self.model)
+            if self.teacher is not None:
+                modules += compiled_parts(self.teacher)
+            if self.distiller is not None and not graphs:
+                modules.append(self.distiller)
+            compile_in_place(modules, args.compile_backend or "inductor")
+        if graphs:
+            compile_in_place([self.distiller], "inductor", mode="reduce-overhead", dynamic=False)
+
     def _wrap_ddp(self) -> None:
         """DistributedDataParallel around the student and the distiller under torchrun."""
         info = self.info
@@ -398,6 +443,7 @@ class Trainer:
         evaluation follows; recorded as ``pending_evaluation`` until it is done, so that a run
         killed during it evaluates on --resume.
         """
+        self.deliver_losses()  # every rank: its steps' losses checked (and logged) before they are saved
         if not self.info.is_main:
             return None
         ckpt = self.state(epoch, epoch_batches)
@@ -490,36 +536,42 @@ class Trainer:
         return [opt for opt in (self.optimizer, self.teacher_optimizer) if opt is not None]
 
     # -- non-finite guard --------------------------------------------------------------------
-    def _stop_non_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        """NonFiniteError naming what went non-finite at this iteration (a failure path: syncs)."""
-        step = self.iteration + 1
-        if self._params_finite is not None and not bool(self._params_finite):
+    def _non_finite_error(
+        self, iteration: int, record: dict[str, float], params_finite: bool, teacher_fault: str | None
+    ) -> NonFiniteError:
+        """The error of step ``iteration`` whose losses (``record``) or prior parameters are not
+        finite (a failure path: it reads the parameters on the host)."""
+        if not params_finite:
             named = [(n, p) for n, p in _unwrap(self.model).named_parameters()]
             if self.distiller is not None:
                 named += [(f"distiller.{n}", p) for n, p in self.distiller.named_parameters()]
             bad = first_non_finite(named) or "a parameter"
-            raise NonFiniteError(
-                f"iteration {self.iteration}: the optimiser step made {bad} non-finite (NaN or inf) "
+            return NonFiniteError(
+                f"iteration {iteration - 1}: the optimiser step made {bad} non-finite (NaN or inf) "
                 f"with finite losses; stopped before checkpointing it. Lower --lr ({self._lr_text()})"
             )
-        message = f"non-finite loss at iteration {step}: {loss_report(losses)}"
-        teacher_maps, self._teacher_maps = self._teacher_maps, None
-        teacher_fault = self._teacher_maps_fault(teacher_maps) if teacher_maps is not None else None
+        losses = {k: torch.tensor(v) for k, v in record.items() if k != "loss"}
+        message = f"non-finite loss at iteration {iteration}: {loss_report(losses)}"
         if teacher_fault is not None:
             message += f"; {teacher_fault}"
         else:
             message += f"; the student diverged or the batch is bad: lower --lr ({self._lr_text()})"
-        raise NonFiniteError(message + "; nothing non-finite was checkpointed")
+        return NonFiniteError(message + "; nothing non-finite was checkpointed")
 
     def _teacher_maps_fault(self, maps: list[torch.Tensor]) -> str | None:
         """What is wrong with the teacher's FPN maps of this batch (non-finite, or too large for
         the distillation loss to square in float32), blaming the teacher; None when nothing is."""
         if first_non_finite(enumerate(maps)) is not None:
+            return self._teacher_fault(float("nan"))
+        return self._teacher_fault(max(float(m.detach().abs().max()) for m in maps))
+
+    def _teacher_fault(self, peak: float) -> str | None:
+        """The teacher's share of the blame when its FPN maps peak at ``peak`` (NaN: non-finite)."""
+        if not math.isfinite(peak):
             found = "non-finite (NaN or inf)"
+        elif peak <= TEACHER_FEATURE_LIMIT:
+            return None
         else:
-            peak = max(float(m.detach().abs().max()) for m in maps)
-            if peak <= TEACHER_FEATURE_LIMIT:
-                return None
             found = f"as large as {peak:.3g} (the distillation loss squares them: float32 ends at 3.4e38)"
         return (
             f"the teacher's FPN outputs are {found} (--teacher {self.args.teacher}): the teacher, not the "
@@ -538,7 +590,8 @@ class Trainer:
     # -- one iteration -----------------------------------------------------------------------
     def _losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
         offset = self.spec.label_offset
-        with autocast(self.info.device, self.args.amp):
+        graphs = getattr(self.args, "icd_cuda_graphs", False)
+        with autocast(self.info.device, self.args.amp, getattr(self.args, "amp_dtype", None)):
             losses = dict(self.model(images, targets))
             if self.distiller is not None:
                 batch = self.tap.batch
@@ -548,44 +601,74 @@ class Trainer:
                 if value_checks(teacher_maps[0]):  # free on the CPU; on a GPU the loss check reports it
                     self._check_teacher_maps(teacher_maps)
                 labels = [lab - offset for lab in batch.labels]
+                boxes = batch.boxes
+                if graphs:  # fixed-shape inputs [N, K, 4], [N, K]: the graph's own
+                    from icd.nn import pad_instances
+
+                    boxes, labels = pad_instances(boxes, labels, self.distiller.sampler.max_labels)
+                    torch.compiler.cudagraph_mark_step_begin()
                 extra = self.distiller_ddp(
                     teacher_maps,
                     batch.features,
-                    batch.boxes,
+                    boxes,
                     labels,
-                    batch.image_sizes.to(self.info.device),
+                    batch.image_sizes.to(self.info.device, non_blocking=True),
                     batch.padded_size,
                 )
                 self.tap.clear()
+                if graphs:  # a graph's outputs are overwritten by its next replay
+                    extra = {k: v.clone() for k, v in extra.items()}
                 losses.update(extra)
         return {k: v.float() for k, v in losses.items()}
 
     def train_step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, float]:
+        """One optimiser step checked at once: a non-finite loss (or parameter) stops it before
+        the optimiser step; returns its losses as floats. Waits for the device (``Trainer.train``
+        uses ``step``, whose losses are read every --print-freq steps)."""
+        self.step(images, targets, check_now=True)
+        return self.read_losses()[-1][1]
+
+    def step(self, images: list[torch.Tensor], targets: list[dict], check_now: bool = False) -> None:
+        """One optimiser step without reading anything on the host (on CUDA: no synchronisation
+        by icd's code); its losses stay on the device in ``self._pending`` until ``read_losses``.
+
+        ``check_now``: read the loss and the parameters' flag before the optimiser step (one sync)
+        and stop there when either is non-finite.
+        """
         device, offset = self.info.device, self.spec.label_offset
+        # copies that do not block the host (pinned memory on CUDA: the batches' pin_memory)
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [
             {
-                "boxes": t["boxes"].to(device),
-                "labels": t["labels"].to(device) + offset,
-                **({"masks": t["masks"].to(device)} if "masks" in t else {}),
+                "boxes": t["boxes"].to(device, non_blocking=True),
+                "labels": t["labels"].to(device, non_blocking=True) + offset,
+                **({"masks": t["masks"].to(device, non_blocking=True)} if "masks" in t else {}),
             }
             for t in targets
         ]
-        losses = self._losses(images, targets)
+        with self._compile_errors():
+            losses = self._losses(images, targets)
         total = sum(losses.values())
-        finite = torch.isfinite(total)
-        if self._params_finite is not None:  # the last step's parameters: no sync of their own
-            finite = finite & self._params_finite
-        if not finite:
-            self._stop_non_finite(losses)
-        self._teacher_maps = None
+        teacher_maps, self._teacher_maps = self._teacher_maps, None
+        teacher_peak = None
+        if teacher_maps is not None:
+            teacher_peak = torch.nn.utils.get_total_norm(
+                [m.detach() for m in teacher_maps], norm_type=math.inf, foreach=None
+            )
+        if check_now:
+            finite = torch.isfinite(total)
+            if self._params_finite is not None:
+                finite = finite & self._params_finite
+            if not finite:
+                record = {_loss_key(k): float(v.detach()) for k, v in losses.items()}
+                params_finite = self._params_finite is None or bool(self._params_finite)
+                fault = self._teacher_maps_fault(teacher_maps) if teacher_maps is not None else None
+                raise self._non_finite_error(self.iteration + 1, record, params_finite, fault)
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher_optimizer is not None:
             self.teacher_optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-        else:
-            total.backward()
+        with self._compile_errors():  # inductor may compile a backward graph at its first call
+            (self.scaler.scale(total) if self.scaler is not None else total).backward()
         if self.teacher_optimizer is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.teacher_optimizer)
@@ -594,7 +677,7 @@ class Trainer:
             if opt is None:
                 continue
             if self.scaler is not None:
-                self.scaler.step(opt)
+                self.scaler.step(opt)  # torch reads its inf/NaN flag on the host here (float16 only)
             else:
                 opt.step()
         if self.scaler is not None:
@@ -604,14 +687,63 @@ class Trainer:
             self.teacher_lr_scheduler.step()
         if self.distiller is not None:
             self.distiller.step()
+        names = tuple(_loss_key(k) for k in losses)
+        values = torch.stack([v.detach() for v in losses.values()] + [total.detach()])
+        self._pending.append(PendingStep(self.iteration + 1, names, values, self._params_finite, teacher_peak))
         self._params_finite = all_finite(self.trained_params)
         self.iteration += 1
-        record = {
-            k if k.startswith("loss_") else f"loss_{k}": float(v.detach())
-            for k, v in losses.items()
-        }
-        record["loss"] = float(total.detach())
-        return record
+
+    @contextlib.contextmanager
+    def _compile_errors(self):
+        """torch.compile's code-generation failures as one line naming --compile."""
+        try:
+            yield
+        except Exception as err:
+            failed = compile_error(err, getattr(self.args, "compile_backend", None) or "inductor")
+            if failed is not None:
+                raise failed from err
+            raise
+
+    def read_losses(self) -> list[tuple[int, dict[str, float]]]:
+        """The losses of the steps since the last read, as (iteration, {name: value}) in step order:
+        one copy to the host for all of them (the one synchronisation). Raises NonFiniteError for
+        the first step whose losses, or the parameters it started from, are not finite, and when
+        the last step left a non-finite parameter; up to --print-freq steps after the fact, so a
+        run stops a few steps late, but before any checkpoint of them is written (``save`` reads
+        them first)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        unknown = torch.ones((), dtype=torch.bool, device=pending[0].values.device)
+        parts = []
+        for p in pending:
+            flag = p.params_finite if p.params_finite is not None else unknown
+            peak = p.teacher_peak if p.teacher_peak is not None else unknown.float()
+            parts += [p.values.float(), flag.reshape(1).float(), peak.reshape(1).float()]
+        last = self._params_finite if self._params_finite is not None else unknown
+        parts.append(last.reshape(1).float())
+        host = torch.cat(parts).cpu().tolist()
+        out, at = [], 0
+        for p in pending:
+            n = len(p.names)
+            values, params_ok, peak = host[at : at + n + 1], host[at + n + 1] > 0, host[at + n + 2]
+            at += n + 3
+            record = dict(zip((*p.names, "loss"), values, strict=True))
+            if not params_ok:
+                raise self._non_finite_error(p.iteration, record, False, None)
+            if not math.isfinite(values[-1]):
+                fault = self._teacher_fault(peak) if p.teacher_peak is not None else None
+                raise self._non_finite_error(p.iteration, record, True, fault)
+            out.append((p.iteration, record))
+        if not host[at] > 0:  # the last step's optimiser update
+            raise self._non_finite_error(pending[-1].iteration + 1, out[-1][1], False, None)
+        return out
+
+    def deliver_losses(self) -> None:
+        """Read the pending steps' losses (``read_losses``) and hand each to the hooks' after_losses."""
+        for iteration, record in self.read_losses():
+            for hook in self.hooks:
+                hook.after_losses(self, iteration, record)
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
@@ -675,12 +807,19 @@ class Trainer:
                 continue
             images, targets = batch
             # a batch whose every image was a skipped corrupt one: under DDP all ranks skip
-            # the step together, or the others would wait for its gradients forever
-            if not all_ranks(bool(images), self.info):
+            # the step together, or the others would wait for its gradients forever. Only
+            # --on-bad-data skip empties a batch: otherwise no collective (its flag is read on
+            # the host, a synchronisation per step)
+            if self.args.on_bad_data == "skip":
+                if not all_ranks(bool(images), self.info):
+                    continue
+            elif not images:
                 continue
-            record = self.train_step(images, targets)
+            self.step(images, targets)
+            if self.iteration % self.args.print_freq == 0 or self.iteration == max_iter or self.stop.requested:
+                self.deliver_losses()  # the one read of the device per --print-freq steps
             for hook in self.hooks:
-                hook.after_step(self, record)
+                hook.after_step(self)
             if self.stop.requested:  # Ctrl-C: the stop below writes the checkpoint
                 break
         if self.iteration > start_iter and data.epoch < self.num_epochs:  # stopped at max_iter or Ctrl-C
@@ -702,6 +841,7 @@ class Trainer:
         (checkpoint, evaluation), then all ranks meet."""
         data = self.batches
         data.close()
+        self.deliver_losses()
         if self.iteration == start_iter and data.drawn:
             raise NothingDoneError(
                 f"epoch {data.epoch}: no optimiser step in {data.drawn} batches: every image of "
@@ -726,6 +866,7 @@ class Trainer:
             self.info,
             self.spec.label_offset,
             amp=self.args.amp,
+            amp_dtype=getattr(self.args, "amp_dtype", None),
             output_dir=self.args.output_dir,
             split=self.args.val_split,
             progress=not self.args.no_progress,
