@@ -323,13 +323,16 @@ def stage_env(check: Check, timeout: float) -> StageResult:
     # the report folder is named after the device, known only at the end: log beside it first
     staging = check.out / ".gpu_check_env.log"
     staging.unlink(missing_ok=True)
+    start = time.monotonic()
     if shutil.which("nvidia-smi"):
         query = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu"
-        res = run_command(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], min(timeout / 2, 20), staging,
+        res = run_command(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], min(timeout / 4, 10), staging,
                           tag="env")  # fmt: skip
         details.append(_code(res.lines, 12))
         statuses.append(_status(res))
-    res = run_command(check.py("-c", ENV_SNIPPET), timeout / 2, staging, env=check.environ(), tag="env")
+    # the rest for the snippet: importing torch alone can take 10 s on a busy machine
+    left = max(timeout - (time.monotonic() - start) - 1, timeout / 2)
+    res = run_command(check.py("-c", ENV_SNIPPET), left, staging, env=check.environ(), tag="env")
     if staging.exists():
         check.log("env").parent.mkdir(parents=True, exist_ok=True)
         shutil.move(staging, check.log("env"))
@@ -583,7 +586,9 @@ def stage_training(check: Check, timeout: float) -> StageResult:
     base = check.py(str(TRAINING.relative_to(ROOT)), "--device", "cuda", "--out", str(out))
     # the whole sweep (10 warm-up + 30 timed steps of 11 configurations) needs minutes: --quick below that
     quick = check.quick or timeout < TRAINING_FULL_S
-    res = check.run("training", base + (["--quick"] if quick else []), max(timeout - 30, timeout * 0.75))
+    table_s = max(timeout - 30, timeout * 0.75)  # the rest for --check resume
+    # --budget: run_training.py stops starting configurations in time to write its table itself
+    res = check.run("training", base + (["--quick"] if quick else []) + ["--budget", f"{table_s - 10:.0f}"], table_s)
     statuses, notes = [_status(res)], [f"table{' (--quick)' if quick else ''}: {_status(res)} ({res.seconds:.0f} s)"]
     left = deadline - time.monotonic()
     if left >= 10:

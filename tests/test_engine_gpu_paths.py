@@ -284,12 +284,17 @@ def test_torchrun_of_one_process_joins_the_process_group(monkeypatch):
 
 
 # -- benchmarks/run_training.py -------------------------------------------------------------------
-def test_run_training_tiny_writes_its_table(tmp_path):
+def _run_training():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import run_training
     finally:
         sys.path.pop(0)
+    return run_training
+
+
+def test_run_training_tiny_writes_its_table(tmp_path):
+    run_training = _run_training()
     out = tmp_path / "bench"
     # one configuration (each is a process that builds its trainer): the sweep's machinery, not timings
     assert run_training.main(["--device", "cpu", "--tiny", "--out", str(out), "--only", "icd fp32"]) == 0
@@ -301,3 +306,18 @@ def test_run_training_tiny_writes_its_table(tmp_path):
     table = (out / "training.md").read_text()
     assert "| icd fp32 | ok |" in table
     assert not [p for p in os.listdir(out) if p.startswith("work-")]  # its data and runs are removed
+
+
+def test_run_training_runs_the_wanted_configurations_first_and_keeps_to_its_budget(tmp_path):
+    run_training = _run_training()
+    names = [c.name for c in run_training.configurations()]
+    assert len(names) == len(set(names)) == 11
+    # what a short GPU stage must get: ICD's ratio to the student in bf16, then its CUDA-graph path
+    assert names[:3] == ["none bf16", "icd bf16", "icd bf16 static+graphs"] and names[-1] == "icd bf16 compile"
+    out = tmp_path / "bench"
+    # a budget below one configuration's minimum starts none of them, and says so in the table
+    assert run_training.main(["--device", "cpu", "--tiny", "--out", str(out), "--only", "icd fp32,none fp32",
+                              "--budget", "1"]) == 1  # fmt: skip
+    with open(out / "training.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["config"], r["status"]) for r in rows] == [("none fp32", "skipped"), ("icd fp32", "skipped")]
