@@ -102,9 +102,9 @@ def teacher_section(cfg: StudyConfig, teacher_ap: float, before: str | None) -> 
         if base:
             mean = mean_std([e["AP"] for e in base.values()])[0]
             after = teacher_warning(teacher_ap, mean, cfg.teacher_margin)
-            ratio = teacher_ap / mean if mean > 0 else float("inf")
+            ratio = f", the teacher {teacher_ap / mean:.2f}x it" if mean > 0 else ""
             lines.append(
-                f"\n{epochs} epochs: baseline {mean:.2f} AP, teacher {ratio:.2f}x it"
+                f"\n{epochs} epochs: baseline {mean:.2f} AP{ratio}"
                 + (f". **Warning:** {after}." if after else ": clearly ahead.")
             )
     return "\n".join(lines) + "\n"

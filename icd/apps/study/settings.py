@@ -77,4 +77,6 @@ class StudyConfig:
         return {"CUDA_VISIBLE_DEVICES": str(slot)} if self.gpus else {}
 
     def weight(self, method: str) -> float | None:
-        return self.weights.get(base_method(method))
+        """The --distill-weight of ``method`` (icd-pre takes icd's); None: icd train's default."""
+        base = base_method(method)
+        return self.weights.get("icd" if base == "icd-pre" else base)

@@ -1,0 +1,231 @@
+"""``icd study``: the plan from flags and TOML, its errors, the verdict arithmetic, and a tiny study end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from tiny_runs import TINY_MODEL
+
+from icd import cli
+from icd.apps.demo.stamps import STAMP_FILE, run_id
+from icd.apps.study import StudyConfig, interval, plan_runs, seeds_needed, t975, teacher_warning, verdict
+from icd.apps.study.calibrate import loss_ratio, matched_weight
+from icd.apps.study.command import config_from_args
+from icd.apps.study.report import headline
+
+pytestmark = pytest.mark.serial  # the end-to-end study runs its training processes side by side
+
+SIZES = "--fpn-channels 32 --min-size 64 --max-size 64 --batch-size 2"
+
+
+def _args(argv: str, preset: str | None = None):
+    parser = cli.build_parser(commands=("study",), study_preset=preset)
+    return parser.parse_args(["study", *argv.split()])
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+
+def test_plan_from_flags(tmp_path):
+    args = _args(
+        f"--data-path {tmp_path} --teacher t.pth --methods baseline fpn-mse icd-pre inherit icd+inherit "
+        f"--seeds 3 4 --epochs 2 6 --weight fpn-mse=4 icd=2 --jobs 2 --device cpu --out {tmp_path}/s"
+    )
+    args.train_flags = "--norm gn"  # --train-flags '--norm gn' on a shell's command line
+    cfg = config_from_args(args)
+    runs = plan_runs(cfg, num_train=10)
+    names = [r.name for r in runs]
+    assert names[:2] == ["pretrain_s3", "pretrain_s4"]  # icd-pre's teacher sides first
+    assert len(names) == 2 + 5 * 2 * 2 and len(set(names)) == len(names)
+    by_name = {r.name: r for r in runs}
+    base = by_name["baseline_e6_s4"].argv
+    assert _flag(base, "--epochs") == "6" and _flag(base, "--seed") == "4" and "--teacher" not in base
+    assert base[-2:] == ["--norm", "gn"]  # the user's train flags last: they win
+    assert by_name["baseline_e6_s4"].total_iters == 6 * 2  # 10 images in batches of 8: 2 iterations an epoch
+    fpn = by_name["fpn-mse_e2_s3"].argv
+    assert _flag(fpn, "--distill") == "fpn-mse" and _flag(fpn, "--distill-weight") == "4"
+    assert _flag(fpn, "--teacher") == os.path.abspath("t.pth")
+    pre = by_name["icd-pre_e2_s4"]
+    assert pre.needs == ("pretrain_s4",) and _flag(pre.argv, "--icd-init").endswith("pretrain_s4/teacher_side.pth")
+    assert _flag(pre.argv, "--distill-weight") == "2"  # icd-pre takes icd's weight
+    inherit = by_name["inherit_e2_s3"].argv
+    assert _flag(inherit, "--distill") == "none" and _flag(inherit, "--inherit-teacher") == "neck,head"
+    both = by_name["icd+inherit_e2_s3"].argv
+    assert _flag(both, "--distill") == "icd" and _flag(both, "--inherit-teacher") == "neck,head"
+    assert _flag(by_name["pretrain_s3"].argv, "--iters") == "600"
+    # the identity: the same plan, the same ids; another weight, another id
+    again = {r.name: r for r in plan_runs(config_from_args(args), 10)}
+    assert run_id(again["fpn-mse_e2_s3"].stamp(cfg)) == run_id(by_name["fpn-mse_e2_s3"].stamp(cfg))
+    args.weight = ["fpn-mse=16"]
+    other = {r.name: r for r in plan_runs(config_from_args(args), 10)}
+    assert run_id(other["fpn-mse_e2_s3"].stamp(cfg)) != run_id(by_name["fpn-mse_e2_s3"].stamp(cfg))
+    assert run_id(other["baseline_e2_s3"].stamp(cfg)) == run_id(by_name["baseline_e2_s3"].stamp(cfg))
+
+
+def test_plan_from_toml_with_flags_winning(tmp_path):
+    toml = tmp_path / "study.toml"
+    toml.write_text(
+        f'out = "{tmp_path}/s"\nteacher = "t.pth"\nseeds = [0, 1, 2, 3]\nepochs = [1]\n'
+        '[data]\ndata_path = "d"\n[student]\nbackbone = "resnet34"\nfpn-channels = 48\n'
+        '[methods]\nmethods = ["baseline", "icd"]\nweight = ["icd=4"]\n'
+    )
+    cfg = config_from_args(_args(f"--config {toml} --seeds 7 8 --device cpu", preset=str(toml)))
+    assert cfg.seeds == [7, 8] and cfg.epochs == [1] and cfg.methods == ["baseline", "icd"]
+    assert cfg.backbone == "resnet34" and cfg.fpn_channels == 48 and cfg.weights == {"icd": 4.0}
+    assert cfg.data_flags == ["--data-path", os.path.abspath("d")]
+    assert [r.name for r in plan_runs(cfg, 8)] == ["baseline_e1_s7", "icd_e1_s7", "baseline_e1_s8", "icd_e1_s8"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ("--methods baseline kd", "--methods: unknown method 'kd'"),
+        ("--methods icd icd", "--methods: icd is given twice"),
+        ("--epochs 1 2 3", "--epochs: one or two schedules, got 3"),
+        ("--seeds 0 0", "--seeds: 0 is given twice"),
+        ("--weight icd-pre=3", "--weight icd-pre=3: expected fpn-mse=W or icd=W"),
+        ("--weight icd=x", "--weight icd=x: 'x' is not a number"),
+        ("--teacher /no/such.pth", "--teacher /no/such.pth"),
+        ("--val-ann a.json", "data flags: --val-ann needs --val-images too"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_naming_the_flag(data, finished_run, tmp_path, capsys, argv, message):
+    teacher = "" if "--teacher" in argv else f"--teacher {finished_run}/checkpoint.pth"
+    code = cli.main(["study", "--data-path", data, *teacher.split(), "--out", str(tmp_path / "s"), *argv.split()])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_unknown_toml_key_and_missing_teacher_are_named(tmp_path, capsys):
+    toml = tmp_path / "s.toml"
+    toml.write_text("teacher = 't.pth'\nseedz = [1]\n")
+    with pytest.raises(SystemExit, match="2"):  # a usage error, as icd train's preset keys
+        cli.main(["study", "--config", str(toml)])
+    assert "unknown key 'seedz' (not an icd study flag); did you mean 'seeds'?" in capsys.readouterr().err
+    assert cli.main(["study", "--data-path", str(tmp_path)]) == 2
+    assert "--teacher: a study needs the teacher checkpoint" in capsys.readouterr().err
+
+
+def test_out_with_foreign_files_or_without_a_study_to_resume_is_refused(data, finished_run, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    base = ["study", "--data-path", data, "--teacher", f"{finished_run}/checkpoint.pth", "--out", str(out)]
+    assert cli.main(base) == 2
+    assert f"--out {out}: holds files the study did not create (notes.txt)" in capsys.readouterr().err
+    assert cli.main([*base[:-1], str(tmp_path / "empty"), "--resume"]) == 2
+    assert "--resume: " in capsys.readouterr().err and not (tmp_path / "empty").exists()
+    assert cli.main([*base[:-1], finished_run]) == 2  # an icd train run's folder
+    assert "holds files the study did not create" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+# -- the arithmetic (pure) -------------------------------------------------------------------------
+
+
+def test_t_quantiles_and_intervals():
+    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(30) == 2.042 and t975(200) == 1.96
+    lo, hi = interval([1.0, 2.0, 3.0])  # mean 2, std 1: 2 +- 4.303 / sqrt(3)
+    assert math.isclose(lo, 2 - 4.303 / math.sqrt(3)) and math.isclose(hi, 2 + 4.303 / math.sqrt(3))
+    assert interval([1.0]) is None
+
+
+def test_verdict_claims_only_what_the_spread_supports():
+    level = verdict("icd", "fpn-mse", [1.1, -0.3, 0.4])  # mean 0.4, std 0.7
+    assert level.startswith("icd ahead of fpn-mse by 0.40 ± 0.70 AP (2 of 3 seeds ahead): level within the spread")
+    ahead = verdict("icd", "baseline", [5.2, 4.6, 5.2])
+    assert "ahead of baseline by 5.00 ± 0.35 AP (3 of 3 seeds ahead): ahead beyond the spread" in ahead
+    behind = verdict("inherit", "baseline", [-2.0, -2.5, -1.5, -2.0])
+    assert "inherit behind baseline by 2.00 ± 0.41 AP (0 of 4 seeds ahead): behind beyond the spread" in behind
+    # the same mean with twice the spread on 3 seeds no longer clears the interval
+    assert "level within the spread" in verdict("a", "b", [0.2, 1.0, 1.8 + 1.6])
+    one = verdict("icd", "baseline", [3.0])
+    assert "on one seed: no spread measured, nothing can be claimed" in one and "ahead beyond" not in one
+    assert "nothing to compare" in verdict("icd", "baseline", [])
+
+
+def test_seeds_needed_follows_the_paired_interval():
+    # 0.4 AP apart with a 0.7 AP per-seed spread: t(n-1) * 0.7 / sqrt(n) < 0.4 first at n = 15
+    assert seeds_needed(0.4, 0.7) == 15
+    n = seeds_needed(0.4, 0.7)
+    assert t975(n - 1) * 0.7 / math.sqrt(n) < 0.4 <= t975(n - 2) * 0.7 / math.sqrt(n - 1)
+    assert seeds_needed(5.0, 0.5) == 2 and seeds_needed(-1.0, 0.5) == seeds_needed(1.0, 0.5)
+    assert seeds_needed(0.0, 1.0) is None and seeds_needed(0.01, 10.0) is None
+
+
+def test_headline_takes_the_best_method_against_baseline_and_runner_up():
+    def evals(*aps):
+        return {seed: {"AP": ap, "AP50": 2 * ap} for seed, ap in enumerate(aps)}
+
+    text = headline({"baseline": evals(2.0, 2.5, 3.0), "fpn-mse": evals(7.1, 7.5, 8.2), "icd": evals(7.2, 7.5, 7.9)})
+    assert text.startswith("fpn-mse ahead of baseline by 5.10") and "fpn-mse ahead of icd by 0.07" in text
+    assert "level within the spread" in text.split("; ")[1]
+
+
+def test_teacher_warning_states_the_margin():
+    assert teacher_warning(9.0, 5.0, 1.5) is None
+    text = teacher_warning(6.0, 5.0, 1.5)
+    assert "not clearly ahead" in text and "margin of 1.5x (7.50 AP)" in text
+    assert "barely learned" in teacher_warning(0.2, None, 1.5) and teacher_warning(6.0, None, 1.5) is None
+
+
+def test_matched_weight_from_the_loss_ratio():
+    records = [{"type": "train", "iter": i, "loss_classification": 1.0, "loss_bbox_regression": 2.0,
+                "loss_distill": 0.5 if i >= 2 else 9.0, "loss": 0.0} for i in range(4)]  # fmt: skip
+    assert loss_ratio(records, 1.0) == 6.0  # the second half only: (1 + 2) / 0.5
+    assert loss_ratio(records, 2.0) == 12.0  # the logged loss carries the run's weight
+    assert matched_weight(6.0, 0.5) == 4.0 and matched_weight(40.0, 0.5) == 16.0
+
+
+# -- a tiny study end to end -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_study(data, finished_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "s"
+    argv = ["study", "--data-path", data, "--teacher", f"{finished_run}/checkpoint.pth", "--methods", "baseline",
+            "fpn-mse", "--seeds", "0", "1", "--epochs", "1", *SIZES.split(), "--train-flags", "--norm gn",
+            "--jobs", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert TINY_MODEL.split()[-4:] == SIZES.split()[2:6]  # the teacher's sizes
+    assert cli.main(argv) == 0
+    return out, argv
+
+
+def test_tiny_study_writes_study_md_curves_and_commands(tiny_study):
+    out, _ = tiny_study
+    text = (out / "study.md").read_text()
+    assert "## Teacher check" in text and "AP on val" in text and "barely learned" in text  # a 1-iteration teacher
+    for name in ("baseline_e1_s0", "baseline_e1_s1", "fpn-mse_e1_s0", "fpn-mse_e1_s1"):
+        assert f"--output-dir {out}/runs/{name} " in text
+        stamp = json.loads((out / "runs" / name / STAMP_FILE).read_text())
+        assert stamp["run_id"] == run_id(stamp)
+    assert "| fpn-mse | baseline | s0: " in text and "of 2 seeds ahead" in text
+    assert "python -m icd eval " in text and "## Loss health" in text
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "study.json").read_text())["settings"]["seeds"] == [0, 1]
+
+
+def test_resume_runs_only_what_is_missing_and_refuses_a_changed_plan(tiny_study, capsys):
+    out, argv = tiny_study
+    runs = out / "runs"
+    kept = {n: (runs / n / "metrics.jsonl").stat().st_mtime_ns for n in ("baseline_e1_s0", "fpn-mse_e1_s1")}
+    assert cli.main(argv) == 2  # a study is there: only --resume continues it
+    assert "holds a study already (study.json); pass --resume" in capsys.readouterr().err
+    (runs / "fpn-mse_e1_s0" / STAMP_FILE).unlink()  # as if killed before it finished
+    assert cli.main([*argv, "--resume"]) == 0
+    assert {n: (runs / n / "metrics.jsonl").stat().st_mtime_ns for n in kept} == kept  # reused, not rerun
+    assert (runs / "fpn-mse_e1_s0" / STAMP_FILE).exists()
+    assert "4 runs, 3 finished already; running 1" in capsys.readouterr().out
+    changed = [*argv, "--resume", "--lr", "0.01"]
+    assert cli.main(changed) == 2
+    err = capsys.readouterr().err
+    assert "--resume: " in err and "finished with another command than this study's plan" in err
