@@ -1026,7 +1026,7 @@ def _main(argv: list[str]) -> int:
     elif args.command == "study":
         from icd.apps.study.command import run_command as run_study_command
 
-        return run_study_command(args)
+        return run_study_command(args, argv)
     return 0
 
 

@@ -11,7 +11,7 @@ from tiny_runs import TINY_MODEL
 
 from icd import cli
 from icd.apps.demo.stamps import STAMP_FILE, run_id
-from icd.apps.study import StudyConfig, interval, plan_runs, seeds_needed, t975, teacher_warning, verdict
+from icd.apps.study import interval, plan_runs, seeds_needed, t975, teacher_warning, verdict
 from icd.apps.study.calibrate import loss_ratio, matched_weight
 from icd.apps.study.command import config_from_args
 from icd.apps.study.report import headline
@@ -38,7 +38,7 @@ def test_plan_from_flags(tmp_path):
         f"--data-path {tmp_path} --teacher t.pth --methods baseline fpn-mse icd-pre inherit icd+inherit "
         f"--seeds 3 4 --epochs 2 6 --weight fpn-mse=4 icd=2 --jobs 2 --device cpu --out {tmp_path}/s"
     )
-    args.train_flags = "--norm gn"  # --train-flags '--norm gn' on a shell's command line
+    args.train_flags = "--icd-mask-temperature 2 --norm gn"  # --train-flags '...' on a shell's command line
     cfg = config_from_args(args)
     runs = plan_runs(cfg, num_train=10)
     names = [r.name for r in runs]
@@ -48,6 +48,7 @@ def test_plan_from_flags(tmp_path):
     base = by_name["baseline_e6_s4"].argv
     assert _flag(base, "--epochs") == "6" and _flag(base, "--seed") == "4" and "--teacher" not in base
     assert base[-2:] == ["--norm", "gn"]  # the user's train flags last: they win
+    assert "--icd-mask-temperature" not in base  # a distillation flag: icd train refuses it without --teacher
     assert by_name["baseline_e6_s4"].total_iters == 6 * 2  # 10 images in batches of 8: 2 iterations an epoch
     fpn = by_name["fpn-mse_e2_s3"].argv
     assert _flag(fpn, "--distill") == "fpn-mse" and _flag(fpn, "--distill-weight") == "4"
@@ -55,6 +56,7 @@ def test_plan_from_flags(tmp_path):
     pre = by_name["icd-pre_e2_s4"]
     assert pre.needs == ("pretrain_s4",) and _flag(pre.argv, "--icd-init").endswith("pretrain_s4/teacher_side.pth")
     assert _flag(pre.argv, "--distill-weight") == "2"  # icd-pre takes icd's weight
+    assert pre.argv[-4:] == ["--icd-mask-temperature", "2", "--norm", "gn"]
     inherit = by_name["inherit_e2_s3"].argv
     assert _flag(inherit, "--distill") == "none" and _flag(inherit, "--inherit-teacher") == "neck,head"
     both = by_name["icd+inherit_e2_s3"].argv

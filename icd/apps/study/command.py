@@ -16,6 +16,7 @@ from icd.apps.study.settings import (
     base_method,
     known_methods,
 )
+from icd.apps.study.shapes import PRESETS
 from icd.errors import ConfigError
 from icd.flags import available_cpus, finite_float, int_at_least
 
@@ -118,6 +119,10 @@ def add_study_flags(p) -> None:
         "(a small grid of weights, the best val AP)",
     )
     p.add_argument("--calibrate-epochs", type=int_at_least(1), default=1, help="the calibration runs' epochs")
+    p.add_argument("--shapes", nargs="?", const="full", choices=PRESETS, default=None,
+                   help="the preset on the demo's generated shapes data: the demo's data and teacher made in "
+                   "--out first (no --data-path, --teacher), the demo's student unless flags say otherwise; "
+                   "tiny: the demo's --tiny sizes")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
@@ -155,7 +160,7 @@ def _unique(flag: str, values: list) -> None:
         raise ConfigError(flag, f"{seen[0]} is given twice")
 
 
-def config_from_args(args: argparse.Namespace) -> StudyConfig:
+def config_from_args(args: argparse.Namespace, given_flags: set[str] | None = None) -> StudyConfig:
     """The checked settings of ``icd study ARGS`` (flags only: files are checked by :func:`check_inputs`)."""
     known = known_methods()
     for method in args.methods:
@@ -166,7 +171,11 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     _unique("--epochs", args.epochs)
     if len(args.epochs) > 2:
         raise ConfigError("--epochs", f"one or two schedules, got {len(args.epochs)}")
-    if not args.teacher:
+    if args.shapes:
+        given = [f"--{d.replace('_', '-')}" for d in (*_PATH_DESTS, "teacher") if getattr(args, d) is not None]
+        if given:
+            raise ConfigError(f"--shapes with {given[0]}", "the preset makes its own data and teacher; drop one")
+    elif not args.teacher:
         raise ConfigError("--teacher", "a study needs the teacher checkpoint (it is checked on val first)")
     gpus = 0
     device = args.device
@@ -180,10 +189,10 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     jobs = args.jobs or (gpus or max(1, available_cpus() // args.threads))
     if gpus and jobs > gpus:
         raise ConfigError(f"--jobs {jobs}", f"one run per GPU: at most {gpus} here")
-    return StudyConfig(
+    cfg = StudyConfig(
         out_dir=args.out,
         data_flags=data_flags(args),
-        teacher=os.path.abspath(args.teacher),
+        teacher=os.path.abspath(args.teacher or ""),
         detector=args.detector,
         backbone=args.backbone,
         fpn_channels=args.fpn_channels,
@@ -205,6 +214,11 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         gpus=gpus,
         train_flags=shlex.split(args.train_flags),
     )
+    if args.shapes:
+        from icd.apps.study.shapes import shapes_study
+
+        cfg = shapes_study(cfg, args.shapes, given_flags or set())
+    return cfg
 
 
 def check_inputs(cfg: StudyConfig, args: argparse.Namespace) -> int:
@@ -244,12 +258,36 @@ def check_inputs(cfg: StudyConfig, args: argparse.Namespace) -> int:
         return 1  # the runs report a broken file themselves, naming it; only the progress bars need this
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """``icd study``: the whole study; 0 when done."""
+_STUDENT_DESTS = ("detector", "backbone", "fpn_channels", "min_size", "max_size", "batch_size", "lr", "epochs")
+
+
+def given_student_flags(argv: list[str], preset: str | None) -> set[str]:
+    """The student settings (dests) the command line or the --config file gives."""
+    from icd.config import load_preset
+
+    given = set(load_preset(preset)) if preset else set()
+    for dest in _STUDENT_DESTS:
+        flag = f"--{dest.replace('_', '-')}"
+        if any(a == flag or a.startswith(f"{flag}=") for a in argv):
+            given.add(dest)
+    return given & set(_STUDENT_DESTS)
+
+
+def run_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """``icd study``: the whole study; 0 when done (``argv``: the command line, for --shapes)."""
     from icd.apps.study.pipeline import run_study
 
-    cfg = config_from_args(args)
-    num_train = check_inputs(cfg, args)
+    cfg = config_from_args(args, given_student_flags(argv or [], args.config) if args.shapes else None)
+    prepare = None
+    if args.shapes:
+        from icd.apps.study.shapes import prepare as make_shapes
+
+        num_train = 0
+
+        def prepare() -> int:
+            return make_shapes(cfg, args.shapes, progress=not args.no_progress)
+    else:
+        num_train = check_inputs(cfg, args)
     run_study(
         cfg,
         num_train,
@@ -257,5 +295,6 @@ def run_command(args: argparse.Namespace) -> int:
         calibrate=args.calibrate,
         calibrate_epochs=args.calibrate_epochs,
         progress=not args.no_progress,
+        prepare=prepare,
     )
     return 0

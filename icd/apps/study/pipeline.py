@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 from icd.apps.demo.plan import Run
@@ -26,7 +27,18 @@ from icd.apps.study.stats import mean_std
 from icd.errors import OutputDirError
 
 STUDY_FILE = "study.json"  # the settings and plan of the study in OUT
-_OURS = {STUDY_FILE, OWNER_FILE, ".icd_lock", "icd_run.json", "runs", "study.md", "curves.png", "calibration.json"}
+_OURS = {
+    STUDY_FILE,
+    OWNER_FILE,
+    ".icd_lock",
+    "icd_run.json",
+    "runs",
+    "study.md",
+    "curves.png",
+    "calibration.json",
+    "data",
+    "teacher",
+}  # the last two: --shapes
 
 
 def check_out_dir(cfg: StudyConfig, resume: bool) -> None:
@@ -141,11 +153,18 @@ def run_study(
     calibrate: str | None = None,
     calibrate_epochs: int = 1,
     progress: bool = True,
+    prepare: Callable[[], int] | None = None,
 ) -> dict:
-    """The whole study (the inputs checked by the caller); returns {"study_md", "curves", "verdicts", "runs"}."""
+    """The whole study (the inputs checked by the caller); returns {"study_md", "curves", "verdicts", "runs"}.
+
+    ``prepare``: makes the data and teacher once the folder is claimed (``--shapes``) and
+    returns the number of training images, which replaces ``num_train``.
+    """
     start = time.time()
     held = claim(cfg, resume)
     try:
+        if prepare is not None:
+            num_train = prepare()
         _write_json(os.path.join(cfg.out_dir, STUDY_FILE), {"settings": asdict(cfg), "calibrate": calibrate})
         os.makedirs(cfg.runs_dir, exist_ok=True)
 

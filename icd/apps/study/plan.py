@@ -92,7 +92,21 @@ def train_argv(
         argv += ["--distill", "none", "--inherit-teacher", cfg.inherit_parts]
     elif method.endswith("+inherit"):
         argv += ["--inherit-teacher", cfg.inherit_parts]
-    return argv + list(cfg.train_flags)
+    return argv + (list(cfg.train_flags) if base != "baseline" else without_teacher_flags(cfg.train_flags))
+
+
+def without_teacher_flags(flags: list[str]) -> list[str]:
+    """``flags`` less the distillation flags (each with its values): what a baseline run takes of
+    ``--train-flags`` (icd train refuses them without --teacher)."""
+    from icd.flags import teacher_only
+
+    kept, dropping = [], False
+    for arg in flags:
+        if arg.startswith("--"):
+            dropping = teacher_only(arg[2:].split("=", 1)[0].replace("-", "_"))
+        if not dropping:
+            kept.append(arg)
+    return kept
 
 
 def pretrain_argv(cfg: StudyConfig, seed: int) -> list[str]:
