@@ -231,3 +231,37 @@ def test_resume_runs_only_what_is_missing_and_refuses_a_changed_plan(tiny_study,
     assert cli.main(changed) == 2
     err = capsys.readouterr().err
     assert "--resume: " in err and "finished with another command than this study's plan" in err
+
+
+def test_calibration_picks_the_best_swept_weight_or_the_matched_one(tmp_path):
+    from icd.apps.study.calibrate import calibrated_methods, calibration_runs, pick_weights
+    from icd.apps.study.settings import StudyConfig
+
+    cfg = StudyConfig(out_dir=str(tmp_path), teacher="t.pth", methods=["baseline", "fpn-mse", "icd-pre"],
+                      weights={}, seeds=[4, 5])  # fmt: skip
+    assert calibrated_methods(cfg) == ["fpn-mse", "icd"]  # icd-pre's weight is icd's
+    runs = calibration_runs(cfg, "sweep", epochs=1, num_train=16)
+    assert [r.name for r in runs] == ["calibrate_fpn-mse_w4", "calibrate_fpn-mse_w16", "calibrate_fpn-mse_w64",
+                                      "calibrate_icd_w2", "calibrate_icd_w8", "calibrate_icd_w32"]  # fmt: skip
+    assert all(_flag(r.argv, "--seed") == "4" for r in runs)  # the first seed
+    assert _flag(runs[1].argv, "--distill-weight") == "16" and _flag(runs[4].argv, "--distill") == "icd"
+    aps = {"fpn-mse_w4": 5.0, "fpn-mse_w16": 6.5, "fpn-mse_w64": 6.0, "icd_w2": 4.0, "icd_w8": 4.0, "icd_w32": 3.0}
+    for run in runs:
+        folder = tmp_path / "runs" / run.name
+        folder.mkdir(parents=True)
+        ap = aps[run.name.removeprefix("calibrate_")]
+        (folder / "metrics.jsonl").write_text(json.dumps({"type": "eval", "iter": 2, "AP": ap}) + "\n")
+    picked = pick_weights(cfg, "sweep", runs)
+    assert picked["fpn-mse"]["weight"] == 16.0 and picked["icd"]["weight"] == 2.0  # a tie: the smaller weight
+    assert "w16: 6.50 AP" in picked["fpn-mse"]["evidence"]
+    match = calibration_runs(cfg, "match", epochs=1, num_train=16)
+    assert [r.name for r in match] == ["calibrate_fpn-mse_w1", "calibrate_icd_w1"]
+    for run, distill in zip(match, (0.1, 0.4), strict=True):
+        folder = tmp_path / "runs" / run.name
+        folder.mkdir(parents=True)
+        lines = [{"type": "train", "iter": i, "loss_classification": 2.0, "loss_distill": distill} for i in range(4)]
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    picked = pick_weights(cfg, "match", match)
+    assert picked["fpn-mse"]["weight"] == 8.0 and picked["icd"]["weight"] == 2.0  # 0.5 x 20 -> 8, 0.5 x 5 -> 2
+    cfg.weights["icd"] = 8.0
+    assert calibrated_methods(cfg) == ["fpn-mse"]  # a weight given is kept
