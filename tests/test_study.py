@@ -265,3 +265,26 @@ def test_calibration_picks_the_best_swept_weight_or_the_matched_one(tmp_path):
     assert picked["fpn-mse"]["weight"] == 8.0 and picked["icd"]["weight"] == 2.0  # 0.5 x 20 -> 8, 0.5 x 5 -> 2
     cfg.weights["icd"] = 8.0
     assert calibrated_methods(cfg) == ["fpn-mse"]  # a weight given is kept
+
+
+def test_a_run_folder_held_by_a_live_run_is_not_cleared(tmp_path):
+    import fcntl
+
+    from icd.apps.demo.plan import Run
+    from icd.apps.demo.scheduler import execute
+    from icd.apps.study.settings import StudyConfig
+    from icd.engine.output_dir import LOCK_FILE, lock_holder
+
+    cfg = StudyConfig(out_dir=str(tmp_path), jobs=1)
+    folder = tmp_path / "runs" / "baseline_e1_s0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("{}\n")
+    assert lock_holder(str(folder)) is None
+    with open(folder / LOCK_FILE, "w") as held:  # as a live icd train (a killed study's orphan) holds it
+        held.write("icd train, pid 1")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert lock_holder(str(folder)) == "icd train, pid 1"
+        with pytest.raises(RuntimeError, match="is in use by a live run"):
+            execute([Run("baseline_e1_s0", "b", ["train"], 1)], cfg, progress=False)
+    assert (folder / "metrics.jsonl").exists() and lock_holder(str(folder)) is None

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from icd.apps.demo.plan import Run
 from icd.apps.demo.stamps import STAMP_FILE, mark_owned, write_run_stamp
-from icd.engine.output_dir import previous_run_files
+from icd.engine.output_dir import lock_holder, previous_run_files
 
 POLL_S = 0.5
 
@@ -52,6 +52,9 @@ def runs_to_start(pending: Sequence[Run], active: int, done: set[str], jobs: int
 
 def _start(run: Run, cfg, slot: int) -> None:
     run_dir = cfg.run_dir(run.name)
+    holder = lock_holder(run_dir)
+    if holder is not None:  # a run left behind by a killed demo or study: its files are not to be removed
+        raise RuntimeError(f"{run_dir} is in use by a live run ({holder}); stop it, then start again")
     mark_owned(run_dir)  # check_out_dir made sure the folder is the demo's own (or new)
     # a fresh run, not a resume: nothing of an earlier run may stay (icd train refuses to start on it)
     for path in [*previous_run_files(run_dir), os.path.join(run_dir, STAMP_FILE)]:
@@ -76,8 +79,10 @@ def _finish(run: Run, cfg) -> None:
         log_path = os.path.join(cfg.run_dir(run.name), "train.log")
         with open(log_path) as f:
             tail = "".join(f.readlines()[-20:])
-        raise RuntimeError(f"{getattr(cfg, 'label', 'demo')} run {run.name!r} failed (exit {run.process.returncode}); "
-                           f"end of {log_path}:\n{tail}")
+        raise RuntimeError(
+            f"{getattr(cfg, 'label', 'demo')} run {run.name!r} failed (exit {run.process.returncode}); "
+            f"end of {log_path}:\n{tail}"
+        )
     write_run_stamp(run, cfg)
 
 
