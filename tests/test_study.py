@@ -288,3 +288,9 @@ def test_a_run_folder_held_by_a_live_run_is_not_cleared(tmp_path):
         with pytest.raises(RuntimeError, match="is in use by a live run"):
             execute([Run("baseline_e1_s0", "b", ["train"], 1)], cfg, progress=False)
     assert (folder / "metrics.jsonl").exists() and lock_holder(str(folder)) is None
+
+
+def test_verdict_of_no_difference_says_even():
+    text = verdict("icd", "baseline", [0.0, 0.0])
+    assert text.startswith("icd even with baseline at a difference of 0.00 ± 0.00 AP (0 of 2 seeds ahead)")
+    assert "level within the spread" in text

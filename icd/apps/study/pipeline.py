@@ -116,7 +116,7 @@ def teacher_section(cfg: StudyConfig, teacher_ap: float, before: str | None) -> 
             after = teacher_warning(teacher_ap, mean, cfg.teacher_margin)
             ratio = f", the teacher {teacher_ap / mean:.2f}x it" if mean > 0 else ""
             lines.append(
-                f"\n{epochs} epochs: baseline {mean:.2f} AP{ratio}"
+                f"\n{epochs} epoch(s): baseline {mean:.2f} AP{ratio}"
                 + (f". **Warning:** {after}." if after else ": clearly ahead.")
             )
     return "\n".join(lines) + "\n"
@@ -153,18 +153,19 @@ def run_study(
     calibrate: str | None = None,
     calibrate_epochs: int = 1,
     progress: bool = True,
-    prepare: Callable[[], int] | None = None,
+    prepare: Callable[[], tuple[int, list[list[str]]]] | None = None,
 ) -> dict:
     """The whole study (the inputs checked by the caller); returns {"study_md", "curves", "verdicts", "runs"}.
 
     ``prepare``: makes the data and teacher once the folder is claimed (``--shapes``) and
-    returns the number of training images, which replaces ``num_train``.
+    returns the number of training images, which replaces ``num_train``, and the commands it ran.
     """
     start = time.time()
     held = claim(cfg, resume)
     try:
+        prepared: list[list[str]] = []
         if prepare is not None:
-            num_train = prepare()
+            num_train, prepared = prepare()
         _write_json(os.path.join(cfg.out_dir, STUDY_FILE), {"settings": asdict(cfg), "calibrate": calibrate})
         os.makedirs(cfg.runs_dir, exist_ok=True)
 
@@ -181,7 +182,7 @@ def run_study(
         )
 
         # 2. the loss weights
-        calibration, extra = "", [teacher.argv]
+        calibration, extra = "", [*prepared, teacher.argv]
         if calibrate:
             runs = cal.calibration_runs(cfg, calibrate, calibrate_epochs, num_train)
             _reuse(runs, cfg, resume)

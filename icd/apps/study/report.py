@@ -176,7 +176,7 @@ def write_study_md(
         if epochs in results:
             line = headline(results[epochs])
             if line:
-                headlines.append(f"{epochs} epochs: {line}")
+                headlines.append(f"{epochs} epoch(s): {line}")
     if headlines:
         parts.append("## Verdict\n\n" + "\n".join(f"- {h}." for h in headlines) + "\n")
     parts.append(teacher_text)

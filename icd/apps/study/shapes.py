@@ -36,9 +36,9 @@ def shapes_study(cfg: StudyConfig, preset: str, sizes_given: set[str]) -> StudyC
     return replace(cfg, data_flags=["--data-path", os.path.abspath(demo.data_dir)], teacher=teacher, **student)
 
 
-def prepare(cfg: StudyConfig, preset: str, progress: bool) -> int:
+def prepare(cfg: StudyConfig, preset: str, progress: bool) -> tuple[int, list[list[str]]]:
     """Generate the data and train the teacher (each unless already there with the same settings);
-    returns the number of training images."""
+    returns the number of training images and the teacher's command."""
     from icd.apps.demo.pipeline import prepare_data
     from icd.apps.demo.plan import plan_runs
     from icd.apps.demo.scheduler import execute
@@ -52,4 +52,4 @@ def prepare(cfg: StudyConfig, preset: str, progress: bool) -> int:
     if reuse_if_finished(teacher, demo):
         print(f"[study] teacher: reusing {demo.run_dir('teacher')}", flush=True)
     execute([teacher], demo, progress)
-    return demo.num_train
+    return demo.num_train, [teacher.argv]

@@ -86,14 +86,12 @@ def verdict(name: str, other: str, diffs: Sequence[float]) -> str:
         return f"{name} against {other}: no seed with both runs finished, nothing to compare"
     m, s = mean_std(diffs)
     side = "ahead of" if m > 0 else "behind" if m < 0 else "even with"
+    by = f"by {abs(m):.2f}" if m else "at a difference of 0.00"
     ahead = sum(d > 0 for d in diffs)
     if n == 1:
-        return (
-            f"{name} {side} {other} by {abs(m):.2f} AP on one seed: no spread measured, "
-            f"nothing can be claimed (run more seeds)"
-        )
+        return f"{name} {side} {other} {by} AP on one seed: no spread measured, nothing can be claimed (run more seeds)"
     lo, hi = interval(diffs)
-    head = f"{name} {side} {other} by {abs(m):.2f} ± {s:.2f} AP ({ahead} of {n} seeds ahead)"
+    head = f"{name} {side} {other} {by} ± {s:.2f} AP ({ahead} of {n} seeds ahead)"
     if lo > 0:
         return f"{head}: ahead beyond the spread (95% interval of the mean {lo:+.2f} to {hi:+.2f})"
     if hi < 0:
