@@ -294,3 +294,18 @@ def test_verdict_of_no_difference_says_even():
     text = verdict("icd", "baseline", [0.0, 0.0])
     assert text.startswith("icd even with baseline at a difference of 0.00 ± 0.00 AP (0 of 2 seeds ahead)")
     assert "level within the spread" in text
+
+
+def test_shapes_preset_takes_the_demos_data_teacher_and_student_unless_flags_say_otherwise(tmp_path, capsys):
+    from icd.apps.study.command import given_student_flags
+
+    out = tmp_path / "s"
+    argv = ["--shapes", "tiny", "--out", str(out), "--fpn-channels", "48", "--device", "cpu"]
+    args = _args(" ".join(argv))
+    cfg = config_from_args(args, given_student_flags(argv, None))
+    assert cfg.data_flags == ["--data-path", str(out / "data")] and cfg.teacher == str(out / "teacher/checkpoint.pth")
+    assert (cfg.min_size, cfg.batch_size, cfg.epochs, cfg.fpn_channels) == (64, 4, [1], 48)  # the flag given wins
+    full = config_from_args(_args(f"--shapes --out {out} --device cpu"), set())
+    assert (full.min_size, full.fpn_channels, full.epochs) == (96, 64, [2])
+    assert cli.main(["study", "--shapes", "--teacher", "t.pth", "--out", str(out)]) == 2
+    assert "--shapes with --teacher: the preset makes its own data and teacher" in capsys.readouterr().err
