@@ -238,7 +238,7 @@ def test_calibration_picks_the_best_swept_weight_or_the_matched_one(tmp_path):
     from icd.apps.study.settings import StudyConfig
 
     cfg = StudyConfig(out_dir=str(tmp_path), teacher="t.pth", methods=["baseline", "fpn-mse", "icd-pre"],
-                      weights={}, seeds=[4, 5])  # fmt: skip
+                      weights={}, seeds=[4, 5], match_fraction=0.5)  # fmt: skip
     assert calibrated_methods(cfg) == ["fpn-mse", "icd"]  # icd-pre's weight is icd's
     runs = calibration_runs(cfg, "sweep", epochs=1, num_train=16)
     assert [r.name for r in runs] == ["calibrate_fpn-mse_w4", "calibrate_fpn-mse_w16", "calibrate_fpn-mse_w64",

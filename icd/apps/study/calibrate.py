@@ -25,7 +25,6 @@ from icd.apps.study.settings import StudyConfig, base_method
 
 MODES = ("sweep", "match")
 SWEEP = {"fpn-mse": (4.0, 16.0, 64.0), "icd": (2.0, 8.0, 32.0)}  # around each default (16, 8)
-MATCH_FRACTION = 0.5  # the weighted distillation loss as a fraction of the detection loss
 
 
 def calibrated_methods(cfg: StudyConfig) -> list[str]:
@@ -80,13 +79,14 @@ def loss_ratio(records: Sequence[dict], weight: float) -> float:
     return detection / distill
 
 
-def matched_weight(ratio: float, fraction: float = MATCH_FRACTION) -> float:
+def matched_weight(ratio: float, fraction: float) -> float:
     """``fraction * ratio`` rounded to the nearest power of 2."""
     return float(2 ** round(math.log2(fraction * ratio)))
 
 
-def pick_weights(cfg: StudyConfig, mode: str, runs: Sequence[Run], fraction: float = MATCH_FRACTION) -> dict:
-    """{method: {"weight", "evidence"}} from the finished calibration runs."""
+def pick_weights(cfg: StudyConfig, mode: str, runs: Sequence[Run]) -> dict:
+    """{method: {"weight", "evidence"}} from the finished calibration runs (match: at ``cfg.match_fraction``)."""
+    fraction = cfg.match_fraction
     picked = {}
     for method in calibrated_methods(cfg):
         mine = [r for r in runs if r.name.startswith(f"calibrate_{method}_w")]
@@ -110,13 +110,13 @@ def pick_weights(cfg: StudyConfig, mode: str, runs: Sequence[Run], fraction: flo
     return picked
 
 
-def calibration_text(mode: str, picked: dict, epochs: int, seed: int) -> str:
+def calibration_text(mode: str, picked: dict, epochs: int, seed: int, fraction: float) -> str:
     if not picked:
         return ""
     how = (
         "a sweep, the weight of the best val AP"
         if mode == "sweep"
-        else f"the distillation loss matched to {MATCH_FRACTION:g} of the detection loss"
+        else f"the weighted distillation loss matched to {fraction:g}x the detection loss"
     )
     lines = [f"## Calibrated loss weights ({how}; seed {seed}, {epochs} epochs)", ""]
     lines += [f"- {m}: weight {p['weight']:g} ({p['evidence']})" for m, p in picked.items()]

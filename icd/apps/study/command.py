@@ -111,12 +111,19 @@ def add_study_flags(p) -> None:
     p.add_argument(
         "--calibrate",
         nargs="?",
-        const="match",
+        const="sweep",
         choices=MODES,
         default=None,
-        help="set each distilling method's weight from short runs on the first seed first: match "
-        "(one run, the distillation loss matched to a fraction of the detection loss) or sweep "
-        "(a small grid of weights, the best val AP)",
+        help="set each distilling method's weight from short runs on the first seed first: sweep (a small "
+        "grid of weights, the best val AP) or match (one run, the weighted distillation loss set to "
+        "--match-fraction times the detection loss); docs/study.md",
+    )
+    p.add_argument(
+        "--match-fraction",
+        type=finite_float(above=0.0),
+        default=StudyConfig.match_fraction,
+        help="--calibrate match: the weighted distillation loss over the detection loss (5.5 reproduced the "
+        "swept weights on the shapes data, results/README.md)",
     )
     p.add_argument("--calibrate-epochs", type=int_at_least(1), default=1, help="the calibration runs' epochs")
     p.add_argument("--shapes", nargs="?", const="full", choices=PRESETS, default=None,
@@ -208,6 +215,7 @@ def config_from_args(args: argparse.Namespace, given_flags: set[str] | None = No
         pretrain_iters=args.pretrain_iters,
         teacher_margin=args.teacher_margin,
         student_ap=args.student_ap,
+        match_fraction=args.match_fraction,
         device=device,
         jobs=jobs,
         threads=args.threads,

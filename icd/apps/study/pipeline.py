@@ -190,7 +190,7 @@ def run_study(
             execute(runs, cfg, progress)
             picked = cal.pick_weights(cfg, calibrate, runs)
             cfg.weights.update({m: p["weight"] for m, p in picked.items()})
-            calibration = cal.calibration_text(calibrate, picked, calibrate_epochs, cfg.seeds[0])
+            calibration = cal.calibration_text(calibrate, picked, calibrate_epochs, cfg.seeds[0], cfg.match_fraction)
             shown_weights = ", ".join(f"{m} {p['weight']:g}" for m, p in picked.items())
             print(f"[study] weights: {shown_weights}", flush=True)
             extra += [r.argv for r in runs]
