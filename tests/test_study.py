@@ -309,3 +309,17 @@ def test_shapes_preset_takes_the_demos_data_teacher_and_student_unless_flags_say
     assert (full.min_size, full.fpn_channels, full.epochs) == (96, 64, [2])
     assert cli.main(["study", "--shapes", "--teacher", "t.pth", "--out", str(out)]) == 2
     assert "--shapes with --teacher: the preset makes its own data and teacher" in capsys.readouterr().err
+
+
+def test_docs_seed_table_is_what_seeds_needed_gives():
+    import re
+
+    text = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "study.md")
+    with open(text) as f:
+        table = f.read().split("| paired spread s \\ difference d (AP) |", 1)[1].split("\n\n", 1)[0]
+    header, _, *rows = table.strip().splitlines()
+    diffs = [float(x) for x in re.findall(r"[\d.]+", header)]
+    assert len(rows) == 4 and diffs == [0.25, 0.5, 1.0, 2.0, 5.0]
+    for row in rows:
+        spread, *counts = [c.strip() for c in row.strip("|").split("|")]
+        assert [int(c) for c in counts] == [seeds_needed(d, float(spread)) for d in diffs], row
