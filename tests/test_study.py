@@ -231,6 +231,14 @@ def test_resume_runs_only_what_is_missing_and_refuses_a_changed_plan(tiny_study,
     assert cli.main(changed) == 2
     err = capsys.readouterr().err
     assert "--resume: " in err and "finished with another command than this study's plan" in err
+    teacher = argv[argv.index("--teacher") + 1]
+    before = os.stat(teacher)
+    os.utime(teacher, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # the teacher trained again
+    try:
+        assert cli.main([*argv, "--resume"]) == 2
+        assert "the flags or the teacher file changed" in capsys.readouterr().err
+    finally:
+        os.utime(teacher, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def test_calibration_picks_the_best_swept_weight_or_the_matched_one(tmp_path):

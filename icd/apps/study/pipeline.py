@@ -72,8 +72,8 @@ def check_plan(runs: list[Run], cfg: StudyConfig) -> None:
             raise OutputDirError(
                 "--resume",
                 f"{cfg.run_dir(run.name)} finished with another command than this study's plan (run id "
-                f"{run_id(stamp)}, the plan's {run_id(run.stamp(cfg))}): the flags changed since; give the "
-                "study's own flags again, or choose another --out",
+                f"{run_id(stamp)}, the plan's {run_id(run.stamp(cfg))}): the flags or the teacher file changed "
+                "since; give the study's own flags again, or choose another --out",
             )
 
 

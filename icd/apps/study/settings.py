@@ -70,8 +70,14 @@ class StudyConfig:
         return os.path.join(self.runs_dir, name)
 
     def data_settings(self) -> dict:
-        """The data part of a run's identity: the data flags are in its command already."""
-        return {}
+        """What a run's identity holds beside its command (which has the data flags): the teacher
+        file's size and modification time, so that a teacher trained again at the same path is
+        not taken for the one the finished runs learned from."""
+        try:
+            info = os.stat(self.teacher) if self.teacher else None
+        except OSError:
+            info = None
+        return {"teacher": None if info is None else [info.st_size, info.st_mtime_ns]}
 
     def slot_env(self, slot: int) -> dict[str, str]:
         """The environment of a run in job slot ``slot``: its GPU on a GPU machine."""
