@@ -264,6 +264,7 @@ def test_calibration_picks_the_best_swept_weight_or_the_matched_one(tmp_path):
     assert "w16: 6.50 AP" in picked["fpn-mse"]["evidence"]
     match = calibration_runs(cfg, "match", epochs=1, num_train=16)
     assert [r.name for r in match] == ["calibrate_fpn-mse_w1", "calibrate_icd_w1"]
+    assert match[0].argv[-2:] == ["--stop-after-iters", "30"] and _flag(match[0].argv, "--epochs") == "2"
     for run, distill in zip(match, (0.1, 0.4), strict=True):
         folder = tmp_path / "runs" / run.name
         folder.mkdir(parents=True)

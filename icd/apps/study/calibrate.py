@@ -1,11 +1,13 @@
 """``icd study --calibrate``: each distilling method's loss weight from short runs on one seed.
 
-Two ways, both on the study's first seed and a short schedule (``--calibrate-epochs``):
+Two ways, both on the study's first seed:
 
-* ``sweep``: one run per weight of a small grid (FPN-MSE 4, 16, 64; ICD 2, 8, 32 by default);
-  the weight of the best val AP is kept (a tie: the smaller weight).
-* ``match``: one run at weight 1; the weight is chosen so that the weighted distillation loss is
-  ``fraction`` of the detection loss over the run's second half (rounded to a power of 2):
+* ``sweep``: one run of ``--calibrate-epochs`` per weight of a small grid (FPN-MSE 4, 16, 64;
+  ICD 2, 8, 32 by default); the weight of the best val AP is kept (a tie: the smaller weight).
+* ``match``: one run at weight 1, the first 30 iterations of the study's first schedule (its lr
+  and warm-up; where the fraction was measured, results/README.md); the weight is chosen so
+  that the weighted distillation loss is ``fraction`` times the detection loss over iterations
+  16-30 (rounded to a power of 2):
   ``weight = fraction * mean(detection loss) / mean(loss_distill at weight 1)``.
 
 The runs are scheduled like the study's own (``OUT/runs/calibrate_METHOD_wW``) and reused on
@@ -24,6 +26,7 @@ from icd.apps.study.report import last_eval_of, run_records
 from icd.apps.study.settings import StudyConfig, base_method
 
 MODES = ("sweep", "match")
+MATCH_ITERS = 30  # the match rule's run: --stop-after-iters
 SWEEP = {"fpn-mse": (4.0, 16.0, 64.0), "icd": (2.0, 8.0, 32.0)}  # around each default (16, 8)
 
 
@@ -48,15 +51,14 @@ def calibration_runs(
     for method in calibrated_methods(cfg):
         for weight in grid[method] if mode == "sweep" else (1.0,):
             name = calibration_name(method, weight)
-            argv = train_argv(cfg, method, epochs, seed, weight=weight, output_dir=cfg.run_dir(name))
-            runs.append(
-                Run(
-                    name,
-                    f"calibrate {method} w{weight:g}",
-                    argv,
-                    epochs * iterations_per_epoch(num_train, cfg.batch_size),
-                )
-            )
+            if mode == "sweep":
+                argv = train_argv(cfg, method, epochs, seed, weight=weight, output_dir=cfg.run_dir(name))
+                length = epochs * iterations_per_epoch(num_train, cfg.batch_size)
+            else:  # the study's schedule (its warm-up), stopped early: no evaluation
+                argv = train_argv(cfg, method, cfg.epochs[0], seed, weight=weight, output_dir=cfg.run_dir(name))
+                argv += ["--print-freq", "1", "--stop-after-iters", str(MATCH_ITERS)]
+                length = MATCH_ITERS
+            runs.append(Run(name, f"calibrate {method} w{weight:g}", argv, length))
     return runs
 
 

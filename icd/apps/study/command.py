@@ -122,10 +122,10 @@ def add_study_flags(p) -> None:
         "--match-fraction",
         type=finite_float(above=0.0),
         default=StudyConfig.match_fraction,
-        help="--calibrate match: the weighted distillation loss over the detection loss (5.5 reproduced the "
+        help="--calibrate match: the weighted distillation loss over the detection loss (5.75 reproduced the "
         "swept weights on the shapes data, results/README.md)",
     )
-    p.add_argument("--calibrate-epochs", type=int_at_least(1), default=1, help="the calibration runs' epochs")
+    p.add_argument("--calibrate-epochs", type=int_at_least(1), default=1, help="--calibrate sweep: its runs' epochs")
     p.add_argument("--shapes", nargs="?", const="full", choices=PRESETS, default=None,
                    help="the preset on the demo's generated shapes data: the demo's data and teacher made in "
                    "--out first (no --data-path, --teacher), the demo's student unless flags say otherwise; "

@@ -53,7 +53,7 @@ class StudyConfig:
     inherit_parts: str = "neck,head"
     pretrain_iters: int = DEFAULT_PRETRAIN_ITERS
     teacher_margin: float = TEACHER_MARGIN
-    match_fraction: float = 5.5  # --calibrate match: the weighted distillation loss / the detection loss
+    match_fraction: float = 5.75  # --calibrate match: the weighted distillation loss / the detection loss
     student_ap: float | None = None  # what the student reaches, if known: the teacher check's yardstick
     device: str = "cpu"
     jobs: int = 1
