@@ -332,3 +332,13 @@ def test_docs_seed_table_is_what_seeds_needed_gives():
     for row in rows:
         spread, *counts = [c.strip() for c in row.strip("|").split("|")]
         assert [int(c) for c in counts] == [seeds_needed(d, float(spread)) for d in diffs], row
+
+
+def test_the_default_match_fraction_gives_the_swept_weights_at_the_measured_ratios():
+    from icd.apps.study.settings import StudyConfig
+
+    fraction = StudyConfig().match_fraction
+    # detection / distillation loss at weight 1 (results/README.md: the demo's teacher after 1 and 2 epochs)
+    for fpn_mse, icd in ((2.172, 1.906), (2.043, 1.465)):
+        assert matched_weight(fpn_mse, fraction) == 16.0 and matched_weight(icd, fraction) == 8.0
+    assert matched_weight(2.043, 5.5) == 8.0  # the window is narrow: 5.5 misses one of them
