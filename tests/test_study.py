@@ -231,6 +231,7 @@ def test_resume_runs_only_what_is_missing_and_refuses_a_changed_plan(tiny_study,
     assert cli.main(changed) == 2
     err = capsys.readouterr().err
     assert "--resume: " in err and "finished with another command than this study's plan" in err
+    assert json.loads((out / "study.json").read_text())["settings"]["lr"] == 0.02  # the refused plan left no trace
     teacher = argv[argv.index("--teacher") + 1]
     before = os.stat(teacher)
     os.utime(teacher, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # the teacher trained again

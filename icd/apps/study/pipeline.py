@@ -166,7 +166,9 @@ def run_study(
         prepared: list[list[str]] = []
         if prepare is not None:
             num_train, prepared = prepare()
-        _write_json(os.path.join(cfg.out_dir, STUDY_FILE), {"settings": asdict(cfg), "calibrate": calibrate})
+        settings = {"settings": asdict(cfg), "calibrate": calibrate}
+        if not resume:  # resumed: rewritten once the plan is known to be the finished runs' own
+            _write_json(os.path.join(cfg.out_dir, STUDY_FILE), settings)
         os.makedirs(cfg.runs_dir, exist_ok=True)
 
         # 1. the teacher check, before any student
@@ -199,6 +201,7 @@ def run_study(
         # 3. the students
         runs = plan_runs(cfg, num_train)
         _reuse(runs, cfg, resume)
+        _write_json(os.path.join(cfg.out_dir, STUDY_FILE), {**settings, "settings": asdict(cfg)})  # the weights used
         todo = [r.name for r in runs if not r.reused]
         print(
             f"[study] {len(runs)} runs, {len(runs) - len(todo)} finished already; running {len(todo)} "
