@@ -36,7 +36,7 @@ _PATH_DESTS = ("data_path", "train_ann", "train_images", "val_ann", "val_images"
 
 def add_study_flags(p) -> None:
     """The flags of ``icd study`` other than the data flags (``p``: a parser or an icd.config.FlagRecorder)."""
-    methods = ", ".join(f"{m} ({text})" for m, text in METHODS.items())
+    methods = "; ".join(f"{m}: {text}" for m, text in METHODS.items())
     p.add_argument(
         "--config",
         default=None,
@@ -103,7 +103,7 @@ def add_study_flags(p) -> None:
     p.add_argument("--threads", type=int_at_least(1), default=1, help="intra-op threads per run (CPU)")
     p.add_argument(
         "--train-flags",
-        default="",
+        default=None,
         metavar="'FLAGS'",
         help="more icd train flags for every student, as one quoted string (they win over the study's)",
     )
@@ -220,7 +220,7 @@ def config_from_args(args: argparse.Namespace, given_flags: set[str] | None = No
         jobs=jobs,
         threads=args.threads,
         gpus=gpus,
-        train_flags=shlex.split(args.train_flags),
+        train_flags=shlex.split(args.train_flags or ""),
     )
     if args.shapes:
         from icd.apps.study.shapes import shapes_study
