@@ -343,3 +343,18 @@ def test_the_default_match_fraction_gives_the_swept_weights_at_the_measured_rati
     for fpn_mse, icd in ((2.172, 1.906), (2.043, 1.465)):
         assert matched_weight(fpn_mse, fraction) == 16.0 and matched_weight(icd, fraction) == 8.0
     assert matched_weight(2.043, 5.5) == 8.0  # the window is narrow: 5.5 misses one of them
+
+
+def test_sigterm_stops_a_study_as_ctrl_c_does():
+    import signal
+    import time
+
+    from icd.apps.study.pipeline import _stop_on_sigterm
+
+    previous = _stop_on_sigterm()
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the scheduler's cleanup then stops the runs it started
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause() if not hasattr(signal, "pthread_kill") else time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

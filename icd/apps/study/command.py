@@ -17,7 +17,7 @@ from icd.apps.study.settings import (
     known_methods,
 )
 from icd.apps.study.shapes import PRESETS
-from icd.errors import ConfigError
+from icd.errors import ConfigError, InterruptedRun
 from icd.flags import available_cpus, finite_float, int_at_least
 
 # the shared data flags of icd train (icd.cli adds them), passed on to every run
@@ -282,7 +282,8 @@ def given_student_flags(argv: list[str], preset: str | None) -> set[str]:
 
 
 def run_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    """``icd study``: the whole study; 0 when done (``argv``: the command line, for --shapes)."""
+    """``icd study``: the whole study; 0 when done (``argv``: the command line, for --shapes).
+    Ctrl-C or SIGTERM stops the runs it started and exits 130 (InterruptedRun)."""
     from icd.apps.study.pipeline import run_study
 
     cfg = config_from_args(args, given_student_flags(argv or [], args.config) if args.shapes else None)
@@ -292,17 +293,23 @@ def run_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
         num_train = 0
 
-        def prepare() -> int:
+        def prepare() -> tuple[int, list[list[str]]]:
             return make_shapes(cfg, args.shapes, progress=not args.no_progress)
     else:
         num_train = check_inputs(cfg, args)
-    run_study(
-        cfg,
-        num_train,
-        resume=args.resume,
-        calibrate=args.calibrate,
-        calibrate_epochs=args.calibrate_epochs,
-        progress=not args.no_progress,
-        prepare=prepare,
-    )
+    try:
+        run_study(
+            cfg,
+            num_train,
+            resume=args.resume,
+            calibrate=args.calibrate,
+            calibrate_epochs=args.calibrate_epochs,
+            progress=not args.no_progress,
+            prepare=prepare,
+        )
+    except KeyboardInterrupt:
+        raise InterruptedRun(
+            "icd study: stopped, and the runs it had started with it; the same command with --resume "
+            f"finishes what is missing in {cfg.out_dir}"
+        ) from None
     return 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -140,6 +142,18 @@ def claim(cfg: StudyConfig, resume: bool):
     return held
 
 
+def _stop_on_sigterm():
+    """SIGTERM (``kill PID``) as Ctrl-C: the scheduler then stops the runs it started rather than
+    leaving them behind; returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
 def _write_json(path: str, data: dict) -> None:
     with open(f"{path}.tmp", "w") as f:
         json.dump(data, f, indent=1)
@@ -162,6 +176,7 @@ def run_study(
     """
     start = time.time()
     held = claim(cfg, resume)
+    previous = _stop_on_sigterm()
     try:
         prepared: list[list[str]] = []
         if prepare is not None:
@@ -218,6 +233,8 @@ def run_study(
         curves = plot_runs([cfg.run_dir(r.name) for r in shown], os.path.join(cfg.out_dir, "curves.png"))
         path, verdicts = write_study_md(cfg, runs, teacher_section(cfg, teacher_ap, before), calibration, extra, curves)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         held.release()
     for line in verdicts:
         print(f"[study] {line}")
