@@ -358,3 +358,19 @@ def test_sigterm_stops_a_study_as_ctrl_c_does():
             time.sleep(5)  # the handler interrupts it at once
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_study_folder_in_use_by_a_live_study_is_refused(data, finished_run, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "study.json").write_text("{}")
+    with open(out / ".icd_lock", "w") as held:  # as the live study holds it
+        held.write("icd study, pid 1")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        argv = ["study", "--data-path", data, "--teacher", f"{finished_run}/checkpoint.pth", "--out", str(out)]
+        assert cli.main([*argv, "--resume"]) == 2
+    assert f"--out {out}: is in use by another live icd run (icd study, pid 1)" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".icd_lock", "study.json"]
