@@ -1,4 +1,4 @@
-"""``icd`` command line: train, pretrain, eval, predict, plot, data shapes, demo (also ``python -m icd``).
+"""``icd`` command line: train, pretrain, eval, predict, plot, data shapes, demo, study (also ``python -m icd``).
 
     icd train --data-path DIR --detector retinanet --backbone resnet101 --output-dir runs/teacher
     icd train --data-path DIR --backbone resnet18 --teacher runs/teacher/checkpoint.pth \\
@@ -9,6 +9,7 @@
     icd plot runs/baseline runs/icd --out curves.png
     icd data shapes --out DIR --num-train 2000 --num-val 500
     icd demo --out demo_output
+    icd study --data-path DIR --teacher runs/teacher/checkpoint.pth --methods baseline fpn-mse icd --out study
     torchrun --nproc_per_node 8 -m icd train ...
 """
 
@@ -689,6 +690,20 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _study_parser(sub, preset: str | None = None) -> FlagRecorder:
+    from icd.apps.study.command import add_study_flags
+
+    p = _flag_recorder(_command(sub, "study", **COMMAND_TEXT["study"]), preset)
+    _add_data_flags(p)
+    add_study_flags(p)
+    _add_debug_flag(p)
+    try:
+        p.apply_preset()
+    except ValueError as err:
+        p.parser.error(str(err).replace("not an icd train flag", "not an icd study flag"))
+    return p
+
+
 # what `icd --help` lists: each command's one-line help and the description of `icd <command> --help`
 COMMAND_TEXT = {
     "train": {
@@ -724,6 +739,14 @@ COMMAND_TEXT = {
         "with ICD and with FPN-MSE, evaluate the four; write the table, the curves and the attention maps "
         "under --out. A finished teacher there is reused.",
     },
+    "study": {
+        "help": "does distillation pay on my data, and which method? runs and compares them over seeds",
+        "description": "Check the teacher on val, then train the student with each method (baseline, fpn-mse, "
+        "icd, icd-pre, inherit, +inherit) for each seed and schedule, one icd train process per run in "
+        "parallel slots; write study.md (per-run AP, mean ± std, paired per-seed differences, verdicts, "
+        "loss-health warnings, the commands) and curves.png under --out. --resume finishes an interrupted "
+        "study. Flags or a TOML file of them (--config); docs/study.md.",
+    },
 }
 
 
@@ -740,7 +763,10 @@ def icd_version() -> str:
 
 
 def build_parser(
-    train_preset: str | None = None, eval_preset: str | None = None, commands: Collection[str] | None = None
+    train_preset: str | None = None,
+    eval_preset: str | None = None,
+    commands: Collection[str] | None = None,
+    study_preset: str | None = None,
 ) -> argparse.ArgumentParser:
     """The ``icd`` parser; ``train_preset`` / ``eval_preset``: a --config file whose keys become
     defaults of ``icd train`` / ``icd eval``; ``commands``: the commands whose flags are added (each
@@ -760,6 +786,7 @@ def build_parser(
         "plot": lambda: _plot_parser(sub),
         "data": lambda: _data_parser(sub),
         "demo": lambda: _demo_parser(sub),
+        "study": lambda: _study_parser(sub, study_preset),
     }
     for name, add in flags.items():
         if commands is None or name in commands:
@@ -977,7 +1004,8 @@ def _command_of(argv: Sequence[str]) -> str | None:
 def _main(argv: list[str]) -> int:
     command = _command_of(argv)
     commands = () if command is None else (command,)
-    parser = build_parser(_train_preset_of(argv), _train_preset_of(argv, "eval"), commands=commands)
+    parser = build_parser(_train_preset_of(argv), _train_preset_of(argv, "eval"), commands=commands,
+                          study_preset=_train_preset_of(argv, "study"))  # fmt: skip
     args = parser.parse_args(argv)
     if args.command == "train":  # flags and another run's files first: before any data is looked at
         from icd.engine.run_spec import detector_spec_from_args
@@ -1032,6 +1060,10 @@ def _main(argv: list[str]) -> int:
         from icd.apps.demo.command import run_command
 
         return run_command(args)
+    elif args.command == "study":
+        from icd.apps.study.command import run_command as run_study_command
+
+        return run_study_command(args, argv)
     return 0
 
 

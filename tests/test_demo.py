@@ -165,6 +165,9 @@ def test_summarize_gives_mean_and_sample_std_over_outputs(tmp_path):
     table = summarize(outs)
     assert "| teacher | 12.00 ± 2.00 (10.00-14.00) | 24.00 ± 4.00 | 6.00 ± 1.00 | 10.00, 12.00, 14.00 |" in table
     assert "| icd | 15.00 ± 2.00 (13.00-17.00) |" in table
+    # every output's students differ by the same amounts: no spread, so the paired verdicts claim them
+    assert "- icd ahead of baseline by 2.00 ± 0.00 AP (3 of 3 seeds ahead): ahead beyond the spread" in table
+    assert "- icd ahead of fpn_mse by 1.00 ± 0.00 AP" in table
 
 
 def test_the_library_never_imports_the_demo_or_the_command_line():

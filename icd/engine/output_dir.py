@@ -170,6 +170,25 @@ def _lock(output_dir: str, command: str) -> int:
     return fd
 
 
+def lock_holder(output_dir: str) -> str | None:
+    """Who holds ``output_dir``'s lock (a live run's "icd train, pid ..."), or None when no live
+    run does (no lock file, or its flock is free). Reads only; takes the lock for an instant."""
+    path = os.path.join(output_dir, LOCK_FILE)
+    if fcntl is None or not os.path.isfile(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+    finally:
+        os.close(fd)  # closing drops the flock, if taken
+    return None
+
+
 def _remove_stray_tmp(output_dir: str) -> None:
     """The temporary files of a writer killed before its rename (the lock says none is live)."""
     stray = []

@@ -84,7 +84,8 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="DIR",
         default=None,
-        help="train nothing: print mean ± std of each run's AP over these demo outputs (seeds)",
+        help="train nothing: print mean ± std of each run's AP over these demo outputs (seeds), and the paired "
+        "differences with icd study's verdicts",
     )
 
 

@@ -30,9 +30,12 @@ class Run:
     started: float = 0.0
     seconds: float = 0.0
     reused: bool = False
+    slot: int = -1  # the job slot it runs in (the scheduler's)
 
     def stamp(self, cfg: DemoConfig) -> dict:
-        """What a reused run must match: its arguments (paths relative to ``cfg.out_dir``)."""
+        """What a reused run must match: its arguments (paths relative to ``cfg.out_dir``) and the
+        data settings (``cfg`` a DemoConfig or a StudyConfig); :func:`icd.apps.demo.stamps.run_id`
+        is its hash."""
         argv = [a.replace(cfg.out_dir, "{out}", 1) if a.startswith(cfg.out_dir) else a
                 for a in self.argv]  # fmt: skip
         return {"argv": argv, "data": cfg.data_settings()}

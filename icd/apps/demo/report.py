@@ -1,4 +1,5 @@
-"""The demo's numbers: each run's last evaluation, ``results.md``, and the summary over several outputs."""
+"""The demo's numbers: each run's last evaluation, ``results.md``, and the summary over several outputs
+(mean ± std, and the paired differences with ``icd study``'s verdicts)."""
 
 from __future__ import annotations
 
@@ -94,4 +95,15 @@ def summarize(out_dirs: Sequence[str]) -> str:
             cells.append(cell)
         each = ", ".join(f"{e['AP']:.2f}" for e in evals)
         lines.append(f"| {name} | {' | '.join(cells)} | {each} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + paired_verdicts({n: [e["AP"] for e in v] for n, v in per_run.items()})
+
+
+def paired_verdicts(ap: dict[str, list[float]]) -> str:
+    """The students' AP differences paired per output (seed), with ``icd study``'s verdicts
+    (:func:`icd.apps.study.stats.verdict`): each distilled student against the baseline, and ICD
+    against FPN-MSE."""
+    from icd.apps.study.stats import verdict
+
+    pairs = [("fpn_mse", "baseline"), ("icd", "baseline"), ("icd", "fpn_mse")]
+    lines = [f"- {verdict(a, b, [x - y for x, y in zip(ap[a], ap[b], strict=True)])}." for a, b in pairs]
+    return "\nPaired per output (the same seed):\n\n" + "\n".join(lines) + "\n"

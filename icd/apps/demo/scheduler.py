@@ -1,9 +1,12 @@
-"""Runs the demo's processes in ``cfg.jobs`` job slots, each once the runs it needs are done.
+"""Runs the processes of a demo or a study in ``cfg.jobs`` job slots, each once the runs it needs are done.
 
 Every run is a separate ``python -m icd`` process with its output in ``RUN_DIR/train.log``. Each
-run takes one slot and ``cfg.threads`` threads, the teacher (``all_threads``) every slot's threads
-(OpenMP threads waiting passively rather than spinning, so a run beside it uses what they leave).
-The parent shows one progress bar per run, fed by the runs' ``metrics.jsonl``.
+run takes one slot and ``cfg.threads`` threads, the demo's teacher (``all_threads``) every slot's
+threads (OpenMP threads waiting passively rather than spinning, so a run beside it uses what they
+leave). A slot's own environment comes from ``cfg.slot_env(slot)`` when the settings have one (a
+study on GPUs: one GPU per slot). The parent shows one progress bar per run, fed by the runs'
+``metrics.jsonl``. ``cfg``: a :class:`~icd.apps.demo.settings.DemoConfig` or a
+:class:`~icd.apps.study.settings.StudyConfig` (``run_dir``, ``jobs``, ``threads``, ``label``).
 """
 
 from __future__ import annotations
@@ -18,9 +21,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from icd.apps.demo.plan import Run
-from icd.apps.demo.settings import DemoConfig
 from icd.apps.demo.stamps import STAMP_FILE, mark_owned, write_run_stamp
-from icd.engine.output_dir import previous_run_files
+from icd.engine.output_dir import lock_holder, previous_run_files
 
 POLL_S = 0.5
 
@@ -48,8 +50,11 @@ def runs_to_start(pending: Sequence[Run], active: int, done: set[str], jobs: int
     return ready[: max(0, jobs - active)]
 
 
-def _start(run: Run, cfg: DemoConfig) -> None:
+def _start(run: Run, cfg, slot: int) -> None:
     run_dir = cfg.run_dir(run.name)
+    holder = lock_holder(run_dir)
+    if holder is not None:  # a run left behind by a killed demo or study: its files are not to be removed
+        raise RuntimeError(f"{run_dir} is in use by a live run ({holder}); stop it, then start again")
     mark_owned(run_dir)  # check_out_dir made sure the folder is the demo's own (or new)
     # a fresh run, not a resume: nothing of an earlier run may stay (icd train refuses to start on it)
     for path in [*previous_run_files(run_dir), os.path.join(run_dir, STAMP_FILE)]:
@@ -57,6 +62,9 @@ def _start(run: Run, cfg: DemoConfig) -> None:
             os.remove(path)
     threads = str(cfg.threads * (cfg.jobs if run.all_threads else 1))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
+    slot_env = getattr(cfg, "slot_env", None)
+    env.update(slot_env(slot) if slot_env else {})
+    run.slot = slot
     run.log_file = open(os.path.join(run_dir, "train.log"), "w")  # noqa: SIM115 - closed in _finish
     run.process = subprocess.Popen(
         [sys.executable, "-m", "icd", *run.argv], stdout=run.log_file, stderr=subprocess.STDOUT, env=env
@@ -64,20 +72,23 @@ def _start(run: Run, cfg: DemoConfig) -> None:
     run.started = time.time()
 
 
-def _finish(run: Run, cfg: DemoConfig) -> None:
+def _finish(run: Run, cfg) -> None:
     run.log_file.close()
     run.seconds = time.time() - run.started
     if run.process.returncode != 0:
         log_path = os.path.join(cfg.run_dir(run.name), "train.log")
         with open(log_path) as f:
             tail = "".join(f.readlines()[-20:])
-        raise RuntimeError(f"demo run {run.name!r} failed (exit {run.process.returncode}); "
-                           f"end of {log_path}:\n{tail}")
+        raise RuntimeError(
+            f"{getattr(cfg, 'label', 'demo')} run {run.name!r} failed (exit {run.process.returncode}); "
+            f"end of {log_path}:\n{tail}"
+        )
     write_run_stamp(run, cfg)
 
 
-def execute(runs: Sequence[Run], cfg: DemoConfig, progress: bool = True) -> None:
-    """Run the plan, ``cfg.jobs`` processes at a time, a run once the runs it needs are done."""
+def execute(runs: Sequence[Run], cfg, progress: bool = True) -> None:
+    """Run the plan, ``cfg.jobs`` processes at a time, a run once the runs it needs are done
+    (runs marked ``reused`` count as done); a failed run stops the others and raises RuntimeError."""
     done = {r.name for r in runs if r.reused}
     pending = [r for r in runs if not r.reused]
     active: list[Run] = []
@@ -99,7 +110,8 @@ def execute(runs: Sequence[Run], cfg: DemoConfig, progress: bool = True) -> None
     try:
         while pending or active:
             for run in runs_to_start(pending, len(active), done, cfg.jobs):
-                _start(run, cfg)
+                free = sorted(set(range(cfg.jobs)) - {r.slot for r in active})
+                _start(run, cfg, free[0])
                 pending.remove(run)
                 active.append(run)
             time.sleep(POLL_S)
@@ -114,7 +126,7 @@ def execute(runs: Sequence[Run], cfg: DemoConfig, progress: bool = True) -> None
                 bar.set_postfix_str(f"{run.seconds:.0f} s")
                 done.add(run.name)
             if pending and not active and not any(set(r.needs) <= done for r in pending):
-                raise RuntimeError(f"demo: runs {[r.name for r in pending]} cannot start")
+                raise RuntimeError(f"{getattr(cfg, 'label', 'demo')}: runs {[r.name for r in pending]} cannot start")
     finally:
         for run in active:  # an error or Ctrl-C: do not leave training processes behind
             run.process.kill()

@@ -1,12 +1,14 @@
-"""Stamps: the settings a finished step ran with (``demo_run.json``), so a later demo reuses the step.
+"""Stamps: the settings a finished step ran with (``demo_run.json``), so a later demo or study reuses the step.
 
-A run's stamp is written in its folder when it finishes (its arguments, the data settings and
-its wall time); the data folder's holds the data settings. A step is reused only when its stamp
-matches what the new demo would run.
+A run's stamp is written in its folder when it finishes (its arguments, the data settings, its
+run identity and its wall time); the data folder's holds the data settings. The run identity
+(:func:`run_id`) is a hash of the command and the data settings: a step is reused only when its
+identity is the one the new plan would run, so a changed plan is never taken for a finished run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -44,16 +46,27 @@ def finished_stamp(run_dir: str) -> dict | None:
         return json.load(f)
 
 
+def run_id(stamp: dict) -> str:
+    """The identity of a run: a hash of its stamp's command and data settings (16 hex digits)."""
+    text = json.dumps({"argv": stamp["argv"], "data": stamp["data"]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def write_run_stamp(run: Run, cfg: DemoConfig) -> None:
-    """Mark ``run`` finished: its stamp and wall time in its folder."""
-    with open(os.path.join(cfg.run_dir(run.name), STAMP_FILE), "w") as f:
-        json.dump({**run.stamp(cfg), "seconds": run.seconds}, f, indent=1)
+    """Mark ``run`` finished: its stamp, identity and wall time in its folder (written atomically:
+    a run killed while stamping is not finished)."""
+    stamp = run.stamp(cfg)
+    path = os.path.join(cfg.run_dir(run.name), STAMP_FILE)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump({**stamp, "run_id": run_id(stamp), "seconds": run.seconds}, f, indent=1)
+    os.replace(f"{path}.tmp", path)
 
 
 def reuse_if_finished(run: Run, cfg: DemoConfig) -> bool:
-    """Mark ``run`` reused (with its earlier wall time) when its folder holds it finished with the same settings."""
+    """Mark ``run`` reused (with its earlier wall time) when its folder holds it finished with the
+    same identity (:func:`run_id`: the same command and data)."""
     stamp = finished_stamp(cfg.run_dir(run.name))
-    if stamp is None or {k: stamp[k] for k in ("argv", "data")} != run.stamp(cfg):
+    if stamp is None or run_id(stamp) != run_id(run.stamp(cfg)):
         return False
     run.reused, run.seconds = True, float(stamp["seconds"])
     return True

@@ -1,0 +1,180 @@
+"""The runs of a study: one ``icd train`` per method, schedule and seed (and ``icd pretrain`` per seed for icd-pre).
+
+Run folders (under ``OUT/runs``): ``METHOD_eEPOCHS_sSEED`` and ``pretrain_sSEED``. Runs are
+:class:`icd.apps.demo.plan.Run` objects, scheduled by the demo's scheduler and stamped by its
+stamps (one mechanism): a run's identity is the hash of its command.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from icd.apps.demo.plan import Run
+from icd.apps.study.settings import StudyConfig, base_method
+
+TEACHER_EVAL = "teacher_eval"  # `icd eval` of the teacher on val (OUT/runs/teacher_eval)
+
+
+def run_name(method: str, epochs: int, seed: int) -> str:
+    return f"{method}_e{epochs}_s{seed}"
+
+
+def pretrain_name(seed: int) -> str:
+    return f"pretrain_s{seed}"
+
+
+def _size_flags(cfg: StudyConfig) -> list[str]:
+    flags = []
+    if cfg.min_size is not None:
+        flags += ["--min-size", str(cfg.min_size)]
+    if cfg.max_size is not None:
+        flags += ["--max-size", str(cfg.max_size)]
+    return flags
+
+
+def _device_flags(cfg: StudyConfig) -> list[str]:
+    # on GPUs each run sees one (CUDA_VISIBLE_DEVICES = its slot): cuda is that one
+    return ["--device", "cuda" if cfg.gpus else cfg.device, "--workers", "2" if cfg.gpus else "0"]
+
+
+def val_data_flags(data_flags: list[str]) -> list[str]:
+    """The data flags ``icd eval`` takes (the val split's and the shared ones) out of icd train's
+    (``data_flags``: ``--flag value`` pairs, as :func:`icd.apps.study.command.data_flags` gives)."""
+    pairs = zip(data_flags[::2], data_flags[1::2], strict=True)
+    return [x for flag, value in pairs if not flag.startswith("--train-") for x in (flag, value)]
+
+
+def train_argv(
+    cfg: StudyConfig, method: str, epochs: int, seed: int, weight: float | None = None, output_dir: str | None = None
+) -> list[str]:
+    """The ``icd train`` arguments of one student run (``weight``: instead of the study's)."""
+    base = base_method(method)
+    argv = [
+        "train",
+        *cfg.data_flags,
+        "--output-dir",
+        output_dir or cfg.run_dir(run_name(method, epochs, seed)),
+        "--detector",
+        cfg.detector,
+        "--backbone",
+        cfg.backbone,
+        "--fpn-channels",
+        str(cfg.fpn_channels),
+        *_size_flags(cfg),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--lr",
+        str(cfg.lr),
+        "--epochs",
+        str(epochs),
+        "--eval-every",
+        "1",
+        "--seed",
+        str(seed),
+        *_device_flags(cfg),
+        "--print-freq",
+        "5",
+        "--epoch-checkpoint-every",
+        "0",
+        "--no-progress",
+    ]
+    if base != "baseline":
+        argv += ["--teacher", str(cfg.teacher)]
+    if base in ("fpn-mse", "icd", "icd-pre"):
+        argv += ["--distill", "icd" if base.startswith("icd") else "fpn-mse"]
+        weight = cfg.weight(method) if weight is None else weight
+        if weight is not None:
+            argv += ["--distill-weight", f"{weight:g}"]
+    if base == "icd-pre":
+        argv += ["--icd-init", os.path.join(cfg.run_dir(pretrain_name(seed)), "teacher_side.pth")]
+    if base == "inherit":
+        argv += ["--distill", "none", "--inherit-teacher", cfg.inherit_parts]
+    elif method.endswith("+inherit"):
+        argv += ["--inherit-teacher", cfg.inherit_parts]
+    return argv + (list(cfg.train_flags) if base != "baseline" else without_teacher_flags(cfg.train_flags))
+
+
+def without_teacher_flags(flags: list[str]) -> list[str]:
+    """``flags`` less the distillation flags (each with its values): what a baseline run takes of
+    ``--train-flags`` (icd train refuses them without --teacher)."""
+    from icd.flags import teacher_only
+
+    kept, dropping = [], False
+    for arg in flags:
+        if arg.startswith("--"):
+            dropping = teacher_only(arg[2:].split("=", 1)[0].replace("-", "_"))
+        if not dropping:
+            kept.append(arg)
+    return kept
+
+
+def pretrain_argv(cfg: StudyConfig, seed: int) -> list[str]:
+    """The ``icd pretrain`` arguments of icd-pre's teacher side for ``seed``."""
+    return [
+        "pretrain",
+        *cfg.data_flags,
+        "--output-dir",
+        cfg.run_dir(pretrain_name(seed)),
+        "--teacher",
+        str(cfg.teacher),
+        *_size_flags(cfg),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--iters",
+        str(cfg.pretrain_iters),
+        "--eval-every",
+        str(max(1, cfg.pretrain_iters // 6)),
+        "--seed",
+        str(seed),
+        *_device_flags(cfg),
+        "--print-freq",
+        "5",
+        "--no-progress",
+    ]
+
+
+def teacher_eval_argv(cfg: StudyConfig) -> list[str]:
+    """``icd eval`` of the teacher on the val split, into ``OUT/runs/teacher_eval``."""
+    return [
+        "eval",
+        *val_data_flags(cfg.data_flags),
+        "--checkpoint",
+        str(cfg.teacher),
+        "--output-dir",
+        cfg.run_dir(TEACHER_EVAL),
+        *_size_flags(cfg),
+        "--batch-size",
+        str(cfg.batch_size),
+        *_device_flags(cfg),
+        "--no-progress",
+    ]
+
+
+def iterations_per_epoch(num_train: int, batch_size: int) -> int:
+    return max(1, math.ceil(num_train / batch_size))
+
+
+def plan_runs(cfg: StudyConfig, num_train: int) -> list[Run]:
+    """The study's runs in the order they start: icd-pre's teacher-side pre-training per seed
+    first, then per seed (so that an interrupted study has whole seeds) each schedule's methods;
+    ``num_train``: the training images (for the progress bars' lengths)."""
+    per_epoch = iterations_per_epoch(num_train, cfg.batch_size)
+    runs = []
+    if any(base_method(m) == "icd-pre" for m in cfg.methods):
+        for seed in cfg.seeds:
+            runs.append(Run(pretrain_name(seed), f"teacher side s{seed}", pretrain_argv(cfg, seed), cfg.pretrain_iters))
+    for seed in cfg.seeds:
+        for epochs in cfg.epochs:
+            for method in cfg.methods:
+                needs = (pretrain_name(seed),) if base_method(method) == "icd-pre" else ()
+                runs.append(
+                    Run(
+                        run_name(method, epochs, seed),
+                        f"{method} {epochs} ep s{seed}",
+                        train_argv(cfg, method, epochs, seed),
+                        epochs * per_epoch,
+                        needs,
+                    )
+                )
+    return runs
