@@ -16,8 +16,6 @@ from icd.apps.study.calibrate import loss_ratio, matched_weight
 from icd.apps.study.command import config_from_args
 from icd.apps.study.report import headline
 
-pytestmark = pytest.mark.serial  # the end-to-end study runs its training processes side by side
-
 SIZES = "--fpn-channels 32 --min-size 64 --max-size 64 --batch-size 2"
 
 
@@ -345,6 +343,7 @@ def test_the_default_match_fraction_gives_the_swept_weights_at_the_measured_rati
     assert matched_weight(2.043, 5.5) == 8.0  # the window is narrow: 5.5 misses one of them
 
 
+@pytest.mark.serial  # signals its own process
 def test_sigterm_stops_a_study_as_ctrl_c_does():
     import signal
     import time
