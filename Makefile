@@ -39,7 +39,7 @@ lint: install
 TEST_WORKERS ?= auto
 test: install
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest tests -q -ra -n $(TEST_WORKERS) -m "not serial"
+	$(PYTHON) -m pytest tests -q -ra -n $(TEST_WORKERS) --dist worksteal -m "not serial"
 	$(PYTHON) -m pytest tests -q -ra -m serial
 
 demo: install
