@@ -34,12 +34,13 @@ install: $(EXT_STAMP)
 lint: install
 	$(VENV)/bin/ruff check .
 
-# pytest-xdist: one worker per core; then the tests marked serial (torchrun, several processes,
-# timing), one at a time with the whole machine
+# pytest-xdist: one worker per core (worksteal: an idle worker takes queued tests from a busy one, so a
+# few long tests do not end the run on one core); then the tests marked serial (torchrun, several
+# processes, timing), one at a time with the whole machine
 TEST_WORKERS ?= auto
 test: install
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest tests -q -ra -n $(TEST_WORKERS) -m "not serial"
+	$(PYTHON) -m pytest tests -q -ra -n $(TEST_WORKERS) --dist worksteal -m "not serial"
 	$(PYTHON) -m pytest tests -q -ra -m serial
 
 demo: install

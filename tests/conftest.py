@@ -2,12 +2,16 @@
 
 Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors; it must be
 switched on before triton is first imported, so this happens here, at collection time. Under
-pytest-xdist each worker uses its share of the cores.
+pytest-xdist each worker uses its share of the cores. Compile caches (TorchInductor, Triton) and
+the temporary files of the processes tests start (torchrun's among them) go to one folder per
+run, removed at its end.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -23,6 +27,28 @@ if _workers > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import pytest  # noqa: E402
+
+_RUN_FOLDER = "ICD_TEST_RUN_TMP"
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get(_RUN_FOLDER):  # an xdist worker: its controller made the folder
+        return
+    tempfile.gettempdir()  # this process (pytest's tmp_path, kept for failed tests) stays where it was
+    folder = tempfile.mkdtemp(prefix="icd-tests-")
+    config._icd_run_folder = folder
+    os.environ[_RUN_FOLDER] = folder
+    # TorchInductor's default is <tmp>/torchinductor_<user> and Triton's ~/.triton/cache: both outlive
+    # the run (100s of MB); children (xdist workers, torchrun, icd subprocesses) put their temp files here
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(folder, "torchinductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(folder, "triton"))
+    os.environ["TMPDIR"] = folder
+
+
+def pytest_unconfigure(config) -> None:
+    folder = getattr(config, "_icd_run_folder", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ by --help, `icd --help` / `--version` without the `detection` extra, safe defaul
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -74,9 +75,10 @@ def test_help_shows_every_default_and_every_flag_has_help():
 
 
 def test_help_and_version_work_without_the_detection_extra():
-    # a finder in front of all others: the detection extra's modules are absent, as after a base install
+    # a finder in front of all others: the detection extra's modules are absent, as after a base install;
+    # one interpreter runs the three commands in turn (each of them would import torch again)
     code = textwrap.dedent("""
-        import sys
+        import contextlib, io, json, sys
 
         class Absent:
             def find_spec(self, name, path=None, target=None):
@@ -86,22 +88,31 @@ def test_help_and_version_work_without_the_detection_extra():
 
         sys.meta_path.insert(0, Absent())
         from icd.console import main
-        sys.exit(main(sys.argv[1:]))
+        results = []
+        for argv in json.loads(sys.argv[1]):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    status = main(argv)
+                except SystemExit as stop:  # argparse's --help and --version
+                    status = stop.code or 0
+            results.append((status, out.getvalue(), err.getvalue()))
+        print(json.dumps(results))
     """)
     env = {**os.environ, "PYTHONPATH": ROOT}
-
-    def icd(*argv):
-        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
-                              cwd=ROOT, timeout=120)  # fmt: skip
-
-    out = icd("--help")
-    assert out.returncode == 0, out.stderr
-    assert all(command in out.stdout for command in ("train", "pretrain", "eval", "predict", "plot", "demo"))
-    out = icd("--version")
-    assert out.returncode == 0 and out.stdout.startswith("icd "), out.stderr
-    out = icd("train", "--help")  # a command needs its extra: one line naming the checkout install
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    message = out.stderr.strip()
+    commands = [["--help"], ["--version"], ["train", "--help"]]
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(commands)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    (help_code, help_out, help_err), (version_code, version_out, version_err), (train_code, _, train_err) = (
+        json.loads(run.stdout)
+    )
+    assert help_code == 0, help_err
+    assert all(command in help_out for command in ("train", "pretrain", "eval", "predict", "plot", "demo"))
+    assert version_code == 0 and version_out.startswith("icd "), version_err
+    # a command needs its extra: one line naming the checkout install
+    assert train_code == 2 and "Traceback" not in train_err
+    message = train_err.strip()
     assert message.startswith("icd: error: no module named ") and "\n" not in message
     assert message.endswith(
         "; this icd command needs the 'detection' extra: "

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from tiny_runs import TINY
+from tiny_runs import TINY, fewer_rois
 from torch import nn
 
 from icd.cli import main
@@ -65,7 +65,8 @@ def _records(run_dir, kind):
         return [r for r in map(json.loads, f) if r["type"] == kind]
 
 
-def test_maskrcnn_teacher_then_icd_student_report_segm_ap(tmp_path):
+def test_maskrcnn_teacher_then_icd_student_report_segm_ap(tmp_path, monkeypatch):
+    fewer_rois(monkeypatch)
     data = str(tmp_path / "shapes")
     generate(data, num_train=6, num_val=4, image_size=64, seed=5)
     teacher = str(tmp_path / "teacher")

@@ -74,8 +74,6 @@ def test_sigkill_then_resume_matches_unbroken_run(tmp_path):
         "--no-progress",
         "--print-freq",
         "1",
-        "--checkpoint-every",
-        "1",
         "--epoch-checkpoint-every",
         "1",
         "--teacher",
@@ -91,9 +89,11 @@ def test_sigkill_then_resume_matches_unbroken_run(tmp_path):
     ]
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     # both at once (the 2 cores): one unbroken run, one SIGKILLed right after iteration 3's
-    # checkpoint, part-way through epoch 1
+    # checkpoint, part-way through epoch 1 (only it writes a checkpoint every iteration: 100 MB each,
+    # and a run that checkpoints mid-epoch must match one that does not)
     done = _train([*common, "--output-dir", str(unbroken)])
-    killed = _train([*common, "--output-dir", str(broken)], kill_after=3)
+    mid_epoch = ["--checkpoint-every", "1"]
+    killed = _train([*common, *mid_epoch, "--output-dir", str(broken)], kill_after=3)
     code, err = _wait(done)
     assert code == 0, err
     code, err = _wait(killed)
@@ -101,7 +101,7 @@ def test_sigkill_then_resume_matches_unbroken_run(tmp_path):
     mid = load_checkpoint(str(broken / "checkpoint.pth"))
     assert (mid["iteration"], mid["epoch"], mid["epoch_batches"]) == (3, 1, 1)
     resumed = _train(
-        [*common, "--output-dir", str(broken), "--resume", str(broken / "checkpoint.pth")]
+        [*common, *mid_epoch, "--output-dir", str(broken), "--resume", str(broken / "checkpoint.pth")]
     )
     code, err = _wait(resumed)
     assert code == 0, err

@@ -29,6 +29,33 @@ def params() -> list:
     return [pytest.param("reference", torch.device("cpu"), id="reference"), *backend_params()]
 
 
+_CLEAN: dict = {}
+
+
+def clean_once(key: tuple, compute):
+    """``compute()``, once per process for each ``key`` (test inputs are seeded, so the clean result of an op
+    and backend is the same for every poison that is compared with it; under the Triton interpreter it is
+    the expensive part of these tests). Callers only read the tensors it returns."""
+    if key not in _CLEAN:
+        _CLEAN[key] = compute()
+    return _CLEAN[key]
+
+
+def clean_attention(backend: str, device: torch.device):
+    """``attention_with_grads`` of the unpoisoned ``attention_bases`` and ``key_padding_mask``."""
+    return clean_once(("attention", backend, str(device)), lambda: attention_with_grads(
+        *attention_bases(device), key_padding_mask(device), backend))
+
+
+def clean_self_lse(backend: str, device: torch.device) -> torch.Tensor:
+    """The lse of the clean attention of ``attention_bases``' q over its keys as keys and values."""
+    def compute():
+        q, k, _ = attention_bases(device)
+        return ops.instance_attention(q, sequence_first(k), sequence_first(k), key_padding_mask(device),
+                                      backend=backend)[1]  # fmt: skip
+    return clean_once(("self_lse", backend, str(device)), compute)
+
+
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
@@ -87,7 +114,7 @@ def poison_keys(base: torch.Tensor, mask: torch.Tensor, value: float) -> torch.T
 def test_masked_keys_never_reach_attention(backend, device, poison):
     q, k, v = attention_bases(device)
     mask = key_padding_mask(device)
-    clean = attention_with_grads(q, k, v, mask, backend)
+    clean = clean_attention(backend, device)
     poisoned = attention_with_grads(q, poison_keys(k, mask, poison), poison_keys(v, mask, poison), mask, backend)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), poisoned, clean, strict=True):
         same(a, b, f"{name} {backend}")
@@ -106,11 +133,14 @@ def test_masked_keys_never_reach_value_mask(backend, device, poison):
     mask = key_padding_mask(device)
     weight = torch.tensor([[1.0, 0.5, 0.0, 2.0, 0.0]] * N, device=device)
     k_bad = sequence_first(poison_keys(k, mask, poison))
-    _, lse = ops.instance_attention(q, sequence_first(k), sequence_first(k), mask, backend=backend)
+    lse = clean_self_lse(backend, device)
     for temperature, row_lse in ((1.0, None), (0.7, None), (1.0, lse)):
         what = f"{backend} T={temperature} lse={'given' if row_lse is not None else 'none'}"
-        clean = ops.instance_value_mask(q, sequence_first(k), weight, mask, temperature=temperature,
-                                        lse=row_lse, backend=backend)  # fmt: skip
+        clean = clean_once(
+            ("masked_keys_value_mask", backend, str(device), temperature, row_lse is not None),
+            lambda: ops.instance_value_mask(q, sequence_first(k), weight, mask, temperature=temperature,  # noqa: B023
+                                            lse=row_lse, backend=backend),  # noqa: B023
+        )  # fmt: skip
         got = ops.instance_value_mask(q, k_bad, weight, mask, temperature=temperature, lse=row_lse,
                                       backend=backend)  # fmt: skip
         same(got, clean, what)
@@ -144,9 +174,12 @@ def test_zero_weight_slots_never_reach_value_mask(backend, device, poison):
     for with_lse in (False, True):
         lse_bad = lse = None
         if with_lse:  # the attention's lse: NaN or inf on the poisoned rows
-            lse = ops.instance_attention(q, sequence_first(k), sequence_first(k), mask, backend=backend)[1]
+            lse = clean_self_lse(backend, device)
             lse_bad = ops.instance_attention(q_bad, sequence_first(k), sequence_first(k), mask, backend=backend)[1]
-        clean = ops.instance_value_mask(q, sequence_first(k), weight, mask, lse=lse, backend=backend)
+        clean = clean_once(
+            ("zero_weight_value_mask", backend, str(device), with_lse),
+            lambda: ops.instance_value_mask(q, sequence_first(k), weight, mask, lse=lse, backend=backend),  # noqa: B023
+        )
         got = ops.instance_value_mask(q_bad, sequence_first(k), weight, mask, lse=lse_bad, backend=backend)
         same(got, clean, f"{backend} lse={with_lse}")
         assert torch.isfinite(got).all(), backend
@@ -181,7 +214,10 @@ def test_zero_weight_locations_never_reach_feature_mse(backend, device, poison):
     for norm in ("ln", "tln", "none"):
         for reduction in ("per_head", "global"):
             what = f"{backend} {norm} {reduction}"
-            clean = mse_with_grad(student, teacher, weight, norm, reduction, backend)
+            clean = clean_once(
+                ("mse", backend, str(device), norm, reduction),
+                lambda: mse_with_grad(student, teacher, weight, norm, reduction, backend),  # noqa: B023
+            )
             got = mse_with_grad(
                 student.masked_fill(hole, poison), teacher.masked_fill(hole, poison), weight, norm, reduction,
                 backend,
@@ -208,7 +244,7 @@ def test_nan_in_an_unmasked_key_gives_nan(backend, device):
     dk and dv of its unmasked keys; its masked keys keep 0 and the other heads are as clean."""
     q, k, v = attention_bases(device)
     mask = key_padding_mask(device)
-    clean = attention_with_grads(q, k, v, mask, backend)
+    clean = clean_attention(backend, device)
     k_bad = k.clone()
     k_bad[5, 0, 1, 2] = NAN  # key 5 of image 0 is unmasked
     got = attention_with_grads(q, k_bad, v, mask, backend)
@@ -226,7 +262,7 @@ def test_nan_in_an_unmasked_key_gives_nan(backend, device):
 def test_nan_in_a_query_row_gives_nan_in_that_row(backend, device):
     q, k, v = attention_bases(device)
     mask = key_padding_mask(device)
-    clean = attention_with_grads(q, k, v, mask, backend)
+    clean = clean_attention(backend, device)
     q_bad = q.clone()
     q_bad[1, 0, 2, 7] = NAN
     out, lse, dq, dk, dv = attention_with_grads(q_bad, k, v, mask, backend)
@@ -246,7 +282,7 @@ def test_nan_in_a_query_row_gives_nan_in_that_row(backend, device):
 def test_nan_in_an_unmasked_value_gives_nan_in_that_column(backend, device):
     q, k, v = attention_bases(device)
     mask = key_padding_mask(device)
-    clean = attention_with_grads(q, k, v, mask, backend)
+    clean = clean_attention(backend, device)
     v_bad = v.clone()
     v_bad[20, 0, 0, 4] = NAN  # key 20 of image 0 is unmasked
     out, lse, dq, dk, dv = attention_with_grads(q, k, v_bad, mask, backend)
@@ -271,8 +307,7 @@ def test_nan_in_value_mask_inputs_gives_nan(backend, device):
     k_bad[5, 0, 1, 0] = NAN  # an unmasked key of image 0, head 1
     q_bad = q.clone()
     q_bad[1, 0, 2, 3] = NAN  # a weighted slot of image 1, head 0
-    _, lse = ops.instance_attention(q, sequence_first(k), sequence_first(k), mask, backend=backend)
-    lse_bad = lse.clone()
+    lse_bad = clean_self_lse(backend, device).clone()
     lse_bad[1, 1, 4] = NAN  # a weighted slot of image 1, head 1
     cases = (
         ("k", dict(q=q, k=sequence_first(k_bad), lse=None), (0, 1)),
@@ -295,7 +330,10 @@ def test_nan_in_weighted_features_gives_nan(backend, device):
     for which in ("student", "teacher"):
         for norm in ("ln", "none"):
             what = f"NaN {which} {backend} {norm}"
-            clean_loss, clean_grad = mse_with_grad(student, teacher, weight, norm, "per_head", backend)
+            clean_loss, clean_grad = clean_once(
+                ("weighted_mse", backend, str(device), norm),
+                lambda: mse_with_grad(student, teacher, weight, norm, "per_head", backend),  # noqa: B023
+            )
             s_bad, t_bad = student.clone(), teacher.clone()
             (s_bad if which == "student" else t_bad)[s_at, n_at, h_at, 3] = NAN
             loss, grad = mse_with_grad(s_bad, t_bad, weight, norm, "per_head", backend)
