@@ -633,6 +633,13 @@ def _data_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int_at_least(48), default=256, help="side of the square images (pixels)")
     s.add_argument("--seed", type=int, default=0, help="seed of the generator (the same seed, the same files)")
     s.add_argument(
+        "--scene",
+        choices=("sparse", "dense"),
+        default="sparse",
+        help="sparse: 2-8 shapes of 12-200 px at COCO's three scales; dense: 20-40 shapes of 3-20 px in "
+        "touching, overlapping clusters on a textured background (use e.g. --image-size 160)",
+    )
+    s.add_argument(
         "--format",
         choices=("coco", "yolo"),
         default="coco",
@@ -983,7 +990,9 @@ def _main(argv: list[str]) -> int:
     elif args.command == "data":
         from icd.data.shapes import generate
 
-        paths = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.overwrite)
+        paths = generate(
+            args.out, args.num_train, args.num_val, args.image_size, args.seed, args.overwrite, args.scene
+        )
         for split, path in paths.items():
             print(f"{split}: {path}")
         if args.format == "yolo":
