@@ -80,6 +80,11 @@ class ICDDistiller(nn.Module):
             value mask); 1 (the paper) uses the attention's own. Above 1 spreads each
             instance's weight over more tokens without changing the attention itself (a
             pre-trained teacher side puts a third of a head's weight on one token).
+        strides: the stride of each FPN level in input pixels (2**l for P_l), for the padding
+            mask, the position embedding and the attention statistics' cell centres; None
+            infers each level's stride from the padded size and the map's size, which is
+            exact only when the padded size is a multiple of every stride (see
+            ``icd.ops.level_strides``: a 192-px batch's P7 would get stride 96, not 128).
     """
 
     num_steps: Tensor
@@ -105,6 +110,7 @@ class ICDDistiller(nn.Module):
         decoder_channels: int | None = None,
         static_shapes: bool = False,
         mask_temperature: float = 1.0,
+        strides: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         op = "ICDDistiller"
@@ -115,6 +121,9 @@ class ICDDistiller(nn.Module):
         for name, value in (("loss_weight", loss_weight), ("neg_ratio", neg_ratio), ("sample_range", sample_range)):
             check_number(value, name, op, minimum=0.0)
         check_number(mask_temperature, "mask_temperature", op, above=0.0)
+        if strides is not None:
+            for i, r in enumerate(strides):
+                check_number(r, f"strides[{i}]", op, above=0.0)
         teacher_widths = as_level_widths(teacher_channels, "ICDDistiller: teacher_channels")
         student_widths = as_level_widths(student_channels, "ICDDistiller: student_channels")
         if teacher_widths and student_widths and len(teacher_widths) != len(student_widths):
@@ -167,6 +176,7 @@ class ICDDistiller(nn.Module):
         self.backend = backend
         self.static_shapes = bool(static_shapes)
         self.mask_temperature = float(mask_temperature)
+        self.strides = None if strides is None else [float(r) for r in strides]
 
         self.sampler = InstanceSampler(
             prior, neg_ratio, max_labels, sample_range, clamp_fakes, static_shapes=self.static_shapes
@@ -424,7 +434,8 @@ class ICDDistiller(nn.Module):
                 teacher_features, student_features, self.teacher_channels, self.student_channels
             )
         padded = check_padded_size(padded_size)
-        check_padded_size_fits_levels(padded, [tuple(f.shape[-2:]) for f in teacher_features])
+        shapes = [tuple(f.shape[-2:]) for f in teacher_features]
+        check_padded_size_fits_levels(padded, shapes, self.strides)
         return padded
 
     def _teacher_tokens(
@@ -441,7 +452,7 @@ class ICDDistiller(nn.Module):
             tokens = self.teacher_projection(features)
             spatial_shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long)
         shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]  # host ints
-        mask = ops.padding_mask(regions, shapes, padded)
+        mask = ops.padding_mask(regions, shapes, padded, self.strides)
         level_masks = ops.unflatten_levels(mask, shapes)
         pos = ops.sine_position_embedding(level_masks, num_feats=self.channels // 2)
         return tokens, spatial_shapes, mask, pos
@@ -485,7 +496,7 @@ class ICDDistiller(nn.Module):
             f"loss_weight={self.loss_weight}, "
             f"warmup_iters={self.warmup_iters}, norm={self.norm!r}, reduction={self.reduction!r}, "
             f"backend={self.backend!r}, static_shapes={self.static_shapes}, "
-            f"mask_temperature={self.mask_temperature}"
+            f"mask_temperature={self.mask_temperature}, strides={self.strides}"
         )
 
 
