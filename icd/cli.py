@@ -440,6 +440,13 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         help="iterations a loss must stay constant to count as stuck (and the history of the "
         "blow-up check)",
     )
+    p.add_argument(
+        "--attention-detail",
+        action="store_true",
+        help="ICD runs: besides lift and distinctness (overall, per level) at each evaluation, measure "
+        "them per instance size and where the attention goes (own box, other instances, background, "
+        "image border, padding; per level) into metrics.jsonl",
+    )
     g = p.add_argument_group("distillation")
     g.add_argument(
         "--teacher",
