@@ -69,10 +69,10 @@ def test_icd_geometry_in_the_resized_frame_at_every_level():
     """Resized images of two aspect ratios (padded 96 x 192, not a multiple of P6/P7's strides):
     boxes, valid regions, padding mask, position embedding and the statistics' cells all sit in
     the resized frame at the levels' true strides 2^l."""
-    from icd.engine.run_spec import distiller_kwargs
-    from icd.engine.distill import build_distiller
-    from icd.nn.attention_stats import cell_centres
     from icd import ops
+    from icd.engine.distill import build_distiller
+    from icd.engine.run_spec import distiller_kwargs
+    from icd.nn.attention_stats import cell_centres
 
     spec = DetectorSpec("fcos", "resnet18", num_classes=3, fpn_channels=32, norm="gn", min_level=3,
                         max_level=7, min_size=(96,), max_size=200)  # fmt: skip

@@ -103,7 +103,8 @@ FPN_STRIDES = [8, 16, 32, 64, 128]
 def test_explicit_strides_mark_exactly_the_cells_that_overlap_the_image():
     sizes = [(96, 120), (70, 192)]
     mask = ops.padding_mask(torch.tensor(sizes), AWKWARD_SHAPES, AWKWARD_PADDED, FPN_STRIDES)
-    for level, ((hl, wl), grid) in enumerate(zip(AWKWARD_SHAPES, ops.unflatten_levels(mask, AWKWARD_SHAPES))):
+    grids = ops.unflatten_levels(mask, AWKWARD_SHAPES)
+    for level, ((hl, wl), grid) in enumerate(zip(AWKWARD_SHAPES, grids, strict=True)):
         r = FPN_STRIDES[level]
         for i, (h, w) in enumerate(sizes):
             for y in range(hl):
