@@ -270,6 +270,12 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--attention-images", type=int_at_least(1), default=None, help="val images for the statistics (default all)"
     )
+    p.add_argument(
+        "--attention-detail",
+        action="store_true",
+        help="also measure the statistics per instance size and where the attention goes (own box, other "
+        "instances, background, image border, padding; per level) into metrics.jsonl",
+    )
     p.add_argument("--print-freq", type=int_at_least(1), default=20, help="iterations per metrics line")
     p.add_argument(
         "--flip-prob", type=finite_float(minimum=0.0, maximum=1.0), default=0.5, help="horizontal flip probability"

@@ -293,6 +293,7 @@ class Pretrainer:
         stats = attention_statistics(
             self.distiller, self.teacher, self.val_set, self.level_names,
             max_images=self.args.attention_images, feature_cache=self.cache,
+            detailed=getattr(self.args, "attention_detail", False),
         )  # fmt: skip
         self.distiller.train()
         score = attention_score(stats)
