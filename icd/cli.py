@@ -224,6 +224,14 @@ def _add_icd_flags(g) -> None:
         action="store_true",
         help="clip fake instance boxes to their image (the published code does; default: not)",
     )
+    g.add_argument(
+        "--icd-position-scale",
+        type=finite_float(above=0.0),
+        default=1.0,
+        help="periods per image of the finest frequency of ICD's position embeddings (the queries' centre "
+        "and the keys' positions): 1 is the paper's; dense scenes of small objects need finer ones "
+        "(docs/training.md, Dense scenes)",
+    )
     g.add_argument("--icd-backend", choices=BACKENDS, default=None, help="icd.ops backend (default per device)")
     g.add_argument(
         "--icd-static-shapes",

@@ -208,6 +208,7 @@ def build_distiller(
     fpn_mse_norm: str = "channel",
     mask_temperature: float = 1.0,
     strides: Sequence[float] | None = None,
+    position_scale: float = 1.0,
 ) -> nn.Module:
     """ICD (with the class prior of the training annotations) or the FPN-MSE peer; ``method``
     "none" has no distiller (the trainer then only inherits from the teacher).
@@ -215,6 +216,7 @@ def build_distiller(
     ``static_shapes``: ICD's fixed instance-slot layout (for torch.compile / CUDA graphs).
     ``mask_temperature``: of ICD's distillation weights (``ICDDistiller``).
     ``strides``: the level strides in input pixels (2**l for P_l; None: inferred per batch).
+    ``position_scale``: ICD's position-embedding periods per image (``ICDDistiller``).
     """
     if method == "fpn-mse":
         return FpnMseDistiller(student_channels, teacher_channels, num_levels, loss_weight, fpn_mse_norm, strides)
@@ -245,5 +247,6 @@ def build_distiller(
         static_shapes=static_shapes,
         mask_temperature=mask_temperature,
         strides=strides,
+        position_scale=position_scale,
     )
 

@@ -183,6 +183,7 @@ _DISTILLER_FLAGS = {
     "icd_neg_ratio": "neg_ratio",
     "icd_clamp_fakes": "clamp_fakes",
     "icd_mask_temperature": "mask_temperature",
+    "icd_position_scale": "position_scale",
     "fpn_mse_norm": "fpn_mse_norm",
 }
 

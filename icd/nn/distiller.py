@@ -21,6 +21,7 @@ have few boxes, which is what eager execution prefers (see docs/nn.md for measur
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,6 +86,10 @@ class ICDDistiller(nn.Module):
             infers each level's stride from the padded size and the map's size, which is
             exact only when the padded size is a multiple of every stride (see
             ``icd.ops.level_strides``: a 192-px batch's P7 would get stride 96, not 128).
+        position_scale: s, how many periods the finest frequency of the position embeddings
+            makes over an image, in the queries' centre descriptor and the keys' sine
+            embedding alike: 1 (the paper) gives one period per image, too coarse to tell apart
+            neighbours a few pixels apart in dense scenes of small objects.
     """
 
     num_steps: Tensor
@@ -111,6 +116,7 @@ class ICDDistiller(nn.Module):
         static_shapes: bool = False,
         mask_temperature: float = 1.0,
         strides: Sequence[float] | None = None,
+        position_scale: float = 1.0,
     ) -> None:
         super().__init__()
         op = "ICDDistiller"
@@ -121,6 +127,7 @@ class ICDDistiller(nn.Module):
         for name, value in (("loss_weight", loss_weight), ("neg_ratio", neg_ratio), ("sample_range", sample_range)):
             check_number(value, name, op, minimum=0.0)
         check_number(mask_temperature, "mask_temperature", op, above=0.0)
+        check_number(position_scale, "position_scale", op, above=0.0)
         if strides is not None:
             for i, r in enumerate(strides):
                 check_number(r, f"strides[{i}]", op, above=0.0)
@@ -177,11 +184,12 @@ class ICDDistiller(nn.Module):
         self.static_shapes = bool(static_shapes)
         self.mask_temperature = float(mask_temperature)
         self.strides = None if strides is None else [float(r) for r in strides]
+        self.position_scale = float(position_scale)
 
         self.sampler = InstanceSampler(
             prior, neg_ratio, max_labels, sample_range, clamp_fakes, static_shapes=self.static_shapes
         )
-        self.encoder = InstanceEncoder(num_classes, channels)
+        self.encoder = InstanceEncoder(num_classes, channels, self.position_scale)
         self.decoder = ConditionalDecoder(channels, heads, num_layers, backend)
         self.aux_task = AuxiliaryTask(channels)
         self.teacher_projection = (
@@ -454,7 +462,9 @@ class ICDDistiller(nn.Module):
         shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]  # host ints
         mask = ops.padding_mask(regions, shapes, padded, self.strides)
         level_masks = ops.unflatten_levels(mask, shapes)
-        pos = ops.sine_position_embedding(level_masks, num_feats=self.channels // 2)
+        pos = ops.sine_position_embedding(
+            level_masks, num_feats=self.channels // 2, scale=2 * math.pi * self.position_scale
+        )
         return tokens, spatial_shapes, mask, pos
 
     def _decode(
@@ -496,7 +506,8 @@ class ICDDistiller(nn.Module):
             f"loss_weight={self.loss_weight}, "
             f"warmup_iters={self.warmup_iters}, norm={self.norm!r}, reduction={self.reduction!r}, "
             f"backend={self.backend!r}, static_shapes={self.static_shapes}, "
-            f"mask_temperature={self.mask_temperature}, strides={self.strides}"
+            f"mask_temperature={self.mask_temperature}, strides={self.strides}, "
+            f"position_scale={self.position_scale}"
         )
 
 

@@ -164,6 +164,7 @@ def sine_position_embedding(
     num_feats: int = 128,
     temperature: float = 10000.0,
     normalize: bool = True,
+    scale: float = 2 * math.pi,
 ) -> Tensor:
     """DETR's 2-D sine position embedding of every level, flattened like the tokens.
 
@@ -175,7 +176,9 @@ def sine_position_embedding(
             ``unflatten_levels(padding_mask(...), spatial_shapes)``.
         num_feats: features per axis (C / 2); the output has 2 * num_feats channels.
         temperature: base of the geometric frequency progression.
-        normalize: divide the cumulative positions by the last valid one (+1e-6), times 2*pi.
+        normalize: divide the cumulative positions by the last valid one (+1e-6), times ``scale``.
+        scale: the normalised positions' range, 2*pi (DETR's): the finest frequency makes one
+            period over the valid region; 2*pi*s makes s periods.
 
     Returns:
         float32 [N, S, 2 * num_feats]: the y half, then the x half; inside each half the
@@ -194,8 +197,8 @@ def sine_position_embedding(
         y = valid.cumsum(dim=1)
         x = valid.cumsum(dim=2)
         if normalize:
-            y = y / (y[:, -1:, :] + 1e-6) * (2 * math.pi)
-            x = x / (x[:, :, -1:] + 1e-6) * (2 * math.pi)
+            y = y / (y[:, -1:, :] + 1e-6) * scale
+            x = x / (x[:, :, -1:] + 1e-6) * scale
         exponent = 2 * torch.div(torch.arange(num_feats, device=mask.device), 2, rounding_mode="floor")
         freq = temperature ** (exponent.float() / num_feats)
         halves = []
