@@ -202,3 +202,8 @@ def test_cells_at_explicit_strides():
     assert cell_centres(shapes, (96, 192), [64, 128])[2].tolist() == [160.0, 32.0]
     assert cell_centres(shapes, (96, 192))[2].tolist() == [160.0, 24.0]  # inferred: 192 / 3 across, 96 / 2 down
     assert cell_extents(shapes, (96, 192), [64, 128])[-1].tolist() == [128.0, 0.0, 256.0, 128.0]
+
+
+def test_only_attention_keys_count_as_detailed():
+    assert is_detailed_statistic("lift_P3_tiny") and is_detailed_statistic("mass_P3")
+    assert not is_detailed_statistic("lift_P3") and not is_detailed_statistic("AP_small")

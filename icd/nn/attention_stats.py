@@ -195,7 +195,8 @@ class AttentionStats:
 
 def is_detailed_statistic(key: str) -> bool:
     """Whether a summary key is one of the ``detailed`` statistics (per size, mass shares)."""
-    return key.startswith("mass_") or any(part in SIZES for part in key.split("_")[1:])
+    stat, _, rest = key.partition("_")
+    return key.startswith("mass_") or (stat in STAT_NAMES and any(part in SIZES for part in rest.split("_")))
 
 
 def size_index(area: Tensor) -> Tensor:
