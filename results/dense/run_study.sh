@@ -23,11 +23,13 @@ T=$S/teacher/model_best.pth
 probe() { out=$1; shift; [ -d $S/$out ] || run pretrain --data-path $S/data --teacher $T --output-dir $S/$out \
   --attention-images 50 --attention-detail --batch-size 8 --min-size 128 --max-size 128 --workers 0 --device cpu \
   --no-progress "$@"; }
-probe pre_probe --iters 150 --eval-every 50
-probe pre_probe_ps16 --iters 150 --eval-every 50 --icd-position-scale 16
-probe pre_probe_neg1 --iters 150 --eval-every 50 --icd-neg-ratio 1
+probe pre_probe --iters 150 --eval-every 50 --print-freq 10
+probe pre_probe_ps16 --iters 150 --eval-every 50 --print-freq 10 --icd-position-scale 16
+probe pre_probe_neg1 --iters 150 --eval-every 50 --print-freq 10 --icd-neg-ratio 1
 probe pre_600 --iters 600 --eval-every 150 --print-freq 20
+probe pre_600_s1 --iters 600 --eval-every 150 --print-freq 20 --seed 1
 probe pre_600_ps16 --iters 600 --eval-every 150 --print-freq 20 --icd-position-scale 16
+probe pre_600_ps16_s1 --iters 600 --eval-every 150 --print-freq 20 --icd-position-scale 16 --seed 1
 # students, two at a time: ICD (the paper's recipe), FPN-MSE, baseline; seeds 0-2
 xargs -P 2 -L 1 bash results/dense/student.sh < results/dense/queue.txt
 bash results/dense/tables.sh > results/dense/tables.md
