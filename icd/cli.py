@@ -233,6 +233,14 @@ def _add_icd_flags(g) -> None:
         action="store_true",
         help="clip fake instance boxes to their image (the published code does; default: not)",
     )
+    g.add_argument(
+        "--icd-position-scale",
+        type=finite_float(above=0.0),
+        default=1.0,
+        help="periods per image of the finest frequency of ICD's position embeddings (the queries' centre "
+        "and the keys' positions): 1 is the paper's; dense scenes of small objects need finer ones "
+        "(docs/training.md, Dense scenes)",
+    )
     g.add_argument("--icd-backend", choices=BACKENDS, default=None, help="icd.ops backend (default per device)")
     g.add_argument(
         "--icd-static-shapes",
@@ -278,6 +286,12 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--attention-images", type=int_at_least(1), default=None, help="val images for the statistics (default all)"
+    )
+    p.add_argument(
+        "--attention-detail",
+        action="store_true",
+        help="also measure the statistics per instance size and where the attention goes (own box, other "
+        "instances, background, image border, padding; per level) into metrics.jsonl",
     )
     p.add_argument("--print-freq", type=int_at_least(1), default=20, help="iterations per metrics line")
     p.add_argument(
@@ -468,6 +482,13 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         default=50,
         help="iterations a loss must stay constant to count as stuck (and the history of the "
         "blow-up check)",
+    )
+    p.add_argument(
+        "--attention-detail",
+        action="store_true",
+        help="ICD runs: besides lift and distinctness (overall, per level) at each evaluation, measure "
+        "them per instance size and where the attention goes (own box, other instances, background, "
+        "image border, padding; per level) into metrics.jsonl",
     )
     g = p.add_argument_group("distillation")
     g.add_argument(
@@ -667,6 +688,13 @@ def _data_parser(sub) -> argparse.ArgumentParser:
     # smaller than 48 px: the backgrounds fail
     s.add_argument("--image-size", type=int_at_least(48), default=256, help="side of the square images (pixels)")
     s.add_argument("--seed", type=int, default=0, help="seed of the generator (the same seed, the same files)")
+    s.add_argument(
+        "--scene",
+        choices=("sparse", "dense"),
+        default="sparse",
+        help="sparse: 2-8 shapes of 12-200 px at COCO's three scales; dense: 20-40 shapes of 3-20 px in "
+        "touching, overlapping clusters on a textured background (use e.g. --image-size 160)",
+    )
     s.add_argument(
         "--format",
         choices=("coco", "yolo"),
@@ -1048,7 +1076,9 @@ def _main(argv: list[str]) -> int:
     elif args.command == "data":
         from icd.data.shapes import generate
 
-        paths = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.overwrite)
+        paths = generate(
+            args.out, args.num_train, args.num_val, args.image_size, args.seed, args.overwrite, args.scene
+        )
         for split, path in paths.items():
             print(f"{split}: {path}")
         if args.format == "yolo":

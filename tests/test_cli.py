@@ -134,6 +134,30 @@ def test_icd_distillation(detector, extra, data, tmp_path):
     assert torch.is_tensor(ckpt["rng"]["torch"])
 
 
+def test_icd_attention_detail_and_the_looks_away_warning(data, tmp_path, monkeypatch, capsys, caplog):
+    import icd.engine.trainer as trainer_module
+
+    # any real lift is below this floor: the warning and its health record must follow each evaluation
+    monkeypatch.setattr(trainer_module, "ATTENTION_LIFT_FLOOR", 1e9)
+    out = str(tmp_path / "icd")
+    main(f"train --data-path {data} {TINY} {THREE_LEVELS} --epochs 1 --teacher {_random_teacher(tmp_path)} "
+         f"--distill icd --icd-heads 4 --attention-detail --output-dir {out}".split())  # fmt: skip
+    (evaluation,) = _records(out, "eval")
+    assert {"lift", "lift_P3", "mass_own", "mass_others", "mass_background", "mass_border", "mass_padding",
+            "mass_P5"} <= set(evaluation)  # fmt: skip
+    assert sum(evaluation[f"mass_{n}"] for n in ("own", "others", "background", "border", "padding")) == (
+        pytest.approx(1.0))  # fmt: skip
+    (health,) = _records(out, "health")
+    assert health["problem"] == "looks-away" and health["value"] == evaluation["lift"]
+    assert "looks away from its instances" in caplog.text
+    printed = capsys.readouterr().out
+    assert "lift " in printed and "mass_own" not in printed  # the detail goes to metrics.jsonl only
+    monkeypatch.setattr(trainer_module, "ATTENTION_LIFT_FLOOR", 0.0)
+    main(f"train --data-path {data} {TINY} {THREE_LEVELS} --epochs 1 --teacher {_random_teacher(tmp_path)} "
+         f"--distill icd --icd-heads 4 --output-dir {out}_plain".split())  # fmt: skip
+    assert not _records(f"{out}_plain", "health") and "mass_own" not in _records(f"{out}_plain", "eval")[0]
+
+
 def test_icd_static_shapes_fixes_the_instance_slots(data, tmp_path, monkeypatch):
     slots = []
     sample = InstanceSampler.forward

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from icd.data.coco import BadDataError, CocoDetection, collate, split_paths
-from icd.data.shapes import CLASSES, generate
+from icd.data.shapes import CLASSES, ShapesConfig, generate
 
 
 def _write(tmp_path, annotations, extra_images=()):
@@ -250,3 +250,38 @@ def test_shapes_segmentations_are_the_visible_masks(tmp_path):
     # later shapes occlude earlier ones: the visible masks of an image never overlap
     for i in range(len(ds)):
         assert int(ds[i][1]["masks"].sum(0).max()) <= 1
+
+
+def test_dense_shapes_are_many_small_touching_objects(tmp_path):
+    ann = generate(str(tmp_path), num_train=6, num_val=1, image_size=128, seed=3, scene="dense")["train"]
+    coco = json.load(open(ann))
+    per_image: dict[int, list] = {}
+    for a in coco["annotations"]:
+        per_image.setdefault(a["image_id"], []).append(a["bbox"])
+    assert len(per_image) == 6 and min(len(b) for b in per_image.values()) >= 15
+    sides = [max(w, h) for boxes in per_image.values() for _, _, w, h in boxes]
+    assert max(sides) <= 21 and sorted(sides)[len(sides) // 2] <= 12  # a few to ~20 px, mostly small
+    touching = total = 0
+    for boxes in per_image.values():
+        b = torch.tensor(boxes, dtype=torch.float32)
+        b[:, 2:] += b[:, :2]
+        lo, hi = torch.maximum(b[:, None, :2], b[None, :, :2]), torch.minimum(b[:, None, 2:], b[None, :, 2:])
+        contact = ((hi - lo) >= 0).all(dim=-1) & ~torch.eye(len(b), dtype=torch.bool)  # boxes meet or overlap
+        touching += int(contact.any(dim=1).sum())
+        total += len(b)
+    assert touching > 0.5 * total
+    sparse = generate(str(tmp_path / "sparse"), num_train=6, num_val=1, image_size=128, seed=3)["train"]
+    assert len(json.load(open(sparse))["annotations"]) < 0.5 * len(coco["annotations"])
+
+
+def test_unknown_scene_is_refused():
+    with pytest.raises(ValueError, match="scene = 'crowded'"):
+        ShapesConfig.for_scene("crowded")
+
+
+def test_cli_writes_a_dense_scene_dataset(tmp_path):
+    from icd.cli import main
+
+    assert main(f"data shapes --out {tmp_path} --num-train 2 --num-val 1 --image-size 96 --scene dense".split()) == 0
+    annotations = json.load(open(tmp_path / "annotations" / "instances_train.json"))["annotations"]
+    assert len(annotations) >= 2 * 15

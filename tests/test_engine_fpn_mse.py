@@ -172,3 +172,20 @@ def test_defaults_and_bad_arguments():
         distiller(_maps(8)[:2], _maps(4))
     with pytest.raises(ValueError, match="level sizes differ"):
         distiller(_maps(8), [m[..., :-1] for m in _maps(4)])
+
+
+def test_explicit_strides_leave_out_the_coarse_cells_that_lie_in_padding():
+    from icd.engine.distill import _valid_maps
+
+    # a 96 x 120 image in a 96 x 192 batch: P6 (2 x 3 cells of 64 px) has its third column in padding
+    maps = [torch.zeros(1, 1, h, w) for h, w in [(12, 24), (6, 12), (3, 6), (2, 3)]]
+    sizes = torch.tensor([[96, 120]])
+    explicit = _valid_maps(maps, sizes, (96, 192), [8, 16, 32, 64])
+    inferred = _valid_maps(maps, sizes, (96, 192))
+    assert explicit[3][0, 0, :, 2].sum() == 0 and inferred[3][0, 0, :, 2].sum() == 2
+    assert explicit[0][0, 0].sum() == 12 * 15  # ceil(120 / 8) columns of P3
+    distiller = FpnMseDistiller(4, 4, 4, strides=[8, 16, 32, 64])
+    teacher = [torch.randn(1, 4, h, w) for h, w in [(12, 24), (6, 12), (3, 6), (2, 3)]]
+    student = [t.clone().requires_grad_(True) for t in teacher]
+    distiller(teacher, student, None, None, sizes, (96, 192))["distill"].backward()
+    assert student[3].grad is not None and bool((student[3].grad[0, :, :, 2] == 0).all())

@@ -91,3 +91,45 @@ def test_sine_position_embedding_rejects_bad_masks():
         ops.sine_position_embedding([torch.zeros(2, 3, 4)])
     with pytest.raises(ValueError, match="even"):
         ops.sine_position_embedding([torch.zeros(2, 3, 4, dtype=torch.bool)], num_feats=5)
+
+
+# A 96 x 120 image in a batch padded to 96 x 192 (the feature tap's second test): P3..P7 of the
+# torchvision FPN have ceil(Hp / 2^l) x ceil(Wp / 2^l) cells.
+AWKWARD_PADDED = (96, 192)
+AWKWARD_SHAPES = [(12, 24), (6, 12), (3, 6), (2, 3), (1, 2)]
+FPN_STRIDES = [8, 16, 32, 64, 128]
+
+
+def test_explicit_strides_mark_exactly_the_cells_that_overlap_the_image():
+    sizes = [(96, 120), (70, 192)]
+    mask = ops.padding_mask(torch.tensor(sizes), AWKWARD_SHAPES, AWKWARD_PADDED, FPN_STRIDES)
+    grids = ops.unflatten_levels(mask, AWKWARD_SHAPES)
+    for level, ((hl, wl), grid) in enumerate(zip(AWKWARD_SHAPES, grids, strict=True)):
+        r = FPN_STRIDES[level]
+        for i, (h, w) in enumerate(sizes):
+            for y in range(hl):
+                for x in range(wl):
+                    overlaps = y * r < h and x * r < w  # the cell [x r, (x + 1) r) meets [0, w)
+                    assert bool(grid[i, y, x]) == (not overlaps), (level, i, y, x)
+
+
+def test_inferred_strides_are_wrong_on_the_coarse_levels_of_an_awkward_padded_size():
+    assert ops.level_strides(AWKWARD_SHAPES, AWKWARD_PADDED)[3:] == [56.0, 96.0]  # not 64, 128
+    inferred = ops.unflatten_levels(ops.padding_mask([(96, 120)], AWKWARD_SHAPES, AWKWARD_PADDED), AWKWARD_SHAPES)
+    explicit = ops.unflatten_levels(
+        ops.padding_mask([(96, 120)], AWKWARD_SHAPES, AWKWARD_PADDED, FPN_STRIDES), AWKWARD_SHAPES
+    )
+    # P6's third column covers pixels 128..192, all padding for a 120-px-wide image
+    assert not bool(inferred[3][0, 0, 2]) and bool(explicit[3][0, 0, 2])
+    for lvl in range(3):  # P3-P5 divide 96 x 192 exactly: both agree
+        assert torch.equal(inferred[lvl], explicit[lvl])
+    # the position embedding counts the valid cells: it changes with the mask
+    pos_inferred = ops.sine_position_embedding(inferred, num_feats=8)
+    pos_explicit = ops.sine_position_embedding(explicit, num_feats=8)
+    assert not torch.allclose(pos_inferred, pos_explicit)
+
+
+@pytest.mark.parametrize("strides", [[8, 16, 32, 64], [8, 16, 32, 64, 0], [8, 16, 32, 64, float("nan")]])
+def test_bad_strides_raise_naming_them(strides):
+    with pytest.raises(ValueError, match="strides"):
+        ops.padding_mask([(96, 120)], AWKWARD_SHAPES, AWKWARD_PADDED, strides)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from icd.nn.attention_stats import AttentionStats, cell_centres, level_index
+from icd.nn.attention_stats import AttentionStats, cell_centres, cell_extents, is_detailed_statistic, level_index
 from icd.ops import padding_mask
 
 # one 4x4 level of a 64x64 input: cells of 16 px, centres at 8, 24, 40, 56
@@ -135,3 +135,75 @@ def test_peak_of_known_head_weights():
     assert summary["peak"] == pytest.approx(((1 + 1 / 16) / 2 + 1 / 16) / 2)
     assert summary["peak_count"] == 2
     assert "peak" not in _summary(uniform[None], TOP_LEFT)  # no head weights given: no peak
+
+
+def _detailed(maps, boxes, valid=ALL_VALID, shapes=ONE_LEVEL, names=("P3",)):
+    stats = AttentionStats(names, detailed=True)
+    stats.add_image(maps, boxes, valid, shapes, PADDED)
+    return stats.summary()
+
+
+def test_attention_mass_splits_over_own_box_others_border_background_and_padding():
+    # 4x4 cells of 16 px; instance 0's box holds cell (1, 1), instance 1's cell (2, 2); the
+    # border ring is rows/columns 0 and 3 of the valid region (here: all but column 3 valid)
+    valid = torch.ones(4, 4, dtype=torch.bool)
+    valid[:, 3] = False
+    boxes = torch.tensor([[18.0, 18.0, 30.0, 30.0], [34.0, 34.0, 46.0, 46.0]])  # inside one cell each
+    first = torch.zeros(4, 4)
+    first[1, 1], first[2, 2], first[0, 0], first[1, 2], first[3, 3] = 0.4, 0.2, 0.1, 0.2, 0.1
+    second = torch.zeros(4, 4)
+    second[2, 2] = 1.0
+    summary = _detailed(torch.stack([first.flatten(), second.flatten()]), boxes, valid.flatten())
+    # own, others, border (column 2 is now the valid region's last: (0,0) and (1,2) border), padding
+    expected_first = {"mass_own": 0.4, "mass_others": 0.2, "mass_border": 0.3, "mass_background": 0.0,
+                      "mass_padding": 0.1}  # fmt: skip
+    for name, value in expected_first.items():
+        assert summary[name] == pytest.approx((value + (1.0 if name == "mass_own" else 0.0)) / 2), name
+    assert sum(summary[n] for n in expected_first) == pytest.approx(1.0)
+    assert summary["mass_P3"] == pytest.approx(1.0)
+    # both boxes are 12 x 12 px: tiny (under 16^2); no other size has entries
+    assert summary["mass_own_tiny"] == summary["mass_own"] and "mass_own_small" not in summary
+    assert "lift_tiny" in summary and "lift_P3_tiny" in summary and "distinctness_tiny" in summary
+    assert summary["lift_count"] == 2  # the size split adds no instances to the counts
+
+
+def test_detailed_statistics_per_size_and_level():
+    shapes = torch.tensor([[4, 4], [2, 2]])
+    valid = torch.ones(20, dtype=torch.bool)
+    tiny = torch.tensor([[16.0, 16.0, 30.0, 30.0]])  # 14 x 14: tiny
+    small = torch.tensor([[0.0, 0.0, 30.0, 30.0]])  # 30 x 30: small
+    maps = torch.zeros(2, 20)
+    maps[0, 5] = 0.75  # P3 cell (1, 1)
+    maps[0, 16] = 0.25  # P4 cell (0, 0)
+    maps[1, :16] = 1 / 16  # uniform over P3
+    summary = _detailed(maps, torch.cat([tiny, small]), valid, shapes, names=("P3", "P4"))
+    assert summary["mass_P3_tiny"] == pytest.approx(0.75) and summary["mass_P4_tiny"] == pytest.approx(0.25)
+    assert summary["mass_P3_small"] == pytest.approx(1.0) and summary["mass_P3"] == pytest.approx(0.875)
+    assert summary["lift_P3_tiny"] == pytest.approx(1.0 / (1 / 16))  # all its P3 mass on its one cell
+    assert summary["lift_P3_small"] == pytest.approx(1.0)
+    keys = list(summary)
+    assert keys.index("lift") < keys.index("lift_P3") < keys.index("lift_tiny") < keys.index("lift_P3_tiny")
+    assert keys.index("lift_P4_tiny") < keys.index("distinctness") < keys.index("mass_own")
+
+
+def test_detailed_keys_are_only_added_on_request():
+    maps = torch.stack([_cells((0, 0)), _cells((3, 3))])
+    plain = _summary(maps, TOP_LEFT.expand(2, 4))
+    assert not any(is_detailed_statistic(k) for k in plain)
+    detailed = _detailed(maps, TOP_LEFT.expand(2, 4))
+    extra = [k for k in detailed if k not in plain]
+    assert extra and all(is_detailed_statistic(k) for k in extra)
+    assert {k: detailed[k] for k in plain} == plain
+
+
+def test_cells_at_explicit_strides():
+    # a 96 x 192 batch's P6 (2 x 3 cells) and P7 (1 x 2): stride 64 and 128, not 56 and 96
+    shapes = torch.tensor([[2, 3], [1, 2]])
+    assert cell_centres(shapes, (96, 192), [64, 128])[2].tolist() == [160.0, 32.0]
+    assert cell_centres(shapes, (96, 192))[2].tolist() == [160.0, 24.0]  # inferred: 192 / 3 across, 96 / 2 down
+    assert cell_extents(shapes, (96, 192), [64, 128])[-1].tolist() == [128.0, 0.0, 256.0, 128.0]
+
+
+def test_only_attention_keys_count_as_detailed():
+    assert is_detailed_statistic("lift_P3_tiny") and is_detailed_statistic("mass_P3")
+    assert not is_detailed_statistic("lift_P3") and not is_detailed_statistic("AP_small")

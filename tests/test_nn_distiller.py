@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from op_cases import backend_params
 
 import icd.ops as ops
+from icd.errors import ConfigError
 from icd.nn import LOSS_NAMES, ClassPrior, ICDDistiller
 from icd.profiling import profile_cpu_allocations
 
@@ -475,3 +477,32 @@ def test_short_optimisation_lowers_every_loss_deterministically():
     # 3 real slots of 12: predicting the class balance alone gives BCE = H(0.25) = 0.56
     assert mean("aux_conf", last) < 0.25 < mean("aux_conf", first)
     assert _train(3) == history[:3]  # seeded: the same run gives the same numbers
+
+
+def test_position_scale_sharpens_the_query_and_key_position_embeddings_alike():
+    from icd.engine.pretrain import check_signature
+    from icd.nn.encoder import centre_embedding
+
+    coords = torch.tensor([0.1, 0.13])
+    base, fine = centre_embedding(coords), centre_embedding(coords, position_scale=16.0)
+    torch.testing.assert_close(fine, centre_embedding(coords * 16.0))
+    # neighbours 3% of the image apart: far more distinct at 16 periods per image
+    assert (fine[0] - fine[1]).norm() > 5 * (base[0] - base[1]).norm()
+    masks = [torch.zeros(1, 4, 5, dtype=torch.bool)]
+    default = ops.sine_position_embedding(masks, num_feats=8)
+    torch.testing.assert_close(default, ops.sine_position_embedding(masks, num_feats=8, scale=2 * math.pi))
+    assert not torch.allclose(default, ops.sine_position_embedding(masks, num_feats=8, scale=32 * math.pi))
+    teacher, student, boxes, labels = _batch()
+    paper, sharp = _distiller(), _distiller(position_scale=16.0)
+    assert sharp.position_scale == 16.0 and "position_scale=16.0" in repr(sharp)
+    _, _, _, pos_paper = paper._teacher_tokens(teacher, torch.tensor([[0.0, 0.0, 40.0, 32.0]] * 2), PADDED)
+    _, _, _, pos_sharp = sharp._teacher_tokens(teacher, torch.tensor([[0.0, 0.0, 40.0, 32.0]] * 2), PADDED)
+    assert not torch.allclose(pos_paper, pos_sharp)
+    losses = sharp(teacher, student, boxes, labels, SIZES, PADDED)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="position_scale"):
+        _distiller(position_scale=0.0)
+    # a pre-trained teacher side of an earlier version (no position_scale) fits the paper's 1 only
+    check_signature({"teacher": "t"}, {"teacher": "t", "position_scale": 1.0}, "old.pth")
+    with pytest.raises(ConfigError, match="position_scale 1.0 \\(this run: 16.0\\)"):
+        check_signature({"teacher": "t"}, {"teacher": "t", "position_scale": 16.0}, "old.pth")

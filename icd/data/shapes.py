@@ -42,6 +42,9 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 # Side (pixels) of a shape's bounding square per COCO scale; capped at 0.9 of the image side.
 _SCALE_RANGES = {"small": (12.0, 30.0), "medium": (34.0, 90.0), "large": (100.0, 200.0)}
 _MIN_VISIBLE = 0.25
+SCENES: tuple[str, ...] = ("sparse", "dense")
+# dense scenes: side range (pixels) of a shape's bounding square, drawn log-uniformly
+_DENSE_SIDES = (3.0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,19 @@ class ShapesConfig:
     max_shapes: int = 8
     num_strokes: int = 6
     noise_std: float = 12.0
+    scene: str = "sparse"
+    min_area: int = 16  # pixels: smaller (or less visible) shapes are not annotated
+
+    @classmethod
+    def for_scene(cls, scene: str, image_size: int = 256) -> ShapesConfig:
+        """The configuration of ``scene`` ("sparse": the defaults; "dense": see the module
+        docstring) at ``image_size``."""
+        if scene not in SCENES:
+            raise ValueError(f"scene = {scene!r}; expected one of {', '.join(SCENES)}")
+        if scene == "sparse":
+            return cls(image_size=image_size)
+        return cls(image_size=image_size, min_shapes=20, max_shapes=40, num_strokes=4, noise_std=10.0,
+                   scene="dense", min_area=5)  # fmt: skip
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -99,6 +115,8 @@ def _background(rng: np.random.Generator, size: int, cfg: ShapesConfig) -> Image
         ramp = ramp.transpose(1, 0, 2)
     img = c0 * (1 - ramp) + c1 * ramp
     img = np.broadcast_to(img, (size, size, 3)).copy()
+    if cfg.scene == "dense":
+        img += _texture(rng, size)[:, :, None] * rng.uniform(0.5, 1.0, size=3)
     image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(cfg.num_strokes):  # distractor strokes: lines and arcs in the shapes' palette
@@ -128,6 +146,52 @@ def _background(rng: np.random.Generator, size: int, cfg: ShapesConfig) -> Image
     return image
 
 
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """float [size, size], roughly +-40: two oriented gratings of 4-16 px period plus blotchy
+    noise (coarse noise upsampled), the clutter of a textured ground under dense objects."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    out = np.zeros((size, size))
+    for _ in range(2):
+        angle, period = rng.uniform(0, math.pi), rng.uniform(4.0, 16.0)
+        phase = (xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period
+        out += rng.uniform(5.0, 15.0) * np.sin(phase + rng.uniform(0, 2 * math.pi))
+    cells = max(2, size // 12)
+    coarse = rng.normal(0.0, 15.0, size=(cells, cells))
+    blotches = Image.fromarray(coarse.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
+    return out + np.asarray(blotches, dtype=np.float64)
+
+
+def _clusters(rng: np.random.Generator, cfg: ShapesConfig) -> np.ndarray | None:
+    """Dense scenes: [c, 3] (x, y, spread) of 2-5 clusters the shapes gather in; sparse: None
+    (and no draw from ``rng``, so sparse datasets stay what their seed always gave)."""
+    if cfg.scene != "dense":
+        return None
+    size = cfg.image_size
+    count = int(rng.integers(2, 6))
+    centres = rng.uniform(0.15 * size, 0.85 * size, size=(count, 2))
+    spread = rng.uniform(0.06, 0.14, size=(count, 1)) * size
+    return np.concatenate([centres, spread], axis=1)
+
+
+def _placement(rng: np.random.Generator, cfg: ShapesConfig, clusters: np.ndarray | None) -> tuple[float, float, float]:
+    """(cx, cy, side) of one shape: sparse scenes at COCO's three scales anywhere in the image;
+    dense scenes small (log-uniform side) around one of ``clusters``, so neighbours touch and
+    overlap."""
+    size = cfg.image_size
+    if clusters is not None:
+        lo, hi = _DENSE_SIDES
+        side = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        cx, cy, spread = clusters[int(rng.integers(len(clusters)))]
+        x, y = np.clip(rng.normal((cx, cy), spread), side / 4, size - side / 4)
+        return float(x), float(y), side
+    scale = ("small", "medium", "large")[int(rng.choice(3, p=(0.4, 0.4, 0.2)))]
+    lo, hi = _SCALE_RANGES[scale]
+    side = min(float(rng.uniform(lo, hi)), 0.9 * size)
+    r = side / 2
+    cx, cy = rng.uniform(r * 0.5, size - r * 0.5, size=2)
+    return float(cx), float(cy), side
+
+
 def render_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Image.Image, list[dict]]:
     """One image and its instances: ``category``, ``bbox`` [x, y, w, h], ``area``, ``segmentation``.
 
@@ -137,19 +201,17 @@ def render_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Image.Ima
     image = _background(rng, size, cfg)
     owner = np.full((size, size), -1, dtype=np.int32)  # which shape each pixel shows
     shapes = []
+    clusters = _clusters(rng, cfg)
     for idx in range(int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))):
         kind_id = int(rng.integers(len(CLASSES)))
-        scale = ("small", "medium", "large")[int(rng.choice(3, p=(0.4, 0.4, 0.2)))]
-        lo, hi = _SCALE_RANGES[scale]
-        side = min(float(rng.uniform(lo, hi)), 0.9 * size)
+        cx, cy, side = _placement(rng, cfg, clusters)
         r = side / 2
-        cx, cy = rng.uniform(r * 0.5, size - r * 0.5, size=2)
         angle = float(rng.uniform(0, 2 * math.pi))
         colour = PALETTE[rng.integers(len(PALETTE))]
         mask_img = Image.new("L", (size, size), 0)
         _draw_shape(ImageDraw.Draw(mask_img), CLASSES[kind_id], cx, cy, r, angle, 255)
         mask = np.asarray(mask_img) > 127
-        if mask.sum() < 16:
+        if mask.sum() < cfg.min_area:
             continue
         _draw_shape(ImageDraw.Draw(image), CLASSES[kind_id], cx, cy, r, angle, colour)
         owner[mask] = idx
@@ -158,7 +220,7 @@ def render_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Image.Ima
     for idx, kind_id, full_area in shapes:
         visible = owner == idx
         area = int(visible.sum())
-        if area < _MIN_VISIBLE * full_area or area < 16:
+        if area < _MIN_VISIBLE * full_area or area < cfg.min_area:
             continue
         ys, xs = np.nonzero(visible)
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
@@ -239,17 +301,18 @@ def existing_dataset_files(out_dir: str) -> list[str]:
 
 def generate(
     out_dir: str, num_train: int = 2000, num_val: int = 500, image_size: int = 256, seed: int = 0,
-    overwrite: bool = False,
+    overwrite: bool = False, scene: str = "sparse",
 ) -> dict[str, str]:  # fmt: skip
     """Write the train and val splits; returns {split: annotation file}. A dataset already in
-    ``out_dir`` is an OutputDirError unless ``overwrite`` (then its files are replaced)."""
+    ``out_dir`` is an OutputDirError unless ``overwrite`` (then its files are replaced).
+    ``scene``: "sparse" (the default) or "dense" (crowded small shapes, module docstring)."""
+    cfg = ShapesConfig.for_scene(scene, image_size)
     existing = existing_dataset_files(out_dir)
     if existing and not overwrite:
         raise OutputDirError(
             f"--out {out_dir}",
             f"holds a dataset ({', '.join(existing)}); pass --overwrite to replace it, or another --out",
         )
-    cfg = ShapesConfig(image_size=image_size)
     return {
         "train": write_split(out_dir, "train", num_train, seed, cfg),
         "val": write_split(out_dir, "val", num_val, seed, cfg),

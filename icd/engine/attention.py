@@ -30,6 +30,7 @@ def attention_statistics(
     max_images: int | None = None,
     batch_size: int = 8,
     feature_cache: TeacherFeatureCache | None = None,
+    detailed: bool = False,
 ) -> dict[str, float]:
     """Mean lift and distinctness of ``distiller``'s real-instance attention on ``dataset``.
 
@@ -42,16 +43,21 @@ def attention_statistics(
         batch_size: images per teacher forward.
         feature_cache: reuse the teacher's maps of earlier calls (a run that evaluates the same
             teacher on the same images again); None: one teacher forward per batch.
+        detailed: also the statistics per instance size and where the attention mass goes
+            (``AttentionStats``'s ``detailed``).
 
     Returns:
         {"lift", "lift_P3", ..., "distinctness", "distinctness_P3", ..., "peak", "lift_count",
         "distinctness_count", "peak_count"}: means over the real instances (counts: how many
-        instances); peak of the distillation weights, at the distiller's mask_temperature.
+        instances); peak of the distillation weights, at the distiller's mask_temperature; with
+        ``detailed`` the per-size and mass keys of ``AttentionStats``. Cells sit at the
+        distiller's ``strides`` (when it has them).
     """
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
-    stats = AttentionStats(level_names)
+    stats = AttentionStats(level_names, detailed=detailed)
+    strides = getattr(distiller, "strides", None)  # the levels' true strides (None: inferred)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     for start in range(0, count, batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
@@ -75,9 +81,9 @@ def attention_statistics(
             weights, _ = distiller.instance_attention_maps(
                 features, boxes, labels, sizes, padded, temperature=distiller.mask_temperature, per_head=True
             )
-        valid = ~padding_mask(sizes, shapes, padded)
+        valid = ~padding_mask(sizes, shapes, padded, strides)
         for i, image_maps in enumerate(maps):
-            stats.add_image(image_maps.mean(dim=1), boxes[i], valid[i], shapes, padded, weights[i])
+            stats.add_image(image_maps.mean(dim=1), boxes[i], valid[i], shapes, padded, weights[i], strides)
     teacher.train(was_training)
     return stats.summary()
 

@@ -60,16 +60,19 @@ def _at_least_float32(x: Tensor) -> Tensor:
 
 
 def _valid_maps(
-    features: Sequence[Tensor], image_sizes: Tensor | Sequence[Sequence[int]] | None, padded_size
+    features: Sequence[Tensor],
+    image_sizes: Tensor | Sequence[Sequence[int]] | None,
+    padded_size,
+    strides: Sequence[float] | None = None,
 ) -> list[Tensor]:
     """Per level a float [N, 1, H_l, W_l] map: 1 where the location lies inside its image, 0 in
-    the batch padding (all ones without ``image_sizes``)."""
+    the batch padding (all ones without ``image_sizes``); ``strides`` as in ``icd.ops.padding_mask``."""
     if image_sizes is None or padded_size is None:
         return [f.new_ones(f.shape[0], 1, *f.shape[-2:], dtype=torch.float32) for f in features]
     from icd import ops
 
     shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long, device=features[0].device)
-    padding = ops.padding_mask(image_sizes, shapes, padded_size)  # bool [N, S], True in padding
+    padding = ops.padding_mask(image_sizes, shapes, padded_size, strides)  # bool [N, S], True in padding
     return [(~m).float().unsqueeze(1) for m in ops.unflatten_levels(padding, shapes)]
 
 
@@ -98,7 +101,8 @@ class FpnMseDistiller(nn.Module):
     training (the raw variant diverged on real images at weight 1); normalised ones keep the loss
     near [0, 4] whatever the teacher's scale. A level with one valid location per image has
     nothing to standardise under "channel" and contributes 0. The whole module is student side:
-    it trains with the student's optimiser.
+    it trains with the student's optimiser. ``strides``: the levels' strides in input pixels
+    (2**l for P_l) for the valid locations; None infers them (``icd.ops.level_strides``).
     """
 
     def __init__(
@@ -108,8 +112,10 @@ class FpnMseDistiller(nn.Module):
         num_levels: int,
         loss_weight: float | None = None,
         norm: str = "channel",
+        strides: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        self.strides = None if strides is None else [float(r) for r in strides]
         if norm not in FPN_MSE_NORMS:
             raise ValueError(f"FpnMseDistiller: norm = {norm!r}; expected one of {FPN_MSE_NORMS}")
         self.norm = norm
@@ -145,7 +151,7 @@ class FpnMseDistiller(nn.Module):
                     f"FpnMseDistiller: level sizes differ, teacher {list(t.shape)} "
                     f"student {list(s.shape)}"
                 )
-        valid = _valid_maps(teacher_features, image_sizes, padded_size)
+        valid = _valid_maps(teacher_features, image_sizes, padded_size, self.strides)
         losses = []
         for adapter, t, s, v in zip(self.adapters, teacher_features, student_features, valid, strict=True):
             student = _normalise(_at_least_float32(adapter(s)), v, self.norm)
@@ -201,15 +207,19 @@ def build_distiller(
     static_shapes: bool = False,
     fpn_mse_norm: str = "channel",
     mask_temperature: float = 1.0,
+    strides: Sequence[float] | None = None,
+    position_scale: float = 1.0,
 ) -> nn.Module:
     """ICD (with the class prior of the training annotations) or the FPN-MSE peer; ``method``
     "none" has no distiller (the trainer then only inherits from the teacher).
 
     ``static_shapes``: ICD's fixed instance-slot layout (for torch.compile / CUDA graphs).
     ``mask_temperature``: of ICD's distillation weights (``ICDDistiller``).
+    ``strides``: the level strides in input pixels (2**l for P_l; None: inferred per batch).
+    ``position_scale``: ICD's position-embedding periods per image (``ICDDistiller``).
     """
     if method == "fpn-mse":
-        return FpnMseDistiller(student_channels, teacher_channels, num_levels, loss_weight, fpn_mse_norm)
+        return FpnMseDistiller(student_channels, teacher_channels, num_levels, loss_weight, fpn_mse_norm, strides)
     if method != "icd":
         raise ValueError(f"distill method {method!r}: no distiller to build; expected icd or fpn-mse")
     from icd.nn import ClassPrior, ICDDistiller
@@ -236,5 +246,7 @@ def build_distiller(
         backend=backend,
         static_shapes=static_shapes,
         mask_temperature=mask_temperature,
+        strides=strides,
+        position_scale=position_scale,
     )
 

@@ -14,6 +14,10 @@ each once per loss term:
   ``window``, if fewer). E.g. a feature-imitation loss going from ~1 to 1e15 within a hundred
   iterations. A steady exponential growth is caught once it gains ``growth`` over about
   ``window`` iterations.
+
+``icd train`` also checks each evaluation of an ICD run: real instances whose attention falls
+less on their own boxes than on the average valid token (mean lift below
+``ATTENTION_LIFT_FLOOR``) make a "looks-away" health record (``Trainer._check_attention``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ HEALTH_ACTIONS = ("warn", "stop")
 STUCK, BLOW_UP = "stuck", "blow-up"
 # blow-ups are looked for once a term has this many non-zero values (or --health-window, if fewer)
 MIN_HISTORY = 10
+# an ICD evaluation whose mean lift is below this is reported: uniform attention has lift 1
+ATTENTION_LIFT_FLOOR = 1.0
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,10 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# signature entries that files of earlier versions lack, at the value those versions had
+SIGNATURE_DEFAULTS = {"position_scale": 1.0}
+
+
 def teacher_side_signature(distiller: nn.Module, teacher_spec: DetectorSpec, fingerprint: str) -> dict:
     """What a teacher side is only valid for: the teacher and the distiller's shape."""
     return {
@@ -85,6 +89,7 @@ def teacher_side_signature(distiller: nn.Module, teacher_spec: DetectorSpec, fin
         "num_layers": len(distiller.decoder.layers),
         "levels": list(teacher_spec.levels),
         "teacher": fingerprint,
+        "position_scale": float(getattr(distiller, "position_scale", 1.0)),
     }
 
 
@@ -99,6 +104,7 @@ def teacher_side_state(distiller: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_signature(found: Mapping, expected: Mapping, path: str) -> None:
     """ValueError naming every entry where a teacher-side file does not fit this run."""
+    found = {**SIGNATURE_DEFAULTS, **found}  # files written before an entry existed
     wrong = [
         f"{key} {found.get(key)!r} (this run: {expected[key]!r})"
         for key in expected
@@ -293,6 +299,7 @@ class Pretrainer:
         stats = attention_statistics(
             self.distiller, self.teacher, self.val_set, self.level_names,
             max_images=self.args.attention_images, feature_cache=self.cache,
+            detailed=getattr(self.args, "attention_detail", False),
         )  # fmt: skip
         self.distiller.train()
         score = attention_score(stats)

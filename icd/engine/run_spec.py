@@ -183,6 +183,7 @@ _DISTILLER_FLAGS = {
     "icd_neg_ratio": "neg_ratio",
     "icd_clamp_fakes": "clamp_fakes",
     "icd_mask_temperature": "mask_temperature",
+    "icd_position_scale": "position_scale",
     "fpn_mse_norm": "fpn_mse_norm",
 }
 
@@ -203,6 +204,8 @@ def distiller_kwargs(run_args: Mapping[str, Any], teacher_spec: DetectorSpec, nu
         "student_channels": run_args.get("fpn_channels") or teacher_spec.fpn_channels,
         "num_levels": len(teacher_spec.levels),
         "loss_weight": run_args.get("distill_weight"),
+        # the FPN levels' true strides: the padded size need not be a multiple of P6/P7's
+        "strides": [2**level for level in teacher_spec.levels],
     }
     kwargs.update({kw: run_args[flag] for flag, kw in _DISTILLER_FLAGS.items() if flag in run_args})
     if kwargs.get("mask_temperature") is None:  # --icd-mask-temperature's default follows --icd-init

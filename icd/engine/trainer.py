@@ -51,6 +51,7 @@ from icd.engine.distill import build_distiller, check_icd_heads, check_static_sl
 from icd.engine.distributed import DistInfo, all_ranks, barrier, cleanup, init_distributed
 from icd.engine.evaluator import autocast, eval_loader, evaluate
 from icd.engine.finite import all_finite, first_non_finite, loss_report, nested_tensors
+from icd.engine.health import ATTENTION_LIFT_FLOOR
 from icd.engine.hooks import EpochEnd, HealthCheck, Hook, PeriodicCheckpoint, PeriodicEvaluation, TrainMetrics
 from icd.engine.interrupt import StopRequest
 from icd.engine.metrics import MetricsLog
@@ -60,6 +61,7 @@ from icd.engine.run_spec import BARE_STATE_DICT_NORM, detector_spec_from_args, d
 from icd.engine.sampler import ResumableSampler
 from icd.engine.speed import check_speed_flags, compile_error, compile_in_place, compiled_parts, grad_scaler
 from icd.errors import ConfigError, InterruptedRun, NonFiniteError, NothingDoneError
+from icd.nn.attention_stats import is_detailed_statistic
 from icd.ops.validation import value_checks
 
 log = logging.getLogger("icd.train")
@@ -874,7 +876,10 @@ class Trainer:
         if self.args.teacher and self.args.distill == "icd" and self.info.is_main:
             from icd.engine.attention import attention_statistics
 
-            metrics.update(attention_statistics(self.distiller, self.teacher, self.val_set, self.teacher_levels))
+            detailed = getattr(self.args, "attention_detail", False)
+            metrics.update(
+                attention_statistics(self.distiller, self.teacher, self.val_set, self.teacher_levels, detailed=detailed)
+            )
         improved = self._track_best(metrics, epoch)
         best = {}
         if self.best is not None:
@@ -884,12 +889,29 @@ class Trainer:
         self.last_evaluation = metrics
         self._record_evaluation(saved, improved)
         if self.info.is_main:
+            shown = {k: v for k, v in metrics.items() if not is_detailed_statistic(k)}
             print(
-                f"epoch {epoch} iter {self.iteration}: "
-                + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()),
+                f"epoch {epoch} iter {self.iteration}: " + " ".join(f"{k} {v:.2f}" for k, v in shown.items()),
                 flush=True,
             )
+            self._check_attention(metrics, epoch)
         return metrics
+
+    def _check_attention(self, metrics: dict[str, float], epoch: int) -> None:
+        """An ICD run whose real instances look less at their own boxes than at the average
+        valid token (lift < 1) distils from the wrong places: one warning line and a health
+        record per such evaluation."""
+        lift = metrics.get("lift")
+        if lift is None or not lift < ATTENTION_LIFT_FLOOR:
+            return
+        self.metrics.write({"type": "health", "iter": self.iteration, "epoch": epoch, "loss": "attention",
+                            "problem": "looks-away", "value": lift})  # fmt: skip
+        log.warning(
+            "ICD's attention looks away from its instances at epoch %d: lift %.2f < %g (an instance's attention "
+            "falls less on its own box than on the average valid token), distinctness %.2f; its distillation "
+            "weights are then no better than uniform (docs/training.md, Dense scenes)",
+            epoch, lift, ATTENTION_LIFT_FLOOR, metrics.get("distinctness", float("nan")),
+        )
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -21,6 +21,7 @@ have few boxes, which is what eager execution prefers (see docs/nn.md for measur
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -80,6 +81,15 @@ class ICDDistiller(nn.Module):
             value mask); 1 (the paper) uses the attention's own. Above 1 spreads each
             instance's weight over more tokens without changing the attention itself (a
             pre-trained teacher side puts a third of a head's weight on one token).
+        strides: the stride of each FPN level in input pixels (2**l for P_l), for the padding
+            mask, the position embedding and the attention statistics' cell centres; None
+            infers each level's stride from the padded size and the map's size, which is
+            exact only when the padded size is a multiple of every stride (see
+            ``icd.ops.level_strides``: a 192-px batch's P7 would get stride 96, not 128).
+        position_scale: s, how many periods the finest frequency of the position embeddings
+            makes over an image, in the queries' centre descriptor and the keys' sine
+            embedding alike: 1 (the paper) gives one period per image, too coarse to tell apart
+            neighbours a few pixels apart in dense scenes of small objects.
     """
 
     num_steps: Tensor
@@ -105,6 +115,8 @@ class ICDDistiller(nn.Module):
         decoder_channels: int | None = None,
         static_shapes: bool = False,
         mask_temperature: float = 1.0,
+        strides: Sequence[float] | None = None,
+        position_scale: float = 1.0,
     ) -> None:
         super().__init__()
         op = "ICDDistiller"
@@ -115,6 +127,10 @@ class ICDDistiller(nn.Module):
         for name, value in (("loss_weight", loss_weight), ("neg_ratio", neg_ratio), ("sample_range", sample_range)):
             check_number(value, name, op, minimum=0.0)
         check_number(mask_temperature, "mask_temperature", op, above=0.0)
+        check_number(position_scale, "position_scale", op, above=0.0)
+        if strides is not None:
+            for i, r in enumerate(strides):
+                check_number(r, f"strides[{i}]", op, above=0.0)
         teacher_widths = as_level_widths(teacher_channels, "ICDDistiller: teacher_channels")
         student_widths = as_level_widths(student_channels, "ICDDistiller: student_channels")
         if teacher_widths and student_widths and len(teacher_widths) != len(student_widths):
@@ -167,11 +183,13 @@ class ICDDistiller(nn.Module):
         self.backend = backend
         self.static_shapes = bool(static_shapes)
         self.mask_temperature = float(mask_temperature)
+        self.strides = None if strides is None else [float(r) for r in strides]
+        self.position_scale = float(position_scale)
 
         self.sampler = InstanceSampler(
             prior, neg_ratio, max_labels, sample_range, clamp_fakes, static_shapes=self.static_shapes
         )
-        self.encoder = InstanceEncoder(num_classes, channels)
+        self.encoder = InstanceEncoder(num_classes, channels, self.position_scale)
         self.decoder = ConditionalDecoder(channels, heads, num_layers, backend)
         self.aux_task = AuxiliaryTask(channels)
         self.teacher_projection = (
@@ -424,7 +442,8 @@ class ICDDistiller(nn.Module):
                 teacher_features, student_features, self.teacher_channels, self.student_channels
             )
         padded = check_padded_size(padded_size)
-        check_padded_size_fits_levels(padded, [tuple(f.shape[-2:]) for f in teacher_features])
+        shapes = [tuple(f.shape[-2:]) for f in teacher_features]
+        check_padded_size_fits_levels(padded, shapes, self.strides)
         return padded
 
     def _teacher_tokens(
@@ -441,9 +460,11 @@ class ICDDistiller(nn.Module):
             tokens = self.teacher_projection(features)
             spatial_shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.long)
         shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]  # host ints
-        mask = ops.padding_mask(regions, shapes, padded)
+        mask = ops.padding_mask(regions, shapes, padded, self.strides)
         level_masks = ops.unflatten_levels(mask, shapes)
-        pos = ops.sine_position_embedding(level_masks, num_feats=self.channels // 2)
+        pos = ops.sine_position_embedding(
+            level_masks, num_feats=self.channels // 2, scale=2 * math.pi * self.position_scale
+        )
         return tokens, spatial_shapes, mask, pos
 
     def _decode(
@@ -485,7 +506,8 @@ class ICDDistiller(nn.Module):
             f"loss_weight={self.loss_weight}, "
             f"warmup_iters={self.warmup_iters}, norm={self.norm!r}, reduction={self.reduction!r}, "
             f"backend={self.backend!r}, static_shapes={self.static_shapes}, "
-            f"mask_temperature={self.mask_temperature}"
+            f"mask_temperature={self.mask_temperature}, strides={self.strides}, "
+            f"position_scale={self.position_scale}"
         )
 
 

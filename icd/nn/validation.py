@@ -34,15 +34,33 @@ def check_padded_size(padded_size: Sequence[int]) -> tuple[int, int]:
     return int(padded_size[0]), int(padded_size[1])
 
 
-def check_padded_size_fits_levels(padded: tuple[int, int], level_shapes: Sequence[tuple[int, int]]) -> None:
+def check_padded_size_fits_levels(
+    padded: tuple[int, int], level_shapes: Sequence[tuple[int, int]], strides: Sequence[float] | None = None
+) -> None:
     """Each level (H_l, W_l) covers (Hp, Wp) at one stride r_l: H_l ~ Hp / r_l and W_l ~ Wp / r_l.
 
     A level may have one cell more or fewer than Hp / r_l on each axis (rounding of strided
     convolutions), so the strides allowed by the rows, [Hp / (H_l + 1), Hp / (H_l - 1)], and
     by the columns must overlap. Catches (W, H) given for (H, W) and the padded size of
     another resolution (e.g. the images before resizing).
+
+    ``strides`` (one per level, e.g. 2**l) given: there must be one per level, and each level
+    must hold ceil(Hp / r_l) rows and ceil(Wp / r_l) columns, give or take one.
     """
     hp, wp = padded
+    if strides is not None:
+        if len(strides) != len(level_shapes):
+            raise ValueError(
+                f"`strides` = {list(strides)} has {len(strides)} entries for {len(level_shapes)} feature levels; "
+                "expected one stride per level"
+            )
+        for lvl, ((h_l, w_l), r) in enumerate(zip(level_shapes, strides, strict=True)):
+            if abs(h_l - math.ceil(hp / r)) > 1 or abs(w_l - math.ceil(wp / r)) > 1:
+                raise ValueError(
+                    f"level {lvl} of (H, W) = ({h_l}, {w_l}) does not have stride {r:g} in `padded_size` = "
+                    f"(Hp, Wp) = {padded}: expected about ({math.ceil(hp / r)}, {math.ceil(wp / r)}) cells; "
+                    "are `strides` those of these levels?"
+                )
     for lvl, (h_l, w_l) in enumerate(level_shapes):
         low = max(hp / (h_l + 1), wp / (w_l + 1))
         high = min(hp / (h_l - 1) if h_l > 1 else math.inf, wp / (w_l - 1) if w_l > 1 else math.inf)

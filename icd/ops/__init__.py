@@ -27,7 +27,13 @@ from icd.ops.dispatch import (
     resolve_backend,
     set_backend,
 )
-from icd.ops.multiscale import flatten_levels, padding_mask, sine_position_embedding, unflatten_levels
+from icd.ops.multiscale import (
+    flatten_levels,
+    level_strides,
+    padding_mask,
+    sine_position_embedding,
+    unflatten_levels,
+)
 from icd.ops.validation import (
     check_feature_mse_args,
     check_instance_attention_args,
@@ -43,6 +49,7 @@ __all__ = [
     "get_backend",
     "instance_attention",
     "instance_value_mask",
+    "level_strides",
     "masked_feature_mse",
     "padding_mask",
     "resolve_backend",

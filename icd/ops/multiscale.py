@@ -62,10 +62,35 @@ def _valid_cells(low: Tensor, high: Tensor, stride: float, cells: int) -> Tensor
     return (j >= first[:, None]) & (j < limit[:, None])
 
 
+def level_strides(
+    spatial_shapes: Tensor | Sequence[Sequence[int]],
+    padded_size: Sequence[int],
+    strides: Sequence[float] | None = None,
+) -> list[float]:
+    """The stride r_l (input pixels per cell) of each level.
+
+    ``strides`` given (e.g. 2**l of FPN level P_l, what the convolutions do): checked, one
+    positive number per level, and returned. None: inferred as (Hp / H_l + Wp / W_l) / 2, exact
+    only when the padded size is a multiple of every stride: a 192-px batch has a 2-cell P7
+    (ceil(192 / 128)), which the inference takes for a stride of 96 instead of 128.
+    """
+    levels = _as_size_list(spatial_shapes, "spatial_shapes")
+    if strides is None:
+        hp, wp = (float(x) for x in padded_size)
+        return [(hp / h_l + wp / w_l) / 2 for h_l, w_l in levels]
+    out = [float(r) for r in strides]
+    if len(out) != len(levels) or not all(math.isfinite(r) and r > 0 for r in out):
+        raise ValueError(
+            f"strides = {list(strides)}; expected one positive stride per level ({len(levels)} levels)"
+        )
+    return out
+
+
 def padding_mask(
     image_sizes: Tensor | Sequence[Sequence[float]],
     spatial_shapes: Tensor | Sequence[Sequence[int]],
     padded_size: Sequence[int],
+    strides: Sequence[float] | None = None,
 ) -> Tensor:
     """Key padding mask of the flattened tokens: True where a token lies in padding.
 
@@ -77,10 +102,13 @@ def padding_mask(
         spatial_shapes: [L, 2] (H_l, W_l) of each level; a list or a CPU tensor (a tensor on
             an accelerator is read on the host: a synchronisation).
         padded_size: (Hp, Wp), the padded batch size in input pixels.
+        strides: the stride r_l of each level in input pixels (2**l for FPN level P_l); None
+            infers r_l = (Hp / H_l + Wp / W_l) / 2, which is wrong for the coarse levels of a
+            padded size that is not a multiple of their stride (``level_strides``).
 
     Returns:
         bool [N, S] on image_sizes' device (when a tensor, else spatial_shapes', else the CPU).
-        On level l with stride r = (Hp / H_l + Wp / W_l) / 2, token (y, x) of image i is valid
+        On level l with stride r = r_l, token (y, x) of image i is valid
         when floor(y1_i / r) <= y < ceil(y2_i / r) and floor(x1_i / r) <= x < ceil(x2_i / r);
         a size (h, w) is the box (0, 0, w, h).
     """
@@ -111,8 +139,7 @@ def padding_mask(
         regions = torch.cat([torch.zeros_like(regions), regions.flip(-1)], dim=1)  # (0, 0, w, h)
     x1, y1, x2, y2 = regions.unbind(-1)
     per_level = []
-    for h_l, w_l in levels:
-        stride = (hp / h_l + wp / w_l) / 2
+    for (h_l, w_l), stride in zip(levels, level_strides(levels, (hp, wp), strides), strict=True):
         valid_rows = _valid_cells(y1, y2, stride, h_l)
         valid_cols = _valid_cells(x1, x2, stride, w_l)
         per_level.append(~(valid_rows[:, :, None] & valid_cols[:, None, :]).flatten(1))
@@ -137,6 +164,7 @@ def sine_position_embedding(
     num_feats: int = 128,
     temperature: float = 10000.0,
     normalize: bool = True,
+    scale: float = 2 * math.pi,
 ) -> Tensor:
     """DETR's 2-D sine position embedding of every level, flattened like the tokens.
 
@@ -148,7 +176,9 @@ def sine_position_embedding(
             ``unflatten_levels(padding_mask(...), spatial_shapes)``.
         num_feats: features per axis (C / 2); the output has 2 * num_feats channels.
         temperature: base of the geometric frequency progression.
-        normalize: divide the cumulative positions by the last valid one (+1e-6), times 2*pi.
+        normalize: divide the cumulative positions by the last valid one (+1e-6), times ``scale``.
+        scale: the normalised positions' range, 2*pi (DETR's): the finest frequency makes one
+            period over the valid region; 2*pi*s makes s periods.
 
     Returns:
         float32 [N, S, 2 * num_feats]: the y half, then the x half; inside each half the
@@ -167,8 +197,8 @@ def sine_position_embedding(
         y = valid.cumsum(dim=1)
         x = valid.cumsum(dim=2)
         if normalize:
-            y = y / (y[:, -1:, :] + 1e-6) * (2 * math.pi)
-            x = x / (x[:, :, -1:] + 1e-6) * (2 * math.pi)
+            y = y / (y[:, -1:, :] + 1e-6) * scale
+            x = x / (x[:, :, -1:] + 1e-6) * scale
         exponent = 2 * torch.div(torch.arange(num_feats, device=mask.device), 2, rounding_mode="floor")
         freq = temperature ** (exponent.float() / num_feats)
         halves = []
