@@ -137,12 +137,15 @@ def health_section(runs: Sequence[Run], cfg: StudyConfig) -> str:
     )
 
 
-def commands_section(runs: Sequence[Run], cfg: StudyConfig, extra: Sequence[Sequence[str]] = ()) -> str:
+def commands_section(
+    runs: Sequence[Run], cfg: StudyConfig, extra: Sequence[Sequence[str]] = (), what: str = "study"
+) -> str:
+    """The markdown section of every run's command (``what``: the study or the demo that ran them)."""
     env = f"OMP_NUM_THREADS={cfg.threads} " if not cfg.gpus else ""
     lines = [
         "## Commands",
         "",
-        "Each run, exactly as the study ran it (one process each, from the study's working folder):",
+        f"Each run, exactly as the {what} ran it (one process each, from the {what}'s working folder):",
         "",
         "```bash",
     ]
