@@ -57,8 +57,12 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
     lift_column = [r.split("|")[6].strip() for r in rows[1:]]
     assert lift_column[:3] == ["", "", ""] and float(lift_column[3]) > 0
     assert [s.splitlines()[0] for s in sections] == ["Loss health", "Commands"]
-    for run in plan.values():  # each run's exact command, the pre-training included
-        assert f"--output-dir {run.argv[run.argv.index('--output-dir') + 1]} " in sections[1]
+    commands = [line for line in sections[1].splitlines() if "python -m icd" in line]
+    assert len(commands) == len(plan)  # each run's exact command, the pre-training included
+    for run in plan.values():  # the teacher ran with every slot's threads (2 slots of 1 by default)
+        threads = 2 if run.name == "teacher" else 1
+        assert any(c.startswith(f"OMP_NUM_THREADS={threads} python -m icd {run.argv[0]} ") and
+                   f" --output-dir {run.argv[run.argv.index('--output-dir') + 1]} " in c for c in commands)
 
 
 def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):

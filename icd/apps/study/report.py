@@ -140,8 +140,12 @@ def health_section(runs: Sequence[Run], cfg: StudyConfig) -> str:
 def commands_section(
     runs: Sequence[Run], cfg: StudyConfig, extra: Sequence[Sequence[str]] = (), what: str = "study"
 ) -> str:
-    """The markdown section of every run's command (``what``: the study or the demo that ran them)."""
-    env = f"OMP_NUM_THREADS={cfg.threads} " if not cfg.gpus else ""
+    """The markdown section of every run's command (``what``: the study or the demo that ran them);
+    a run with ``all_threads`` (the demo's teacher) had every job slot's threads."""
+
+    def env(threads: int) -> str:
+        return f"OMP_NUM_THREADS={threads} " if not cfg.gpus else ""
+
     lines = [
         "## Commands",
         "",
@@ -149,8 +153,11 @@ def commands_section(
         "",
         "```bash",
     ]
-    for argv in [*extra, *(run.argv for run in runs)]:
-        lines.append(f"{env}python -m icd {shlex.join(argv)}")
+    for argv in extra:
+        lines.append(f"{env(cfg.threads)}python -m icd {shlex.join(argv)}")
+    for run in runs:
+        threads = cfg.threads * (cfg.jobs if run.all_threads else 1)
+        lines.append(f"{env(threads)}python -m icd {shlex.join(run.argv)}")
     return "\n".join([*lines, "```", ""])
 
 
