@@ -27,7 +27,8 @@ def tiny_demo(tmp_path_factory):
 
 
 def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
-    table = (tiny_demo / "results.md").read_text()
+    text = (tiny_demo / "results.md").read_text()
+    table, *sections = text.split("\n## ")  # then icd study's sections: loss health, the commands
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["teacher", "baseline", "fpn_mse", "icd"]
     for row in rows[1:]:
@@ -55,6 +56,13 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
     assert any(r["type"] == "eval" and r["lift"] > 0 and "distinctness_count" in r for r in icd_train)
     lift_column = [r.split("|")[6].strip() for r in rows[1:]]
     assert lift_column[:3] == ["", "", ""] and float(lift_column[3]) > 0
+    assert [s.splitlines()[0] for s in sections] == ["Loss health", "Commands"]
+    commands = [line for line in sections[1].splitlines() if "python -m icd" in line]
+    assert len(commands) == len(plan)  # each run's exact command, the pre-training included
+    for run in plan.values():  # the teacher ran with every slot's threads (2 slots of 1 by default)
+        threads = 2 if run.name == "teacher" else 1
+        assert any(c.startswith(f"OMP_NUM_THREADS={threads} python -m icd {run.argv[0]} ") and
+                   f" --output-dir {run.argv[run.argv.index('--output-dir') + 1]} " in c for c in commands)
 
 
 def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):
@@ -85,6 +93,31 @@ def test_baseline_runs_beside_the_teacher_and_the_students_of_the_teacher_wait_f
     assert [r.name for r in after_teacher] == [PRETRAIN_RUN, "fpn_mse"]
     assert [r.name for r in runs_to_start([by_name["icd"]], 0, {"teacher", PRETRAIN_RUN}, 2)] == ["icd"]
     assert [r.name for r in runs_to_start(runs, active=0, done=set(), jobs=1)] == ["teacher"]
+
+
+def test_the_students_and_the_pre_training_are_planned_by_icd_study(tmp_path):
+    from icd.apps.demo.plan import student_study
+    from icd.apps.study.plan import pretrain_argv, train_argv
+
+    cfg = DemoConfig(out_dir=str(tmp_path), pretrain_iters=10, student_seed=3, icd_weight=4.0, image_size=80)
+    runs = {r.name: r for r in plan_runs(cfg)}
+    study = student_study(cfg)
+    assert study.methods == ["baseline", "fpn-mse", "icd-pre"] and study.seeds == [3]
+    assert runs["fpn_mse"].argv == train_argv(study, "fpn-mse", 2, 3, output_dir=cfg.run_dir("fpn_mse"))
+    assert runs[PRETRAIN_RUN].argv == pretrain_argv(study, 3, output_dir=cfg.run_dir(PRETRAIN_RUN))
+    teacher_ckpt = str(tmp_path / "teacher" / "checkpoint.pth")
+    for name in ("baseline", "fpn_mse", "icd"):
+        argv = runs[name].argv
+        assert _flag(argv, "--output-dir") == cfg.run_dir(name) and _flag(argv, "--data-path") == cfg.data_dir
+        assert _flag(argv, "--seed") == "3" and _flag(argv, "--min-size") == _flag(argv, "--max-size") == "80"
+        assert _flag(argv, "--fpn-channels") == "64" and _flag(argv, "--epochs") == "2"
+        assert _flag(argv, "--teacher") == (None if name == "baseline" else teacher_ckpt)
+    assert _flag(runs["icd"].argv, "--distill") == "icd" and _flag(runs["icd"].argv, "--distill-weight") == "4"
+    assert _flag(runs["icd"].argv, "--icd-init") == str(tmp_path / PRETRAIN_RUN / "teacher_side.pth")
+    assert _flag(runs["fpn_mse"].argv, "--distill-weight") is None  # icd train's default
+    assert _flag(runs["teacher"].argv, "--seed") == "0" and _flag(runs["teacher"].argv, "--fpn-channels") == "128"
+    plain = {r.name: r for r in plan_runs(DemoConfig(out_dir=str(tmp_path)))}
+    assert _flag(plain["icd"].argv, "--icd-init") is None and student_study(DemoConfig()).methods[-1] == "icd"
 
 
 def test_teacher_keeps_its_lr_and_evaluates_once_unless_asked_to_decay(tmp_path):

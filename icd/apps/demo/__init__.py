@@ -6,7 +6,8 @@ What it does, under ``--out`` (``demo_output/``)::
     teacher/  baseline/         icd train runs: the big teacher and the small student alone
     icd_pretrain/               ICD's teacher side pre-trained on the finished teacher (icd pretrain)
     icd/      fpn_mse/          the small student distilled from the teacher (ICD, FPN-MSE peer)
-    results.md                  AP, AP50, AP75, lift, distinctness and training time, as markdown
+    results.md                  AP, AP50, AP75, lift, distinctness and training time, as markdown;
+                                every loss-health warning and each run's command
     curves.png                  loss and AP curves of the four runs (``icd plot``)
     attention_maps.png          ICD attention of each real instance over the FPN levels
 
@@ -20,10 +21,12 @@ process shows one progress bar per run, fed by the runs' ``metrics.jsonl``.
 The modules, one job each:
 
     settings.py    DemoConfig (everything the result depends on) and TINY (the smoke test's)
-    plan.py        the runs: their icd train / icd pretrain arguments, lengths and dependencies
+    plan.py        the runs: their icd train / icd pretrain arguments (the students' and the
+                   pre-training's by icd study's planner), lengths and dependencies
     stamps.py      demo_run.json: what a finished run or the data was made with (reuse)
     scheduler.py   the runs as processes in job slots, with progress bars
-    report.py      each run's last evaluation, results.md, the summary over several outputs
+    report.py      each run's last evaluation, results.md (with icd study's loss-health and
+                   commands sections), the summary over several outputs
     figures.py     curves.png and attention_maps.png
     pipeline.py    the whole demo: data, runs, table, figures
     command.py     the flags of ``icd demo`` and the command (called by ``icd.cli``)

@@ -65,7 +65,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     rows, table = results_table(runs, cfg)
     figures = draw_figures(runs, cfg)
-    files = {"table": write_results(cfg, table), **figures}
+    files = {"table": write_results(cfg, table, runs), **figures}
     print("\n" + table)
     for what, path in files.items():
         print(f"[demo] {what}: {path}")

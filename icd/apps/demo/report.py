@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 from collections.abc import Sequence
 
 from icd.apps.demo.plan import RUN_NAMES, Run
@@ -12,13 +11,13 @@ from icd.apps.demo.settings import DemoConfig
 
 
 def last_eval(run_dir: str) -> dict[str, float]:
-    """The ``eval`` record of the latest iteration in ``run_dir/metrics.jsonl``."""
-    from icd.engine.metrics import read_metrics
+    """The ``eval`` record of the latest iteration in ``run_dir/metrics.jsonl`` (``icd study``'s reader)."""
+    from icd.apps.study.report import last_eval_of, run_records
 
-    evals = [r for r in read_metrics(run_dir) if r.get("type") == "eval"]
-    if not evals:
+    last = last_eval_of(run_records(run_dir))
+    if last is None:
         raise RuntimeError(f"{run_dir}/metrics.jsonl has no evaluation")
-    return max(evals, key=lambda r: r["iter"])
+    return last
 
 
 def results_table(runs: Sequence[Run], cfg: DemoConfig) -> tuple[list[dict], str]:
@@ -56,17 +55,23 @@ def results_table(runs: Sequence[Run], cfg: DemoConfig) -> tuple[list[dict], str
     return rows, "\n".join(lines) + "\n"
 
 
-def write_results(cfg: DemoConfig, table: str) -> str:
-    """``results.md`` under ``cfg.out_dir``: what was trained on what, then the table; returns its path."""
+def write_results(cfg: DemoConfig, table: str, runs: Sequence[Run] = ()) -> str:
+    """``results.md`` under ``cfg.out_dir``: what was trained on what, the table, then ``icd study``'s
+    sections on ``runs``: every loss-health warning of every run and the exact commands; returns its path."""
+    from icd.apps.demo.plan import student_study
+    from icd.apps.study.report import commands_section, health_section
+
     header = (
         f"# icd demo: {cfg.detector}, teacher {cfg.teacher_backbone} (FPN {cfg.teacher_channels}) "
         f"-> student {cfg.student_backbone} (FPN {cfg.student_channels})\n\n"
         f"Shapes data {cfg.num_train} train / {cfg.num_val} val images of {cfg.image_size} px, "
         f"seed {cfg.seed}; COCO bbox AP (%) on val after the last epoch.\n\n"
     )
+    sections = [health_section(runs, cfg), commands_section(runs, student_study(cfg), what="demo")] if runs else []
     path = os.path.join(cfg.out_dir, "results.md")
-    with open(path, "w") as f:
-        f.write(header + table)
+    with open(f"{path}.tmp", "w") as f:
+        f.write("\n".join([header + table, *sections]))
+    os.replace(f"{path}.tmp", path)
     return path
 
 
@@ -76,6 +81,8 @@ def summarize(out_dirs: Sequence[str]) -> str:
     Spread: the sample standard deviation over the outputs, and (min, max). Also the per-output
     AP of each run, so a reader sees every number behind the mean.
     """
+    from icd.apps.study.stats import mean_std
+
     per_run: dict[str, list[dict]] = {}
     for out in out_dirs:
         for name in RUN_NAMES:
@@ -88,8 +95,8 @@ def summarize(out_dirs: Sequence[str]) -> str:
         cells = []
         for key in ("AP", "AP50", "AP75"):
             values = [e[key] for e in evals]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cell = f"{statistics.fmean(values):.2f} ± {std:.2f}"
+            mean, std = mean_std(values)
+            cell = f"{mean:.2f} ± {std:.2f}"
             if key == "AP":
                 cell += f" ({min(values):.2f}-{max(values):.2f})"
             cells.append(cell)

@@ -46,9 +46,17 @@ def val_data_flags(data_flags: list[str]) -> list[str]:
 
 
 def train_argv(
-    cfg: StudyConfig, method: str, epochs: int, seed: int, weight: float | None = None, output_dir: str | None = None
+    cfg: StudyConfig,
+    method: str,
+    epochs: int,
+    seed: int,
+    weight: float | None = None,
+    output_dir: str | None = None,
+    pretrain_dir: str | None = None,
 ) -> list[str]:
-    """The ``icd train`` arguments of one student run (``weight``: instead of the study's)."""
+    """The ``icd train`` arguments of one student run (``weight``: instead of the study's;
+    ``output_dir``, ``pretrain_dir``: the run's folder and icd-pre's ``icd pretrain`` folder,
+    instead of the study's ``runs/`` names, as ``icd demo`` names them)."""
     base = base_method(method)
     argv = [
         "train",
@@ -87,7 +95,7 @@ def train_argv(
         if weight is not None:
             argv += ["--distill-weight", f"{weight:g}"]
     if base == "icd-pre":
-        argv += ["--icd-init", os.path.join(cfg.run_dir(pretrain_name(seed)), "teacher_side.pth")]
+        argv += ["--icd-init", os.path.join(pretrain_dir or cfg.run_dir(pretrain_name(seed)), "teacher_side.pth")]
     if base == "inherit":
         argv += ["--distill", "none", "--inherit-teacher", cfg.inherit_parts]
     elif method.endswith("+inherit"):
@@ -109,13 +117,14 @@ def without_teacher_flags(flags: list[str]) -> list[str]:
     return kept
 
 
-def pretrain_argv(cfg: StudyConfig, seed: int) -> list[str]:
-    """The ``icd pretrain`` arguments of icd-pre's teacher side for ``seed``."""
+def pretrain_argv(cfg: StudyConfig, seed: int, output_dir: str | None = None) -> list[str]:
+    """The ``icd pretrain`` arguments of icd-pre's teacher side for ``seed`` (into ``output_dir``,
+    default the study's ``runs/pretrain_sSEED``)."""
     return [
         "pretrain",
         *cfg.data_flags,
         "--output-dir",
-        cfg.run_dir(pretrain_name(seed)),
+        output_dir or cfg.run_dir(pretrain_name(seed)),
         "--teacher",
         str(cfg.teacher),
         *_size_flags(cfg),

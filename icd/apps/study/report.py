@@ -137,17 +137,27 @@ def health_section(runs: Sequence[Run], cfg: StudyConfig) -> str:
     )
 
 
-def commands_section(runs: Sequence[Run], cfg: StudyConfig, extra: Sequence[Sequence[str]] = ()) -> str:
-    env = f"OMP_NUM_THREADS={cfg.threads} " if not cfg.gpus else ""
+def commands_section(
+    runs: Sequence[Run], cfg: StudyConfig, extra: Sequence[Sequence[str]] = (), what: str = "study"
+) -> str:
+    """The markdown section of every run's command (``what``: the study or the demo that ran them);
+    a run with ``all_threads`` (the demo's teacher) had every job slot's threads."""
+
+    def env(threads: int) -> str:
+        return f"OMP_NUM_THREADS={threads} " if not cfg.gpus else ""
+
     lines = [
         "## Commands",
         "",
-        "Each run, exactly as the study ran it (one process each, from the study's working folder):",
+        f"Each run, exactly as the {what} ran it (one process each, from the {what}'s working folder):",
         "",
         "```bash",
     ]
-    for argv in [*extra, *(run.argv for run in runs)]:
-        lines.append(f"{env}python -m icd {shlex.join(argv)}")
+    for argv in extra:
+        lines.append(f"{env(cfg.threads)}python -m icd {shlex.join(argv)}")
+    for run in runs:
+        threads = cfg.threads * (cfg.jobs if run.all_threads else 1)
+        lines.append(f"{env(threads)}python -m icd {shlex.join(run.argv)}")
     return "\n".join([*lines, "```", ""])
 
 
