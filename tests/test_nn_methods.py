@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_runs import THREE_LEVELS, TINY_MODEL
 from torch import Tensor, nn
 
 from icd.cli import build_parser, main
@@ -21,7 +22,6 @@ from icd.engine.checkpoint import load_checkpoint, save_atomic
 from icd.engine.run_spec import distiller_kwargs, distiller_of_run
 from icd.errors import ConfigError
 from icd.nn.methods import METHODS, DistillMethod, DistillTarget, config_from_flags, get_method, register_method
-from tiny_runs import THREE_LEVELS, TINY_MODEL
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 # distillers and saved args of two icd train runs written before the registry (tiny: 32/16 channels)
