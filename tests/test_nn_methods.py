@@ -106,11 +106,14 @@ def test_distillers_saved_before_the_registry_load_strictly_into_the_rebuilt_one
         assert (distiller.norm, distiller.loss_weight) == ("layer", 2.0)
 
 
-def test_a_registered_method_is_offered_by_icd_train(toy_method):
+def test_a_registered_method_is_offered_by_icd_train(toy_method, capsys):
     parser = build_parser()
     args = parser.parse_args(["train", "--data-path", "d", "--distill", "fpn-l1", "--fpn-l1-scale", "2"])
     assert (args.distill, args.fpn_l1_scale) == ("fpn-l1", 2.0)
     assert "--fpn-l1-scale" in parser._subparsers._group_actions[0].choices["train"].format_help()
+    # its --fpn-l1-* flags need --teacher, as every method's
+    assert main(["train", "--data-path", "d", "--fpn-l1-scale", "2"]) != 0
+    assert "--fpn-l1-scale 2.0: distillation flags need --teacher" in capsys.readouterr().err
 
 
 def test_a_new_method_is_one_module_and_one_entry_trained_through_icd_train(tmp_path, toy_method):
