@@ -211,36 +211,19 @@ def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool =
     )
 
 
-def _add_icd_flags(g) -> None:
-    """ICD's distiller settings and the bare-state-dict teacher flags (train and pretrain)."""
+def _add_icd_flags(g, command: str) -> None:
+    """The distillation methods' flags (``icd pretrain``: ICD's only), ICD's run settings and the
+    bare-state-dict teacher flags (train and pretrain)."""
     from icd.detection.models import BACKBONES, DETECTORS, NORMS
     from icd.engine.run_spec import BARE_STATE_DICT_NORM
+    from icd.nn.methods import METHODS, add_method_flags
     from icd.ops.dispatch import BACKENDS
 
-    g.add_argument("--icd-heads", type=int_at_least(1), default=8, help="attention heads of ICD's decoder")
-    g.add_argument("--icd-layers", type=int_at_least(1), default=1, help="layers of ICD's decoder")
-    g.add_argument(
-        "--icd-max-labels",
-        type=int_at_least(1),
-        default=None,
-        help="real + fake instances per image (default 300, 100 for fasterrcnn and maskrcnn)",
-    )
-    g.add_argument(
-        "--icd-neg-ratio", type=finite_float(minimum=0.0), default=5.0, help="fake instances per real one"
-    )
-    g.add_argument(
-        "--icd-clamp-fakes",
-        action="store_true",
-        help="clip fake instance boxes to their image (the published code does; default: not)",
-    )
-    g.add_argument(
-        "--icd-position-scale",
-        type=finite_float(above=0.0),
-        default=1.0,
-        help="periods per image of the finest frequency of ICD's position embeddings (the queries' centre "
-        "and the keys' positions): 1 is the paper's; dense scenes of small objects need finer ones "
-        "(docs/training.md, Dense scenes)",
-    )
+    if command == "train":
+        add_method_flags(g, command)
+    else:
+        METHODS["icd"].add_flags(g, command)
+
     g.add_argument("--icd-backend", choices=BACKENDS, default=None, help="icd.ops backend (default per device)")
     g.add_argument(
         "--icd-static-shapes",
@@ -338,7 +321,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="stop after this many iterations with a checkpoint (continue with --resume)",
     )
-    _add_icd_flags(p.add_argument_group("ICD teacher side"))
+    _add_icd_flags(p.add_argument_group("ICD teacher side"), "pretrain")
     return p
 
 
@@ -360,7 +343,6 @@ def _apply_preset(p: FlagRecorder, ignore: set[str] | None = None) -> None:
 
 def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     """The ``icd train`` parser (``.parser``) and the record of its flags (``.flags``)."""
-    from icd.engine.distill import DISTILL_METHODS, FPN_MSE_NORMS
     from icd.engine.health import HEALTH_ACTIONS
     from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
     from icd.engine.speed import COMPILE_BACKENDS
@@ -497,19 +479,13 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         help="teacher checkpoint (icd train's checkpoint.pth or model_best.pth, or a state "
         "dict with --teacher-detector/--teacher-backbone)",
     )
+    from icd.nn.methods import METHODS
+
     g.add_argument(
         "--distill",
-        choices=DISTILL_METHODS,
+        choices=list(METHODS),
         default="icd",
-        help="icd, fpn-mse (normalised FPN feature imitation, see --fpn-mse-norm) or none (no "
-        "distillation loss: with --inherit-teacher, the inheritance-only control)",
-    )
-    g.add_argument(
-        "--fpn-mse-norm",
-        choices=FPN_MSE_NORMS,
-        default="channel",
-        help="fpn-mse: normalise both maps per channel over each image's locations (channel, as "
-        "PKD), per location over channels (layer), or not at all (none: the raw MSE)",
+        help=", ".join(m.summary for m in METHODS.values()),
     )
     g.add_argument(
         "--inherit-teacher",
@@ -522,7 +498,7 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         "--distill-weight",
         type=finite_float(minimum=0.0),
         default=None,
-        help="loss weight (default icd: 8, 3 for fasterrcnn and maskrcnn; fpn-mse: 16 per channel, 2 layer, 1 raw)",
+        help=f"loss weight (default {'; '.join(m.weight_default for m in METHODS.values() if m.build is not None)})",
     )
     g.add_argument(
         "--distill-warmup-iters",
@@ -531,7 +507,7 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         help="ICD: iterations with the student's features detached "
         "(default min(1000, 10%% of the run))",
     )
-    _add_icd_flags(g)
+    _add_icd_flags(g, "train")
     g.add_argument(
         "--icd-cuda-graphs",
         action="store_true",
@@ -556,14 +532,6 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         metavar="TEACHER_SIDE.pth",
         help="start ICD's teacher side from `icd pretrain`'s teacher_side.pth (checked against "
         "this teacher: classes, channels, heads, layers, levels, weights)",
-    )
-    g.add_argument(
-        "--icd-mask-temperature",
-        type=finite_float(above=0.0),
-        default=None,
-        help="temperature of the softmax that weights ICD's distillation loss over locations "
-        "(default 1, the attention's own as in the paper; 4 with --icd-init, whose pre-trained "
-        "heads put a third of their weight on one location)",
     )
     g.add_argument(
         "--icd-projection-optimizer",

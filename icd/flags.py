@@ -83,14 +83,18 @@ def default_workers() -> int:
 
 
 # flags that only mean something with --teacher: every --icd-*, --distill*, --teacher-*,
-# --fpn-mse-* flag (so flags added later are covered) and --inherit-teacher
-_TEACHER_ONLY_PREFIXES = ("icd_", "distill", "teacher_", "fpn_mse")
+# --<method>-* flag of a registered distillation method (icd.nn.methods; so flags added later are
+# covered) and --inherit-teacher
+_TEACHER_ONLY_PREFIXES = ("icd_", "distill", "teacher_")
 _TEACHER_ONLY = ("inherit_teacher",)
 
 
 def teacher_only(dest: str) -> bool:
     """Whether the train flag stored in ``dest`` needs --teacher."""
-    return dest.startswith(_TEACHER_ONLY_PREFIXES) or dest in _TEACHER_ONLY
+    from icd.nn.methods import METHODS  # imported here: `icd --help` imports no torch
+
+    methods = tuple(name.replace("-", "_") + "_" for name in METHODS)
+    return dest.startswith(_TEACHER_ONLY_PREFIXES + methods) or dest in _TEACHER_ONLY
 
 
 def check_teacher_flags(

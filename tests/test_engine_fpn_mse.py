@@ -161,7 +161,7 @@ def test_defaults_and_bad_arguments():
                   loss_weight=None, warmup_iters=0)
     built = build_distiller("fpn-mse", **kwargs)
     assert built.norm == "channel" and built.loss_weight == FPN_MSE_LOSS_WEIGHT["channel"]
-    raw = build_distiller("fpn-mse", **{**kwargs, "loss_weight": 0.5}, fpn_mse_norm="none")
+    raw = build_distiller("fpn-mse", **{**kwargs, "loss_weight": 0.5}, norm="none")
     assert raw.norm == "none" and raw.loss_weight == 0.5
     with pytest.raises(ValueError, match="norm = 'batch'"):
         FpnMseDistiller(4, 8, 3, norm="batch")

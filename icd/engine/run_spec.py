@@ -37,9 +37,10 @@ from torch import nn
 
 from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
 from icd.engine.checkpoint import load_checkpoint
-from icd.engine.distill import PRETRAINED_MASK_TEMPERATURE, build_distiller
+from icd.engine.distill import build_distiller
 from icd.engine.finite import first_non_finite
 from icd.errors import ConfigError, NonFiniteError
+from icd.nn.methods import get_method
 
 BARE_STATE_DICT_NORM = "frozen_bn"  # rule 3's norm when no flag gives one
 _SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DetectorSpec)}
@@ -175,42 +176,28 @@ def load_frozen_teacher(
     return teacher, spec
 
 
-# saved flag -> build_distiller keyword; absent flags take build_distiller's defaults
-_DISTILLER_FLAGS = {
-    "icd_heads": "heads",
-    "icd_layers": "num_layers",
-    "icd_max_labels": "max_labels",
-    "icd_neg_ratio": "neg_ratio",
-    "icd_clamp_fakes": "clamp_fakes",
-    "icd_mask_temperature": "mask_temperature",
-    "icd_position_scale": "position_scale",
-    "fpn_mse_norm": "fpn_mse_norm",
-}
-
-
 def distiller_kwargs(run_args: Mapping[str, Any], teacher_spec: DetectorSpec, num_classes: int) -> dict[str, Any]:
     """``icd.engine.distill.build_distiller``'s arguments that fix the distiller of a run, from
     its flags (``vars(args)`` of a live ``icd train`` / ``icd pretrain``, or a checkpoint's saved
     ``args``): ``method`` (``--distill``, icd for ``icd pretrain``), the student's detector and
-    FPN channels (the teacher's for ``icd pretrain``, which has no student), the loss weight and
-    the ``--icd-*`` / ``--fpn-mse-norm`` settings. What only running needs (``warmup_iters``,
+    FPN channels (the teacher's for ``icd pretrain``, which has no student), and the fields of the
+    method's config (its registry entry's ``config_from_args``: the loss weight and its own flags,
+    absent flags taking the config's defaults). What only running needs (``warmup_iters``,
     ``annotation_file``, ``backend``, ``static_shapes``) the caller adds.
     """
-    kwargs: dict[str, Any] = {
-        "method": run_args.get("distill") or "icd",
+    method = run_args.get("distill") or "icd"
+    config = get_method(method).config_from_args(run_args)
+    return {
+        "method": method,
         "detector": run_args.get("detector") or teacher_spec.detector,
         "num_classes": num_classes,
         "teacher_channels": teacher_spec.fpn_channels,
         "student_channels": run_args.get("fpn_channels") or teacher_spec.fpn_channels,
         "num_levels": len(teacher_spec.levels),
-        "loss_weight": run_args.get("distill_weight"),
         # the FPN levels' true strides: the padded size need not be a multiple of P6/P7's
         "strides": [2**level for level in teacher_spec.levels],
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
     }
-    kwargs.update({kw: run_args[flag] for flag, kw in _DISTILLER_FLAGS.items() if flag in run_args})
-    if kwargs.get("mask_temperature") is None:  # --icd-mask-temperature's default follows --icd-init
-        kwargs["mask_temperature"] = PRETRAINED_MASK_TEMPERATURE if run_args.get("icd_init") else 1.0
-    return kwargs
 
 
 def distiller_of_run(

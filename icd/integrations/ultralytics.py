@@ -46,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 from icd.engine.optim import TEACHER_SIDE_LR, teacher_side_optimizer, teacher_side_scheduler
 from icd.nn import ClassPrior, ICDDistiller, unpack_boxes
+from icd.nn.methods.icd import IcdConfig
 
 STUDENT_CLIP = 10.0  # ultralytics' gradient-norm clip of the detector, kept for the student side
 ICD_LOSS_ITEMS = ("icd", "aux")  # the loss items ICD adds; in validation they are always 0
@@ -70,9 +71,9 @@ class ICDConfig:
     teacher: str
     loss_weight: float = 1.0
     warmup_iters: int = 100
-    heads: int = 8
-    num_layers: int = 1
-    neg_ratio: float = 5.0
+    heads: int = IcdConfig.heads  # ICD's defaults are the registry entry's (icd/nn/methods/icd.py)
+    num_layers: int = IcdConfig.num_layers
+    neg_ratio: float = IcdConfig.neg_ratio
     max_labels: int = 300
     decoder_channels: int | None = None
     icd_lr: float = TEACHER_SIDE_LR

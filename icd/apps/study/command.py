@@ -10,10 +10,10 @@ import shlex
 from icd.apps.study.calibrate import MODES
 from icd.apps.study.settings import (
     DEFAULT_PRETRAIN_ITERS,
+    DISTILLING,
     METHODS,
     TEACHER_MARGIN,
     StudyConfig,
-    base_method,
     known_methods,
 )
 from icd.apps.study.shapes import PRESETS
@@ -149,8 +149,9 @@ def _weights(items: list[str]) -> dict[str, float]:
     weights = {}
     for item in items:
         method, _, text = item.partition("=")
-        if base_method(method) not in ("fpn-mse", "icd") or method != base_method(method):
-            raise ConfigError(f"--weight {item}", "expected fpn-mse=W or icd=W (icd-pre takes icd's weight)")
+        if method not in DISTILLING:
+            expected = " or ".join(f"{m}=W" for m in DISTILLING)
+            raise ConfigError(f"--weight {item}", f"expected {expected} (icd-pre takes icd's weight)")
         try:
             value = float(text)
         except ValueError:

@@ -11,7 +11,7 @@ import math
 import os
 
 from icd.apps.demo.plan import Run
-from icd.apps.study.settings import StudyConfig, base_method
+from icd.apps.study.settings import DISTILLING, StudyConfig, base_method
 
 TEACHER_EVAL = "teacher_eval"  # `icd eval` of the teacher on val (OUT/runs/teacher_eval)
 
@@ -89,8 +89,8 @@ def train_argv(
     ]
     if base != "baseline":
         argv += ["--teacher", str(cfg.teacher)]
-    if base in ("fpn-mse", "icd", "icd-pre"):
-        argv += ["--distill", "icd" if base.startswith("icd") else "fpn-mse"]
+    if base in DISTILLING or base == "icd-pre":
+        argv += ["--distill", "icd" if base == "icd-pre" else base]
         weight = cfg.weight(method) if weight is None else weight
         if weight is not None:
             argv += ["--distill-weight", f"{weight:g}"]

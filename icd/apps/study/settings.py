@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from icd.nn.methods import METHODS as DISTILL_METHODS
+from icd.nn.methods import distilling_methods
+
 # method -> the `icd train` flags it adds to the student's (TEACHER: the teacher checkpoint;
 # "+inherit" after a distilling method adds --inherit-teacher, see StudyConfig.inherit_parts)
 METHODS: dict[str, str] = {
@@ -14,7 +17,10 @@ METHODS: dict[str, str] = {
     "icd-pre": "ICD from a pre-trained teacher side (icd pretrain, then --icd-init)",
     "inherit": "inheritance only: the student's neck and head start from the teacher's, no distillation loss",
 }
-INHERITING = ("fpn-mse", "icd", "icd-pre")  # the methods that take a "+inherit" variant
+# every other distilling method of the registry (icd.nn.methods), in its words, runs as --distill NAME
+METHODS.update({m: DISTILL_METHODS[m].summary for m in distilling_methods() if m not in METHODS})
+DISTILLING = tuple(m for m in METHODS if m in distilling_methods())  # the registry's, in the study's order
+INHERITING = (*DISTILLING, "icd-pre")  # the methods that take a "+inherit" variant
 DEFAULT_PRETRAIN_ITERS = 600  # icd-pre's teacher-side pre-training (results/README.md section 0)
 # the teacher check: the teacher's val AP must be at least this times the student's (the
 # demo's teacher is held to 1.5x its baseline, results/README.md; a teacher barely above its
