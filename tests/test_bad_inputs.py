@@ -432,3 +432,27 @@ def test_internal_errors_keep_their_traceback(data, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "build_detector", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):
         main(f"train --data-path {data} {RUN} --output-dir {tmp_path / 'r'}".split())
+
+
+def test_a_refused_eval_leaves_no_output_folder(data, tmp_path, monkeypatch, capsys):
+    """eval checks that its --output-dir is writable before evaluating; refused later (here: no such
+    checkpoint), it leaves no folder behind, not even the default ./output."""
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "absent.pth"
+    assert main(f"eval --data-path {data} --checkpoint {missing} --workers 0 --device cpu --no-progress".split()) != 0
+    assert f"--checkpoint {missing}" in error_line(capsys)
+    nested = tmp_path / "a" / "b"
+    assert main(f"eval --data-path {data} --checkpoint {missing} --device cpu --output-dir {nested}".split()) != 0
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_probe_of_an_unwritable_output_dir_is_one_line(tmp_path):
+    from icd.engine.output_dir import probe_writable
+    from icd.errors import OutputDirError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="is not writable"):
+        probe_writable(str(blocker / "sub"))
+    probe_writable(str(tmp_path / "new" / "deeper"))  # writable: checked, and gone again
+    assert sorted(os.listdir(tmp_path)) == ["file"]

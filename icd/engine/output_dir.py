@@ -218,7 +218,16 @@ def _write_identity(output_dir: str, identity: dict) -> None:
 
 
 def probe_writable(output_dir: str) -> None:
-    """Create ``output_dir`` and a file in it (then remove it): OutputDirError when that fails."""
+    """Create ``output_dir`` and a file in it, then remove both: OutputDirError when that fails.
+
+    Leaves no trace: the folders it had to create are removed again (the writers create them when
+    they write), so a command refused later leaves no empty ``output/`` behind.
+    """
+    created = []
+    folder = os.path.abspath(output_dir)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        created.append(folder)
+        folder = os.path.dirname(folder)
     path = os.path.join(output_dir, f".icd_write_probe.{os.getpid()}")
     try:
         os.makedirs(output_dir, exist_ok=True)
@@ -227,6 +236,12 @@ def probe_writable(output_dir: str) -> None:
         os.remove(path)
     except OSError as err:
         raise OutputDirError(f"--output-dir {output_dir}", f"is not writable: {err.strerror or err}") from None
+    finally:
+        for folder in created:  # deepest first; one another process filled meanwhile stays
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
 
 def remove_previous_run(files: list[str]) -> None:
