@@ -16,6 +16,7 @@ from icd.apps.demo.scheduler import runs_to_start
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
+pytestmark = pytest.mark.serial  # the demo runs its training processes side by side
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,6 @@ def test_results_table_takes_each_runs_last_evaluation(tmp_path):
     assert "240 s" in table
 
 
-@pytest.mark.serial  # times training steps: alone on the machine
 def test_run_distill_main_on_a_tiny_step(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     try:
