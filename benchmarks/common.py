@@ -29,7 +29,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from git_info import git_commit
 from torch import Tensor
 from torch.utils.benchmark import Timer
 
@@ -280,23 +280,6 @@ def device_name(device: torch.device) -> str:
 def slug(text: str) -> str:
     """A file-name-safe lower-case form: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def git_commit() -> str:
-    """The short commit of the checkout these benchmarks run from ('+dirty' with local changes), or
-    'unknown' outside a git checkout; ICD_COMMIT when set (a copy of the tree without .git, as
-    on a lent GPU machine)."""
-    if os.environ.get("ICD_COMMIT"):
-        return os.environ["ICD_COMMIT"]
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def machine_info(device: torch.device) -> dict[str, str]:

@@ -52,6 +52,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from git_info import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 WHEELS_DIR = ROOT / ".wheels"
@@ -549,7 +551,7 @@ def stage_kernels(check: Check, timeout: float) -> StageResult:
     else:
         args = ["--device", "cuda", "--max-seconds", str(int(max(timeout - 35, 10)))]
         args += ["--quick"] if check.quick else []
-    env = {"ICD_COMMIT": _commit()}
+    env = {"ICD_COMMIT": git_commit()}
     res = check.run("kernels", check.py("benchmarks/bench_kernels.py", *args, "--out", str(out)), timeout, env)
     found = sorted(out.glob("kernels_*.md"))
     details = found[0].read_text() if found else _code(res.lines, 30)
@@ -718,18 +720,6 @@ def _run_one(check: Check, stage: Stage, timeout: float) -> None:
 # --- the report ------------------------------------------------------------------------------------
 
 
-def _commit() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=10)  # fmt: skip
-        sha = done.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=ROOT, timeout=10).stdout.strip()  # fmt: skip
-        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def format_report(check: Check, stages: Sequence[Stage]) -> str:
     info = check.env_info
     title = info.get("device_name") if check.has_cuda else "no GPU (dry run)" if check.dry_run else "no GPU"
@@ -738,7 +728,7 @@ def format_report(check: Check, stages: Sequence[Stage]) -> str:
     lines = [
         f"# GPU check on {title} ({check.started_at})",
         "",
-        f"Commit {_commit()}; `{check.command}`; mode {mode}; budget {check.budget_s:.0f} s, {used:.0f} s used.",
+        f"Commit {git_commit()}; `{check.command}`; mode {mode}; budget {check.budget_s:.0f} s, {used:.0f} s used.",
         "",
         "| stage | status | seconds | timeout | summary |",
         "| --- | --- | ---: | ---: | --- |",

@@ -40,7 +40,7 @@ def first_non_finite(named: Iterable[tuple[str, Tensor]]) -> str | None:
     if all(bool(all_finite(tensors)) for tensors in by_device.values()):
         return None
     for name, tensor in named:
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not bool(torch.isfinite(tensor).all()):
             return name
     return None
 
