@@ -4,6 +4,7 @@
 PYTHON_SYS ?= python3
 VENV       := .venv
 PYTHON     := $(VENV)/bin/python
+BUILD_STAMP := $(VENV)/.build-deps-stamp
 DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_STAMP  := $(VENV)/.ext-stamp
 EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
@@ -15,21 +16,34 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
+empty :=
+space := $(empty) $(empty)
+
 .PHONY: install test demo ops-demo lint bench clean gpu-check gpu-check-quick gpu-wheels
 
 $(PYTHON):
 	$(PYTHON_SYS) -m venv $(VENV)
 
-$(DEPS_STAMP): requirements-dev.txt requirements-ultralytics.txt | $(PYTHON)
+# What building the extension needs (torch and the build tools, at requirements-dev.txt's pins)
+# goes in first; then the extension compiles while the other dependencies install beside it
+# (`install` runs the two in parallel: pip is mostly one core and disk, the compile both cores).
+BUILD_DEPS := torch setuptools wheel ninja numpy
+$(BUILD_STAMP): requirements-dev.txt | $(PYTHON)
+	$(PYTHON) -m pip install --upgrade-strategy only-if-needed \
+	  $$(grep -E '^($(subst $(space),|,$(BUILD_DEPS)))==' requirements-dev.txt)
+	touch $@
+
+$(DEPS_STAMP): requirements-dev.txt requirements-ultralytics.txt | $(BUILD_STAMP)
 	$(PYTHON) -m pip install --upgrade-strategy only-if-needed -r requirements-dev.txt
 	$(PYTHON) -m pip install --no-deps -r requirements-ultralytics.txt
 	touch $@
 
-$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+$(EXT_STAMP): requirements-dev.txt $(EXT_SOURCES) | $(BUILD_STAMP)
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
-install: $(EXT_STAMP)
+install:
+	@$(MAKE) --no-print-directory -j2 $(DEPS_STAMP) $(EXT_STAMP)
 
 lint: install
 	$(VENV)/bin/ruff check .
