@@ -19,13 +19,15 @@ import math
 from torch import Tensor
 
 from icd.ops import library, reference
+from icd.ops.backends import BACKEND_TABLE
 from icd.ops.dispatch import (
-    BACKENDS,
     available_backends,
     default_backend,
     get_backend,
+    register_backend,
     resolve_backend,
     set_backend,
+    unregister_backend,
 )
 from icd.ops.multiscale import (
     flatten_levels,
@@ -52,11 +54,19 @@ __all__ = [
     "level_strides",
     "masked_feature_mse",
     "padding_mask",
+    "register_backend",
     "resolve_backend",
     "set_backend",
     "sine_position_embedding",
     "unflatten_levels",
+    "unregister_backend",
 ]
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "BACKENDS":  # every backend name, read at each access (register_backend adds names)
+        return tuple(BACKEND_TABLE)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _default_scale(q: Tensor, scale: float | None) -> float:

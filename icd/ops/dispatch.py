@@ -16,20 +16,29 @@ from types import TracebackType
 import torch
 
 from icd.errors import EnvironmentSettingError
-from icd.ops.backends import BACKEND_TABLE, BACKENDS, Backend, triton_interpreted
+from icd.ops.backends import BACKEND_TABLE, Backend, register_backend, triton_interpreted, unregister_backend
 
 __all__ = [
-    "BACKENDS",
+    "BACKENDS",  # noqa: F822 - from the module __getattr__ below
     "available_backends",
     "backend_of",
     "default_backend",
     "env_backend",
     "get_backend",
     "is_built",
+    "register_backend",
     "resolve_backend",
     "set_backend",
     "triton_interpreted",
+    "unregister_backend",
 ]
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "BACKENDS":  # every backend name, read at each access (register_backend adds names)
+        return tuple(BACKEND_TABLE)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # The per-device default: the first of these that is available and runs natively on the device.
 DEFAULT_PREFERENCE = ("triton", "cuda", "cpu")
@@ -76,7 +85,7 @@ def _device_present(device: torch.device) -> bool:
 def _check_name(name: str, source: str) -> str:
     if name not in BACKEND_TABLE:
         error = EnvironmentSettingError if source == "ICD_BACKEND" else ValueError
-        raise error(f"{source} = {name!r}; expected one of {', '.join(BACKENDS)}")
+        raise error(f"{source} = {name!r}; expected one of {', '.join(BACKEND_TABLE)}")
     return name
 
 
@@ -128,7 +137,7 @@ def default_backend(device: torch.device) -> str:
     """The backend used for tensors on ``device`` when nothing overrides it."""
     for name in DEFAULT_PREFERENCE:
         backend = BACKEND_TABLE[name]
-        if backend.available and backend.devices is not None and device.type in backend.devices:
+        if backend.available and backend.devices is not None and backend.native_on(device.type):
             return name
     return "reference"
 

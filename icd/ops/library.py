@@ -129,12 +129,28 @@ def _register_traceable(backend: str) -> SimpleNamespace:
 # or a registration. A backend whose registration fails keeps the error for its first use.
 _TRACEABLE: dict[str, SimpleNamespace] = {}
 _TRACEABLE_ERRORS: dict[str, str] = {}
+
+
+def register_traceable(backend: str) -> None:
+    """Register the ops of traceable ``backend`` (at import for the built-in ones, by
+    ``register_backend`` for the others); an error is kept for the backend's first use."""
+    try:
+        _TRACEABLE[backend] = _register_traceable(backend)
+    except Exception as exc:  # noqa: BLE001 - reported when the backend is used
+        _TRACEABLE_ERRORS[backend] = f"{type(exc).__name__}: {exc}"
+
+
+def forget_traceable(backend: str) -> None:
+    """Drop what ``register_traceable`` kept of ``backend`` (``unregister_backend``); its
+    torch ops stay registered with torch, so the name cannot be registered as traceable again."""
+    _TRACEABLE.pop(backend, None)
+    _TRACEABLE_ERRORS.pop(backend, None)
+    eager_functions.cache_clear()
+
+
 for _name, _described in BACKEND_TABLE.items():
     if _described.traceable and _described.available:
-        try:
-            _TRACEABLE[_name] = _register_traceable(_name)
-        except Exception as exc:  # noqa: BLE001 - reported when the backend is used
-            _TRACEABLE_ERRORS[_name] = f"{type(exc).__name__}: {exc}"
+        register_traceable(_name)
 
 
 def traceable_ops(backend: str) -> SimpleNamespace:

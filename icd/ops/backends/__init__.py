@@ -15,6 +15,10 @@ it, and where its kernels are:
              an icd::triton_* op that torch.compile traces into); CUDA tensors, or CPU
              tensors when TRITON_INTERPRET=1 (how CI tests them).
 
+More backends join the table with ``register_backend(Backend(...))`` (from outside icd, or
+a new entry in ``_build_table``): dispatch, validation, the op tests (tests/op_cases.py) and
+the benchmarks read every name and fact from the table, so nothing else lists backends.
+
 Every kernel table has these five functions (letters as in ``icd.ops``; arguments arrive
 validated; forward outputs are contiguous; gradients have the strides of their inputs,
 ``torch.empty_like``, and icd.ops.library copies a gradient that does not):
@@ -33,6 +37,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -95,6 +100,15 @@ class Backend:
     def runs_on(self, device: torch.device) -> bool:
         types = self.device_types()
         return types is None or device.type in types
+
+    def native_on(self, device_type: str) -> bool:
+        """Whether it runs on ``device_type`` tensors without the Triton interpreter (what the
+        per-device default and the benchmarks ask)."""
+        return self.devices is None or device_type in self.devices
+
+    def interpreted_on(self, device: torch.device) -> bool:
+        """Whether it runs on ``device`` only through the Triton interpreter (TRITON_INTERPRET=1)."""
+        return not self.native_on(device.type) and self.runs_on(device)
 
     @property
     def kernels(self) -> ModuleType:
@@ -178,6 +192,77 @@ def _build_table() -> dict[str, Backend]:
 
 
 BACKEND_TABLE: dict[str, Backend] = _build_table()
-"""Every backend by name, in the order of ``BACKENDS``."""
+"""Every backend by name, the built-in ones first, then those of ``register_backend`` in the
+order they were registered (the order of ``BACKENDS``)."""
 
-BACKENDS: tuple[str, ...] = tuple(BACKEND_TABLE)
+BUILTIN_BACKENDS: tuple[str, ...] = tuple(BACKEND_TABLE)
+"""The backends of ``_build_table``: ``unregister_backend`` refuses them."""
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "BACKENDS":  # read at every access: register_backend may have added names
+        return tuple(BACKEND_TABLE)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_backend(backend: Backend) -> None:
+    """Add ``backend`` to the table; from then on it is a backend like the built-in ones.
+
+    ``backend=``, ``set_backend``, ``ICD_BACKEND`` and ``icd train --icd-backend`` (parsers
+    built after this call) accept its name, validation checks its dtypes and head dims, the op
+    tests (tests/op_cases.py) compare it with the reference, and the benchmarks measure it on
+    the device types of ``backend.devices``. Its kernel table (``backend.load_kernels()``)
+    has the five functions listed in this module's docstring; a ``traceable`` one gets its
+    ``icd::<name>_<kernel>`` ops now (torch.compile cannot trace a registration). It is never
+    the per-device default (``DEFAULT_PREFERENCE`` of icd/ops/dispatch.py names those).
+
+    Raises:
+        TypeError: ``backend`` is not a ``Backend``.
+        ValueError: its name is taken or is not lower case letters, digits and ``_``
+            (``ICD_BACKEND`` is read lower-cased); or it has no kernel table.
+    """
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend: expected an icd.ops.backends.Backend, got {type(backend).__name__}")
+    if not _NAME.fullmatch(backend.name):
+        raise ValueError(
+            f"register_backend: backend name {backend.name!r}; expected lower case letters, digits and _, "
+            "starting with a letter"
+        )
+    if backend.name in BACKEND_TABLE:
+        raise ValueError(f"register_backend: backend {backend.name!r} is already registered")
+    if backend.load_kernels is None:
+        raise ValueError(f"register_backend: backend {backend.name!r} has no load_kernels (its kernel table)")
+    BACKEND_TABLE[backend.name] = backend
+    if backend.traceable and backend.available:
+        from icd.ops import library  # imports this module: loaded by now, never at its import
+
+        library.register_traceable(backend.name)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added by ``register_backend`` (a built-in one is refused).
+
+    Raises:
+        ValueError: ``name`` is a built-in backend or is not registered.
+    """
+    if name in BUILTIN_BACKENDS:
+        raise ValueError(f"unregister_backend: {name!r} is a built-in backend")
+    if name not in BACKEND_TABLE:
+        raise ValueError(f"unregister_backend: no backend {name!r} is registered")
+    del BACKEND_TABLE[name]
+    from icd.ops import library
+
+    library.forget_traceable(name)
+
+
+def native_backends(device_type: str, *, with_kernels: bool = False) -> tuple[str, ...]:
+    """The backends, in table order, that run on ``device_type`` tensors without the Triton
+    interpreter, built here or not (the reference included unless ``with_kernels``): what the
+    benchmarks measure per device type."""
+    return tuple(
+        name
+        for name, b in BACKEND_TABLE.items()
+        if b.native_on(device_type) and (b.load_kernels is not None or not with_kernels)
+    )
