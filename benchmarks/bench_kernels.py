@@ -60,6 +60,7 @@ from common import (
     slug,
     write_csv,
 )
+from op_sweep import icd_backends
 from workload import REAL_INSTANCES, Inputs, Workload, make_inputs, relative_error
 
 import icd.ops
@@ -90,14 +91,11 @@ CPU_SHAPES = (
     Shape("n8k100", Workload("p3-p7", 96, 160, 8, n=8)),
 )
 
-# (op, pass) -> backends, per device type; the first SDPA backend listed is the ratio baseline.
 OPS = (("attention", "fwd"), ("attention", "fwd+bwd"), ("value_mask", "fwd"), ("feature_mse", "fwd+bwd"))
-ATTENTION_BACKENDS = {
-    "cuda": ("reference", "sdpa_cudnn", "triton", "cuda", "sdpa_efficient", "flex"),
-    "cpu": ("reference", "sdpa_flash", "cpu", "sdpa_math"),
-}
-ICD_OP_BACKENDS = {"cuda": ("reference", "triton", "cuda"), "cpu": ("reference", "cpu")}
-BASELINE = {"cuda": "sdpa_cudnn", "cpu": "sdpa_flash"}
+# Every op runs on the icd backends of the device (op_sweep.icd_backends: the backend table);
+# attention also on torch's own kernels, per device type, the first of which is the ratio baseline.
+ATTENTION_PEERS = {"cuda": ("sdpa_cudnn", "sdpa_efficient", "flex"), "cpu": ("sdpa_flash", "sdpa_math")}
+BASELINE = {device_type: peers[0] for device_type, peers in ATTENTION_PEERS.items()}
 
 COLUMNS = (
     "device", "device_name", "commit", "torch", "triton", "op", "pass", "backend", "shape", "N", "h",
@@ -213,9 +211,12 @@ def _median_ms(times: Sequence[float]) -> tuple[float, float, float]:
 
 
 def backends_of(op: str, device_type: str, wanted: Sequence[str] | None) -> list[str]:
-    names = ATTENTION_BACKENDS[device_type] if op == "attention" else ICD_OP_BACKENDS[device_type]
+    """In measuring order: the reference, the baseline peer (attention), the other icd backends
+    built for ``device_type``, the other peers (attention); only ``wanted`` ones when given."""
     built = set(icd.ops.available_backends())
-    names = [b for b in names if b in built or b.startswith("sdpa") or b == "flex"]
+    fused = [b for b in icd_backends(device_type) if b in built and b != "reference"]
+    peers = ATTENTION_PEERS[device_type] if op == "attention" else ()
+    names = ["reference", *peers[:1], *fused, *peers[1:]]
     return [b for b in names if wanted is None or b in wanted]
 
 

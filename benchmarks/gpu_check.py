@@ -230,6 +230,7 @@ class Check:
     results: dict[str, StageResult] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(default_factory=lambda: _utc_now())
+    _gpu_backends: list[str] | None = field(default=None, repr=False)
 
     # -- where things go
     @property
@@ -265,6 +266,15 @@ class Check:
 
     def py(self, *args: str) -> list[str]:
         return [self.python, *args]
+
+    def gpu_backends(self, stage: str, timeout: float = 60) -> list[str]:
+        """The kernel backends of icd's backend table that run on CUDA tensors, built or not
+        (icd.ops.backends.native_backends), asked of ``python`` once (in ``stage``'s log)."""
+        if self._gpu_backends is None:
+            res = self.run(stage, self.py("-c", GPU_BACKENDS_SNIPPET), timeout)
+            found = _tail_match(res.lines, r"^GPU_BACKENDS ").removeprefix("GPU_BACKENDS ")
+            self._gpu_backends = [b for b in found.split(",") if b]
+        return self._gpu_backends
 
 
 def _tail_match(lines: Sequence[str], pattern: str) -> str:
@@ -388,6 +398,8 @@ def stage_wheels(check: Check, timeout: float) -> StageResult:
 
 
 BACKENDS_SNIPPET = "import icd.ops as o; print('BACKENDS ' + ','.join(o.available_backends()))"
+GPU_BACKENDS_SNIPPET = ("from icd.ops.backends import native_backends as n; "
+                        "print('GPU_BACKENDS ' + ','.join(n('cuda', with_kernels=True)))")  # fmt: skip
 
 
 def _backends(check: Check, timeout: float) -> str:
@@ -429,7 +441,7 @@ def stage_build(check: Check, timeout: float) -> StageResult:
 # tests and extras -------------------------------------------------------------------------------
 
 GPU_TEST_FILES = ("tests/test_cuda_gpu.py", "tests/test_triton_gpu.py")
-# op tests whose cases include the cuda and triton backends on a GPU (tests/op_cases.py)
+# op tests whose cases include every GPU backend of the table on a GPU (tests/op_cases.py)
 OP_TEST_FILES = (
     "tests/test_instance_attention.py", "tests/test_value_mask.py", "tests/test_feature_mse.py",
     "tests/test_nonfinite_inputs.py", "tests/test_triton_kernels.py",
@@ -444,7 +456,7 @@ def _pytest_summary(res: CommandResult) -> str:
 def stage_tests(check: Check, timeout: float) -> StageResult:
     if check.dry_run or not check.has_cuda:
         return StageResult("skipped", "dry run / no CUDA: would run pytest " + " ".join(GPU_TEST_FILES)
-                           + " and -k 'triton or cuda' of the op tests")  # fmt: skip
+                           + " and -k '<each GPU backend>' of the op tests")  # fmt: skip
     workers = max(2, min(8, (os.cpu_count() or 4) // 2))
     common = ["-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider"]
     if importlib.util.find_spec("xdist"):
@@ -454,8 +466,10 @@ def stage_tests(check: Check, timeout: float) -> StageResult:
     if check.quick:  # the Triton backend's attention tests only (the quick build has no CUDA kernels)
         runs = {"ops": check.py(*common, "-k", "triton", "tests/test_instance_attention.py")}
     else:
-        runs = {"gpu": check.py(*common, *GPU_TEST_FILES), "ops": check.py(*common, "-k", "triton or cuda",
-                                                                         *OP_TEST_FILES)}  # fmt: skip
+        runs = {"gpu": check.py(*common, *GPU_TEST_FILES)}
+        gpu_backends = check.gpu_backends("tests")  # none when icd does not import: the gpu run says why
+        if gpu_backends:
+            runs["ops"] = check.py(*common, "-k", " or ".join(gpu_backends), *OP_TEST_FILES)
     results = _run_parallel(check, "tests", runs, timeout)
     lines = [f"- {name}: {_pytest_summary(res)} ({res.seconds:.0f} s)" for name, res in results.items()]
     details = "\n".join(lines) + "\n\n"
@@ -488,7 +502,7 @@ def extra_steps(check: Check) -> list[tuple[str, list[str], float]]:
     script = "benchmarks/gpu_extras.py"
     steps = [("checks determinism graphs", check.py(script, "checks", "determinism", "graphs"), 60.0)]
     sanitizer = check.env_info.get("compute_sanitizer")
-    runs = (("memcheck", None), ("racecheck", "cuda"), ("racecheck", "triton"))
+    runs = (("memcheck", None), *(("racecheck", backend) for backend in check.gpu_backends("extras")))
     sanitize = [
         (f"compute-sanitizer {tool} {backend or 'all backends'}",
          [sanitizer, "--tool", tool, "--print-limit", "20", "--error-exitcode", "3",

@@ -61,13 +61,15 @@ DEV = None
 
 
 def backends() -> list[str]:
+    """The kernel backends checked: those of the backend table (icd.ops.backends) built for
+    CUDA tensors; on a CPU, those that run there under TRITON_INTERPRET=1 (the smoke test)."""
     import icd.ops as ops
+    from icd.ops.backends import BACKEND_TABLE, native_backends
 
-    built = ops.available_backends()
-    names = [b for b in ("triton", "cuda") if b in built]
     if DEV.type == "cpu":
-        names = [b for b in names if b == "triton"]
-    return names
+        return [b for b in ops.available_backends(DEV) if BACKEND_TABLE[b].interpreted_on(DEV)]
+    built = set(ops.available_backends())
+    return [b for b in native_backends(DEV.type, with_kernels=True) if b in built]
 
 
 # --- inputs and runs ---------------------------------------------------------------------
@@ -594,7 +596,10 @@ def main() -> int:
     p.add_argument("cmd", choices=("checks", "ceilings", "profile", "sanitize"))
     p.add_argument("args", nargs="*")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--backend", choices=("triton", "cuda"), default=None, help="sanitize: one backend only")
+    from icd.ops.backends import native_backends
+
+    p.add_argument("--backend", choices=native_backends("cuda", with_kernels=True), default=None,
+                   help="sanitize: one backend only")  # fmt: skip
     a = p.parse_args()
     DEV = device()
     if DEV.type == "cuda":

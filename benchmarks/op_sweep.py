@@ -38,8 +38,9 @@ from common import (
 from workload import INPUTS, LAYOUTS, LEVEL_SETS, TARGET, Inputs, Workload, make_inputs, parse_inputs, relative_error
 
 import icd.ops
+from icd.ops.backends import native_backends
 
-ICD_BACKENDS = {"cpu": ("reference", "cpu"), "cuda": ("reference", "triton", "cuda")}
+DEVICE_TYPES = ("cpu", "cuda")
 # Backends that hold [N, h, K, S] tensors (their memory is predicted from OpBenchmark.bytes_per_logit)
 MATERIALISING = {"reference", "sdpa_math"}
 
@@ -109,17 +110,23 @@ def peers_of(benchmarks: Sequence[OpBenchmark], device_type: str) -> list[str]:
     return list(dict.fromkeys(p for b in benchmarks for p in b.peers.get(device_type, ())))
 
 
+def icd_backends(device_type: str) -> tuple[str, ...]:
+    """The icd backends measured on ``device_type``, built here or not: the reference, then
+    every backend of the table (``icd.ops.backends``) that runs natively on that device type."""
+    return native_backends(device_type)
+
+
 def backends_for(
     device: torch.device, benchmarks: Sequence[OpBenchmark], wanted: Sequence[str] | None, known_peers: Sequence[str]
 ) -> list[str]:
     """In measuring order: the reference, the first peer, the fused backends built for this
     device, the other peers (peers only when an op with peers is measured)."""
     built = set(icd.ops.available_backends())
-    fused = [b for b in ICD_BACKENDS[device.type] if b in built and b != "reference"]
+    fused = [b for b in icd_backends(device.type) if b in built and b != "reference"]
     peers = peers_of(benchmarks, device.type)
     names = ["reference", *peers[:1], *fused, *peers[1:]]
     if wanted is not None:
-        unknown = set(wanted) - set(ICD_BACKENDS[device.type]) - set(known_peers)
+        unknown = set(wanted) - set(icd_backends(device.type)) - set(known_peers)
         if unknown:
             raise SystemExit(f"--backends: {sorted(unknown)} do not run on {device.type}")
         missing = [b for b in wanted if b not in names]
@@ -441,7 +448,7 @@ def rss_check(
 def parse_args(argv: Sequence[str] | None, benchmarks: Sequence[OpBenchmark], description: str) -> argparse.Namespace:
     names = [b.name for b in benchmarks]
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", choices=DEVICE_TYPES, default=None, help="default: cuda when available, else cpu")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -452,7 +459,7 @@ def parse_args(argv: Sequence[str] | None, benchmarks: Sequence[OpBenchmark], de
         "--backends",
         default=None,
         help="comma list; default all for the device: "
-        + "; ".join(f"{d}: {', '.join((*ICD_BACKENDS[d], *peers_of(benchmarks, d)))}" for d in ICD_BACKENDS),
+        + "; ".join(f"{d}: {', '.join((*icd_backends(d), *peers_of(benchmarks, d)))}" for d in DEVICE_TYPES),
     )
     p.add_argument("--levels", default="p3-p7,p2-p6", help="comma list of p3-p7, p2-p6")
     p.add_argument(

@@ -6,8 +6,9 @@ One training step of a torchvision detector (student), measured four ways in one
     + fpn-mse        + the frozen teacher's backbone on the same padded batch (no grad)
                        + MSE between (adapted) student and teacher FPN maps
     + icd reference  + the teacher's backbone + icd.nn.ICDDistiller on the plain-PyTorch ops
-    + icd <fused>    the same with the fused backend: "cpu" (C++ kernels) on CPU,
-                       "triton" and "cuda" on a GPU (each one that is built)
+    + icd <fused>    the same with each fused backend built for the device (the backend
+                       table of icd.ops.backends): "cpu" (C++ kernels) on CPU, "cuda" and
+                       "triton" on a GPU
 
 The step is what icd.engine.trainer.Trainer does per iteration, less the optimiser steps
 (the same for every variant): detector losses, teacher forward, distiller losses, one
@@ -44,7 +45,6 @@ from common import (
 )
 from torch import Tensor, nn
 
-FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 COLUMNS = (
     "device", "device_name", "variant", "backend", "detector", "student", "teacher", "input",
     "N", "instances", "K", "S", "median_ms", "min_ms", "max_ms", "repeats", "peak_mb",
@@ -167,12 +167,14 @@ class DistillStep:
 
 
 def variants(device: torch.device, wanted: Sequence[str] | None) -> list[tuple[str, str | None]]:
-    """(method, backend) pairs: the student alone, FPN-MSE, ICD reference, ICD fused backends."""
+    """(method, backend) pairs: the student alone, FPN-MSE, ICD reference, ICD on every other
+    backend of the table (``icd.ops.backends``) built for ``device``'s type."""
     import icd.ops
+    from icd.ops.backends import native_backends
 
     built = set(icd.ops.available_backends())
     out: list[tuple[str, str | None]] = [("student", None), ("fpn-mse", None), ("icd", "reference")]
-    out += [("icd", b) for b in FUSED_BACKENDS[device.type] if b in built]
+    out += [("icd", b) for b in native_backends(device.type, with_kernels=True) if b in built]
     if wanted:
         out = [v for v in out if _label(*v) in wanted or v[0] in wanted]
     return out

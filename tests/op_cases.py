@@ -2,8 +2,8 @@
 
 Every built backend is compared with the reference on the same inputs; which backends exist,
 their devices and dtypes come from the backend table (``icd.ops.backends.BACKEND_TABLE``).
-The Triton backend runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (slow:
-its cases are small).
+A backend that runs on CPU tensors only under TRITON_INTERPRET=1 (the Triton backend) gets
+the small cases there (the interpreter is slow) and no bfloat16.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ LARGER_CASES = [
 ]
 
 
-# The backends with kernels behind the icd:: ops (all but the reference), in table order.
-KERNEL_BACKENDS = tuple(name for name, b in BACKEND_TABLE.items() if b.load_kernels is not None)
+def kernel_backends() -> tuple[str, ...]:
+    """The backends with kernels behind the icd:: ops (all but the reference), in table order,
+    read at each call: those of ``icd.ops.register_backend`` included."""
+    return tuple(name for name, b in BACKEND_TABLE.items() if b.load_kernels is not None)
 
 
 def _backend_device(backend: str) -> torch.device | None:
@@ -74,7 +76,7 @@ def _cannot_run(backend: str) -> list:
 def backend_params() -> list:
     """pytest params of (backend, device) for every built, non-reference backend."""
     params = []
-    for name in KERNEL_BACKENDS:
+    for name in kernel_backends():
         device = _backend_device(name)
         params.append(pytest.param(name, device, id=name, marks=[] if device is not None else _cannot_run(name)))
     return params
@@ -91,7 +93,7 @@ def case_params(max_cases: int | None = None, dtypes: tuple[torch.dtype, ...] | 
     (those also in ``dtypes``); a backend that cannot run here gets one skipped id.
     """
     params = []
-    for name in KERNEL_BACKENDS:
+    for name in kernel_backends():
         device = _backend_device(name)
         if device is None:
             params.append(pytest.param(name, None, None, None, id=name, marks=_cannot_run(name)))
@@ -104,7 +106,8 @@ def case_params(max_cases: int | None = None, dtypes: tuple[torch.dtype, ...] | 
 
 
 def interpreted(backend: str, device: torch.device) -> bool:
-    return backend == "triton" and device.type == "cpu"
+    """Whether ``backend`` runs on ``device`` through the Triton interpreter (slow: small cases)."""
+    return BACKEND_TABLE[backend].interpreted_on(device)
 
 
 def cases_for(backend: str, device: torch.device) -> list[Case]:
