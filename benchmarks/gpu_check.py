@@ -501,16 +501,17 @@ def extra_steps(check: Check) -> list[tuple[str, list[str], float]]:
     own process, so that a crash or a hang costs only that step."""
     script = "benchmarks/gpu_extras.py"
     steps = [("checks determinism graphs", check.py(script, "checks", "determinism", "graphs"), 60.0)]
+    if check.quick:
+        return steps
     sanitizer = check.env_info.get("compute_sanitizer")
-    runs = (("memcheck", None), *(("racecheck", backend) for backend in check.gpu_backends("extras")))
+    racecheck = [("racecheck", backend) for backend in (check.gpu_backends("extras") if sanitizer else ())]
+    runs = (("memcheck", None), *racecheck)  # racecheck one backend at a time (its run is slow)
     sanitize = [
         (f"compute-sanitizer {tool} {backend or 'all backends'}",
          [sanitizer, "--tool", tool, "--print-limit", "20", "--error-exitcode", "3",
           *check.py(script, "sanitize", *(["--backend", backend] if backend else []))], 60.0)
         for tool, backend in runs
     ] if sanitizer else []  # fmt: skip
-    if check.quick:
-        return steps
     steps += sanitize[:2]
     steps.append(("checks shapes streams offsets multigpu",
                   check.py(script, "checks", "shapes", "streams", "offsets", "multigpu"), 90.0))  # fmt: skip
