@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import icd.ops as ops
+from icd.ops.backends import BACKEND_TABLE
 from icd.profiling import profile_cpu_allocations
 
 HEADS, HEAD_DIM = 8, 32
@@ -81,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"the reference materialises [N, h, K, S] = {n * HEADS * args.k * s * 4 / 2**20:.0f} MiB "
           "of fp32 logits per copy\n")
     runs = {}
-    for backend in ops.available_backends():
-        if backend in ("cuda", "triton"):
-            continue  # GPU backends (see benchmarks/run_attention.py); the Triton interpreter is too slow here
+    for backend in ops.available_backends("cpu"):
+        if not BACKEND_TABLE[backend].native_on("cpu"):
+            continue  # the Triton interpreter is too slow here; GPU backends: benchmarks/run_attention.py
         runs[backend] = time_and_peak(lambda b=backend: loss_path(inputs, b), args.repeats)
     ref_result, ref_time, ref_peak = runs["reference"]
     print(f"{'backend':<10} {'time (s)':>9} {'x ref':>7} {'peak (MiB)':>11} {'x ref':>7}  max |diff| vs reference")

@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import icd.ops as ops
 from icd.nn import LOSS_NAMES, ClassPrior, ICDDistiller, InstanceSampler, instance_count, pad_instances
+from icd.ops.backends import native_backends
 
 NUM_CLASSES = 3
 PADDED = (32, 40)
@@ -248,7 +249,7 @@ def test_dynamic_distiller_runs_under_torch_compile():
 
 # --- on a GPU -----------------------------------------------------------------------------------
 
-CUDA_BACKENDS = [name for name in ("triton", "cuda", "reference") if name in ops.available_backends()]
+CUDA_BACKENDS = [name for name in native_backends("cuda") if name in ops.available_backends()]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
