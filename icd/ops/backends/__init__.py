@@ -15,9 +15,10 @@ it, and where its kernels are:
              an icd::triton_* op that torch.compile traces into); CUDA tensors, or CPU
              tensors when TRITON_INTERPRET=1 (how CI tests them).
 
-More backends join the table with ``register_backend(Backend(...))`` (from outside icd, or
-a new entry in ``_build_table``): dispatch, validation, the op tests (tests/op_cases.py) and
-the benchmarks read every name and fact from the table, so nothing else lists backends.
+A new backend is one more entry in ``_build_table`` (from outside icd:
+``register_backend(Backend(...))``) and its kernel table: dispatch, validation, the op tests
+(tests/op_cases.py) and the benchmarks read every name and fact from this table, and nothing
+else lists backends (docs/architecture.md, "A new backend").
 
 Every kernel table has these five functions (letters as in ``icd.ops``; arguments arrive
 validated; forward outputs are contiguous; gradients have the strides of their inputs,
