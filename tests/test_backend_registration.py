@@ -14,6 +14,7 @@ from types import ModuleType
 import pytest
 import torch
 from op_cases import Case, attention_inputs, backend_params, case_params, instance_weight
+from torch import Tensor
 
 import icd.ops as ops
 from icd.ops import reference
@@ -25,44 +26,71 @@ CPU = torch.device("cpu")
 CALLS: list[str] = []  # the toy kernels called, in order: proves an op ran on the toy backend
 
 
-def _attention_backward(grad_out, grad_lse, q, k, v, key_padding_mask, out, lse, scale):
-    # torch.func.vjp: plain autograd is off inside a custom op's kernel
-    def forward(q, k, v):
+# The toy's kernel table: the five functions of icd/ops/backends/__init__.py on the reference
+# ops, typed (a traceable backend's functions become torch ops, their schemas read from these).
+
+
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    CALLS.append("attention_forward")
+    return reference.instance_attention(q, k, v, key_padding_mask, scale)
+
+
+def attention_backward(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    CALLS.append("attention_backward")
+
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         out, lse = reference.instance_attention(q, k, v, key_padding_mask, scale)
         return out, torch.where(torch.isfinite(lse), lse, 0.0)  # a fully masked row: lse -inf, no gradient
 
+    # torch.func.vjp: plain autograd is off inside a custom op's kernel
     (_, finite_lse), vjp = torch.func.vjp(forward, q, k, v)
     grad_lse = torch.zeros_like(finite_lse) if grad_lse is None else grad_lse.to(finite_lse.dtype)
-    return vjp((grad_out, grad_lse))
+    dq, dk, dv = vjp((grad_out, grad_lse))
+    return dq, dk, dv
 
 
-def _feature_mse_backward(grad_loss, student, teacher, weight, norm, eps, reduction):
+def value_mask(
+    q: Tensor,
+    k: Tensor,
+    weight: Tensor,
+    key_padding_mask: Tensor | None,
+    lse: Tensor | None,
+    scale: float,
+    temperature: float,
+) -> Tensor:
+    CALLS.append("value_mask")
+    return reference.instance_value_mask(q, k, weight, key_padding_mask, scale, temperature, lse)
+
+
+def feature_mse_forward(
+    student: Tensor, teacher: Tensor, weight: Tensor, norm: str, eps: float, reduction: str
+) -> Tensor:
+    CALLS.append("feature_mse_forward")
+    return reference.masked_feature_mse(student, teacher, weight, norm, eps, reduction)
+
+
+def feature_mse_backward(
+    grad_loss: Tensor, student: Tensor, teacher: Tensor, weight: Tensor, norm: str, eps: float, reduction: str
+) -> Tensor:
+    CALLS.append("feature_mse_backward")
     _, vjp = torch.func.vjp(lambda s: reference.masked_feature_mse(s, teacher, weight, norm, eps, reduction), student)
     return vjp(grad_loss)[0]
 
 
 def _toy_kernels() -> ModuleType:
-    """A kernel table of the five functions (icd/ops/backends/__init__.py), on the reference ops."""
-
-    def logged(name, fn):
-        def kernel(*args):
-            CALLS.append(name)
-            return fn(*args)
-
-        return kernel
-
-    table = ModuleType("toy_kernels")
-    table.attention_forward = logged("attention_forward", reference.instance_attention)
-    table.attention_backward = logged("attention_backward", _attention_backward)
-    table.value_mask = logged(
-        "value_mask",
-        lambda q, k, weight, mask, lse, scale, temperature: reference.instance_value_mask(
-            q, k, weight, mask, scale, temperature, lse
-        ),
-    )
-    table.feature_mse_forward = logged("feature_mse_forward", reference.masked_feature_mse)
-    table.feature_mse_backward = logged("feature_mse_backward", _feature_mse_backward)
-    return table
+    return sys.modules[__name__]  # this module: it has the five functions
 
 
 TOY = Backend(
@@ -199,3 +227,27 @@ def test_register_backend_refuses_what_it_cannot_take(toy):
     with pytest.raises(ValueError, match=r"unregister_backend: no backend 'toy2' is registered"):
         ops.unregister_backend("toy2")
     assert tuple(BACKEND_TABLE) == (*BUILTIN_BACKENDS, "toy")
+
+
+def test_a_traceable_backend_gets_its_ops_at_registration():
+    """``traceable``: register_backend registers its icd::<name>_<kernel> ops at once (torch.compile
+    cannot trace a registration); the eager ops run its kernels through autograd.Functions."""
+    from icd.ops import library
+
+    traced = replace(TOY, name="toy_traced", traceable=True)
+    ops.register_backend(traced)
+    CALLS.clear()
+    try:
+        assert sorted(vars(library.traceable_ops("toy_traced"))) == sorted(library.KERNEL_NAMES)
+        q, k, v, mask = attention_inputs(Case(1, 2, 3, 9, 8), torch.float64, CPU, requires_grad=True)
+        out, _ = ops.instance_attention(q, k, v, mask, backend="toy_traced")
+        out.sum().backward()
+        dq = q.grad.clone()
+        q.grad = None
+        ops.instance_attention(q, k, v, mask, backend="reference")[0].sum().backward()
+        torch.testing.assert_close(dq, q.grad)
+        assert CALLS == ["attention_forward", "attention_backward"]
+    finally:
+        ops.unregister_backend("toy_traced")
+    with pytest.raises(RuntimeError, match=r"icd backend 'toy_traced' could not register its ops"):
+        library.traceable_ops("toy_traced")
