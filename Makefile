@@ -54,8 +54,8 @@ lint: install
 TEST_WORKERS ?= auto
 test: install
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest tests -q -ra -n $(TEST_WORKERS) --dist worksteal -m "not serial"
-	$(PYTHON) -m pytest tests -q -ra -m serial
+	$(PYTHON) -m pytest tests -q -ra -n $(TEST_WORKERS) --dist worksteal -m "not serial" --durations=15
+	$(PYTHON) -m pytest tests -q -ra -m serial --durations=5
 
 demo: install
 	$(PYTHON) -m icd demo --out demo_output
