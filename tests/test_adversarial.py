@@ -511,8 +511,8 @@ def test_ctrl_c_stops_a_pretraining_with_a_checkpoint(data, finished_run, tmp_pa
             f"--output-dir {out}")  # fmt: skip
     assert main(argv.split()) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the notice of the Ctrl-C itself
-    assert last == f"icd: error: interrupted (Ctrl-C) at iteration 1: checkpoint written; continue with " \
-                   f"--resume {out / 'checkpoint.pth'}"
+    assert last == f"icd: error: interrupted (Ctrl-C) at iteration 1; checkpoint written: continue with " \
+                   f"--resume {out / 'checkpoint.pth'}"  # the one loop's message, as icd train's
     assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 1
 
 
