@@ -251,7 +251,7 @@ class Loop:
         """Read the pending steps' losses (``read_losses``) and hand each to the hooks' after_losses."""
         for iteration, record in self.read_losses():
             for hook in self.hooks:
-                hook.after_losses(self, iteration, record)
+                hook.after_losses(self, iteration, dict(record))  # its own copy: a hook may add to it
 
     def _named_checked_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """The trained parameters by name, for the report of a non-finite one."""

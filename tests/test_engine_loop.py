@@ -1,0 +1,176 @@
+"""The one training loop (icd.engine.loop): hooks of the caller's in icd train and icd pretrain
+runs, and the engine's modules importing each other in one direction only."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_runs import ON_CPU, THREE_LEVELS, TINY
+
+from icd.cli import build_parser
+from icd.data.shapes import generate
+from icd.detection.models import DetectorSpec, build_detector
+from icd.engine.checkpoint import load_checkpoint, save_atomic
+from icd.engine.hooks import HealthCheck, PeriodicCheckpoint, TrainMetrics
+from icd.engine.loop import EpochEnd, Hook, Loop
+from icd.errors import ArgumentError
+
+ENGINE = Path(__file__).resolve().parents[1] / "icd" / "engine"
+
+
+# -- the import graph ------------------------------------------------------------------------------
+def engine_imports() -> dict[str, set[str]]:
+    """Each icd.engine module's imports of other icd.engine modules, wherever they are written (at
+    the top, inside functions, under TYPE_CHECKING): a circle through any of them is one."""
+    names = {f"icd.engine.{p.stem}" for p in ENGINE.glob("*.py")}
+    graph = {}
+    for path in ENGINE.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "icd.engine":
+                found |= {f"icd.engine.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        graph[f"icd.engine.{path.stem}"] = found & names - {f"icd.engine.{path.stem}"}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of ``graph`` as [a, b, ..., a], or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)) is not None:
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_the_circle_the_engine_had():
+    before = {  # issue 31: pretrain imported trainer, trainer pretrain, hooks trainer (type-only)
+        "icd.engine.trainer": {"icd.engine.hooks", "icd.engine.pretrain"},
+        "icd.engine.pretrain": {"icd.engine.trainer"},
+        "icd.engine.hooks": {"icd.engine.trainer"},
+    }
+    assert find_cycle(before) in (["icd.engine.hooks", "icd.engine.trainer", "icd.engine.hooks"],
+                                  ["icd.engine.pretrain", "icd.engine.trainer", "icd.engine.pretrain"])  # fmt: skip
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_engine_modules_import_each_other_in_one_direction():
+    graph = engine_imports()
+    assert "icd.engine.loop" in graph["icd.engine.hooks"] and "icd.engine.loop" in graph["icd.engine.pretrain"]
+    assert "icd.engine.trainer" not in graph["icd.engine.pretrain"] | graph["icd.engine.hooks"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_hooks_and_pretrain_import_alone_without_the_trainer():
+    code = (
+        "import sys\n"
+        "import icd.engine.loop, icd.engine.hooks, icd.engine.pretrain\n"
+        "assert 'icd.engine.trainer' not in sys.modules, 'the trainer was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+# -- hooks of the caller's -------------------------------------------------------------------------
+class Recorder(Hook):
+    """Writes what it is called with into a shared list, under its name."""
+
+    def __init__(self, name: str, calls: list) -> None:
+        self.name, self.calls = name, calls
+
+    def after_step(self, loop: Loop) -> None:
+        self.calls.append((self.name, "step", loop.iteration))
+
+    def after_losses(self, loop: Loop, iteration: int, record: dict[str, float]) -> None:
+        self.calls.append((self.name, "losses", iteration))
+        assert all(torch.isfinite(torch.tensor(v)) for v in record.values()) and "loss" in record
+
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
+        # the loop's own hooks ran first: at a stop the checkpoint of this very iteration is written
+        saved = load_checkpoint(os.path.join(loop.args.output_dir, "checkpoint.pth"))["iteration"]
+        self.calls.append((self.name, "epoch", end.epoch, end.finished, end.stopped, saved))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("loop") / "data")
+    generate(out, num_train=4, num_val=2, image_size=64, seed=2)
+    return out
+
+
+def test_a_callers_hooks_run_after_the_trainers_in_the_order_given(data, tmp_path):
+    from icd.engine.trainer import Trainer
+
+    calls: list = []
+    argv = (f"train --data-path {data} {TINY} {THREE_LEVELS} --batch-size 2 --iters 3 --print-freq 2 --no-eval "
+            f"--output-dir {tmp_path / 'run'}")  # fmt: skip
+    trainer = Trainer(build_parser(commands=("train",)).parse_args(argv.split()), hooks=[Recorder("a", calls)])
+    trainer.register_hook(Recorder("b", calls))
+    try:
+        trainer.run()
+        kinds = [type(h) for h in trainer.hooks]
+    finally:
+        trainer.close()
+    assert kinds == [HealthCheck, TrainMetrics, PeriodicCheckpoint, Recorder, Recorder]
+    # 2 batches per epoch; losses read every 2 steps and at the last; epoch 1 stopped after 1 batch
+    assert calls == [
+        ("a", "step", 1), ("b", "step", 1),
+        ("a", "losses", 1), ("b", "losses", 1), ("a", "losses", 2), ("b", "losses", 2),
+        ("a", "step", 2), ("b", "step", 2),
+        ("a", "epoch", 0, True, False, 2), ("b", "epoch", 0, True, False, 2),
+        ("a", "losses", 3), ("b", "losses", 3), ("a", "step", 3), ("b", "step", 3),
+        ("a", "epoch", 1, False, True, 3), ("b", "epoch", 1, False, True, 3),
+    ]  # fmt: skip
+
+
+def test_a_callers_hook_runs_in_a_pretraining(data, tmp_path):
+    from icd.engine.pretrain import pretrain
+
+    torch.manual_seed(0)
+    spec = DetectorSpec("fcos", "resnet18", num_classes=7, fpn_channels=32, norm="gn",
+                        min_level=3, max_level=5, min_size=(64,), max_size=64)  # fmt: skip
+    teacher = str(tmp_path / "teacher.pth")
+    save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()}, teacher)
+    calls: list = []
+    argv = (f"pretrain --data-path {data} --teacher {teacher} --output-dir {tmp_path / 'pre'} {ON_CPU} "
+            f"--min-size 64 --max-size 64 --batch-size 2 --iters 3 --eval-every 2 --print-freq 1 --icd-heads 4 "
+            "--attention-images 1")  # fmt: skip
+    stats = pretrain(build_parser(commands=("pretrain",)).parse_args(argv.split()), hooks=[Recorder("a", calls)])
+    assert "lift" in stats
+    assert calls == [
+        ("a", "losses", 1), ("a", "step", 1), ("a", "losses", 2), ("a", "step", 2),
+        ("a", "epoch", 0, True, False, 2),  # the evaluation at iteration 2 wrote the checkpoint
+        ("a", "losses", 3), ("a", "step", 3), ("a", "epoch", 1, False, True, 3),
+    ]  # fmt: skip
+
+
+def test_a_hook_that_is_no_hook_is_refused_where_it_is_given():
+    with pytest.raises(ArgumentError, match=r"register_hook: hook: builtin_function_or_method is no icd.engine"):
+        Loop(hooks=[print])
+    loop = Loop()
+    with pytest.raises(ArgumentError, match=r"register_hook: hook: dict is no"):
+        loop.register_hook({})
+    loop.register_hook(Hook())  # a Hook that does nothing is fine
