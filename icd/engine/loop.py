@@ -410,4 +410,3 @@ class Loop:
             self.tensorboard.close()
             self.tensorboard = None
         self.batches.close()
-
