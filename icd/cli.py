@@ -240,30 +240,34 @@ def _add_icd_flags(g, command: str) -> None:
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
-    from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
+    from icd.engine.run_config import PretrainConfig
+
+    recipe = PretrainConfig()  # each default stated once, on its field
 
     p = _command(sub, "pretrain", **COMMAND_TEXT["pretrain"])
     _add_data_flags(p)
     _add_run_flags(p)
     _add_tensorboard_flag(p)
     p.add_argument("--teacher", required=True, help="teacher checkpoint (icd train's)")
-    p.add_argument("--iters", type=int_at_least(1), default=600, help="pre-training iterations")
+    p.add_argument("--iters", type=int_at_least(1), default=recipe.iters, help="pre-training iterations")
     p.add_argument(
-        "--lr", type=finite_float(above=0.0), default=PRETRAIN_LR, help="AdamW lr (cosine decay over --iters)"
+        "--lr", type=finite_float(above=0.0), default=recipe.lr, help="AdamW lr (cosine decay over --iters)"
     )
-    p.add_argument("--clip", type=finite_float(above=0.0), default=PRETRAIN_CLIP, help="gradient-norm clip")
+    p.add_argument("--clip", type=finite_float(above=0.0), default=recipe.clip, help="gradient-norm clip")
     p.add_argument(
         "--attention-gain",
         type=finite_float(above=0.0),
-        default=PRETRAIN_ATTENTION_GAIN,
+        default=recipe.attention_gain,
         help="multiply the decoder's query projection weights by this at the start (sharper logits)",
     )
 
-    p.add_argument("--eval-every", type=int_at_least(1), default=100, help="iterations between attention statistics")
+    p.add_argument(
+        "--eval-every", type=int_at_least(1), default=recipe.eval_every, help="iterations between attention statistics"
+    )
     p.add_argument(
         "--cache-gb",
         type=finite_float(minimum=0.0),
-        default=2.0,
+        default=recipe.cache_gb,
         help="memory for the teacher's FPN maps of the training and val images, reused across epochs "
         "and evaluations (0: recompute)",
     )

@@ -42,6 +42,7 @@ from icd.engine.finite import all_finite, first_non_finite, loss_report, nested_
 from icd.engine.interrupt import StopRequest
 from icd.engine.metrics import MetricsLog
 from icd.engine.output_dir import remove_previous_run
+from icd.engine.run_config import RunConfig
 from icd.errors import ArgumentError, InterruptedRun, NonFiniteError, NothingDoneError
 
 log = logging.getLogger("icd.train")
@@ -129,8 +130,8 @@ def refuse_non_finite(ckpt: dict, iteration: int) -> None:
 class Loop:
     """The loop over optimiser steps; subclasses are its step strategies.
 
-    A subclass sets, while it builds itself: ``args`` (the command's flags: output_dir, resume,
-    print_freq, stop_after_iters, on_bad_data, tensorboard), ``info`` (DistInfo), ``batches``
+    A subclass sets, while it builds itself: ``config`` (its RunConfig, built once from the
+    command's flags: the loop reads ``config.loop``), ``info`` (DistInfo), ``batches``
     (EpochBatches), ``optimizer`` (its first param group's lr is the one reported),
     ``trained_params`` (checked for NaN after every step), ``total_iters`` and ``num_epochs``
     (the schedule), ``metrics`` (MetricsLog), ``train_annotations`` (named when every image was
@@ -138,7 +139,7 @@ class Loop:
     ``step``, ``state`` and ``default_hooks``; ``before_train`` and ``after_train`` are optional.
     """
 
-    args: object
+    config: RunConfig
     info: DistInfo
     batches: EpochBatches
     optimizer: torch.optim.Optimizer
@@ -298,32 +299,34 @@ class Loop:
         if not self.info.is_main:
             return None
         ckpt = self.state(epoch, epoch_batches)
+        ckpt["config"] = self.config.to_dict()
         if evaluation_due is not None:
             ckpt["pending_evaluation"] = evaluation_due
         refuse_non_finite(ckpt, self.iteration)
         if also_epoch_file:
-            save_atomic(ckpt, os.path.join(self.args.output_dir, f"model_{epoch - 1}.pth"))
-        save_atomic(ckpt, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
+            save_atomic(ckpt, os.path.join(self.config.loop.output_dir, f"model_{epoch - 1}.pth"))
+        save_atomic(ckpt, os.path.join(self.config.loop.output_dir, LAST_CHECKPOINT))
         self.saved_iteration = self.iteration
         return ckpt
 
     # -- the run -------------------------------------------------------------------------------
     def stop_at(self) -> int:
         """The iteration this run stops at: the schedule's end, or --stop-after-iters before it."""
-        return min(self.total_iters, self.args.stop_after_iters or self.total_iters)
+        return min(self.total_iters, self.config.loop.stop_after_iters or self.total_iters)
 
     def run(self) -> dict[str, float]:
         """Train to the end of the schedule (or --stop-after-iters), running the hooks; returns
         ``after_train``'s result (``icd train``: the last evaluation's metrics)."""
-        args = self.args
+        settings = self.config.loop
         stop_at = self.stop_at()
         if self.overwritten and self.info.is_main:
             log.warning("--overwrite: removing the previous run's %s", ", ".join(self.overwritten))
             remove_previous_run(self.overwritten)
-        if getattr(args, "tensorboard", False) and self.info.is_main:  # after the removal: its files are new
+        if settings.tensorboard and self.info.is_main:  # after the removal: its files are new
             from icd.engine.tensorboard import TensorBoardLog
 
-            self.tensorboard = TensorBoardLog(args.output_dir, purge_step=self.iteration + 1 if args.resume else None)
+            purge = self.iteration + 1 if settings.resume else None
+            self.tensorboard = TensorBoardLog(settings.output_dir, purge_step=purge)
             self.metrics.sinks.append(self.tensorboard.write)
         self.hooks = [*self.default_hooks(stop_at), *self._user_hooks]
         evaluated = self.before_train()
@@ -344,7 +347,7 @@ class Loop:
         epochs; ends earlier when the run's last epoch is used up (batches of only skipped images
         take no step). Each step runs the hooks' after_step; each epoch's end, and a stop part-way
         through one, their after_epoch."""
-        data = self.batches
+        data, settings = self.batches, self.config.loop
         self.iteration = start_iter
         self.train_mode()
         while self.iteration < max_iter and data.epoch < self.num_epochs:
@@ -358,13 +361,13 @@ class Loop:
             # the step together, or the others would wait for its gradients forever. Only
             # --on-bad-data skip empties a batch: otherwise no collective (its flag is read on
             # the host, a synchronisation per step)
-            if self.args.on_bad_data == "skip":
+            if settings.on_bad_data == "skip":
                 if not all_ranks(bool(images), self.info):
                     continue
             elif not images:
                 continue
             self.step(images, targets)
-            if self.iteration % self.args.print_freq == 0 or self.iteration == max_iter or self.stop.requested:
+            if self.iteration % settings.print_freq == 0 or self.iteration == max_iter or self.stop.requested:
                 self.deliver_losses()  # the one read of the device per --print-freq steps
             for hook in self.hooks:
                 hook.after_step(self)
@@ -376,7 +379,7 @@ class Loop:
     def _interrupted(self, failed: bool) -> None:
         """InterruptedRun after Ctrl-C, naming the checkpoint to resume from (``failed``: the stop
         ended in an error, so the last checkpoint may be older than this iteration)."""
-        last = os.path.join(self.args.output_dir, LAST_CHECKPOINT)
+        last = os.path.join(self.config.loop.output_dir, LAST_CHECKPOINT)
         if not os.path.exists(last):
             raise InterruptedRun(f"interrupted (Ctrl-C) at iteration {self.iteration}, before any checkpoint")
         done = "the last checkpoint is" if failed else "checkpoint written"
@@ -394,7 +397,7 @@ class Loop:
             raise NothingDoneError(
                 f"epoch {data.epoch}: no optimiser step in {data.drawn} batches: every image of "
                 f"{self.train_annotations} that was read was skipped as bad data (--on-bad-data "
-                f"{self.args.on_bad_data}); nothing was trained or checkpointed"
+                f"{self.config.loop.on_bad_data}); nothing was trained or checkpointed"
             )
         last_epoch_done = data.used_up and data.epoch + 1 == self.num_epochs
         run_over = self.iteration >= self.total_iters or last_epoch_done

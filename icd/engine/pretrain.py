@@ -51,6 +51,7 @@ from icd.engine.feature_cache import TeacherFeatureCache
 from icd.engine.loop import EpochEnd, Hook, Loop
 from icd.engine.metrics import MetricsLog, read_metrics
 from icd.engine.output_dir import claim_output_dir
+from icd.engine.run_config import RunConfig
 from icd.engine.run_spec import distiller_kwargs, load_teacher
 from icd.engine.sampler import ResumableSampler
 from icd.errors import CheckpointError, ConfigError
@@ -59,12 +60,6 @@ log = logging.getLogger("icd.pretrain")
 
 TEACHER_SIDE_FILE = "teacher_side.pth"
 TEACHER_SIDE_PREFIXES = ("encoder.", "decoder.", "aux_task.")
-# Chosen by measurement on the shapes data (results/README.md): the paper's AdamW 1e-4 with a
-# 0.01 norm clip leaves the attention nearly uniform for thousands of iterations; 1e-3 with a
-# 1.0 clip and the query projection x4 at the start reached lift > 3, distinctness > 0.3.
-PRETRAIN_LR = 1e-3
-PRETRAIN_CLIP = 1.0
-PRETRAIN_ATTENTION_GAIN = 4.0
 # Below this distinctness the kept teacher side does not single instances out: measured runs
 # either reach 0.2-0.4 or collapse onto a few locations every instance of an image shares
 # (0.01-0.08, with each head's peak at 0.8-0.99; results/README.md).
@@ -201,15 +196,11 @@ class Pretrainer(Loop):
 
     def __init__(self, args: argparse.Namespace, hooks: Iterable[Hook] = ()) -> None:
         super().__init__(hooks)
-        for flag in ("iters", "eval_every", "print_freq", "batch_size", "stop_after_iters"):
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{flag.replace('_', '-')} {value}: expected >= 1")
-        if not (math.isfinite(args.lr) and args.lr > 0) or not (math.isfinite(args.clip) and args.clip > 0):
-            raise ConfigError(f"--lr {args.lr} / --clip {args.clip}: expected finite positive numbers")
+        self.config = RunConfig.from_args(args, "pretrain")  # its settings checked before anything is built
         self.args = args
         # another run's folder (a teacher's, another pre-training's) is refused before anything is built
-        self.claim = claim_output_dir(args.output_dir, args.resume, getattr(args, "overwrite", False), "pretrain")
+        loop = self.config.loop
+        self.claim = claim_output_dir(loop.output_dir, loop.resume, loop.overwrite, "pretrain")
         self.overwritten = self.claim.overwritten
         try:
             self._set_up()
@@ -218,11 +209,11 @@ class Pretrainer(Loop):
             raise
 
     def _set_up(self) -> None:
-        args = self.args
+        args, loop, recipe = self.args, self.config.loop, self.config.pretrain
         self.saved_args = plain_args(args)  # what checkpoints store (weights_only-loadable)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.info = DistInfo(device=self.device)  # one process
-        seed_everything(args.seed)
+        seed_everything(loop.seed)
         train_dir, train_ann = dataset_paths(
             args.data_path, args.train_split, getattr(args, "train_ann", None), getattr(args, "train_images", None)
         )
@@ -230,12 +221,12 @@ class Pretrainer(Loop):
         drop_empty = getattr(args, "drop_empty_categories", False)
         self.train_set = CocoDetection(
             train_dir, train_ann, train=True, flip_prob=args.flip_prob,
-            on_bad_data=args.on_bad_data, seed=args.seed, drop_empty_categories=drop_empty,
+            on_bad_data=loop.on_bad_data, seed=loop.seed, drop_empty_categories=drop_empty,
         )  # fmt: skip
         report_categories(self.train_set)
         val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
         classes = self.train_set.category_ids if drop_empty else None
-        self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
+        self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=loop.on_bad_data, categories=classes)
         num_classes = self.train_set.num_classes
         self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)
         if args.min_size is not None:  # the students' sizes, not the teacher checkpoint's
@@ -255,26 +246,26 @@ class Pretrainer(Loop):
         self.signature = teacher_side_signature(
             self.distiller, self.teacher_spec, teacher_fingerprint(self.teacher)
         )
-        if not args.resume:
+        if not loop.resume:
             # sharper initial logits: the attention starts to single instances out sooner
             with torch.no_grad():
                 for layer in self.distiller.decoder.layers:
-                    layer.q_proj.weight.mul_(args.attention_gain)
+                    layer.q_proj.weight.mul_(recipe.attention_gain)
         self.params = [p for p in self.distiller.teacher_side_parameters() if p.requires_grad]
         self.trained_params = self.params
-        self.optimizer = optim.teacher_side_optimizer(self.params, args.lr)
-        self.scheduler = optim.teacher_side_scheduler(self.optimizer, args.iters)
-        sampler = ResumableSampler(self.train_set, 1, 0, shuffle=True, seed=args.seed)
+        self.optimizer = optim.teacher_side_optimizer(self.params, recipe.lr)
+        self.scheduler = optim.teacher_side_scheduler(self.optimizer, recipe.iters)
+        sampler = ResumableSampler(self.train_set, 1, 0, shuffle=True, seed=loop.seed)
         self.batches = EpochBatches(
-            self.train_set, sampler, args.batch_size, args.workers, args.seed, progress=not args.no_progress
+            self.train_set, sampler, loop.batch_size, loop.workers, loop.seed, progress=loop.progress
         )
-        self.total_iters, self.num_epochs = args.iters, math.inf  # epochs until --iters steps
+        self.total_iters, self.num_epochs = recipe.iters, math.inf  # epochs until --iters steps
         self.best_score = -math.inf
         self.last_statistics: dict[str, float] = {}
-        self.metrics = MetricsLog(args.output_dir)
-        self.cache = TeacherFeatureCache(int(args.cache_gb * 2**30))
-        if args.resume:
-            self._resume(args.resume)
+        self.metrics = MetricsLog(loop.output_dir)
+        self.cache = TeacherFeatureCache(int(recipe.cache_gb * 2**30))
+        if loop.resume:
+            self._resume(loop.resume)
 
     def state(self, epoch: int, epoch_batches: int) -> dict:
         return {
@@ -293,6 +284,7 @@ class Pretrainer(Loop):
 
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path, "--resume")
+        RunConfig.from_checkpoint(ckpt, f"--resume {path}", "pretrain")  # one this icd reads, of icd pretrain
         needed = ("teacher_side", "signature", "optimizer", "lr_scheduler", "iteration", "rng")
         missing = [k for k in needed if k not in ckpt]
         if missing:
@@ -336,7 +328,7 @@ class Pretrainer(Loop):
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.pretrain.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.record_step(losses, total)
@@ -346,8 +338,8 @@ class Pretrainer(Loop):
         self.distiller.eval()
         stats = attention_statistics(
             self.distiller, self.teacher, self.val_set, self.level_names,
-            max_images=self.args.attention_images, feature_cache=self.cache,
-            detailed=getattr(self.args, "attention_detail", False),
+            max_images=self.config.pretrain.attention_images, feature_cache=self.cache,
+            detailed=self.config.pretrain.attention_detail,
         )  # fmt: skip
         self.distiller.train()
         score = attention_score(stats)
@@ -358,8 +350,8 @@ class Pretrainer(Loop):
             save_atomic(
                 {"teacher_side": teacher_side_state(self.distiller), "signature": self.signature,
                  "iteration": self.iteration, "attention": stats, "args": self.saved_args,
-                 "categories": self.train_set.categories},
-                os.path.join(self.args.output_dir, TEACHER_SIDE_FILE),
+                 "config": self.config.to_dict(), "categories": self.train_set.categories},
+                os.path.join(self.config.loop.output_dir, TEACHER_SIDE_FILE),
             )  # fmt: skip
         record["best_score"] = self.best_score
         self.metrics.write(record)
@@ -368,8 +360,9 @@ class Pretrainer(Loop):
 
     # -- the run on the one loop ---------------------------------------------------------------
     def default_hooks(self, stop_at: int) -> list[Hook]:
-        return [PretrainMetrics(self.args.print_freq, last=self.args.iters),
-                AttentionEvaluation(self.args.eval_every, last=self.args.iters, stop_at=stop_at)]  # fmt: skip
+        recipe = self.config.pretrain
+        return [PretrainMetrics(self.config.loop.print_freq, last=recipe.iters),
+                AttentionEvaluation(recipe.eval_every, last=recipe.iters, stop_at=stop_at)]  # fmt: skip
 
     def train_mode(self) -> None:
         self.distiller.train()
@@ -384,9 +377,9 @@ class Pretrainer(Loop):
 
     def after_train(self, start_iter: int, evaluated: bool) -> dict[str, float]:
         """The last attention statistics; the kept teacher side checked at --iters; the curve drawn."""
-        if self.iteration == self.args.iters:
+        if self.iteration == self.config.pretrain.iters:
             self._check_kept_attention()
-        plot_attention_curve(self.args.output_dir)
+        plot_attention_curve(self.config.loop.output_dir)
         return self.last_statistics
 
     def close(self) -> None:
@@ -396,7 +389,7 @@ class Pretrainer(Loop):
 
     def _check_kept_attention(self) -> None:
         """Warn (and write a health line) when the kept teacher side's attention is shared."""
-        path = os.path.join(self.args.output_dir, TEACHER_SIDE_FILE)
+        path = os.path.join(self.config.loop.output_dir, TEACHER_SIDE_FILE)
         if not os.path.exists(path):
             return
         kept = load_checkpoint(path)  # the evaluation evaluate() chose, with its statistics

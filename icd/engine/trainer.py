@@ -59,6 +59,7 @@ from icd.engine.loop import LAST_CHECKPOINT, Loop, PendingStep, loss_key
 from icd.engine.metrics import MetricsLog
 from icd.engine.output_dir import claim_output_dir
 from icd.engine.resume_settings import check_resume_compatible, resumed_position, schedule_changes
+from icd.engine.run_config import RunConfig
 from icd.engine.run_spec import detector_spec_from_args, distiller_kwargs, load_teacher
 from icd.engine.sampler import ResumableSampler
 from icd.engine.speed import check_speed_flags, compile_error, compile_in_place, compiled_parts, grad_scaler
@@ -112,6 +113,7 @@ class Trainer(Loop):
     def __init__(self, args: argparse.Namespace, hooks: Iterable[Hook] = ()) -> None:
         super().__init__(hooks)
         self.args = args
+        self.config = RunConfig.from_args(args, "train")  # what the loop and its hooks read
         self.inherit_parts = parse_parts(args.inherit_teacher)  # checked before anything is built
         if self.inherit_parts and not args.teacher:
             raise ConfigError(f"--inherit-teacher {args.inherit_teacher} needs --teacher")
@@ -120,8 +122,6 @@ class Trainer(Loop):
                 f"--teacher {args.teacher} --distill none: the teacher would not be used; add "
                 "--inherit-teacher neck,head (inheritance only) or leave --teacher out (a baseline)"
             )
-        if args.health_window < 2:
-            raise ConfigError(f"--health-window {args.health_window}: expected at least 2 iterations")
         from icd.engine.distributed import resolve_device
 
         check_speed_flags(args, resolve_device(args.device))
@@ -401,6 +401,7 @@ class Trainer(Loop):
 
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path, "--resume")
+        RunConfig.from_checkpoint(ckpt, f"--resume {path}", "train")  # one this icd reads, of icd train
         world_size, train_images = self.info.world_size, len(self.train_set)
         check_resume_compatible(ckpt, path, self.args, self.spec.to_dict(), world_size, train_images)
         load_detector_weights(_unwrap(self.model), ckpt, what="resumed", source=f"--resume {path}")
@@ -620,14 +621,14 @@ class Trainer(Loop):
     # -- the run -------------------------------------------------------------------------------
     def default_hooks(self, stop_at: int) -> list[Hook]:
         """Health check, "train" metrics lines, checkpoints, and evaluation when there is a val split."""
-        args = self.args
+        settings = self.config.hooks
         hooks = [
-            HealthCheck(args.health_window, stop=args.on_unhealthy == "stop"),
-            TrainMetrics(args.print_freq, last=stop_at),
-            PeriodicCheckpoint(args.checkpoint_every, args.epoch_checkpoint_every),
+            HealthCheck(settings.health_window, stop=settings.on_unhealthy == "stop"),
+            TrainMetrics(self.config.loop.print_freq, last=stop_at),
+            PeriodicCheckpoint(settings.checkpoint_every, settings.epoch_checkpoint_every),
         ]
         if self.val_set is not None:
-            hooks.append(PeriodicEvaluation(args.eval_every))
+            hooks.append(PeriodicEvaluation(settings.eval_every))
         return hooks
 
     def before_train(self) -> bool:
@@ -645,7 +646,7 @@ class Trainer(Loop):
         """The last evaluation's metrics; NothingDoneError when the run neither trained nor evaluated."""
         if self.iteration == start_iter and not evaluated:
             raise NothingDoneError(
-                f"--resume {self.args.resume} is at iteration {self.iteration} and this run stops at iteration "
+                f"--resume {self.config.loop.resume} is at iteration {self.iteration} and this run stops at iteration "
                 f"{self.stop_at()}: nothing to train; raise --stop-after-iters to go on (a longer --iters or "
                 "--epochs changes the lr schedule: add --allow-resume-changes)"
             )
