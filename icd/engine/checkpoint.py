@@ -17,6 +17,8 @@ resume needs)::
     distiller, teacher_optimizer, teacher_lr_scheduler    (distillation runs)
     scaler               AMP GradScaler state (CUDA float16 runs)
     rng                  python, numpy, torch (and cuda) generator states
+    config               the typed settings the loop read (icd.engine.run_config.RunConfig.to_dict:
+                         a dict with its schema version; checkpoints written before it have args only)
 
 Everything is tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)``
 reads it back.
