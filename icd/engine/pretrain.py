@@ -284,13 +284,13 @@ class Pretrainer(Loop):
 
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path, "--resume")
-        RunConfig.from_checkpoint(ckpt, f"--resume {path}", "pretrain")  # one this icd reads, of icd pretrain
         needed = ("teacher_side", "signature", "optimizer", "lr_scheduler", "iteration", "rng")
         missing = [k for k in needed if k not in ckpt]
         if missing:
             raise CheckpointError(
                 f"--resume {path}", f"is not a checkpoint.pth of icd pretrain (no {', '.join(missing)})"
             )
+        RunConfig.from_checkpoint(ckpt, f"--resume {path}", "pretrain")  # one this icd reads, of icd pretrain
         check_signature(ckpt["signature"], self.signature, path)
         self.distiller.load_state_dict(ckpt["teacher_side"], strict=False)
         self.optimizer.load_state_dict(ckpt["optimizer"])

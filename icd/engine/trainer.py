@@ -128,7 +128,7 @@ class Trainer(Loop):
         # another run's files there, or a live run in it, stop this one before anything is built;
         # rank 0 holds the folder (its lock) until close()
         self.claim = (
-            claim_output_dir(args.output_dir, args.resume, getattr(args, "overwrite", False))
+            claim_output_dir(self.config.loop.output_dir, self.config.loop.resume, self.config.loop.overwrite)
             if _is_rank_zero()
             else None
         )
@@ -396,14 +396,14 @@ class Trainer(Loop):
         if self.best is not None:
             saved["best"] = dict(self.best)
         if improved:
-            save_atomic(saved, os.path.join(self.args.output_dir, BEST_CHECKPOINT))
-        save_atomic(saved, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
+            save_atomic(saved, os.path.join(self.config.loop.output_dir, BEST_CHECKPOINT))
+        save_atomic(saved, os.path.join(self.config.loop.output_dir, LAST_CHECKPOINT))
 
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path, "--resume")
-        RunConfig.from_checkpoint(ckpt, f"--resume {path}", "train")  # one this icd reads, of icd train
         world_size, train_images = self.info.world_size, len(self.train_set)
         check_resume_compatible(ckpt, path, self.args, self.spec.to_dict(), world_size, train_images)
+        RunConfig.from_checkpoint(ckpt, f"--resume {path}", "train")  # one this icd reads, of icd train
         load_detector_weights(_unwrap(self.model), ckpt, what="resumed", source=f"--resume {path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -423,7 +423,8 @@ class Trainer(Loop):
         position = int(ckpt.get("epoch_batches", 0))
         if schedule_changes(ckpt, self.args, world_size, train_images):  # --allow-resume-changes
             self._apply_new_schedule()
-            position, note = resumed_position(ckpt, self.args.batch_size, world_size, train_images, self.args.seed)
+            loop = self.config.loop
+            position, note = resumed_position(ckpt, loop.batch_size, world_size, train_images, loop.seed)
             if note and self.info.is_main:
                 log.warning("--allow-resume-changes: %s", note)
         self.batches.seek(int(ckpt["epoch"]), position)
@@ -658,7 +659,8 @@ class Trainer(Loop):
     def run_evaluation(self, epoch: int, saved: dict | None = None) -> dict[str, float]:
         """Evaluate on the val split and log it; a new best AP also writes model_best.pth from
         ``saved``, the checkpoint of this very state (rank 0)."""
-        loader = eval_loader(self.val_set, self.info, self.args.batch_size, self.args.workers)
+        loop = self.config.loop
+        loader = eval_loader(self.val_set, self.info, loop.batch_size, loop.workers)
         metrics = evaluate(
             _unwrap(self.model),
             loader,
@@ -667,9 +669,9 @@ class Trainer(Loop):
             self.spec.label_offset,
             amp=self.args.amp,
             amp_dtype=getattr(self.args, "amp_dtype", None),
-            output_dir=self.args.output_dir,
+            output_dir=loop.output_dir,
             split=self.args.val_split,
-            progress=not self.args.no_progress,
+            progress=loop.progress,
         )
         if self.args.teacher and self.args.distill == "icd" and self.info.is_main:
             from icd.engine.attention import attention_statistics
