@@ -26,6 +26,7 @@ from PIL import Image
 from tiny_runs import TINY
 from user_errors import RUN, error_line, parse_error
 
+import icd.engine.loop as loop_module
 import icd.engine.trainer as trainer_module
 from icd.cli import build_parser, main
 from icd.data.coco import BadDataError, CocoDetection
@@ -152,7 +153,7 @@ def test_a_kill_between_the_epoch_writes_loses_no_snapshot(data, tmp_path, monke
            "--checkpoint-every 1 --epoch-checkpoint-every 1"  # one batch per epoch, its snapshot
     out = tmp_path / "run"
     # killed at the end of epoch 0, after its snapshot and before checkpoint.pth
-    _kill_on(monkeypatch, trainer_module, "save_atomic",
+    _kill_on(monkeypatch, loop_module, "save_atomic",  # the loop writes the epoch end's checkpoints
              lambda obj, path: path.endswith("checkpoint.pth") and obj["epoch"] == 1 and obj["epoch_batches"] == 0)
     with pytest.raises(_Killed):
         main(f"{argv} --output-dir {out}".split())

@@ -53,6 +53,12 @@ def test_pretrains_flag_defaults_are_its_configs():
         assert getattr(args, field.name) == field.default, field.name
 
 
+def test_trains_loop_and_hook_flag_defaults_are_its_configs():
+    config = RunConfig.from_args(_args("train", ""), "train")
+    assert config.hooks == TrainHooksConfig()
+    assert config.loop.print_freq == LoopConfig().print_freq
+
+
 def test_old_checkpoints_load_through_their_saved_args():
     old = load_checkpoint(BEFORE)
     for method, ckpt in old.items():
@@ -104,7 +110,7 @@ def test_settings_out_of_range_are_refused_naming_the_flag():
         TrainHooksConfig(health_window=1)
     with pytest.raises(ConfigError, match="--clip nan: expected a finite number > 0"):
         PretrainConfig(clip=float("nan"))
-    with pytest.raises(ConfigError, match="--on-bad-data 'ignore': expected one of error, skip"):
+    with pytest.raises(ConfigError, match="--on-bad-data 'ignore': expected one of skip, error"):
         LoopConfig(on_bad_data="ignore")
 
 

@@ -29,12 +29,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from icd.data.coco import BAD_DATA_CHOICES
+from icd.engine.health import HEALTH_ACTIONS
 from icd.errors import CheckpointError, ConfigError
 
 SCHEMA_VERSION = 1
 COMMANDS = ("train", "pretrain")
-BAD_DATA_ACTIONS = ("error", "skip")
-HEALTH_ACTIONS = ("warn", "stop")
 
 # icd pretrain's recipe, chosen by measurement on the shapes data (results/README.md): the paper's
 # AdamW 1e-4 with a 0.01 norm clip leaves the attention nearly uniform for thousands of iterations;
@@ -76,7 +76,7 @@ class LoopConfig:
         for flag, minimum in (("batch_size", 1), ("workers", 0), ("print_freq", 1), ("iters", 1),
                               ("epochs", 1), ("stop_after_iters", 1)):  # fmt: skip
             _at_least(flag.replace("_", "-"), getattr(self, flag), minimum)
-        _one_of("on-bad-data", self.on_bad_data, BAD_DATA_ACTIONS)
+        _one_of("on-bad-data", self.on_bad_data, BAD_DATA_CHOICES)
 
 
 @dataclass(frozen=True)
