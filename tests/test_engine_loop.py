@@ -19,6 +19,7 @@ from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
 from icd.engine.hooks import HealthCheck, PeriodicCheckpoint, TrainMetrics
 from icd.engine.loop import EpochEnd, Hook, Loop
+from icd.engine.run_config import RunConfig
 from icd.errors import ArgumentError
 
 ENGINE = Path(__file__).resolve().parents[1] / "icd" / "engine"
@@ -135,6 +136,8 @@ def test_a_callers_hooks_run_after_the_trainers_in_the_order_given(data, tmp_pat
     finally:
         trainer.close()
     assert kinds == [HealthCheck, TrainMetrics, PeriodicCheckpoint, Recorder, Recorder]
+    saved = load_checkpoint(str(tmp_path / "run" / "checkpoint.pth"))  # the loop's settings, typed, saved
+    assert RunConfig.from_checkpoint(saved, "run", "train") == trainer.config and not trainer.config.hooks.evaluate
     # 2 batches per epoch; losses read every 2 steps and at the last; epoch 1 stopped after 1 batch
     assert calls == [
         ("a", "step", 1), ("b", "step", 1),
