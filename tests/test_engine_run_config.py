@@ -14,7 +14,7 @@ from icd.cli import build_parser, main
 from icd.data.shapes import generate
 from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
-from icd.engine.run_config import SCHEMA_VERSION, LoopConfig, PretrainConfig, RunConfig, TrainHooksConfig
+from icd.engine.run_config import SCHEMA_VERSION, DataConfig, LoopConfig, PretrainConfig, RunConfig, TrainHooksConfig
 from icd.errors import CheckpointError, ConfigError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -32,7 +32,7 @@ def test_a_train_config_holds_its_flags_and_goes_through_a_checkpoint(tmp_path):
     assert config.loop == LoopConfig(output_dir="o", seed=3, batch_size=2, workers=args.workers, print_freq=5,
                                      iters=30, epochs=12, on_bad_data="skip", progress=False)  # fmt: skip
     assert config.hooks == TrainHooksConfig(health_window=7, on_unhealthy="stop", checkpoint_every=4, evaluate=False)
-    assert config.pretrain is None
+    assert config.pretrain is None and config.data == DataConfig(data_path="d")
     path = str(tmp_path / "c.pth")
     save_atomic({"config": config.to_dict()}, path)  # plain values: weights_only loads it
     saved = load_checkpoint(path)
@@ -44,6 +44,7 @@ def test_a_pretrain_config_takes_its_length_from_its_iters():
     config = RunConfig.from_args(_args("pretrain", "--teacher t.pth --iters 9 --eval-every 3 --lr 0.01"), "pretrain")
     assert config.pretrain == PretrainConfig(iters=9, eval_every=3, lr=0.01)
     assert config.loop.iters == 9 and config.loop.epochs is None and config.hooks is None
+    assert config.data == DataConfig(data_path="d", flip_prob=0.5)
     assert RunConfig.from_dict(config.to_dict(), "x") == config
 
 

@@ -209,22 +209,20 @@ class Pretrainer(Loop):
             raise
 
     def _set_up(self) -> None:
-        args, loop, recipe = self.args, self.config.loop, self.config.pretrain
+        args, loop, data, recipe = self.args, self.config.loop, self.config.data, self.config.pretrain
         self.saved_args = plain_args(args)  # what checkpoints store (weights_only-loadable)
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(loop.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.info = DistInfo(device=self.device)  # one process
         seed_everything(loop.seed)
-        train_dir, train_ann = dataset_paths(
-            args.data_path, args.train_split, getattr(args, "train_ann", None), getattr(args, "train_images", None)
-        )
+        train_dir, train_ann = dataset_paths(data.data_path, data.train_split, data.train_ann, data.train_images)
         self.train_annotations = train_ann
-        drop_empty = getattr(args, "drop_empty_categories", False)
+        drop_empty = data.drop_empty_categories
         self.train_set = CocoDetection(
-            train_dir, train_ann, train=True, flip_prob=args.flip_prob,
+            train_dir, train_ann, train=True, flip_prob=data.flip_prob,
             on_bad_data=loop.on_bad_data, seed=loop.seed, drop_empty_categories=drop_empty,
         )  # fmt: skip
         report_categories(self.train_set)
-        val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
+        val_dir, val_ann = dataset_paths(data.data_path, data.val_split, data.val_ann, data.val_images, "val")
         classes = self.train_set.category_ids if drop_empty else None
         self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=loop.on_bad_data, categories=classes)
         num_classes = self.train_set.num_classes

@@ -55,6 +55,27 @@ def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where the training and val splits are and how training images are drawn (both commands)."""
+
+    data_path: str | None = None  # a COCO-layout root (or each split's files below)
+    train_split: str = "train"
+    train_ann: str | None = None  # the train split's annotation JSON, read in place
+    train_images: str | None = None  # the folder its file_names are relative to
+    val_split: str = "val"
+    val_ann: str | None = None
+    val_images: str | None = None
+    flip_prob: float = 0.5  # horizontal flip probability of a training image
+    drop_empty_categories: bool = False  # leave out the categories no training annotation uses
+
+    def __post_init__(self) -> None:
+        if isinstance(self.flip_prob, bool) or not isinstance(self.flip_prob, (int, float)) or not (
+            0 <= self.flip_prob <= 1
+        ):
+            raise ConfigError(f"--flip-prob {self.flip_prob}: expected a number in [0, 1]")
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     """What the one training loop reads (``icd.engine.loop``), for both commands."""
 
@@ -71,6 +92,7 @@ class LoopConfig:
     on_bad_data: str = "error"
     tensorboard: bool = False
     progress: bool = True  # tqdm bars (--no-progress: False)
+    device: str | None = None  # cpu, cuda, cuda:N (None: cuda when available)
 
     def __post_init__(self) -> None:
         for flag, minimum in (("batch_size", 1), ("workers", 0), ("print_freq", 1), ("iters", 1),
@@ -125,6 +147,7 @@ class PretrainConfig:
 
 # each section's flag names where they differ from the field (the rest are the field's name)
 _FLAG_OF = {
+    DataConfig: {},
     LoopConfig: {"progress": ("no_progress", lambda v: not v)},
     TrainHooksConfig: {"evaluate": ("no_eval", lambda v: not v)},
     PretrainConfig: {},
@@ -148,11 +171,12 @@ def _section(kind: type, values: Mapping[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The typed settings of one ``icd train`` or ``icd pretrain`` run: the loop's, and the
-    periodic work's (``hooks``: icd train) or the pre-training's (``pretrain``: icd pretrain)."""
+    """The typed settings of one ``icd train`` or ``icd pretrain`` run: the loop's, the data's, and
+    the periodic work's (``hooks``: icd train) or the pre-training's (``pretrain``: icd pretrain)."""
 
     command: Literal["train", "pretrain"]
     loop: LoopConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     hooks: TrainHooksConfig | None = None
     pretrain: PretrainConfig | None = None
 
@@ -170,13 +194,14 @@ class RunConfig:
         if command == "pretrain":  # its --iters is the pre-training's, which is the loop's length
             pretrain = _section(PretrainConfig, values)
             loop = _section(LoopConfig, {**values, "iters": pretrain.iters, "epochs": None})
-            return cls("pretrain", loop, pretrain=pretrain)
+            return cls("pretrain", loop, _section(DataConfig, values), pretrain=pretrain)
         loop = _section(LoopConfig, values)
-        return cls("train", loop, hooks=_section(TrainHooksConfig, values))
+        return cls("train", loop, _section(DataConfig, values), hooks=_section(TrainHooksConfig, values))
 
     def to_dict(self) -> dict:
         """A plain dict of str/int/float/bool/None with the schema version (what checkpoints hold)."""
-        out: dict[str, Any] = {"schema": SCHEMA_VERSION, "command": self.command, "loop": dataclasses.asdict(self.loop)}
+        out: dict[str, Any] = {"schema": SCHEMA_VERSION, "command": self.command}
+        out.update(loop=dataclasses.asdict(self.loop), data=dataclasses.asdict(self.data))
         if self.hooks is not None:
             out["hooks"] = dataclasses.asdict(self.hooks)
         if self.pretrain is not None:
@@ -199,8 +224,8 @@ class RunConfig:
         command = saved.get("command")
         if command not in COMMANDS:
             raise CheckpointError(where, f"its config names no command icd knows ({command!r})")
-        sections = {"loop": LoopConfig, "hooks": TrainHooksConfig, "pretrain": PretrainConfig}
-        expected = {"schema", "command", "loop", "hooks" if command == "train" else "pretrain"}
+        sections = {"loop": LoopConfig, "data": DataConfig, "hooks": TrainHooksConfig, "pretrain": PretrainConfig}
+        expected = {"schema", "command", "loop", "data", "hooks" if command == "train" else "pretrain"}
         unknown = sorted(set(saved) - expected)
         if unknown:
             raise CheckpointError(where, f"its config has entries this icd does not know: {', '.join(unknown)}")

@@ -196,16 +196,16 @@ class Trainer(Loop):
 
     # -- set-up ------------------------------------------------------------------------------
     def _build_data(self) -> None:
-        args = self.args
-        train_dir, train_ann = dataset_paths(args.data_path, args.train_split, args.train_ann, args.train_images)
-        drop_empty = getattr(args, "drop_empty_categories", False)
+        args, data, loop = self.args, self.config.data, self.config.loop
+        train_dir, train_ann = dataset_paths(data.data_path, data.train_split, data.train_ann, data.train_images)
+        drop_empty = data.drop_empty_categories
         self.train_set = CocoDetection(
             train_dir,
             train_ann,
             train=True,
-            flip_prob=args.flip_prob,
-            on_bad_data=args.on_bad_data,
-            seed=args.seed,
+            flip_prob=data.flip_prob,
+            on_bad_data=loop.on_bad_data,
+            seed=loop.seed,
             with_masks=args.detector in MASK_DETECTORS,
             drop_empty_categories=drop_empty,
         )
@@ -217,10 +217,10 @@ class Trainer(Loop):
                 "%s has no (usable) annotations: the detector learns only background", train_ann
             )
         self.val_set = None
-        if not args.no_eval:
-            val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
+        if self.config.hooks.evaluate:
+            val_dir, val_ann = dataset_paths(data.data_path, data.val_split, data.val_ann, data.val_images, "val")
             classes = self.train_set.category_ids if drop_empty else None  # the val split's empty ones go too
-            self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
+            self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=loop.on_bad_data, categories=classes)
 
     def _build_distillation(self, num_classes: int) -> None:
         """The frozen teacher, the distiller and the tap on the student (``--distill none``: only
