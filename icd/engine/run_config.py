@@ -1,6 +1,6 @@
-"""Typed run configs: what the training loop, its hooks and ``icd pretrain`` read, built once from
-the parsed command line (a --config preset's keys are already its flags' defaults there), saved in
-every checkpoint the loop writes and read back from it.
+"""Typed run configs: what the training loop, its data, its hooks and ``icd pretrain`` read,
+built once from the parsed command line (a --config preset's keys are already its flags' defaults
+there), saved in every checkpoint the loop writes and read back from it.
 
 ::
 
