@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_runs import ON_CPU, THREE_LEVELS, TINY
 
-from icd.cli import build_parser
+from icd.cli import build_parser, main
 from icd.data.shapes import generate
 from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
@@ -149,25 +149,53 @@ def test_a_callers_hooks_run_after_the_trainers_in_the_order_given(data, tmp_pat
     ]  # fmt: skip
 
 
-def test_a_callers_hook_runs_in_a_pretraining(data, tmp_path):
-    from icd.engine.pretrain import pretrain
-
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
     torch.manual_seed(0)
     spec = DetectorSpec("fcos", "resnet18", num_classes=7, fpn_channels=32, norm="gn",
                         min_level=3, max_level=5, min_size=(64,), max_size=64)  # fmt: skip
-    teacher = str(tmp_path / "teacher.pth")
-    save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()}, teacher)
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pth")
+    save_atomic({"model": build_detector(spec).state_dict(), "detector_spec": spec.to_dict()}, path)
+    return path
+
+
+def _pretrain_argv(data, teacher, out, iters=3):
+    return (f"pretrain --data-path {data} --teacher {teacher} --output-dir {out} {ON_CPU} --min-size 64 "
+            f"--max-size 64 --batch-size 2 --iters {iters} --eval-every 2 --print-freq 1 --icd-heads 4 "
+            "--attention-images 1").split()  # fmt: skip
+
+
+def test_a_callers_hook_runs_in_a_pretraining(data, teacher, tmp_path):
+    from icd.engine.pretrain import pretrain
+
     calls: list = []
-    argv = (f"pretrain --data-path {data} --teacher {teacher} --output-dir {tmp_path / 'pre'} {ON_CPU} "
-            f"--min-size 64 --max-size 64 --batch-size 2 --iters 3 --eval-every 2 --print-freq 1 --icd-heads 4 "
-            "--attention-images 1")  # fmt: skip
-    stats = pretrain(build_parser(commands=("pretrain",)).parse_args(argv.split()), hooks=[Recorder("a", calls)])
+    argv = _pretrain_argv(data, teacher, tmp_path / "pre")
+    stats = pretrain(build_parser(commands=("pretrain",)).parse_args(argv), hooks=[Recorder("a", calls)])
     assert "lift" in stats
     assert calls == [
         ("a", "losses", 1), ("a", "step", 1), ("a", "losses", 2), ("a", "step", 2),
         ("a", "epoch", 0, True, False, 2),  # the evaluation at iteration 2 wrote the checkpoint
         ("a", "losses", 3), ("a", "step", 3), ("a", "epoch", 1, False, True, 3),
     ]  # fmt: skip
+
+
+def test_a_non_finite_pretraining_loss_stops_the_run_in_one_line_before_any_checkpoint(
+    data, teacher, tmp_path, monkeypatch, capsys
+):
+    from icd.nn.distiller import ICDDistiller
+
+    real = ICDDistiller.auxiliary_losses
+
+    def nan_losses(self, *args, **kwargs):
+        return {k: v * float("nan") for k, v in real(self, *args, **kwargs).items()}
+
+    monkeypatch.setattr(ICDDistiller, "auxiliary_losses", nan_losses)
+    out = tmp_path / "pre"
+    assert main(_pretrain_argv(data, teacher, out)) == 1  # the loop's NonFiniteError, as icd train's
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("icd: error: non-finite loss at iteration 1: loss_aux_conf") and "lower --lr" in err, err
+    assert not (out / "checkpoint.pth").exists()
+    assert load_checkpoint(str(out / "teacher_side.pth"))["iteration"] == 0  # the untrained one of the start
 
 
 def test_a_hook_that_is_no_hook_is_refused_where_it_is_given():
