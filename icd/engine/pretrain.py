@@ -16,6 +16,13 @@ Output directory: ``checkpoint.pth`` (the whole state, for ``--resume``), ``teac
 (the teacher-side weights of the evaluation with the best attention score, lift x
 distinctness, with the teacher signature they belong to), ``metrics.jsonl`` (aux losses, and
 lift / distinctness per evaluation) and ``attention_curve.png``.
+
+``Pretrainer`` is a step strategy of the one training loop (``icd.engine.loop.Loop``, shared with
+``icd train``): its ``step`` is one AdamW step of the teacher side on the auxiliary losses; its
+hooks write the "pretrain" lines (``PretrainMetrics``) and evaluate the attention, keep the best
+teacher side and checkpoint (``AttentionEvaluation``); resume, the non-finite guard, Ctrl-C,
+TensorBoard and the progress bars are the loop's. Its settings are ``config.pretrain`` and
+``config.loop`` (``icd.engine.run_config``).
 """
 
 from __future__ import annotations
