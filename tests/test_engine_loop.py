@@ -4,6 +4,7 @@ runs, and the engine's modules importing each other in one direction only."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -196,6 +197,69 @@ def test_a_non_finite_pretraining_loss_stops_the_run_in_one_line_before_any_chec
     assert err.startswith("icd: error: non-finite loss at iteration 1: loss_aux_conf") and "lower --lr" in err, err
     assert not (out / "checkpoint.pth").exists()
     assert load_checkpoint(str(out / "teacher_side.pth"))["iteration"] == 0  # the untrained one of the start
+
+
+class BrightnessFit(Loop):
+    """A step strategy of a few lines: one weight fitted to the images' mean brightness, on the
+    loop with icd train's own metrics and checkpoint hooks."""
+
+    def __init__(self, data: str, out: str, iters: int, stop_after: int | None = None, resume: str | None = None):
+        super().__init__()
+        from icd.data.coco import CocoDetection, dataset_paths
+        from icd.engine.batches import EpochBatches
+        from icd.engine.distributed import DistInfo
+        from icd.engine.metrics import MetricsLog
+        from icd.engine.run_config import LoopConfig, TrainHooksConfig
+        from icd.engine.sampler import ResumableSampler
+
+        loop = LoopConfig(output_dir=out, iters=iters, stop_after_iters=stop_after, print_freq=1, progress=False,
+                          resume=resume)  # fmt: skip
+        self.config = RunConfig("train", loop, hooks=TrainHooksConfig(evaluate=False))
+        self.info, self.overwritten = DistInfo(), []
+        image_dir, annotations = dataset_paths(data, "train", None, None)
+        dataset = CocoDetection(image_dir, annotations, train=True)
+        self.train_annotations = annotations
+        self.batches = EpochBatches(dataset, ResumableSampler(dataset, 1, 0, shuffle=True), 2, 0, 0, progress=False)
+        self.total_iters, self.num_epochs = iters, 99
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.trained_params = [self.weight]
+        self.optimizer = torch.optim.SGD(self.trained_params, lr=0.5)
+        self.metrics = MetricsLog(out)
+        if resume:
+            ckpt = load_checkpoint(resume)
+            self.weight.data.copy_(ckpt["weight"])
+            self.iteration = ckpt["iteration"]
+            self.batches.seek(ckpt["epoch"], ckpt["epoch_batches"])
+
+    def step(self, images, targets):
+        mean = torch.stack([im.mean() for im in images]).mean()
+        loss = (self.weight - mean) ** 2
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.record_step({"fit": loss}, loss)
+
+    def state(self, epoch, epoch_batches):
+        return {"weight": self.weight.detach().clone(), "iteration": self.iteration, "epoch": epoch,
+                "epoch_batches": epoch_batches}  # fmt: skip
+
+    def default_hooks(self, stop_at):
+        return [TrainMetrics(1, last=stop_at), PeriodicCheckpoint(0, 0)]
+
+
+def test_a_new_step_strategy_gets_metrics_checkpoints_and_exact_resume_from_the_loop(data, tmp_path):
+    straight, paused = str(tmp_path / "straight"), str(tmp_path / "paused")
+    BrightnessFit(data, straight, iters=5).run()
+    BrightnessFit(data, paused, iters=5, stop_after=3).run()  # stops in epoch 1 (2 batches an epoch)
+    assert load_checkpoint(os.path.join(paused, "checkpoint.pth"))["iteration"] == 3
+    BrightnessFit(data, paused, iters=5, resume=os.path.join(paused, "checkpoint.pth")).run()
+    a, b = (load_checkpoint(os.path.join(d, "checkpoint.pth")) for d in (straight, paused))
+    assert a["iteration"] == b["iteration"] == 5 and torch.equal(a["weight"], b["weight"])
+    assert a["config"]["loop"]["iters"] == 5  # the loop saves the strategy's config
+    with open(os.path.join(straight, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [r["iter"] for r in lines] == [1, 2, 3, 4, 5] and all("loss_fit" in r for r in lines)
+    assert lines[-1]["loss_fit"] < lines[0]["loss_fit"]  # it learns
 
 
 def test_a_hook_that_is_no_hook_is_refused_where_it_is_given():
