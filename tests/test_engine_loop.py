@@ -112,7 +112,7 @@ class Recorder(Hook):
 
     def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         # the loop's own hooks ran first: at a stop the checkpoint of this very iteration is written
-        saved = load_checkpoint(os.path.join(loop.args.output_dir, "checkpoint.pth"))["iteration"]
+        saved = load_checkpoint(os.path.join(loop.config.loop.output_dir, "checkpoint.pth"))["iteration"]
         self.calls.append((self.name, "epoch", end.epoch, end.finished, end.stopped, saved))
 
 
