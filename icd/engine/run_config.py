@@ -257,7 +257,7 @@ class RunConfig:
             except ConfigError as err:
                 raise CheckpointError(where, f"its saved args do not make an icd {command} config: {err}") from None
         else:
-            found = "args that are no dict" if "args" in ckpt else f"keys {sorted(ckpt)[:8]}"
+            found = "args that are no dict" if "args" in ckpt else f"keys {sorted(map(str, ckpt))[:8]}"
             raise CheckpointError(
                 where, f"no run config and no saved flags ({found}): not a checkpoint of icd {command}"
             )
