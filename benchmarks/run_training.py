@@ -237,7 +237,8 @@ def run_one(w: Workload, cfg: Config, data: Path, teacher: Path, out: Path) -> d
 
     from icd.cli import build_parser
     from icd.engine.evaluator import autocast
-    from icd.engine.trainer import Trainer, load_teacher
+    from icd.engine.run_spec import load_teacher
+    from icd.engine.trainer import Trainer
 
     iters = w.warmup + w.steps + w.sync_steps + 10
     argv = train_argv(w, data, teacher, out, cfg, iters)

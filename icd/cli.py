@@ -244,30 +244,34 @@ def _add_icd_flags(g, command: str) -> None:
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
-    from icd.engine.pretrain import PRETRAIN_ATTENTION_GAIN, PRETRAIN_CLIP, PRETRAIN_LR
+    from icd.engine.run_config import LoopConfig, PretrainConfig
+
+    recipe = PretrainConfig()  # each default stated once, on its field
 
     p = _command(sub, "pretrain", **COMMAND_TEXT["pretrain"])
     _add_data_flags(p)
     _add_run_flags(p)
     _add_tensorboard_flag(p)
     p.add_argument("--teacher", required=True, help="teacher checkpoint (icd train's)")
-    p.add_argument("--iters", type=int_at_least(1), default=600, help="pre-training iterations")
+    p.add_argument("--iters", type=int_at_least(1), default=recipe.iters, help="pre-training iterations")
     p.add_argument(
-        "--lr", type=finite_float(above=0.0), default=PRETRAIN_LR, help="AdamW lr (cosine decay over --iters)"
+        "--lr", type=finite_float(above=0.0), default=recipe.lr, help="AdamW lr (cosine decay over --iters)"
     )
-    p.add_argument("--clip", type=finite_float(above=0.0), default=PRETRAIN_CLIP, help="gradient-norm clip")
+    p.add_argument("--clip", type=finite_float(above=0.0), default=recipe.clip, help="gradient-norm clip")
     p.add_argument(
         "--attention-gain",
         type=finite_float(above=0.0),
-        default=PRETRAIN_ATTENTION_GAIN,
+        default=recipe.attention_gain,
         help="multiply the decoder's query projection weights by this at the start (sharper logits)",
     )
 
-    p.add_argument("--eval-every", type=int_at_least(1), default=100, help="iterations between attention statistics")
+    p.add_argument(
+        "--eval-every", type=int_at_least(1), default=recipe.eval_every, help="iterations between attention statistics"
+    )
     p.add_argument(
         "--cache-gb",
         type=finite_float(minimum=0.0),
-        default=2.0,
+        default=recipe.cache_gb,
         help="memory for the teacher's FPN maps of the training and val images, reused across epochs "
         "and evaluations (0: recompute)",
     )
@@ -280,7 +284,9 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         help="also measure the statistics per instance size and where the attention goes (own box, other "
         "instances, background, image border, padding; per level) into metrics.jsonl",
     )
-    p.add_argument("--print-freq", type=int_at_least(1), default=20, help="iterations per metrics line")
+    p.add_argument(
+        "--print-freq", type=int_at_least(1), default=LoopConfig.print_freq, help="iterations per metrics line"
+    )
     p.add_argument(
         "--flip-prob", type=finite_float(minimum=0.0, maximum=1.0), default=0.5, help="horizontal flip probability"
     )
@@ -349,8 +355,10 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     """The ``icd train`` parser (``.parser``) and the record of its flags (``.flags``)."""
     from icd.engine.health import HEALTH_ACTIONS
     from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
+    from icd.engine.run_config import LoopConfig, TrainHooksConfig
     from icd.engine.speed import COMPILE_BACKENDS
 
+    loop, hooks = LoopConfig(), TrainHooksConfig()  # the loop's and the hooks' defaults, stated once
     p = _flag_recorder(_command(sub, "train", **COMMAND_TEXT["train"]), preset)
     _add_data_flags(p)
     _add_run_flags(p)
@@ -422,7 +430,7 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     p.add_argument(
         "--print-freq",
         type=int_at_least(1),
-        default=20,
+        default=loop.print_freq,
         help="iterations per metrics line; the losses of the steps between stay on the device and are "
         "read (and checked for NaN/inf) together at each line, so a step does not wait for the GPU",
     )
@@ -442,30 +450,32 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     p.add_argument(
         "--checkpoint-every",
         type=int_at_least(0),
-        default=0,
+        default=hooks.checkpoint_every,
         help="also write checkpoint.pth every N iterations (0: each epoch only)",
     )
     p.add_argument(
         "--epoch-checkpoint-every",
         type=int_at_least(0),
-        default=0,
+        default=hooks.epoch_checkpoint_every,
         help="also keep model_{epoch}.pth every N epochs (0: never). Each is a whole checkpoint like "
         "checkpoint.pth, weights and optimiser state: about twice the model's weights, ~260 MB for "
         "RetinaNet R50 and ~160 MB for R18 at 80 classes, per file (torchvision writes one every epoch)",
     )
-    p.add_argument("--eval-every", type=int_at_least(0), default=1, help="evaluate every N epochs (and last)")
+    p.add_argument(
+        "--eval-every", type=int_at_least(0), default=hooks.eval_every, help="evaluate every N epochs (and last)"
+    )
     p.add_argument("--no-eval", action="store_true", help="no evaluation (no val split needed)")
     p.add_argument(
         "--on-unhealthy",
         choices=HEALTH_ACTIONS,
-        default="warn",
+        default=hooks.on_unhealthy,
         help="a loss term stuck at one value for --health-window iterations, or growing 1000x "
         "over its recent median: warn once per loss, or stop the run (exit status 1)",
     )
     p.add_argument(
         "--health-window",
         type=int_at_least(2),
-        default=50,
+        default=hooks.health_window,
         help="iterations a loss must stay constant to count as stuck (and the history of the "
         "blow-up check)",
     )

@@ -26,6 +26,7 @@ from PIL import Image
 from tiny_runs import TINY
 from user_errors import RUN, error_line, parse_error
 
+import icd.engine.loop as loop_module
 import icd.engine.trainer as trainer_module
 from icd.cli import build_parser, main
 from icd.data.coco import BadDataError, CocoDetection
@@ -152,7 +153,7 @@ def test_a_kill_between_the_epoch_writes_loses_no_snapshot(data, tmp_path, monke
            "--checkpoint-every 1 --epoch-checkpoint-every 1"  # one batch per epoch, its snapshot
     out = tmp_path / "run"
     # killed at the end of epoch 0, after its snapshot and before checkpoint.pth
-    _kill_on(monkeypatch, trainer_module, "save_atomic",
+    _kill_on(monkeypatch, loop_module, "save_atomic",  # the loop writes the epoch end's checkpoints
              lambda obj, path: path.endswith("checkpoint.pth") and obj["epoch"] == 1 and obj["epoch_batches"] == 0)
     with pytest.raises(_Killed):
         main(f"{argv} --output-dir {out}".split())
@@ -511,8 +512,8 @@ def test_ctrl_c_stops_a_pretraining_with_a_checkpoint(data, finished_run, tmp_pa
             f"--output-dir {out}")  # fmt: skip
     assert main(argv.split()) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the notice of the Ctrl-C itself
-    assert last == f"icd: error: interrupted (Ctrl-C) at iteration 1: checkpoint written; continue with " \
-                   f"--resume {out / 'checkpoint.pth'}"
+    assert last == f"icd: error: interrupted (Ctrl-C) at iteration 1; checkpoint written: continue with " \
+                   f"--resume {out / 'checkpoint.pth'}"  # the one loop's message, as icd train's
     assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 1
 
 

@@ -18,6 +18,8 @@ resume needs)::
     distiller, teacher_optimizer, teacher_lr_scheduler    (distillation runs)
     scaler               AMP GradScaler state (CUDA float16 runs)
     rng                  python, numpy, torch (and cuda) generator states
+    config               the typed settings the loop read (icd.engine.run_config.RunConfig.to_dict:
+                         a dict with its schema version; checkpoints written before it have args only)
 
 Everything is tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)``
 reads it back.
@@ -25,6 +27,7 @@ reads it back.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import pickle
@@ -141,6 +144,24 @@ def state_dict_entry(ckpt: dict, flag: str, path: str, key: str = "model") -> di
             "(an icd train checkpoint, or a model's state_dict())",
         )
     return state
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """A command's flags as a dict of str/int/float/bool/None/list (what checkpoints store as
+    ``args``; ``weights_only``-loadable): tuples become lists, callables are left out."""
+    out = {}
+    for key, value in vars(args).items():
+        if callable(value):
+            continue
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators (a run's start; a resume restores them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def capture_rng_state() -> dict:

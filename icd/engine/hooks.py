@@ -1,62 +1,33 @@
-"""The training loop's periodic work as small hooks: health check, metrics lines, checkpoints, evaluation.
+"""The periodic work of ``icd train``'s loop as small hooks: health check, metrics lines,
+checkpoints, evaluation.
 
-``Trainer.train`` calls each hook, in the order of ``Trainer.hooks``:
-
-- ``after_step(trainer)`` after every optimiser step (``trainer.iteration`` steps done);
-- ``after_losses(trainer, iteration, record)`` for each step's losses once they are read from the
-  device (``record``: this rank's loss values of step ``iteration`` as floats), in step order: every
-  --print-freq steps, at the run's last step, and before a checkpoint is written, so that no step
-  waits for the GPU to report its losses;
-- ``after_epoch(trainer, end)`` when an epoch's batches are used up, or when the run stops
-  part-way through one (``end`` says which; the checkpoint hook puts what it wrote in
-  ``end.saved`` for the evaluation hook's model_best.pth).
+:class:`Hook` and :class:`EpochEnd` are defined in ``icd.engine.loop`` (which calls the hooks:
+when each method runs is said there) and exported here too: subclass ``Hook`` for work of your
+own and give it to ``Trainer(args, hooks=[...])`` / ``Pretrainer(args, hooks=[...])`` or their
+``register_hook``. ``icd pretrain``'s own hooks are in ``icd.engine.pretrain``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from icd.engine.distributed import DistInfo
 from icd.engine.health import LossHealth, UnhealthyTrainingError
+from icd.engine.loop import EpochEnd, Hook, Loop
 
-if TYPE_CHECKING:
-    from icd.engine.trainer import Trainer
+__all__ = [
+    "EpochEnd",
+    "HealthCheck",
+    "Hook",
+    "PeriodicCheckpoint",
+    "PeriodicEvaluation",
+    "TrainMetrics",
+    "average_across_ranks",
+]
 
 log = logging.getLogger("icd.train")
-
-
-@dataclass
-class EpochEnd:
-    """Where an epoch ended: ``batches`` of epoch ``epoch`` drawn; ``finished``: all of them
-    (else the run stopped part-way); ``run_over``: the end of the whole schedule."""
-
-    epoch: int
-    batches: int
-    finished: bool
-    run_over: bool
-    evaluate: bool = False  # an evaluation follows (the checkpoint records it as pending)
-    saved: dict | None = None  # the checkpoint written at this end (rank 0)
-
-
-class Hook:
-    """Periodic work of the training loop; both methods do nothing unless overridden."""
-
-    def after_step(self, trainer: Trainer) -> None:
-        pass
-
-    def after_losses(self, trainer: Trainer, iteration: int, record: dict[str, float]) -> None:
-        pass
-
-    def after_epoch(self, trainer: Trainer, end: EpochEnd) -> None:
-        pass
-
-    def evaluates(self, end: EpochEnd) -> bool:
-        """Whether this hook evaluates at ``end`` (asked before any after_epoch)."""
-        return False
 
 
 def average_across_ranks(record: dict[str, float], info: DistInfo) -> dict[str, float]:
@@ -79,11 +50,11 @@ class HealthCheck(Hook):
         self.health = LossHealth(window)
         self.stop = stop
 
-    def after_losses(self, trainer: Trainer, iteration: int, record: dict[str, float]) -> None:
+    def after_losses(self, loop: Loop, iteration: int, record: dict[str, float]) -> None:
         for problem in self.health.check(iteration, record):
-            trainer.metrics.write({"type": "health", "iter": problem.iteration, "loss": problem.loss,
+            loop.metrics.write({"type": "health", "iter": problem.iteration, "loss": problem.loss,
                                    "problem": problem.kind, "value": problem.value})
-            where = f"rank {trainer.info.rank}: " if trainer.info.distributed else ""
+            where = f"rank {loop.info.rank}: " if loop.info.distributed else ""
             if self.stop:
                 raise UnhealthyTrainingError(f"{where}{problem.message} (--on-unhealthy stop)")
             log.warning("%s%s", where, problem.message)
@@ -96,19 +67,19 @@ class TrainMetrics(Hook):
     def __init__(self, every: int, last: int) -> None:
         self.every, self.last = every, last
 
-    def after_losses(self, trainer: Trainer, iteration: int, record: dict[str, float]) -> None:
+    def after_losses(self, loop: Loop, iteration: int, record: dict[str, float]) -> None:
         if iteration % self.every != 0 and iteration != self.last:
             return
-        record = average_across_ranks(record, trainer.info)
+        record = average_across_ranks(record, loop.info)
         record.update(
             type="train",
             iter=iteration,
-            epoch=trainer.batches.epoch,
-            lr=trainer.optimizer.param_groups[0]["lr"],
-            sec_per_iter=trainer.batches.seconds_per_batch(),
+            epoch=loop.batches.epoch,
+            lr=loop.optimizer.param_groups[0]["lr"],
+            sec_per_iter=loop.batches.seconds_per_batch(),
         )
-        trainer.metrics.write(record)
-        trainer.batches.show(loss=f"{record['loss']:.4f}")
+        loop.metrics.write(record)
+        loop.batches.show(loss=f"{record['loss']:.4f}")
 
 
 class PeriodicCheckpoint(Hook):
@@ -118,17 +89,17 @@ class PeriodicCheckpoint(Hook):
     def __init__(self, every: int, epoch_file_every: int) -> None:
         self.every, self.epoch_file_every = every, epoch_file_every
 
-    def after_step(self, trainer: Trainer) -> None:
-        if self.every and trainer.iteration % self.every == 0:
-            trainer.save(trainer.batches.epoch, trainer.batches.position)
+    def after_step(self, loop: Loop) -> None:
+        if self.every and loop.iteration % self.every == 0:
+            loop.save(loop.batches.epoch, loop.batches.position)
 
-    def after_epoch(self, trainer: Trainer, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         due = end.epoch if end.evaluate else None
         if end.finished:  # the next run goes on with the next epoch
             epoch_file = bool(self.epoch_file_every) and (end.epoch + 1) % self.epoch_file_every == 0
-            end.saved = trainer.save(end.epoch + 1, 0, also_epoch_file=epoch_file, evaluation_due=due)
+            end.saved = loop.save(end.epoch + 1, 0, also_epoch_file=epoch_file, evaluation_due=due)
         else:
-            end.saved = trainer.save(end.epoch, end.batches, evaluation_due=due)
+            end.saved = loop.save(end.epoch, end.batches, evaluation_due=due)
 
 
 class PeriodicEvaluation(Hook):
@@ -142,6 +113,6 @@ class PeriodicEvaluation(Hook):
         periodic = end.finished and self.every and (end.epoch + 1) % self.every == 0
         return bool(end.run_over or periodic)
 
-    def after_epoch(self, trainer: Trainer, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         if self.evaluates(end):
-            trainer.run_evaluation(end.epoch, end.saved)
+            loop.run_evaluation(end.epoch, end.saved)

@@ -16,6 +16,13 @@ Output directory: ``checkpoint.pth`` (the whole state, for ``--resume``), ``teac
 (the teacher-side weights of the evaluation with the best attention score, lift x
 distinctness, with the teacher signature they belong to), ``metrics.jsonl`` (aux losses, and
 lift / distinctness per evaluation) and ``attention_curve.png``.
+
+``Pretrainer`` is a step strategy of the one training loop (``icd.engine.loop.Loop``, shared with
+``icd train``): its ``step`` is one AdamW step of the teacher side on the auxiliary losses; its
+hooks write the "pretrain" lines (``PretrainMetrics``) and evaluate the attention, keep the best
+teacher side and checkpoint (``AttentionEvaluation``); resume, the non-finite guard, Ctrl-C,
+TensorBoard and the progress bars are the loop's. Its settings are ``config.pretrain`` and
+``config.loop`` (``icd.engine.run_config``).
 """
 
 from __future__ import annotations
@@ -26,39 +33,41 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from icd.data.coco import CocoDetection, collate, dataset_paths, report_categories
+from icd.data.coco import CocoDetection, dataset_paths, report_categories
 from icd.detection.adapters import family_of
 from icd.engine import optim
 from icd.engine.attention import attention_statistics
-from icd.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from icd.engine.batches import EpochBatches
+from icd.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    plain_args,
+    restore_rng_state,
+    save_atomic,
+    seed_everything,
+)
 from icd.engine.distill import build_distiller, check_icd_heads, check_static_slots
+from icd.engine.distributed import DistInfo
 from icd.engine.feature_cache import TeacherFeatureCache
-from icd.engine.interrupt import StopRequest
+from icd.engine.loop import EpochEnd, Hook, Loop
 from icd.engine.metrics import MetricsLog, read_metrics
-from icd.engine.output_dir import claim_output_dir, remove_previous_run
-from icd.engine.run_spec import distiller_kwargs
+from icd.engine.output_dir import claim_output_dir
+from icd.engine.run_config import RunConfig
+from icd.engine.run_spec import distiller_kwargs, load_teacher
 from icd.engine.sampler import ResumableSampler
-from icd.errors import CheckpointError, ConfigError, InterruptedRun
+from icd.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("icd.pretrain")
 
 TEACHER_SIDE_FILE = "teacher_side.pth"
-LAST_CHECKPOINT = "checkpoint.pth"
 TEACHER_SIDE_PREFIXES = ("encoder.", "decoder.", "aux_task.")
-# Chosen by measurement on the shapes data (results/README.md): the paper's AdamW 1e-4 with a
-# 0.01 norm clip leaves the attention nearly uniform for thousands of iterations; 1e-3 with a
-# 1.0 clip and the query projection x4 at the start reached lift > 3, distinctness > 0.3.
-PRETRAIN_LR = 1e-3
-PRETRAIN_CLIP = 1.0
-PRETRAIN_ATTENTION_GAIN = 4.0
 # Below this distinctness the kept teacher side does not single instances out: measured runs
 # either reach 0.2-0.4 or collapse onto a few locations every instance of an image shares
 # (0.01-0.08, with each head's peak at 0.8-0.99; results/README.md).
@@ -146,19 +155,63 @@ def attention_score(stats: Mapping[str, float]) -> float:
 # --- the pre-training run ----------------------------------------------------------------------
 
 
-class Pretrainer:
-    """Builds the frozen teacher, the data and ICD's teacher side from ``icd pretrain`` args."""
+class PretrainMetrics(Hook):
+    """A "pretrain" line in metrics.jsonl (the auxiliary losses, lr, CPU seconds) every ``every``
+    iterations and at iteration ``last`` (--iters); the losses on the progress bar."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        for flag in ("iters", "eval_every", "print_freq", "batch_size", "stop_after_iters"):
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{flag.replace('_', '-')} {value}: expected >= 1")
-        if not (math.isfinite(args.lr) and args.lr > 0) or not (math.isfinite(args.clip) and args.clip > 0):
-            raise ConfigError(f"--lr {args.lr} / --clip {args.clip}: expected finite positive numbers")
+    def __init__(self, every: int, last: int) -> None:
+        self.every, self.last = every, last
+
+    def after_losses(self, loop: Loop, iteration: int, record: dict[str, float]) -> None:
+        if iteration % self.every != 0 and iteration != self.last:
+            return
+        losses = {k: v for k, v in record.items() if k != "loss"}  # the lines hold each loss, no sum
+        loop.metrics.write({"type": "pretrain", "iter": iteration, "cpu_s": round(time.process_time(), 2),
+                            "lr": loop.optimizer.param_groups[0]["lr"], **losses})  # fmt: skip
+        loop.batches.show(conf=f"{record['loss_aux_conf']:.3f}", reg=f"{record['loss_aux_reg']:.3f}")
+
+
+class AttentionEvaluation(Hook):
+    """Every ``every`` iterations, at --iters and where the run stops: the attention statistics
+    (``Pretrainer.evaluate``, which keeps the best teacher side), then checkpoint.pth; a stop
+    between evaluations (Ctrl-C) writes checkpoint.pth alone."""
+
+    def __init__(self, every: int, last: int, stop_at: int) -> None:
+        self.every, self.due = every, {last, stop_at}
+
+    def after_step(self, loop: Pretrainer) -> None:
+        if loop.iteration % self.every == 0 or loop.iteration in self.due:
+            loop.deliver_losses()  # a non-finite step stops the run before its teacher side is kept
+            stats = loop.evaluate()
+            loop.save(loop.batches.epoch, loop.batches.position)
+            tqdm.write(f"iter {loop.iteration}: lift {stats.get('lift', float('nan')):.2f} "
+                       f"distinctness {stats.get('distinctness', float('nan')):.3f}")  # fmt: skip
+
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
+        if not end.stopped or loop.saved_iteration == loop.iteration:
+            return
+        if end.finished:  # the next run goes on with the next epoch
+            loop.save(end.epoch + 1, 0)
+        else:
+            loop.save(end.epoch, end.batches)
+
+
+class Pretrainer(Loop):
+    """Builds the frozen teacher, the data and ICD's teacher side from ``icd pretrain`` args; a
+    step strategy of the one training loop (``icd.engine.loop``): ``run()`` pre-trains.
+
+    ``hooks``: periodic work of your own (``icd.engine.hooks.Hook``s), run after the pre-training's
+    (``PretrainMetrics``, ``AttentionEvaluation``) in the order given.
+    """
+
+    def __init__(self, args: argparse.Namespace, hooks: Iterable[Hook] = ()) -> None:
+        super().__init__(hooks)
+        self.config = RunConfig.from_args(args, "pretrain")  # its settings checked before anything is built
         self.args = args
         # another run's folder (a teacher's, another pre-training's) is refused before anything is built
-        self.claim = claim_output_dir(args.output_dir, args.resume, getattr(args, "overwrite", False), "pretrain")
+        loop = self.config.loop
+        self.claim = claim_output_dir(loop.output_dir, loop.resume, loop.overwrite, "pretrain")
+        self.overwritten = self.claim.overwritten
         try:
             self._set_up()
         except BaseException:
@@ -166,24 +219,22 @@ class Pretrainer:
             raise
 
     def _set_up(self) -> None:
-        args = self.args
-        from icd.engine.trainer import _plain_args, load_teacher, seed_everything
-
-        self.saved_args = _plain_args(args)  # what checkpoints store (weights_only-loadable)
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        seed_everything(args.seed)
-        train_dir, train_ann = dataset_paths(
-            args.data_path, args.train_split, getattr(args, "train_ann", None), getattr(args, "train_images", None)
-        )
-        drop_empty = getattr(args, "drop_empty_categories", False)
+        args, loop, data, recipe = self.args, self.config.loop, self.config.data, self.config.pretrain
+        self.saved_args = plain_args(args)  # what checkpoints store (weights_only-loadable)
+        self.device = torch.device(loop.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.info = DistInfo(device=self.device)  # one process
+        seed_everything(loop.seed)
+        train_dir, train_ann = dataset_paths(data.data_path, data.train_split, data.train_ann, data.train_images)
+        self.train_annotations = train_ann
+        drop_empty = data.drop_empty_categories
         self.train_set = CocoDetection(
-            train_dir, train_ann, train=True, flip_prob=args.flip_prob,
-            on_bad_data=args.on_bad_data, seed=args.seed, drop_empty_categories=drop_empty,
+            train_dir, train_ann, train=True, flip_prob=data.flip_prob,
+            on_bad_data=loop.on_bad_data, seed=loop.seed, drop_empty_categories=drop_empty,
         )  # fmt: skip
         report_categories(self.train_set)
-        val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
+        val_dir, val_ann = dataset_paths(data.data_path, data.val_split, data.val_ann, data.val_images, "val")
         classes = self.train_set.category_ids if drop_empty else None
-        self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
+        self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=loop.on_bad_data, categories=classes)
         num_classes = self.train_set.num_classes
         self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)
         self.family = family_of(self.teacher_spec.detector)
@@ -203,29 +254,35 @@ class Pretrainer:
         self.signature = teacher_side_signature(
             self.distiller, self.teacher_spec, teacher_fingerprint(self.teacher, self.teacher_spec)
         )
-        if not args.resume:
+        if not loop.resume:
             # sharper initial logits: the attention starts to single instances out sooner
             with torch.no_grad():
                 for layer in self.distiller.decoder.layers:
-                    layer.q_proj.weight.mul_(args.attention_gain)
+                    layer.q_proj.weight.mul_(recipe.attention_gain)
         self.params = [p for p in self.distiller.teacher_side_parameters() if p.requires_grad]
-        self.optimizer = optim.teacher_side_optimizer(self.params, args.lr)
-        self.scheduler = optim.teacher_side_scheduler(self.optimizer, args.iters)
-        self.sampler = ResumableSampler(self.train_set, 1, 0, shuffle=True, seed=args.seed)
-        self.iters_per_epoch = math.ceil(len(self.sampler) / args.batch_size)
-        self.iteration = 0
+        self.trained_params = self.params
+        self.optimizer = optim.teacher_side_optimizer(self.params, recipe.lr)
+        self.scheduler = optim.teacher_side_scheduler(self.optimizer, recipe.iters)
+        sampler = ResumableSampler(self.train_set, 1, 0, shuffle=True, seed=loop.seed)
+        self.batches = EpochBatches(
+            self.train_set, sampler, loop.batch_size, loop.workers, loop.seed, progress=loop.progress
+        )
+        self.total_iters, self.num_epochs = recipe.iters, math.inf  # epochs until --iters steps
         self.best_score = -math.inf
-        self.metrics = MetricsLog(args.output_dir)
-        self.cache = TeacherFeatureCache(int(args.cache_gb * 2**30))
-        if args.resume:
-            self._resume(args.resume)
+        self.last_statistics: dict[str, float] = {}
+        self.metrics = MetricsLog(loop.output_dir)
+        self.cache = TeacherFeatureCache(int(recipe.cache_gb * 2**30))
+        if loop.resume:
+            self._resume(loop.resume)
 
-    def state(self) -> dict:
+    def state(self, epoch: int, epoch_batches: int) -> dict:
         return {
             "teacher_side": teacher_side_state(self.distiller),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.scheduler.state_dict(),
             "iteration": self.iteration,
+            "epoch": epoch,
+            "epoch_batches": epoch_batches,
             "best_score": self.best_score,
             "signature": self.signature,
             "categories": self.train_set.categories,
@@ -241,32 +298,26 @@ class Pretrainer:
             raise CheckpointError(
                 f"--resume {path}", f"is not a checkpoint.pth of icd pretrain (no {', '.join(missing)})"
             )
+        RunConfig.from_checkpoint(ckpt, f"--resume {path}", "pretrain")  # one this icd reads, of icd pretrain
         check_signature(ckpt["signature"], self.signature, path)
         self.distiller.load_state_dict(ckpt["teacher_side"], strict=False)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["lr_scheduler"])
         self.iteration = int(ckpt["iteration"])
+        if "epoch" in ckpt:
+            epoch, position = int(ckpt["epoch"]), int(ckpt["epoch_batches"])
+        else:  # written before the one loop: one step per batch of a whole number of epochs
+            epoch, position = divmod(self.iteration, self.batches.per_epoch)
+        self.batches.seek(epoch, position)
         self.best_score = float(ckpt["best_score"])
         restore_rng_state(ckpt["rng"])
         log.info("resumed %s at iteration %d", path, self.iteration)
 
-    def _batches(self):
-        """(images, targets) from the current iteration on, epoch after epoch."""
-        while True:
-            epoch, done = divmod(self.iteration, self.iters_per_epoch)
-            self.sampler.set_epoch(epoch, skip=done * self.args.batch_size)
-            self.train_set.set_epoch(epoch)
-            loader = DataLoader(
-                self.train_set,
-                batch_size=self.args.batch_size,
-                sampler=self.sampler,
-                num_workers=self.args.workers,
-                collate_fn=collate,
-                generator=torch.Generator().manual_seed(self.args.seed + epoch),
-            )
-            yield from loader
+    def _named_checked_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return [(f"distiller.{n}", p) for n, p in self.distiller.named_parameters() if p.requires_grad]
 
-    def step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, float]:
+    def step(self, images: list[torch.Tensor], targets: list[dict]) -> None:
+        """One AdamW step of the teacher side on its auxiliary losses (left on the device)."""
         images = [im.to(self.device) for im in images]
         targets = [{"boxes": t["boxes"].to(self.device), "labels": t["labels"].to(self.device)} for t in targets]
         with torch.no_grad():
@@ -279,26 +330,20 @@ class Pretrainer:
             features, frame.boxes, frame.labels, frame.image_sizes.to(self.device), frame.padded_size
         )
         total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"non-finite pre-training loss at iteration {self.iteration + 1}: "
-                f"{ {k: float(v) for k, v in losses.items()} }"
-            )
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.pretrain.clip)
         self.optimizer.step()
         self.scheduler.step()
-        self.iteration += 1
-        return {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
+        self.record_step(losses, total)
 
     def evaluate(self) -> dict[str, float]:
         """Attention statistics on the val split; keeps the teacher side if its score is best."""
         self.distiller.eval()
         stats = attention_statistics(
             self.distiller, self.teacher, self.val_set, self.level_names,
-            max_images=self.args.attention_images, feature_cache=self.cache,
-            detailed=getattr(self.args, "attention_detail", False), teacher_spec=self.teacher_spec,
+            max_images=self.config.pretrain.attention_images, feature_cache=self.cache,
+            detailed=self.config.pretrain.attention_detail, teacher_spec=self.teacher_spec,
         )  # fmt: skip
         self.distiller.train()
         score = attention_score(stats)
@@ -309,76 +354,46 @@ class Pretrainer:
             save_atomic(
                 {"teacher_side": teacher_side_state(self.distiller), "signature": self.signature,
                  "iteration": self.iteration, "attention": stats, "args": self.saved_args,
-                 "categories": self.train_set.categories},
-                os.path.join(self.args.output_dir, TEACHER_SIDE_FILE),
+                 "config": self.config.to_dict(), "categories": self.train_set.categories},
+                os.path.join(self.config.loop.output_dir, TEACHER_SIDE_FILE),
             )  # fmt: skip
         record["best_score"] = self.best_score
         self.metrics.write(record)
+        self.last_statistics = stats
         return stats
 
-    def run(self) -> dict[str, float]:
-        """Pre-train to --iters; returns the last attention statistics."""
-        if self.claim.overwritten:  # before the event file is opened: only the old run's files go
-            log.warning("--overwrite: removing the previous run's %s", ", ".join(self.claim.overwritten))
-            remove_previous_run(self.claim.overwritten)
-        if not getattr(self.args, "tensorboard", False):
-            return self._run()
-        from icd.engine.tensorboard import TensorBoardLog
+    # -- the run on the one loop ---------------------------------------------------------------
+    def default_hooks(self, stop_at: int) -> list[Hook]:
+        recipe = self.config.pretrain
+        return [PretrainMetrics(self.config.loop.print_freq, last=recipe.iters),
+                AttentionEvaluation(recipe.eval_every, last=recipe.iters, stop_at=stop_at)]  # fmt: skip
 
-        tensorboard = TensorBoardLog(self.args.output_dir, purge_step=self.iteration + 1 if self.args.resume else None)
-        self.metrics.sinks.append(tensorboard.write)
-        try:
-            return self._run()
-        finally:
-            tensorboard.close()
-
-    def _run(self) -> dict[str, float]:
-        args = self.args
+    def train_mode(self) -> None:
         self.distiller.train()
-        if self.iteration == 0:
-            self.evaluate()  # where the untrained teacher side looks: the curve's start
-        bar = tqdm(total=args.iters, initial=self.iteration, desc="icd pretrain",
-                   disable=args.no_progress, dynamic_ncols=True)  # fmt: skip
-        batches = self._batches()
-        stats = {}
-        stop_at = min(args.iters, args.stop_after_iters or args.iters)
-        with StopRequest() as stop:
-            stats = self._train(batches, bar, stop_at, stop)
-        bar.close()
-        if stop.requested:
-            last = os.path.join(args.output_dir, LAST_CHECKPOINT)
-            save_atomic(self.state(), last)
-            raise InterruptedRun(
-                f"interrupted (Ctrl-C) at iteration {self.iteration}: checkpoint written; continue with --resume {last}"
-            )
-        if self.iteration == args.iters:
-            self._check_kept_attention()
-        plot_attention_curve(args.output_dir)
-        return stats
 
-    def _train(self, batches, bar: tqdm, stop_at: int, stop: StopRequest) -> dict[str, float]:
-        """Steps up to ``stop_at`` (or a Ctrl-C), evaluating and checkpointing every --eval-every."""
-        args, stats = self.args, {}
-        while self.iteration < stop_at and not stop.requested:
-            images, targets = next(batches)
-            if not images:
-                continue
-            record = self.step(images, targets)
-            bar.update(1)
-            if self.iteration % args.print_freq == 0 or self.iteration == args.iters:
-                self.metrics.write({"type": "pretrain", "iter": self.iteration, "cpu_s": round(time.process_time(), 2),
-                                    "lr": self.optimizer.param_groups[0]["lr"], **record})  # fmt: skip
-                bar.set_postfix(conf=f"{record['loss_aux_conf']:.3f}", reg=f"{record['loss_aux_reg']:.3f}")
-            if self.iteration % args.eval_every == 0 or self.iteration in (args.iters, stop_at):
-                stats = self.evaluate()
-                save_atomic(self.state(), os.path.join(args.output_dir, LAST_CHECKPOINT))
-                bar.write(f"iter {self.iteration}: lift {stats.get('lift', float('nan')):.2f} "
-                          f"distinctness {stats.get('distinctness', float('nan')):.3f}")  # fmt: skip
-        return stats
+    def before_train(self) -> bool:
+        """Where the untrained teacher side looks: the attention curve's start (a fresh run)."""
+        if self.iteration != 0:
+            return False
+        self.distiller.train()
+        self.evaluate()
+        return True
+
+    def after_train(self, start_iter: int, evaluated: bool) -> dict[str, float]:
+        """The last attention statistics; the kept teacher side checked at --iters; the curve drawn."""
+        if self.iteration == self.config.pretrain.iters:
+            self._check_kept_attention()
+        plot_attention_curve(self.config.loop.output_dir)
+        return self.last_statistics
+
+    def close(self) -> None:
+        """Close the run's files and loader and give the output folder back."""
+        super().close()
+        self.claim.release()
 
     def _check_kept_attention(self) -> None:
         """Warn (and write a health line) when the kept teacher side's attention is shared."""
-        path = os.path.join(self.args.output_dir, TEACHER_SIDE_FILE)
+        path = os.path.join(self.config.loop.output_dir, TEACHER_SIDE_FILE)
         if not os.path.exists(path):
             return
         kept = load_checkpoint(path)  # the evaluation evaluate() chose, with its statistics
@@ -424,10 +439,11 @@ def plot_attention_curve(run_dir: str, out_path: str | None = None) -> str:
     return out_path
 
 
-def pretrain(args: argparse.Namespace) -> dict[str, float]:
-    """Run ``icd pretrain``; returns the last attention statistics."""
-    pretrainer = Pretrainer(args)
+def pretrain(args: argparse.Namespace, hooks: Iterable[Hook] = ()) -> dict[str, float]:
+    """Run ``icd pretrain`` (with ``hooks`` of your own after its own); returns the last attention
+    statistics."""
+    pretrainer = Pretrainer(args, hooks)
     try:
         return pretrainer.run()
     finally:
-        pretrainer.claim.release()
+        pretrainer.close()

@@ -11,6 +11,7 @@ attention statistics, the demo's figure) goes through these functions::
     checkpoint_detector_spec(ckpt, source, ...)   the spec of a checkpoint (the rules below)
     load_detector(ckpt, ...)                      that detector with the checkpoint's weights
     load_frozen_teacher(path, ...)                ... checked finite, on a device, frozen
+    load_teacher(path, C, args, device)           the --teacher of ``icd train`` / ``icd pretrain``
     checkpoint_categories(ckpt)                   its class names and category ids (or None)
     distiller_kwargs(run_args, teacher_spec, C)   ``build_distiller``'s arguments of a run
 
@@ -160,6 +161,27 @@ def load_frozen_teacher(
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, spec
+
+
+def load_teacher(path: str, num_classes: int, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
+    """The frozen teacher of ``--teacher path`` and its spec (``load_frozen_teacher``): architecture
+    from the checkpoint, or the --teacher-* flags for a bare state dict (read by the family of
+    ``--teacher-detector``); weights loaded strictly."""
+    flags = None
+    if getattr(args, "teacher_detector", None) is not None and getattr(args, "teacher_backbone", None) is not None:
+        values = {
+            "detector": args.teacher_detector,
+            "backbone": args.teacher_backbone,
+            "fpn_channels": args.teacher_fpn_channels,
+            "min_level": args.min_level,
+            "max_level": args.max_level,
+            "norm": args.teacher_norm or BARE_STATE_DICT_NORM,
+            # icd pretrain's sizes may be unset: the spec's defaults then
+            "min_size": getattr(args, "min_size", None),
+            "max_size": getattr(args, "max_size", None),
+        }
+        flags = family_of(args.teacher_detector, "--teacher-detector").spec_from_args(values, num_classes)
+    return load_frozen_teacher(path, num_classes, device, flags=flags)
 
 
 def distiller_kwargs(run_args: Mapping[str, Any], teacher_spec: Any, num_classes: int) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""The training loop: plain detector training (teachers, baselines) and distillation (ICD, FPN-MSE).
+"""``icd train``: plain detector training (teachers, baselines) and distillation (ICD, FPN-MSE),
+as a step strategy of the one training loop (``icd.engine.loop.Loop``).
 
 Reads like torchvision's references/detection/train.py: the arguments are the CLI's
 (``icd train --help``), the checkpoint is a dict with model, optimizer, lr_scheduler, epoch and
 args (plus what an exact resume needs, see icd.engine.checkpoint).
 
-One iteration (``family``: the detector family of ``icd.detection.adapters``)::
+One iteration (``Trainer.step``; ``family``: the detector family of ``icd.detection.adapters``)::
 
     losses = family.losses(student, spec, images, targets)  # the detector's own losses
     batch = family.tap(student, spec).batch                 # its maps and input frame, labels 0..C-1
@@ -12,11 +13,11 @@ One iteration (``family``: the detector family of ``icd.detection.adapters``)::
     losses |= distiller(teacher_maps, batch.features, batch.boxes, batch.labels, sizes, padded_size)
     sum(losses).backward(); SGD step (student side); AdamW step (ICD teacher side, clipped)
 
-The run (``Trainer.train(start_iter, max_iter)``) is one loop over iterations: each draws the next
+The run (``Loop.train(start_iter, max_iter)``) is one loop over iterations: each draws the next
 batch from ``icd.engine.batches.EpochBatches``, which goes on to the next epoch when one is used
 up; the periodic work (health check, metrics lines, checkpoints, evaluations) is done by the
-hooks of ``icd.engine.hooks``, after each step and at each epoch's end.
-"""
+hooks of ``icd.engine.hooks`` (``Trainer.default_hooks``) and any of the caller's, after each
+step and at each epoch's end."""
 
 from __future__ import annotations
 
@@ -25,11 +26,9 @@ import contextlib
 import logging
 import math
 import os
-import random
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -43,39 +42,36 @@ from icd.engine.batches import EpochBatches
 from icd.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
+    plain_args,
     restore_rng_state,
     save_atomic,
+    seed_everything,
     state_dict_entry,
 )
 from icd.engine.distill import build_distiller, check_icd_heads, check_static_slots
-from icd.engine.distributed import DistInfo, all_ranks, barrier, cleanup, init_distributed
+from icd.engine.distributed import DistInfo, cleanup, init_distributed
 from icd.engine.evaluator import autocast, eval_loader, evaluate
-from icd.engine.finite import all_finite, first_non_finite, loss_report, nested_tensors
+from icd.engine.finite import first_non_finite, loss_report
 from icd.engine.health import ATTENTION_LIFT_FLOOR
-from icd.engine.hooks import EpochEnd, HealthCheck, Hook, PeriodicCheckpoint, PeriodicEvaluation, TrainMetrics
+from icd.engine.hooks import HealthCheck, Hook, PeriodicCheckpoint, PeriodicEvaluation, TrainMetrics
 from icd.engine.interrupt import StopRequest
+from icd.engine.loop import LAST_CHECKPOINT, Loop, PendingStep, loss_key
 from icd.engine.metrics import MetricsLog
-from icd.engine.output_dir import claim_output_dir, remove_previous_run
+from icd.engine.output_dir import claim_output_dir
 from icd.engine.resume_settings import check_resume_compatible, resumed_position, schedule_changes
-from icd.engine.run_spec import BARE_STATE_DICT_NORM, detector_spec_from_args, distiller_kwargs, load_frozen_teacher
+from icd.engine.run_config import RunConfig
+from icd.engine.run_spec import detector_spec_from_args, distiller_kwargs, load_teacher
 from icd.engine.sampler import ResumableSampler
 from icd.engine.speed import check_speed_flags, compile_error, compile_in_place, grad_scaler
-from icd.errors import ConfigError, InterruptedRun, NonFiniteError, NothingDoneError
+from icd.errors import ConfigError, NonFiniteError, NothingDoneError
 from icd.nn.attention_stats import is_detailed_statistic
 from icd.ops.validation import value_checks
 
 log = logging.getLogger("icd.train")
 
-LAST_CHECKPOINT = "checkpoint.pth"
 # teacher features above this magnitude overflow float32 when a loss squares them (sqrt of its max)
 TEACHER_FEATURE_LIMIT = torch.finfo(torch.float32).max ** 0.5
 BEST_CHECKPOINT = "model_best.pth"  # the evaluation with the highest best_metric() so far
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def run_length(args: argparse.Namespace, iters_per_epoch: int) -> tuple[int, int]:
@@ -92,26 +88,6 @@ def run_length(args: argparse.Namespace, iters_per_epoch: int) -> tuple[int, int
     return args.iters, math.ceil(args.iters / iters_per_epoch)
 
 
-def load_teacher(path: str, num_classes: int, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
-    """The frozen teacher and its spec (``icd.engine.run_spec.load_frozen_teacher``): architecture
-    from the checkpoint, or the --teacher-* flags for a bare state dict; weights loaded strictly."""
-    flags = None
-    if getattr(args, "teacher_detector", None) is not None and getattr(args, "teacher_backbone", None) is not None:
-        values = {
-            "detector": args.teacher_detector,
-            "backbone": args.teacher_backbone,
-            "fpn_channels": args.teacher_fpn_channels,
-            "min_level": args.min_level,
-            "max_level": args.max_level,
-            "norm": args.teacher_norm or BARE_STATE_DICT_NORM,
-            # icd pretrain's sizes may be unset: the spec's defaults then
-            "min_size": getattr(args, "min_size", None),
-            "max_size": getattr(args, "max_size", None),
-        }
-        flags = family_of(args.teacher_detector, "--teacher-detector").spec_from_args(values, num_classes)
-    return load_frozen_teacher(path, num_classes, device, flags=flags)
-
-
 def best_metric(detector: str, metrics: dict[str, float]) -> str:
     """The metric model_best.pth is chosen by (the detector family's ``best_metric``): mask AP for
     Mask R-CNN (when evaluated), else box AP."""
@@ -123,55 +99,22 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _refuse_non_finite(ckpt: dict, iteration: int) -> None:
-    """NonFiniteError instead of writing a checkpoint with a NaN or inf tensor in it."""
-    bad = first_non_finite(nested_tensors({k: v for k, v in ckpt.items() if k != "rng"}))
-    if bad is not None:
-        raise NonFiniteError(
-            f"iteration {iteration}: {bad} is non-finite (NaN or inf); the checkpoint was not written"
-        )
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-@dataclass
-class PendingStep:
-    """One optimiser step's losses, kept on the device until they are read (``Trainer.read_losses``).
+class Trainer(Loop):
+    """Builds everything from the parsed ``icd train`` arguments; ``run()`` trains and evaluates.
 
-    ``values``: float32 [len(names) + 1], each named loss then their sum; ``params_finite``: 0-dim
-    bool, the parameters before this step had no NaN or inf (None: not known); ``teacher_peak``:
-    0-dim, the largest magnitude of the teacher's FPN maps of this batch (None without a teacher).
+    ``hooks``: periodic work of your own (``icd.engine.hooks.Hook``s), run after the trainer's
+    (health check, metrics, checkpoints, evaluation) in the order given; ``register_hook`` adds
+    more before ``run()``.
     """
 
-    iteration: int  # the step's number: ``Trainer.iteration`` once it is done
-    names: tuple[str, ...]
-    values: torch.Tensor
-    params_finite: torch.Tensor | None
-    teacher_peak: torch.Tensor | None
-
-
-def _loss_key(name: str) -> str:
-    """A loss's name in records and metrics: loss_<name> (names that start with loss_ kept)."""
-    return name if name.startswith("loss_") else f"loss_{name}"
-
-
-def _plain_args(args: argparse.Namespace) -> dict:
-    """args as a dict of str/int/float/bool/None/list (weights_only-loadable)."""
-    out = {}
-    for key, value in vars(args).items():
-        if callable(value):
-            continue
-        out[key] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-class Trainer:
-    """Builds everything from the parsed ``icd train`` arguments; ``run()`` trains and evaluates."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, hooks: Iterable[Hook] = ()) -> None:
+        super().__init__(hooks)
         self.args = args
+        self.config = RunConfig.from_args(args, "train")  # what the loop and its hooks read
         self.inherit_parts = parse_parts(args.inherit_teacher)  # checked before anything is built
         if self.inherit_parts and not args.teacher:
             raise ConfigError(f"--inherit-teacher {args.inherit_teacher} needs --teacher")
@@ -180,15 +123,13 @@ class Trainer:
                 f"--teacher {args.teacher} --distill none: the teacher would not be used; add "
                 "--inherit-teacher neck,head (inheritance only) or leave --teacher out (a baseline)"
             )
-        if args.health_window < 2:
-            raise ConfigError(f"--health-window {args.health_window}: expected at least 2 iterations")
         from icd.engine.distributed import resolve_device
 
         check_speed_flags(args, resolve_device(args.device))
         # another run's files there, or a live run in it, stop this one before anything is built;
         # rank 0 holds the folder (its lock) until close()
         self.claim = (
-            claim_output_dir(args.output_dir, args.resume, getattr(args, "overwrite", False))
+            claim_output_dir(self.config.loop.output_dir, self.config.loop.resume, self.config.loop.overwrite)
             if _is_rank_zero()
             else None
         )
@@ -257,16 +198,16 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------
     def _build_data(self) -> None:
-        args = self.args
-        train_dir, train_ann = dataset_paths(args.data_path, args.train_split, args.train_ann, args.train_images)
-        drop_empty = getattr(args, "drop_empty_categories", False)
+        args, data, loop = self.args, self.config.data, self.config.loop
+        train_dir, train_ann = dataset_paths(data.data_path, data.train_split, data.train_ann, data.train_images)
+        drop_empty = data.drop_empty_categories
         self.train_set = CocoDetection(
             train_dir,
             train_ann,
             train=True,
-            flip_prob=args.flip_prob,
-            on_bad_data=args.on_bad_data,
-            seed=args.seed,
+            flip_prob=data.flip_prob,
+            on_bad_data=loop.on_bad_data,
+            seed=loop.seed,
             with_masks=family_of(args.detector).needs_masks(args.detector),
             drop_empty_categories=drop_empty,
         )
@@ -278,10 +219,10 @@ class Trainer:
                 "%s has no (usable) annotations: the detector learns only background", train_ann
             )
         self.val_set = None
-        if not args.no_eval:
-            val_dir, val_ann = dataset_paths(args.data_path, args.val_split, args.val_ann, args.val_images, "val")
+        if self.config.hooks.evaluate:
+            val_dir, val_ann = dataset_paths(data.data_path, data.val_split, data.val_ann, data.val_images, "val")
             classes = self.train_set.category_ids if drop_empty else None  # the val split's empty ones go too
-            self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
+            self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=loop.on_bad_data, categories=classes)
 
     def _build_distillation(self, num_classes: int) -> None:
         """The frozen teacher, the distiller and the tap on the student (``--distill none``: only
@@ -420,7 +361,7 @@ class Trainer:
             "epoch": epoch,
             "epoch_batches": epoch_batches,
             "iteration": self.iteration,
-            "args": _plain_args(self.args),
+            "args": plain_args(self.args),
             "detector_spec": self.family.spec_to_dict(self.spec),
             "world_size": self.info.world_size,
             "train_images": len(self.train_set),
@@ -436,28 +377,6 @@ class Trainer:
             ckpt["scaler"] = self.scaler.state_dict()
         if self.best is not None:
             ckpt["best"] = dict(self.best)
-        return ckpt
-
-    def save(
-        self, epoch: int, epoch_batches: int, also_epoch_file: bool = False, evaluation_due: int | None = None
-    ) -> dict | None:
-        """Write model_{epoch-1}.pth, then checkpoint.pth, on rank 0; returns what was written.
-
-        The epoch file goes first: a run killed between the two resumes from the checkpoint
-        before, redoes this epoch's end and writes it again. ``evaluation_due``: the epoch whose
-        evaluation follows; recorded as ``pending_evaluation`` until it is done, so that a run
-        killed during it evaluates on --resume.
-        """
-        self.deliver_losses()  # every rank: its steps' losses checked (and logged) before they are saved
-        if not self.info.is_main:
-            return None
-        ckpt = self.state(epoch, epoch_batches)
-        if evaluation_due is not None:
-            ckpt["pending_evaluation"] = evaluation_due
-        _refuse_non_finite(ckpt, self.iteration)
-        if also_epoch_file:
-            save_atomic(ckpt, os.path.join(self.args.output_dir, f"model_{epoch - 1}.pth"))
-        save_atomic(ckpt, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
         return ckpt
 
     def _track_best(self, metrics: dict[str, float], epoch: int) -> bool:
@@ -481,13 +400,14 @@ class Trainer:
         if self.best is not None:
             saved["best"] = dict(self.best)
         if improved:
-            save_atomic(saved, os.path.join(self.args.output_dir, BEST_CHECKPOINT))
-        save_atomic(saved, os.path.join(self.args.output_dir, LAST_CHECKPOINT))
+            save_atomic(saved, os.path.join(self.config.loop.output_dir, BEST_CHECKPOINT))
+        save_atomic(saved, os.path.join(self.config.loop.output_dir, LAST_CHECKPOINT))
 
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path, "--resume")
         world_size, train_images = self.info.world_size, len(self.train_set)
         check_resume_compatible(ckpt, path, self.args, self.family.spec_to_dict(self.spec), world_size, train_images)
+        RunConfig.from_checkpoint(ckpt, f"--resume {path}", "train")  # one this icd reads, of icd train
         self.family.load_weights(_unwrap(self.model), ckpt, what="resumed", source=f"--resume {path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -507,7 +427,8 @@ class Trainer:
         position = int(ckpt.get("epoch_batches", 0))
         if schedule_changes(ckpt, self.args, world_size, train_images):  # --allow-resume-changes
             self._apply_new_schedule()
-            position, note = resumed_position(ckpt, self.args.batch_size, world_size, train_images, self.args.seed)
+            loop = self.config.loop
+            position, note = resumed_position(ckpt, loop.batch_size, world_size, train_images, loop.seed)
             if note and self.info.is_main:
                 log.warning("--allow-resume-changes: %s", note)
         self.batches.seek(int(ckpt["epoch"]), position)
@@ -589,9 +510,6 @@ class Trainer:
         if fault is not None:
             raise NonFiniteError(f"iteration {self.iteration + 1}: {fault}; nothing non-finite was checkpointed")
 
-    def _lr_text(self) -> str:
-        return f"now {self.optimizer.param_groups[0]['lr']:.3g}"
-
     # -- one iteration -----------------------------------------------------------------------
     def _losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
         graphs = getattr(self.args, "icd_cuda_graphs", False)
@@ -664,7 +582,7 @@ class Trainer:
             if self._params_finite is not None:
                 finite = finite & self._params_finite
             if not finite:
-                record = {_loss_key(k): float(v.detach()) for k, v in losses.items()}
+                record = {loss_key(k): float(v.detach()) for k, v in losses.items()}
                 params_finite = self._params_finite is None or bool(self._params_finite)
                 fault = self._teacher_maps_fault(teacher_maps) if teacher_maps is not None else None
                 raise self._non_finite_error(self.iteration + 1, record, params_finite, fault)
@@ -691,11 +609,7 @@ class Trainer:
             self.teacher_lr_scheduler.step()
         if self.distiller is not None:
             self.distiller.step()
-        names = tuple(_loss_key(k) for k in losses)
-        values = torch.stack([v.detach() for v in losses.values()] + [total.detach()])
-        self._pending.append(PendingStep(self.iteration + 1, names, values, self._params_finite, teacher_peak))
-        self._params_finite = all_finite(self.trained_params)
-        self.iteration += 1
+        self.record_step(losses, total, teacher_peak)
 
     @contextlib.contextmanager
     def _compile_errors(self):
@@ -708,68 +622,21 @@ class Trainer:
                 raise failed from err
             raise
 
-    def read_losses(self) -> list[tuple[int, dict[str, float]]]:
-        """The losses of the steps since the last read, as (iteration, {name: value}) in step order:
-        one copy to the host for all of them (the one synchronisation). Raises NonFiniteError for
-        the first step whose losses, or the parameters it started from, are not finite, and when
-        the last step left a non-finite parameter; up to --print-freq steps after the fact, so a
-        run stops a few steps late, but before any checkpoint of them is written (``save`` reads
-        them first)."""
-        pending, self._pending = self._pending, []
-        if not pending:
-            return []
-        unknown = torch.ones((), dtype=torch.bool, device=pending[0].values.device)
-        parts = []
-        for p in pending:
-            flag = p.params_finite if p.params_finite is not None else unknown
-            peak = p.teacher_peak if p.teacher_peak is not None else unknown.float()
-            parts += [p.values.float(), flag.reshape(1).float(), peak.reshape(1).float()]
-        last = self._params_finite if self._params_finite is not None else unknown
-        parts.append(last.reshape(1).float())
-        host = torch.cat(parts).cpu().tolist()
-        out, at = [], 0
-        for p in pending:
-            n = len(p.names)
-            values, params_ok, peak = host[at : at + n + 1], host[at + n + 1] > 0, host[at + n + 2]
-            at += n + 3
-            record = dict(zip((*p.names, "loss"), values, strict=True))
-            if not params_ok:
-                raise self._non_finite_error(p.iteration, record, False, None)
-            if not math.isfinite(values[-1]):
-                fault = self._teacher_fault(peak) if p.teacher_peak is not None else None
-                raise self._non_finite_error(p.iteration, record, True, fault)
-            out.append((p.iteration, record))
-        if not host[at] > 0:  # the last step's optimiser update
-            raise self._non_finite_error(pending[-1].iteration + 1, out[-1][1], False, None)
-        return out
-
-    def deliver_losses(self) -> None:
-        """Read the pending steps' losses (``read_losses``) and hand each to the hooks' after_losses."""
-        for iteration, record in self.read_losses():
-            for hook in self.hooks:
-                hook.after_losses(self, iteration, record)
-
-    # -- the run -----------------------------------------------------------------------------
-    def run(self) -> dict[str, float]:
-        """Train to the end of the schedule (or --stop-after-iters), evaluating per --eval-every
-        and at the end; returns the last evaluation's metrics."""
-        args = self.args
-        stop_at = min(self.total_iters, args.stop_after_iters or self.total_iters)
-        if self.overwritten and self.info.is_main:
-            log.warning("--overwrite: removing the previous run's %s", ", ".join(self.overwritten))
-            remove_previous_run(self.overwritten)
-        if getattr(args, "tensorboard", False) and self.info.is_main:  # after the removal: its files are new
-            from icd.engine.tensorboard import TensorBoardLog
-
-            self.tensorboard = TensorBoardLog(args.output_dir, purge_step=self.iteration + 1 if args.resume else None)
-            self.metrics.sinks.append(self.tensorboard.write)
-        self.hooks = [
-            HealthCheck(args.health_window, stop=args.on_unhealthy == "stop"),
-            TrainMetrics(args.print_freq, last=stop_at),
-            PeriodicCheckpoint(args.checkpoint_every, args.epoch_checkpoint_every),
+    # -- the run -------------------------------------------------------------------------------
+    def default_hooks(self, stop_at: int) -> list[Hook]:
+        """Health check, "train" metrics lines, checkpoints, and evaluation when there is a val split."""
+        settings = self.config.hooks
+        hooks = [
+            HealthCheck(settings.health_window, stop=settings.on_unhealthy == "stop"),
+            TrainMetrics(self.config.loop.print_freq, last=stop_at),
+            PeriodicCheckpoint(settings.checkpoint_every, settings.epoch_checkpoint_every),
         ]
         if self.val_set is not None:
-            self.hooks.append(PeriodicEvaluation(args.eval_every))
+            hooks.append(PeriodicEvaluation(settings.eval_every))
+        return hooks
+
+    def before_train(self) -> bool:
+        """The evaluation a killed run left pending (its checkpoint says which epoch's), first."""
         evaluated = self.pending_evaluation is not None and self.val_set is not None
         if evaluated:
             epoch, saved = self.pending_evaluation
@@ -777,92 +644,26 @@ class Trainer:
                 log.info("the evaluation after epoch %d was interrupted: evaluating that state first", epoch)
             self.run_evaluation(epoch, saved)
         self.pending_evaluation = None
-        start = self.iteration
-        with StopRequest(enabled=not self.info.distributed) as self.stop:
-            try:
-                self.train(start, stop_at)
-            except Exception:
-                if not self.stop.requested:
-                    raise
-                self._interrupted(failed=True)  # e.g. the data workers, which Ctrl-C ends too
-        if self.stop.requested:
-            self._interrupted(failed=False)
-        if self.iteration == start and not evaluated:
+        return evaluated
+
+    def after_train(self, start_iter: int, evaluated: bool) -> dict[str, float]:
+        """The last evaluation's metrics; NothingDoneError when the run neither trained nor evaluated."""
+        if self.iteration == start_iter and not evaluated:
             raise NothingDoneError(
-                f"--resume {args.resume} is at iteration {self.iteration} and this run stops at iteration "
-                f"{stop_at}: nothing to train; raise --stop-after-iters to go on (a longer --iters or --epochs "
-                "changes the lr schedule: add --allow-resume-changes)"
+                f"--resume {self.config.loop.resume} is at iteration {self.iteration} and this run stops at iteration "
+                f"{self.stop_at()}: nothing to train; raise --stop-after-iters to go on (a longer --iters or "
+                "--epochs changes the lr schedule: add --allow-resume-changes)"
             )
         return self.last_evaluation
 
-    def train(self, start_iter: int, max_iter: int) -> None:
-        """Optimiser steps ``start_iter`` + 1 .. ``max_iter``, drawing batch after batch across the
-        epochs; ends earlier when the run's last epoch is used up (batches of only skipped images
-        take no step). Each step runs the hooks' after_step; each epoch's end, and a stop part-way
-        through one, their after_epoch."""
-        data = self.batches
-        self.iteration = start_iter
+    def train_mode(self) -> None:
         self.model.train()
-        while self.iteration < max_iter and data.epoch < self.num_epochs:
-            batch = data.next()
-            if batch is None:  # this epoch's batches are used up
-                self._end_epoch(start_iter)
-                data.next_epoch()
-                continue
-            images, targets = batch
-            # a batch whose every image was a skipped corrupt one: under DDP all ranks skip
-            # the step together, or the others would wait for its gradients forever. Only
-            # --on-bad-data skip empties a batch: otherwise no collective (its flag is read on
-            # the host, a synchronisation per step)
-            if self.args.on_bad_data == "skip":
-                if not all_ranks(bool(images), self.info):
-                    continue
-            elif not images:
-                continue
-            self.step(images, targets)
-            if self.iteration % self.args.print_freq == 0 or self.iteration == max_iter or self.stop.requested:
-                self.deliver_losses()  # the one read of the device per --print-freq steps
-            for hook in self.hooks:
-                hook.after_step(self)
-            if self.stop.requested:  # Ctrl-C: the stop below writes the checkpoint
-                break
-        if self.iteration > start_iter and data.epoch < self.num_epochs:  # stopped at max_iter or Ctrl-C
-            self._end_epoch(start_iter)
-
-    def _interrupted(self, failed: bool) -> None:
-        """InterruptedRun after Ctrl-C, naming the checkpoint to resume from (``failed``: the stop
-        ended in an error, so the last checkpoint may be older than this iteration)."""
-        last = os.path.join(self.args.output_dir, LAST_CHECKPOINT)
-        if not os.path.exists(last):
-            raise InterruptedRun(f"interrupted (Ctrl-C) at iteration {self.iteration}, before any checkpoint")
-        done = "the last checkpoint is" if failed else "checkpoint written"
-        raise InterruptedRun(
-            f"interrupted (Ctrl-C) at iteration {self.iteration}; {done}: continue with --resume {last}"
-        )
-
-    def _end_epoch(self, start_iter: int) -> None:
-        """The current epoch's end, or a stop part-way through it: the hooks' after_epoch
-        (checkpoint, evaluation), then all ranks meet."""
-        data = self.batches
-        data.close()
-        self.deliver_losses()
-        if self.iteration == start_iter and data.drawn:
-            raise NothingDoneError(
-                f"epoch {data.epoch}: no optimiser step in {data.drawn} batches: every image of "
-                f"{self.train_annotations} that was read was skipped as bad data (--on-bad-data "
-                f"{self.args.on_bad_data}); nothing was trained or checkpointed"
-            )
-        last_epoch_done = data.used_up and data.epoch + 1 == self.num_epochs
-        end = EpochEnd(data.epoch, data.position, data.used_up, self.iteration >= self.total_iters or last_epoch_done)
-        end.evaluate = any(hook.evaluates(end) for hook in self.hooks)
-        for hook in self.hooks:
-            hook.after_epoch(self, end)
-        barrier(self.info)
 
     def run_evaluation(self, epoch: int, saved: dict | None = None) -> dict[str, float]:
         """Evaluate on the val split and log it; a new best AP also writes model_best.pth from
         ``saved``, the checkpoint of this very state (rank 0)."""
-        loader = eval_loader(self.val_set, self.info, self.args.batch_size, self.args.workers)
+        loop = self.config.loop
+        loader = eval_loader(self.val_set, self.info, loop.batch_size, loop.workers)
         metrics = evaluate(
             _unwrap(self.model),
             loader,
@@ -872,9 +673,9 @@ class Trainer:
             spec=self.spec,
             amp=self.args.amp,
             amp_dtype=getattr(self.args, "amp_dtype", None),
-            output_dir=self.args.output_dir,
+            output_dir=loop.output_dir,
             split=self.args.val_split,
-            progress=not self.args.no_progress,
+            progress=loop.progress,
         )
         if self.args.teacher and self.args.distill == "icd" and self.info.is_main:
             from icd.engine.attention import attention_statistics
@@ -918,9 +719,7 @@ class Trainer:
         )
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        self.batches.close()
+        super().close()
         if self.tap is not None:
             self.tap.remove()
         cleanup(self.info)
@@ -931,9 +730,10 @@ class Trainer:
             self.claim.release()
 
 
-def train(args: argparse.Namespace) -> dict[str, float]:
-    """Train as ``icd train`` does; returns the last evaluation's metrics ({} without one)."""
-    trainer = Trainer(args)
+def train(args: argparse.Namespace, hooks: Iterable[Hook] = ()) -> dict[str, float]:
+    """Train as ``icd train`` does (with ``hooks`` of your own after the trainer's); returns the
+    last evaluation's metrics ({} without one)."""
+    trainer = Trainer(args, hooks)
     try:
         return trainer.run()
     finally:
