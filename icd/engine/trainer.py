@@ -54,8 +54,7 @@ from icd.engine.evaluator import autocast, eval_loader, evaluate
 from icd.engine.finite import first_non_finite, loss_report
 from icd.engine.health import ATTENTION_LIFT_FLOOR
 from icd.engine.hooks import HealthCheck, Hook, PeriodicCheckpoint, PeriodicEvaluation, TrainMetrics
-from icd.engine.interrupt import StopRequest
-from icd.engine.loop import LAST_CHECKPOINT, Loop, PendingStep, loss_key
+from icd.engine.loop import LAST_CHECKPOINT, Loop, loss_key
 from icd.engine.metrics import MetricsLog
 from icd.engine.output_dir import claim_output_dir
 from icd.engine.resume_settings import check_resume_compatible, resumed_position, schedule_changes
@@ -142,9 +141,9 @@ class Trainer(Loop):
 
     def _set_up(self) -> None:
         """Everything a run needs, from the arguments (the folder already claimed)."""
-        args = self.args
-        self.info: DistInfo = init_distributed(args.device)
-        seed_everything(args.seed)
+        args, loop = self.args, self.config.loop
+        self.info: DistInfo = init_distributed(loop.device)
+        seed_everything(loop.seed)
         self._build_data()
         num_classes = self.train_set.num_classes
         self.family = family_of(args.detector)
@@ -166,10 +165,10 @@ class Trainer(Loop):
                                         "--backbone-weights", args.backbone_weights)  # fmt: skip
         self.model = self.family.build(self.spec, backbone, f"--backbone-weights {args.backbone_weights}")
         self.model.to(self.info.device)
-        sampler = ResumableSampler(self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=args.seed)
+        sampler = ResumableSampler(self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=loop.seed)
         self.batches = EpochBatches(
-            self.train_set, sampler, args.batch_size, args.workers, args.seed,
-            pin_memory=self.info.device.type == "cuda", progress=self.info.is_main and not args.no_progress,
+            self.train_set, sampler, loop.batch_size, loop.workers, loop.seed,
+            pin_memory=self.info.device.type == "cuda", progress=self.info.is_main and loop.progress,
         )
         self.total_iters, self.num_epochs = run_length(args, self.batches.per_epoch)
         self.tap = self.teacher = self.distiller = None
@@ -179,22 +178,16 @@ class Trainer(Loop):
         self.trained_params = [
             p for group in self._optimisers() for g in group.param_groups for p in g["params"] if p.requires_grad
         ]
-        self._params_finite: torch.Tensor | None = None  # on the device, read at the next loss check
         self._teacher_maps: list[torch.Tensor] | None = None
-        self._pending: list[PendingStep] = []  # steps whose losses are still on the device
         self.scaler = grad_scaler(self.info.device, args.amp, getattr(args, "amp_dtype", None))
         self._compile()
         self._wrap_ddp()
-        self.iteration = 0  # optimiser steps done
-        self.metrics = MetricsLog(args.output_dir, enabled=self.info.is_main)
-        self.hooks: list[Hook] = []  # set by run()
-        self.stop = StopRequest(enabled=False)  # run() installs the Ctrl-C handler
-        self.tensorboard = None  # icd.engine.tensorboard.TensorBoardLog under --tensorboard, from run()
+        self.metrics = MetricsLog(loop.output_dir, enabled=self.info.is_main)
         self.best: dict | None = None  # {"metric", "value", "epoch", "iter"} of the best evaluation
         self.last_evaluation: dict[str, float] = {}
         self.pending_evaluation: tuple[int, dict | None] | None = None  # (epoch, its checkpoint) to evaluate
-        if args.resume:
-            self._resume(args.resume)
+        if loop.resume:
+            self._resume(loop.resume)
 
     # -- set-up ------------------------------------------------------------------------------
     def _build_data(self) -> None:
