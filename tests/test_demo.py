@@ -97,14 +97,17 @@ def test_baseline_runs_beside_the_teacher_and_the_students_of_the_teacher_wait_f
 
 def test_the_students_and_the_pre_training_are_planned_by_icd_study(tmp_path):
     from icd.apps.demo.plan import student_study
+    from icd.apps.study.plan import plan_runs as study_plan
     from icd.apps.study.plan import pretrain_argv, train_argv
 
     cfg = DemoConfig(out_dir=str(tmp_path), pretrain_iters=10, student_seed=3, icd_weight=4.0, image_size=80)
     runs = {r.name: r for r in plan_runs(cfg)}
     study = student_study(cfg)
     assert study.methods == ["baseline", "fpn-mse", "icd-pre"] and study.seeds == [3]
-    assert runs["fpn_mse"].argv == train_argv(study, "fpn-mse", 2, 3, output_dir=cfg.run_dir("fpn_mse"))
-    assert runs[PRETRAIN_RUN].argv == pretrain_argv(study, 3, output_dir=cfg.run_dir(PRETRAIN_RUN))
+    assert runs["fpn_mse"].argv == train_argv(study, "fpn-mse", 2, 3)  # the study's run, in the demo's folder
+    assert runs[PRETRAIN_RUN].argv == pretrain_argv(study, 3)
+    assert [r.name for r in study_plan(study, cfg.num_train, "teacher")] == list(runs)[1:]
+    assert runs["baseline"].needs == () and runs["fpn_mse"].needs == ("teacher",)
     teacher_ckpt = str(tmp_path / "teacher" / "checkpoint.pth")
     for name in ("baseline", "fpn_mse", "icd"):
         argv = runs[name].argv
