@@ -65,6 +65,25 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
                    f" --output-dir {run.argv[run.argv.index('--output-dir') + 1]} " in c for c in commands)
 
 
+def test_the_demo_is_icd_studys_pipeline_and_runs_again_in_its_folder(tiny_demo):
+    from icd.apps.demo import TINY
+    from icd.apps.demo.pipeline import demo_preset
+    from icd.apps.demo.plan import student_study
+    from icd.apps.study.pipeline import check_out_dir
+    from icd.errors import OutputDirError
+
+    study = (tiny_demo / "study.md").read_text()
+    # the teacher check is the teacher's own evaluation (no separate icd eval), and the study's
+    # runs are the demo's folders
+    assert "## Teacher check" in study and "python -m icd eval" not in study
+    assert f"--output-dir {tiny_demo}/fpn_mse " in study and not (tiny_demo / "runs").exists()
+    assert json.loads((tiny_demo / "study.json").read_text())["settings"]["label"] == "demo"
+    cfg = DemoConfig(out_dir=str(tiny_demo), **TINY)
+    check_out_dir(student_study(cfg), False, demo_preset(cfg))  # a second make demo is welcome
+    with pytest.raises(OutputDirError, match="holds a study already"):  # icd study asks for --resume
+        check_out_dir(student_study(cfg), False)
+
+
 def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):
     from icd.apps.demo import TINY
 

@@ -259,10 +259,7 @@ def run_study(
         waiting = teacher_run is not None and not trained
         students = plan_runs(cfg, num_train, teacher_run.name if waiting else None)
         runs = students if teacher_run is None else [teacher_run, *students]
-        if preset is not None and preset.again:
-            for run in students:  # trained again: their folders are cleared as they start
-                run.reused = False
-        else:
+        if preset is None or not preset.again:  # again: every student trained again
             _reuse(students, cfg, resume)
         _write_json(os.path.join(cfg.out_dir, STUDY_FILE), {**settings, "settings": asdict(cfg)})  # the weights used
         todo = [r.name for r in runs if not r.reused]
