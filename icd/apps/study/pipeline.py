@@ -262,9 +262,10 @@ def run_study(
         if preset is None or not preset.again:  # again: every student trained again
             _reuse(students, cfg, resume)
         _write_json(os.path.join(cfg.out_dir, STUDY_FILE), {**settings, "settings": asdict(cfg)})  # the weights used
-        todo = [r.name for r in runs if not r.reused]
+        scheduled = runs if waiting or teacher_run is None else students  # a trained teacher is done
+        todo = [r.name for r in scheduled if not r.reused]
         print(
-            f"[{label}] {len(runs)} runs, {len(runs) - len(todo)} finished already; running {len(todo)} "
+            f"[{label}] {len(scheduled)} runs, {len(scheduled) - len(todo)} finished already; running {len(todo)} "
             f"({cfg.jobs} at a time)",
             flush=True,
         )
@@ -273,7 +274,7 @@ def run_study(
             if run is teacher_run:
                 checked["teacher"] = _teacher_check(cfg, cfg.run_dir(run.name))
 
-        execute(runs if waiting or teacher_run is None else students, cfg, progress, on_done)
+        execute(scheduled, cfg, progress, on_done)
         teacher_ap, before = checked["teacher"]
 
         # 4. the report
