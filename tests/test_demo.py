@@ -65,6 +65,25 @@ def test_tiny_demo_writes_table_curves_and_attention_maps(tiny_demo):
                    f" --output-dir {run.argv[run.argv.index('--output-dir') + 1]} " in c for c in commands)
 
 
+def test_the_demo_is_icd_studys_pipeline_and_runs_again_in_its_folder(tiny_demo):
+    from icd.apps.demo import TINY
+    from icd.apps.demo.pipeline import demo_preset
+    from icd.apps.demo.plan import student_study
+    from icd.apps.study.pipeline import check_out_dir
+    from icd.errors import OutputDirError
+
+    study = (tiny_demo / "study.md").read_text()
+    # the teacher check is the teacher's own evaluation (no separate icd eval), and the study's
+    # runs are the demo's folders
+    assert "## Teacher check" in study and "python -m icd eval" not in study
+    assert f"--output-dir {tiny_demo}/fpn_mse " in study and not (tiny_demo / "runs").exists()
+    assert json.loads((tiny_demo / "study.json").read_text())["settings"]["label"] == "demo"
+    cfg = DemoConfig(out_dir=str(tiny_demo), **TINY)
+    check_out_dir(student_study(cfg), False, demo_preset(cfg))  # a second make demo is welcome
+    with pytest.raises(OutputDirError, match="holds a study already"):  # icd study asks for --resume
+        check_out_dir(student_study(cfg), False)
+
+
 def test_finished_teacher_is_reused_only_with_the_same_settings(tiny_demo):
     from icd.apps.demo import TINY
 
@@ -97,14 +116,17 @@ def test_baseline_runs_beside_the_teacher_and_the_students_of_the_teacher_wait_f
 
 def test_the_students_and_the_pre_training_are_planned_by_icd_study(tmp_path):
     from icd.apps.demo.plan import student_study
+    from icd.apps.study.plan import plan_runs as study_plan
     from icd.apps.study.plan import pretrain_argv, train_argv
 
     cfg = DemoConfig(out_dir=str(tmp_path), pretrain_iters=10, student_seed=3, icd_weight=4.0, image_size=80)
     runs = {r.name: r for r in plan_runs(cfg)}
     study = student_study(cfg)
     assert study.methods == ["baseline", "fpn-mse", "icd-pre"] and study.seeds == [3]
-    assert runs["fpn_mse"].argv == train_argv(study, "fpn-mse", 2, 3, output_dir=cfg.run_dir("fpn_mse"))
-    assert runs[PRETRAIN_RUN].argv == pretrain_argv(study, 3, output_dir=cfg.run_dir(PRETRAIN_RUN))
+    assert runs["fpn_mse"].argv == train_argv(study, "fpn-mse", 2, 3)  # the study's run, in the demo's folder
+    assert runs[PRETRAIN_RUN].argv == pretrain_argv(study, 3)
+    assert [r.name for r in study_plan(study, cfg.num_train, "teacher")] == list(runs)[1:]
+    assert runs["baseline"].needs == () and runs["fpn_mse"].needs == ("teacher",)
     teacher_ckpt = str(tmp_path / "teacher" / "checkpoint.pth")
     for name in ("baseline", "fpn_mse", "icd"):
         argv = runs[name].argv

@@ -1,24 +1,20 @@
-"""The demo's pictures: loss and AP curves of its runs, and ICD's attention maps on validation images."""
+"""The demo's picture of ICD's attention maps on validation images (its curves are the study's)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 
-from icd.apps.demo.plan import Run
 from icd.apps.demo.settings import DemoConfig
 
 
-def draw_figures(runs: Sequence[Run], cfg: DemoConfig) -> dict[str, str]:
-    """``curves.png`` (``icd plot`` of every run) and ``attention_maps.png`` (the icd run's teacher side)."""
-    from icd.engine.metrics import plot_runs
-
+def draw_figures(cfg: DemoConfig) -> dict[str, str]:
+    """``attention_maps.png``: the icd run's teacher side on validation images (``curves.png`` is
+    the study's: ``icd plot`` of the teacher and the students)."""
     return {
-        "curves": plot_runs([cfg.run_dir(r.name) for r in runs], os.path.join(cfg.out_dir, "curves.png")),
         "attention": attention_maps_figure(
-            os.path.join(cfg.run_dir("teacher"), "checkpoint.pth"),
+            cfg.teacher_checkpoint,
             os.path.join(cfg.run_dir("icd"), "checkpoint.pth"),  # started from the pre-trained side
             cfg.data_dir,
             os.path.join(cfg.out_dir, "attention_maps.png"),

@@ -1,4 +1,4 @@
-"""The whole demo: the data, the runs, then the table and the pictures."""
+"""The whole demo: ``icd study``'s pipeline on the demo's data and teacher, then the demo's table and pictures."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import time
 from dataclasses import asdict
 
 from icd.apps.demo.figures import draw_figures
-from icd.apps.demo.plan import plan_runs
+from icd.apps.demo.plan import Run, plan_runs, student_study, teacher_run
 from icd.apps.demo.report import results_table, write_results
-from icd.apps.demo.scheduler import execute
 from icd.apps.demo.settings import DemoConfig
-from icd.apps.demo.stamps import data_is_current, foreign_files, mark_owned, reuse_if_finished, write_data_stamp
+from icd.apps.demo.stamps import data_is_current, foreign_files, mark_owned, write_data_stamp
 from icd.errors import OutputDirError
+
+CONFIG_FILE = "demo_config.json"
+# what the demo writes at the top of --out besides the study's files (study.json, study.md,
+# curves.png) and its run folders
+FILES = (CONFIG_FILE, "results.md", "attention_maps.png")
 
 
 def prepare_data(cfg: DemoConfig) -> bool:
@@ -45,27 +49,35 @@ def check_out_dir(cfg: DemoConfig) -> None:
             )
 
 
+def demo_preset(cfg: DemoConfig):
+    """The demo as a preset of ``icd study``: its data made first, its teacher run scheduled with
+    the students; a demo in ``--out`` is run again (the data and a finished teacher of the same
+    settings reused, the students trained again)."""
+    from icd.apps.study.pipeline import Preset
+
+    def prepare() -> tuple[int, Run]:
+        print(f"[demo] data: {cfg.num_train} + {cfg.num_val} shapes images of {cfg.image_size} px", flush=True)
+        if not prepare_data(cfg):
+            print("[demo] data: reused", flush=True)
+        return cfg.num_train, teacher_run(cfg)
+
+    return Preset(prepare, files=FILES, again=True)
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """The whole demo; returns {"rows", "table", "files"}."""
+    from icd.apps.study.pipeline import run_study
+
     start = time.time()
     check_out_dir(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "demo_config.json"), "w") as f:
+    with open(os.path.join(cfg.out_dir, CONFIG_FILE), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
-    print(f"[demo] data: {cfg.num_train} + {cfg.num_val} shapes images of {cfg.image_size} px",
-          flush=True)
-    if not prepare_data(cfg):
-        print("[demo] data: reused", flush=True)
-    runs = plan_runs(cfg)
-    if reuse_if_finished(runs[0], cfg):  # the teacher
-        print(f"[demo] teacher: reusing {cfg.run_dir('teacher')}/checkpoint.pth", flush=True)
-    print(f"[demo] training: {', '.join(r.title for r in runs if not r.reused)} "
-          f"({cfg.jobs} at a time, {cfg.threads} thread(s) each)", flush=True)
-    execute(runs, cfg, progress)
+    study = run_study(student_study(cfg), cfg.num_train, progress=progress, preset=demo_preset(cfg))
+    runs = study["runs"]
 
     rows, table = results_table(runs, cfg)
-    figures = draw_figures(runs, cfg)
-    files = {"table": write_results(cfg, table, runs), **figures}
+    files = {"table": write_results(cfg, table, runs), "curves": study["curves"], **draw_figures(cfg)}
     print("\n" + table)
     for what, path in files.items():
         print(f"[demo] {what}: {path}")

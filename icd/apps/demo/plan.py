@@ -1,13 +1,12 @@
-"""The runs of a demo: each one's ``icd train`` / ``icd pretrain`` arguments, length and the runs it waits for.
+"""The runs of a demo: the teacher's ``icd train``, then ``icd study``'s plan of the students.
 
-The students' and the pre-training's arguments are ``icd study``'s (:func:`student_study`: the demo
-is one seed of ``icd study --shapes``'s baseline, FPN-MSE and ICD, in the demo's own folders).
+The demo is a preset of ``icd study`` (:func:`student_study`): one seed of its baseline, FPN-MSE
+and ICD (icd-pre with ``--pretrain-iters``) on the demo's data and teacher, the study's runs
+named and placed as the demo's folders (``baseline``, ``fpn_mse``, ``icd``, ``icd_pretrain``).
 """
 
 from __future__ import annotations
 
-import math
-import os
 import subprocess
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
@@ -24,7 +23,7 @@ PRETRAIN_ITERS = 600  # --pretrain-iters without a value
 
 @dataclass
 class Run:
-    """One ``python -m icd`` process of the demo (its state is filled in by the scheduler)."""
+    """One ``python -m icd`` process of a demo or study (its state is filled in by the scheduler)."""
 
     name: str
     title: str
@@ -32,6 +31,7 @@ class Run:
     total_iters: int
     needs: tuple[str, ...] = ()
     all_threads: bool = False  # one job slot, with every slot's threads (the teacher: all wait for it)
+    data: dict | None = None  # what its identity holds beside its command, instead of cfg.data_settings()
     process: subprocess.Popen | None = None
     log_file: IO[str] | None = None
     started: float = 0.0
@@ -41,11 +41,11 @@ class Run:
 
     def stamp(self, cfg: DemoConfig) -> dict:
         """What a reused run must match: its arguments (paths relative to ``cfg.out_dir``) and the
-        data settings (``cfg`` a DemoConfig or a StudyConfig); :func:`icd.apps.demo.stamps.run_id`
-        is its hash."""
+        data settings (its own ``data``, else ``cfg``'s: a DemoConfig's or a StudyConfig's);
+        :func:`icd.apps.demo.stamps.run_id` is its hash."""
         argv = [a.replace(cfg.out_dir, "{out}", 1) if a.startswith(cfg.out_dir) else a
                 for a in self.argv]  # fmt: skip
-        return {"argv": argv, "data": cfg.data_settings()}
+        return {"argv": argv, "data": cfg.data_settings() if self.data is None else self.data}
 
 
 # the demo's student runs -> the ``icd study`` method each one is
@@ -53,15 +53,22 @@ STUDENT_METHODS = {"baseline": "baseline", "fpn_mse": "fpn-mse", "icd": "icd"}
 
 
 def student_study(cfg: DemoConfig) -> StudyConfig:
-    """The ``icd study`` settings of the demo's students: its planner builds their commands (one
-    pipeline), on the demo's data and teacher, seeds and folders named by the demo."""
+    """The ``icd study`` of the demo: its students on the demo's data and teacher, one seed, the
+    study's runs named as the demo's folders (``OUT/baseline``, ...; the teacher ``OUT/teacher``)."""
+    from icd.apps.study.plan import pretrain_name, run_name
     from icd.apps.study.settings import StudyConfig
 
+    seed = student_seed(cfg)
     weights = {"icd": cfg.icd_weight, "fpn-mse": cfg.fpn_mse_weight}
+    names = {run_name(student_method(cfg, n), cfg.student_epochs, seed): n for n in STUDENT_METHODS}
+    names[pretrain_name(seed)] = PRETRAIN_RUN
+    flags = list(cfg.extra_train_flags)
+    if cfg.distill_warmup_iters is not None:  # the distilled students' (a baseline drops it)
+        flags += ["--distill-warmup-iters", str(cfg.distill_warmup_iters)]
     return StudyConfig(
         out_dir=cfg.out_dir,
         data_flags=["--data-path", cfg.data_dir],
-        teacher=os.path.join(cfg.run_dir("teacher"), "checkpoint.pth"),
+        teacher=cfg.teacher_checkpoint,
         detector=cfg.detector,
         backbone=cfg.student_backbone,
         fpn_channels=cfg.student_channels,
@@ -70,14 +77,17 @@ def student_study(cfg: DemoConfig) -> StudyConfig:
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         methods=[student_method(cfg, name) for name in STUDENT_METHODS],
-        seeds=[student_seed(cfg)],
+        seeds=[seed],
         epochs=[cfg.student_epochs],
         weights={m: w for m, w in weights.items() if w is not None},
         pretrain_iters=max(1, cfg.pretrain_iters),
         device="cpu",
         jobs=cfg.jobs,
         threads=cfg.threads,
+        train_flags=flags,
         label="demo",
+        names=names,
+        folders={name: name for name in (*RUN_NAMES, PRETRAIN_RUN)},
     )
 
 
@@ -91,23 +101,15 @@ def student_seed(cfg: DemoConfig) -> int:
     return cfg.seed if cfg.student_seed is None else cfg.student_seed
 
 
-def train_argv(cfg: DemoConfig, name: str) -> list[str]:
-    """The ``icd train`` arguments of one run (``--output-dir`` included): the teacher's here, the
-    students' from ``icd study``'s planner (:func:`icd.apps.study.plan.train_argv`)."""
-    if name != "teacher":
-        from icd.apps.study.plan import train_argv as study_train_argv
+def teacher_argv(cfg: DemoConfig) -> list[str]:
+    """The teacher's ``icd train`` arguments (``--output-dir`` included)."""
+    from icd.apps.study.plan import iterations_per_epoch
 
-        argv = study_train_argv(student_study(cfg), student_method(cfg, name), cfg.student_epochs,
-                                student_seed(cfg), output_dir=cfg.run_dir(name),
-                                pretrain_dir=cfg.run_dir(PRETRAIN_RUN))  # fmt: skip
-        if name == "icd" and cfg.distill_warmup_iters is not None:
-            argv += ["--distill-warmup-iters", str(cfg.distill_warmup_iters)]
-        return argv + list(cfg.extra_train_flags)
     epochs = cfg.teacher_epochs
     argv = [
         "train",
         "--data-path", cfg.data_dir,
-        "--output-dir", cfg.run_dir(name),
+        "--output-dir", cfg.run_dir("teacher"),
         "--detector", cfg.detector,
         "--backbone", cfg.teacher_backbone,
         "--fpn-channels", str(cfg.teacher_channels),
@@ -116,7 +118,7 @@ def train_argv(cfg: DemoConfig, name: str) -> list[str]:
         "--batch-size", str(cfg.batch_size),
         "--lr", str(cfg.lr),
         "--epochs", str(epochs),
-        "--eval-every", str(epochs),  # once, at its end
+        "--eval-every", str(epochs),  # once, at its end: the study's teacher check reads it
         "--seed", str(cfg.seed),
         "--workers", "0",
         "--device", "cpu",
@@ -125,44 +127,25 @@ def train_argv(cfg: DemoConfig, name: str) -> list[str]:
         "--no-progress",
     ]  # fmt: skip
     if not cfg.teacher_lr_decay:
-        argv += ["--lr-steps", str(epochs * iterations_per_epoch(cfg))]
+        argv += ["--lr-steps", str(epochs * iterations_per_epoch(cfg.num_train, cfg.batch_size))]
     return argv + list(cfg.extra_train_flags)
 
 
-def pretrain_argv(cfg: DemoConfig) -> list[str]:
-    """The ``icd pretrain`` arguments of the teacher-side pre-training run (``icd study``'s planner's)."""
-    from icd.apps.study.plan import pretrain_argv as study_pretrain_argv
+def teacher_run(cfg: DemoConfig) -> Run:
+    """The teacher's training run: every slot's threads (everything but the baseline waits for
+    it); its identity holds the data settings (a demo's and ``icd study --shapes``' stamps agree)."""
+    from icd.apps.study.plan import iterations_per_epoch
 
-    return study_pretrain_argv(student_study(cfg), student_seed(cfg), output_dir=cfg.run_dir(PRETRAIN_RUN))
-
-
-def iterations_per_epoch(cfg: DemoConfig) -> int:
-    return math.ceil(cfg.num_train / cfg.batch_size)
+    total = cfg.teacher_epochs * iterations_per_epoch(cfg.num_train, cfg.batch_size)
+    title = f"teacher {cfg.teacher_backbone} FPN {cfg.teacher_channels}"
+    return Run("teacher", title, teacher_argv(cfg), total, all_threads=True, data=cfg.data_settings())
 
 
 def plan_runs(cfg: DemoConfig) -> list[Run]:
-    """The demo's runs in the order they start (the teacher first)."""
-    iters_per_epoch = iterations_per_epoch(cfg)
-    titles = {
-        "teacher": f"teacher {cfg.teacher_backbone} FPN {cfg.teacher_channels}",
-        "baseline": f"student {cfg.student_backbone} FPN {cfg.student_channels}",
-        "fpn_mse": f"{cfg.student_backbone} + FPN-MSE",
-        "icd": f"{cfg.student_backbone} + ICD",
-    }
-    runs = {}
-    for name in RUN_NAMES:
-        epochs = cfg.teacher_epochs if name == "teacher" else cfg.student_epochs
-        needs = ("teacher",) if name in ("icd", "fpn_mse") else ()
-        if name == "icd" and cfg.pretrain_iters:
-            needs += (PRETRAIN_RUN,)
-        runs[name] = Run(name, titles[name], train_argv(cfg, name), epochs * iters_per_epoch, needs,
-                         all_threads=name == "teacher")  # fmt: skip
-    if cfg.pretrain_iters:
-        runs[PRETRAIN_RUN] = Run(PRETRAIN_RUN, "ICD teacher side", pretrain_argv(cfg), cfg.pretrain_iters,
-                                 ("teacher",))  # fmt: skip
-    # the order runs start in: the teacher, with every slot's threads, and beside it the baseline,
-    # which needs no teacher (the cores the teacher's threads leave idle are the baseline's: 558 s
-    # against 658 s for the whole demo with the baseline after the teacher, results/README.md);
-    # then the pre-training beside FPN-MSE, and ICD once the pre-training is done
-    order = ["teacher", "baseline", PRETRAIN_RUN, "fpn_mse", "icd"]
-    return [runs[name] for name in order if name in runs]
+    """The demo's runs in the order they start: the teacher, then the study's plan of the students
+    (its icd-pre pre-training first), each but the baseline waiting for the teacher. The
+    baseline so runs beside the teacher, on the cores its threads leave idle (558 s against
+    658 s for the whole demo with the baseline after the teacher, results/README.md)."""
+    from icd.apps.study.plan import plan_runs as study_plan
+
+    return [teacher_run(cfg), *study_plan(student_study(cfg), cfg.num_train, teacher="teacher")]

@@ -20,8 +20,18 @@ def last_eval(run_dir: str) -> dict[str, float]:
     return last
 
 
+def models(cfg: DemoConfig) -> dict[str, str]:
+    """The model column of each run of the table."""
+    return {
+        "teacher": f"teacher {cfg.teacher_backbone} FPN {cfg.teacher_channels}",
+        "baseline": f"student {cfg.student_backbone} FPN {cfg.student_channels}",
+        "fpn_mse": f"{cfg.student_backbone} + FPN-MSE",
+        "icd": f"{cfg.student_backbone} + ICD",
+    }
+
+
 def results_table(runs: Sequence[Run], cfg: DemoConfig) -> tuple[list[dict], str]:
-    """One row per run (AP, AP50, AP75 in %, training minutes) and the markdown table."""
+    """One row per run of the table (AP, AP50, AP75 in %, wall seconds) and the markdown table."""
     rows = []
     by_name = {run.name: run for run in runs}
     for run in (by_name[name] for name in RUN_NAMES if name in by_name):
@@ -29,7 +39,7 @@ def results_table(runs: Sequence[Run], cfg: DemoConfig) -> tuple[list[dict], str
         rows.append(
             {
                 "run": run.name,
-                "model": run.title,
+                "model": models(cfg)[run.name],
                 "AP": metrics["AP"],
                 "AP50": metrics["AP50"],
                 "AP75": metrics["AP75"],

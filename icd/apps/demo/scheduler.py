@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -86,9 +86,12 @@ def _finish(run: Run, cfg) -> None:
     write_run_stamp(run, cfg)
 
 
-def execute(runs: Sequence[Run], cfg, progress: bool = True) -> None:
+def execute(
+    runs: Sequence[Run], cfg, progress: bool = True, on_done: Callable[[Run], None] | None = None
+) -> None:
     """Run the plan, ``cfg.jobs`` processes at a time, a run once the runs it needs are done
-    (runs marked ``reused`` count as done); a failed run stops the others and raises RuntimeError."""
+    (runs marked ``reused`` count as done); a failed run stops the others and raises RuntimeError.
+    ``on_done(run)``: called as each run finishes, while the others go on (a study's teacher check)."""
     done = {r.name for r in runs if r.reused}
     pending = [r for r in runs if not r.reused]
     active: list[Run] = []
@@ -125,6 +128,8 @@ def execute(runs: Sequence[Run], cfg, progress: bool = True) -> None:
                 bar.update(run.total_iters - bar.n)
                 bar.set_postfix_str(f"{run.seconds:.0f} s")
                 done.add(run.name)
+                if on_done is not None:
+                    on_done(run)
             if pending and not active and not any(set(r.needs) <= done for r in pending):
                 raise RuntimeError(f"{getattr(cfg, 'label', 'demo')}: runs {[r.name for r in pending]} cannot start")
     finally:

@@ -55,6 +55,10 @@ class DemoConfig:
     def run_dir(self, name: str) -> str:
         return os.path.join(self.out_dir, name)
 
+    @property
+    def teacher_checkpoint(self) -> str:
+        return os.path.join(self.run_dir("teacher"), "checkpoint.pth")
+
     def data_settings(self) -> dict:
         keys = ("seed", "image_size", "num_train", "num_val", "max_shapes", "num_strokes", "noise_std")
         return {k: getattr(self, k) for k in keys}

@@ -4,6 +4,8 @@ Under ``--out`` (``study/``)::
 
     study.json                the settings and plan (a later ``--resume`` must give the same)
     runs/teacher_eval/        icd eval of the teacher on val: the teacher check, before any student
+                              (a preset's teacher, --shapes' and icd demo's, is checked by its own
+                              evaluation: its run is scheduled with the students)
     runs/calibrate_M_wW/      --calibrate's short runs (first seed)
     runs/pretrain_sS/         icd pretrain of ICD's teacher side per seed (icd-pre only)
     runs/METHOD_eE_sS/        one icd train per method, schedule (E epochs) and seed (S)

@@ -288,14 +288,12 @@ def run_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from icd.apps.study.pipeline import run_study
 
     cfg = config_from_args(args, given_student_flags(argv or [], args.config) if args.shapes else None)
-    prepare = None
+    preset = None
     if args.shapes:
-        from icd.apps.study.shapes import prepare as make_shapes
+        from icd.apps.study.shapes import preset as shapes_preset
 
         num_train = 0
-
-        def prepare() -> tuple[int, list[list[str]]]:
-            return make_shapes(cfg, args.shapes, progress=not args.no_progress)
+        preset = shapes_preset(cfg, args.shapes)
     else:
         num_train = check_inputs(cfg, args)
     try:
@@ -306,7 +304,7 @@ def run_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             calibrate=args.calibrate,
             calibrate_epochs=args.calibrate_epochs,
             progress=not args.no_progress,
-            prepare=prepare,
+            preset=preset,
         )
     except KeyboardInterrupt:
         raise InterruptedRun(

@@ -52,17 +52,15 @@ def train_argv(
     seed: int,
     weight: float | None = None,
     output_dir: str | None = None,
-    pretrain_dir: str | None = None,
 ) -> list[str]:
     """The ``icd train`` arguments of one student run (``weight``: instead of the study's;
-    ``output_dir``, ``pretrain_dir``: the run's folder and icd-pre's ``icd pretrain`` folder,
-    instead of the study's ``runs/`` names, as ``icd demo`` names them)."""
+    ``output_dir``: the run's folder, instead of the plan's: --calibrate's runs)."""
     base = base_method(method)
     argv = [
         "train",
         *cfg.data_flags,
         "--output-dir",
-        output_dir or cfg.run_dir(run_name(method, epochs, seed)),
+        output_dir or cfg.run_dir(cfg.named(run_name(method, epochs, seed))),
         "--detector",
         cfg.detector,
         "--backbone",
@@ -95,7 +93,7 @@ def train_argv(
         if weight is not None:
             argv += ["--distill-weight", f"{weight:g}"]
     if base == "icd-pre":
-        argv += ["--icd-init", os.path.join(pretrain_dir or cfg.run_dir(pretrain_name(seed)), "teacher_side.pth")]
+        argv += ["--icd-init", os.path.join(cfg.run_dir(cfg.named(pretrain_name(seed))), "teacher_side.pth")]
     if base == "inherit":
         argv += ["--distill", "none", "--inherit-teacher", cfg.inherit_parts]
     elif method.endswith("+inherit"):
@@ -117,14 +115,14 @@ def without_teacher_flags(flags: list[str]) -> list[str]:
     return kept
 
 
-def pretrain_argv(cfg: StudyConfig, seed: int, output_dir: str | None = None) -> list[str]:
-    """The ``icd pretrain`` arguments of icd-pre's teacher side for ``seed`` (into ``output_dir``,
-    default the study's ``runs/pretrain_sSEED``)."""
+def pretrain_argv(cfg: StudyConfig, seed: int) -> list[str]:
+    """The ``icd pretrain`` arguments of icd-pre's teacher side for ``seed`` (into ``runs/pretrain_sSEED``,
+    or the folder of the preset's name for it)."""
     return [
         "pretrain",
         *cfg.data_flags,
         "--output-dir",
-        output_dir or cfg.run_dir(pretrain_name(seed)),
+        cfg.run_dir(cfg.named(pretrain_name(seed))),
         "--teacher",
         str(cfg.teacher),
         *_size_flags(cfg),
@@ -164,22 +162,28 @@ def iterations_per_epoch(num_train: int, batch_size: int) -> int:
     return max(1, math.ceil(num_train / batch_size))
 
 
-def plan_runs(cfg: StudyConfig, num_train: int) -> list[Run]:
+def plan_runs(cfg: StudyConfig, num_train: int, teacher: str | None = None) -> list[Run]:
     """The study's runs in the order they start: icd-pre's teacher-side pre-training per seed
     first, then per seed (so that an interrupted study has whole seeds) each schedule's methods;
-    ``num_train``: the training images (for the progress bars' lengths)."""
+    ``num_train``: the training images (for the progress bars' lengths); ``teacher``: the name of
+    a teacher's training run in the same schedule (a preset's), which every run but the
+    baselines waits for."""
     per_epoch = iterations_per_epoch(num_train, cfg.batch_size)
+    after_teacher = (teacher,) if teacher else ()
     runs = []
     if any(base_method(m) == "icd-pre" for m in cfg.methods):
         for seed in cfg.seeds:
-            runs.append(Run(pretrain_name(seed), f"teacher side s{seed}", pretrain_argv(cfg, seed), cfg.pretrain_iters))
+            name = cfg.named(pretrain_name(seed))
+            runs.append(Run(name, f"teacher side s{seed}", pretrain_argv(cfg, seed), cfg.pretrain_iters, after_teacher))
     for seed in cfg.seeds:
         for epochs in cfg.epochs:
             for method in cfg.methods:
-                needs = (pretrain_name(seed),) if base_method(method) == "icd-pre" else ()
+                needs = () if method == "baseline" else after_teacher
+                if base_method(method) == "icd-pre":
+                    needs += (cfg.named(pretrain_name(seed)),)
                 runs.append(
                     Run(
-                        run_name(method, epochs, seed),
+                        cfg.named(run_name(method, epochs, seed)),
                         f"{method} {epochs} ep s{seed}",
                         train_argv(cfg, method, epochs, seed),
                         epochs * per_epoch,

@@ -33,7 +33,7 @@ def collect(cfg: StudyConfig) -> dict[int, dict[str, dict[int, dict]]]:
     for epochs in cfg.epochs:
         for method in cfg.methods:
             for seed in cfg.seeds:
-                folder = cfg.run_dir(run_name(method, epochs, seed))
+                folder = cfg.run_dir(cfg.named(run_name(method, epochs, seed)))
                 if not os.path.exists(os.path.join(folder, "metrics.jsonl")):
                     continue
                 last = last_eval_of(run_records(folder))

@@ -67,13 +67,23 @@ class StudyConfig:
     gpus: int = 0  # > 0: one run per GPU (CUDA_VISIBLE_DEVICES = the slot)
     train_flags: list[str] = field(default_factory=list)  # more icd train flags, after the study's
     label: str = "study"  # the scheduler's name for it in messages
+    # a preset's names for the study's runs (icd demo: baseline_e2_s0 -> baseline, ...): each run's
+    # name, in the plan, stamps and study.md; and its folder relative to out_dir when not runs/NAME
+    # (icd demo's and --shapes' teacher: OUT/teacher)
+    names: dict[str, str] = field(default_factory=dict)
+    folders: dict[str, str] = field(default_factory=dict)
 
     @property
     def runs_dir(self) -> str:
         return os.path.join(self.out_dir, "runs")
 
+    def named(self, name: str) -> str:
+        """The name of the study's run ``name`` (``run_name``, ``pretrain_name``): the preset's, or itself."""
+        return self.names.get(name, name)
+
     def run_dir(self, name: str) -> str:
-        return os.path.join(self.runs_dir, name)
+        folder = self.folders.get(name)
+        return os.path.join(self.out_dir, folder) if folder else os.path.join(self.runs_dir, name)
 
     def data_settings(self) -> dict:
         """What a run's identity holds beside its command (which has the data flags): the teacher

@@ -2,8 +2,8 @@
 
 The preset of results/README.md's studies (which hand-written scripts ran before): the demo's
 data (:func:`icd.apps.demo.prepare_data`) in ``OUT/data`` and the demo's teacher (its
-``icd train`` run, through the same scheduler and stamps, reused when finished with the same
-command) in ``OUT/teacher``; the students default to the demo's (ResNet-18, FPN 64, 96 px,
+``icd train`` run, scheduled with the students and stamped as the demo's, reused when finished
+with the same command) in ``OUT/teacher``; the students default to the demo's (ResNet-18, FPN 64, 96 px,
 batch 8, lr 0.02, 2 epochs). ``tiny``: the demo's ``--tiny`` sizes, a smoke test of seconds.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from icd.apps.demo.plan import Run
 from icd.apps.demo.settings import TINY, DemoConfig
+from icd.apps.study.pipeline import Preset
 from icd.apps.study.settings import StudyConfig
 
 PRESETS = ("full", "tiny")
@@ -33,23 +35,22 @@ def shapes_study(cfg: StudyConfig, preset: str, sizes_given: set[str]) -> StudyC
                "detector": demo.detector, "epochs": [demo.student_epochs]}  # fmt: skip
     student = {k: v for k, v in student.items() if k not in sizes_given}
     teacher = os.path.abspath(os.path.join(demo.run_dir("teacher"), "checkpoint.pth"))
-    return replace(cfg, data_flags=["--data-path", os.path.abspath(demo.data_dir)], teacher=teacher, **student)
+    return replace(cfg, data_flags=["--data-path", os.path.abspath(demo.data_dir)], teacher=teacher,
+                   folders={**cfg.folders, "teacher": "teacher"}, **student)  # fmt: skip
 
 
-def prepare(cfg: StudyConfig, preset: str, progress: bool) -> tuple[int, list[list[str]]]:
-    """Generate the data and train the teacher (each unless already there with the same settings);
-    returns the number of training images and the teacher's command."""
+def preset(cfg: StudyConfig, preset_name: str) -> Preset:
+    """The study's :class:`~icd.apps.study.pipeline.Preset`: the demo's data generated (unless
+    there with the same settings), and the demo's teacher run, which the study schedules."""
     from icd.apps.demo.pipeline import prepare_data
-    from icd.apps.demo.plan import plan_runs
-    from icd.apps.demo.scheduler import execute
-    from icd.apps.demo.stamps import reuse_if_finished
+    from icd.apps.demo.plan import teacher_run
 
-    demo = demo_config(cfg, preset)
-    print(f"[study] shapes data: {demo.num_train} + {demo.num_val} images of {demo.image_size} px in {demo.data_dir}",
-          flush=True)  # fmt: skip
-    prepare_data(demo)
-    teacher = plan_runs(demo)[0]
-    if reuse_if_finished(teacher, demo):
-        print(f"[study] teacher: reusing {demo.run_dir('teacher')}", flush=True)
-    execute([teacher], demo, progress)
-    return demo.num_train, [teacher.argv]
+    demo = demo_config(cfg, preset_name)
+
+    def prepare() -> tuple[int, Run]:
+        print(f"[study] shapes data: {demo.num_train} + {demo.num_val} images of {demo.image_size} px in "
+              f"{demo.data_dir}", flush=True)  # fmt: skip
+        prepare_data(demo)
+        return demo.num_train, teacher_run(demo)
+
+    return Preset(prepare)
