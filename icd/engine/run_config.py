@@ -87,6 +87,7 @@ class LoopConfig:
 
     output_dir: str = "output"  # checkpoints, metrics.jsonl (--output-dir)
     resume: str | None = None  # the checkpoint this run continues (--resume)
+    allow_resume_changes: bool = False  # icd train: resume with another lr schedule or data order
     overwrite: bool = False
     seed: int = 0
     batch_size: int = 2  # images per process and step
@@ -351,13 +352,13 @@ class RunConfig:
         """The config as the flags (argparse dests) that give it: what resume checks compare and
         name (``--lr 0.01 there, 0.02 here``)."""
         out: dict[str, Any] = {}
-        for name, section in self.sections().items():
+        for section in self.sections().values():
             if isinstance(section, (ModelConfig, DistillConfig)):
                 out.update(section.flags)
             for field in dataclasses.fields(section):
                 if field.name == "flags":
                     continue
-                flag, convert = _FLAG_OF.get(type(section), {}).get(field.name, (field.name, None))
+                flag, _ = _FLAG_OF.get(type(section), {}).get(field.name, (field.name, None))
                 value = getattr(section, field.name)
                 if flag in ("no_progress", "no_eval"):
                     value = not value
