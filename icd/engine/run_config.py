@@ -138,6 +138,15 @@ class PretrainConfig:
     attention_images: int | None = None  # val images for the statistics (None: all)
     attention_detail: bool = False
     cache_gb: float = 2.0  # memory for the teacher's FPN maps (0: recompute)
+    min_size: list[int] | None = None  # the students' input sizes (None: the teacher checkpoint's own)
+    max_size: int | None = None
+    min_level: int | None = None  # the levels of a bare state dict teacher (None: its family's default)
+    max_level: int | None = None
+
+    def teacher_flags(self) -> dict[str, Any]:
+        """The input sizes and levels as ``run_spec.load_teacher`` reads them."""
+        return {"min_size": self.min_size, "max_size": self.max_size, "min_level": self.min_level,
+                "max_level": self.max_level}  # fmt: skip
 
     def __post_init__(self) -> None:
         for flag in ("iters", "eval_every", "attention_images"):
@@ -264,7 +273,7 @@ _FLAG_OF = {
     DataConfig: {},
     LoopConfig: {"progress": ("no_progress", lambda v: not v)},
     TrainHooksConfig: {"evaluate": ("no_eval", lambda v: not v)},
-    PretrainConfig: {},
+    PretrainConfig: {"min_size": ("min_size", _plain)},
     OptimConfig: {"teacher_lr": ("icd_lr", None), "teacher_clip": ("icd_clip", None),
                   "projection_optimizer": ("icd_projection_optimizer", None), "preset": ("config", None),
                   "lr_steps": ("lr_steps", _plain)},  # fmt: skip
@@ -291,6 +300,7 @@ def _section(kind: type, values: Mapping[str, Any]) -> Any:
 
 
 _TRAIN_SECTIONS = ("model", "optim", "speed", "distill")  # icd train's, from schema 2 on
+_NEW_SECTIONS = {"train": _TRAIN_SECTIONS, "pretrain": ("distill",)}  # the sections schema 1 lacks
 _SECTIONS = {"loop": LoopConfig, "data": DataConfig, "hooks": TrainHooksConfig, "pretrain": PretrainConfig,
              "model": ModelConfig, "optim": OptimConfig, "speed": SpeedConfig, "distill": DistillConfig}  # fmt: skip
 
@@ -299,8 +309,8 @@ _SECTIONS = {"loop": LoopConfig, "data": DataConfig, "hooks": TrainHooksConfig, 
 class RunConfig:
     """The typed settings of one ``icd train`` or ``icd pretrain`` run: the loop's, the data's, and
     the periodic work's (``hooks``: icd train) or the pre-training's (``pretrain``: icd pretrain);
-    icd train's model, optimisers, speed settings and distillation (``model``, ``optim``,
-    ``speed``, ``distill``)."""
+    icd train's model, optimisers and speed settings (``model``, ``optim``, ``speed``); the
+    teacher and the distillation method (``distill``: both)."""
 
     command: Literal["train", "pretrain"]
     loop: LoopConfig
@@ -315,13 +325,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         _one_of("command", self.command, COMMANDS)
         train = self.command == "train"
-        if (self.hooks is not None) != train or (self.pretrain is not None) != (not train) or any(
-            (getattr(self, name) is not None) != train for name in _TRAIN_SECTIONS
+        if (self.hooks is not None) != train or (self.pretrain is not None) != (not train) or (
+            not train and any(getattr(self, name) is not None for name in ("model", "optim", "speed"))
         ):
             raise ConfigError(
-                "RunConfig: icd train has hooks, model, optim, speed and distill sections and no pretrain "
-                "section, icd pretrain only its pretrain section"
+                "RunConfig: icd train has hooks (and model, optim, speed, distill) sections and no pretrain "
+                "section, icd pretrain its pretrain (and distill) sections"
             )
+        for name in _NEW_SECTIONS[self.command]:  # a section not given (a step strategy's own config): defaults
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, _SECTIONS[name]())
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | Mapping[str, Any], command: str) -> RunConfig:
@@ -330,7 +343,8 @@ class RunConfig:
         if command == "pretrain":  # its --iters is the pre-training's, which is the loop's length
             pretrain = _section(PretrainConfig, values)
             loop = _section(LoopConfig, {**values, "iters": pretrain.iters, "epochs": None})
-            return cls("pretrain", loop, _section(DataConfig, values), pretrain=pretrain)
+            return cls("pretrain", loop, _section(DataConfig, values), pretrain=pretrain,
+                       distill=_distill_section(values))  # fmt: skip
         loop = _section(LoopConfig, values)
         return cls(
             "train", loop, _section(DataConfig, values), hooks=_section(TrainHooksConfig, values),
@@ -383,14 +397,14 @@ class RunConfig:
         if command not in COMMANDS:
             raise CheckpointError(where, f"its config names no command icd knows ({command!r})")
         expected = {"schema", "command", "loop", "data"}
-        expected |= {"hooks", *_TRAIN_SECTIONS} if command == "train" else {"pretrain"}
+        expected |= {"hooks", *_TRAIN_SECTIONS} if command == "train" else {"pretrain", "distill"}
         older = set()
-        if command == "train" and schema < 2:  # its model, optimisers, speed, distillation: its args
-            older = set(_TRAIN_SECTIONS)
+        if schema < 2:  # the sections schema 1 did not write (the teacher, the distillation...): its args
+            older = set(_NEW_SECTIONS[command])
             if not isinstance(args, Mapping):
                 raise CheckpointError(
-                    where, f"its config is of schema {schema}, without the model, optimiser and distillation "
-                    "settings, and it holds no saved args to read them from",
+                    where, f"its config is of schema {schema}, without the {', '.join(sorted(older))} settings, and "
+                    "it holds no saved args to read them from",
                 )  # fmt: skip
         unknown = sorted(set(saved) - (expected - older))
         if unknown:
