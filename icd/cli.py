@@ -161,10 +161,11 @@ def _add_debug_flag(p: argparse.ArgumentParser | FlagRecorder) -> None:
 def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool = True, command: str = "train") -> None:
     from icd.detection.adapters import DETECTOR_FAMILIES, backbone_names, detector_names
     from icd.detection.models import NORMS
+    from icd.engine.run_config import DEFAULT_DETECTOR
 
     d = (lambda v: v) if defaults else (lambda v: None)
     families = ", ".join(f"{f.name}'s {'/'.join(f.detectors)}" for f in DETECTOR_FAMILIES.values())
-    p.add_argument("--detector", choices=detector_names(), default=d("retinanet"), help=f"detector ({families})")
+    p.add_argument("--detector", choices=detector_names(), default=d(DEFAULT_DETECTOR), help=f"detector ({families})")
     p.add_argument("--backbone", choices=backbone_names(), default=d("resnet50"), help="backbone of the detector")
     p.add_argument(
         "--backbone-weights",

@@ -162,6 +162,7 @@ class PretrainConfig:
 
 
 PROJECTION_OPTIMIZERS = ("student", "teacher-side")
+DEFAULT_DETECTOR = "retinanet"  # --detector's default (and that of saved args without one)
 # the flags of every detector family's spec (``DetectorFamily.spec_from_args`` reads them); a
 # family's own flags are ``--<family>-*`` (dests ``<family>_*``)
 MODEL_FLAGS = ("backbone", "trainable_backbone_layers", "norm", "fpn_channels", "min_level", "max_level",
@@ -182,7 +183,7 @@ class ModelConfig:
     """``icd train``'s student: its detector family's spec is ``spec_from_args(values(), C)``
     (``icd.engine.run_spec.detector_spec_from_args``), C from the training data."""
 
-    detector: str = "retinanet"  # --detector
+    detector: str = DEFAULT_DETECTOR
     backbone_weights: str | None = None  # a local ResNet state dict (--backbone-weights)
     flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # MODEL_FLAGS and --<family>-* as given
 

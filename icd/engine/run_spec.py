@@ -42,11 +42,11 @@ from icd.detection.adapters import family_of, family_of_spec
 from icd.engine.checkpoint import load_checkpoint
 from icd.engine.distill import build_distiller
 from icd.engine.finite import first_non_finite
+from icd.engine.run_config import DEFAULT_DETECTOR
 from icd.errors import ConfigError, NonFiniteError
 from icd.nn.methods import get_method
 
 BARE_STATE_DICT_NORM = "frozen_bn"  # rule 3's norm when no flag gives one
-DEFAULT_DETECTOR = "retinanet"  # --detector's default, for saved args without one
 
 
 def detector_spec_from_args(args: argparse.Namespace | Mapping[str, Any], num_classes: int) -> Any:
