@@ -2,8 +2,9 @@
 as a step strategy of the one training loop (``icd.engine.loop.Loop``).
 
 Reads like torchvision's references/detection/train.py: the arguments are the CLI's
-(``icd train --help``), the checkpoint is a dict with model, optimizer, lr_scheduler, epoch and
-args (plus what an exact resume needs, see icd.engine.checkpoint).
+(``icd train --help``), read once into a typed ``RunConfig`` (``icd.engine.run_config``); the
+checkpoint is a dict with model, optimizer, lr_scheduler, epoch, args and config (plus what an
+exact resume needs, see icd.engine.checkpoint).
 
 One iteration (``Trainer.step``; ``family``: the detector family of ``icd.detection.adapters``)::
 
@@ -101,7 +102,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class Trainer(Loop):
-    """Builds everything from the parsed ``icd train`` arguments; ``run()`` trains and evaluates.
+    """Builds everything from the parsed ``icd train`` arguments, which it reads once into its
+    ``config`` (``RunConfig.from_args``: every setting it reads after that is a config field);
+    ``run()`` trains and evaluates.
 
     ``hooks``: periodic work of your own (``icd.engine.hooks.Hook``s), run after the trainer's
     (health check, metrics, checkpoints, evaluation) in the order given; ``register_hook`` adds
