@@ -57,7 +57,18 @@ def test_a_pretrain_config_takes_its_length_from_its_iters():
     assert config.pretrain == PretrainConfig(iters=9, eval_every=3, lr=0.01)
     assert config.loop.iters == 9 and config.loop.epochs is None and config.hooks is None
     assert config.data == DataConfig(data_path="d", flip_prob=0.5)
+    assert (config.distill.teacher, config.distill.method, config.model) == ("t.pth", "icd", None)
     assert RunConfig.from_dict(config.to_dict(), "x") == config
+
+
+def test_a_pretrain_config_holds_its_teacher_sizes_and_icd_settings():
+    flags = "--teacher t.pth --min-size 64 96 --max-size 128 --min-level 3 --icd-heads 2 --icd-static-shapes"
+    config = RunConfig.from_args(_args("pretrain", flags), "pretrain")
+    assert config.pretrain.teacher_flags() == {"min_size": [64, 96], "max_size": 128, "min_level": 3, "max_level": None}
+    assert config.distill.static_shapes and config.distill.settings().heads == 2
+    schema_1 = {k: v for k, v in config.to_dict().items() if k != "distill"} | {"schema": 1}
+    saved = {"config": schema_1, "args": vars(_args("pretrain", flags))}
+    assert RunConfig.from_checkpoint(saved, "p", "pretrain") == config
 
 
 def test_pretrains_flag_defaults_are_its_configs():
