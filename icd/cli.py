@@ -161,10 +161,11 @@ def _add_debug_flag(p: argparse.ArgumentParser | FlagRecorder) -> None:
 def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool = True, command: str = "train") -> None:
     from icd.detection.adapters import DETECTOR_FAMILIES, backbone_names, detector_names
     from icd.detection.models import NORMS
+    from icd.engine.run_config import DEFAULT_DETECTOR
 
     d = (lambda v: v) if defaults else (lambda v: None)
     families = ", ".join(f"{f.name}'s {'/'.join(f.detectors)}" for f in DETECTOR_FAMILIES.values())
-    p.add_argument("--detector", choices=detector_names(), default=d("retinanet"), help=f"detector ({families})")
+    p.add_argument("--detector", choices=detector_names(), default=d(DEFAULT_DETECTOR), help=f"detector ({families})")
     p.add_argument("--backbone", choices=backbone_names(), default=d("resnet50"), help="backbone of the detector")
     p.add_argument(
         "--backbone-weights",
@@ -354,11 +355,11 @@ def _apply_preset(p: FlagRecorder, ignore: set[str] | None = None) -> None:
 def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     """The ``icd train`` parser (``.parser``) and the record of its flags (``.flags``)."""
     from icd.engine.health import HEALTH_ACTIONS
-    from icd.engine.optim import TEACHER_SIDE_CLIP, TEACHER_SIDE_LR
-    from icd.engine.run_config import LoopConfig, TrainHooksConfig
+    from icd.engine.run_config import PROJECTION_OPTIMIZERS, DistillConfig, LoopConfig, OptimConfig, TrainHooksConfig
     from icd.engine.speed import COMPILE_BACKENDS
 
-    loop, hooks = LoopConfig(), TrainHooksConfig()  # the loop's and the hooks' defaults, stated once
+    # the defaults of the loop, the hooks, the optimisers and the distillation, stated once (on their fields)
+    loop, hooks, optimisers, distill = LoopConfig(), TrainHooksConfig(), OptimConfig(), DistillConfig()
     p = _flag_recorder(_command(sub, "train", **COMMAND_TEXT["train"]), preset)
     _add_data_flags(p)
     _add_run_flags(p)
@@ -403,8 +404,13 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         help="SGD lr (default: 0.01 per 16 images, 0.02 for fasterrcnn and maskrcnn, scaled to "
         "batch-size x processes)",
     )
-    p.add_argument("--momentum", type=finite_float(minimum=0.0, below=1.0), default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", "--wd", type=finite_float(minimum=0.0), default=1e-4, help="SGD weight decay")
+    p.add_argument(
+        "--momentum", type=finite_float(minimum=0.0, below=1.0), default=optimisers.momentum, help="SGD momentum"
+    )
+    p.add_argument(
+        "--weight-decay", "--wd", type=finite_float(minimum=0.0), default=optimisers.weight_decay,
+        help="SGD weight decay",
+    )  # fmt: skip
     p.add_argument(
         "--warmup-iters",
         type=int_at_least(0),
@@ -498,12 +504,12 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     g.add_argument(
         "--distill",
         choices=list(METHODS),
-        default="icd",
+        default=distill.method,
         help=", ".join(m.summary for m in METHODS.values()),
     )
     g.add_argument(
         "--inherit-teacher",
-        default="",
+        default=distill.inherit_teacher,
         metavar="PARTS",
         help="initialise the student's parts from the teacher: 'neck' (FPN), 'head' or "
         "'neck,head' (the published ICD configs); shapes must match",
@@ -531,13 +537,13 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     g.add_argument(
         "--icd-lr",
         type=finite_float(minimum=0.0),
-        default=TEACHER_SIDE_LR,
+        default=optimisers.teacher_lr,
         help="AdamW lr of ICD's teacher side (encoder, decoder, aux head); cosine decay over the run",
     )
     g.add_argument(
         "--icd-clip",
         type=finite_float(above=0.0),
-        default=TEACHER_SIDE_CLIP,
+        default=optimisers.teacher_clip,
         help="gradient-norm clip of ICD's teacher side",
     )
     g.add_argument(
@@ -549,8 +555,8 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
     )
     g.add_argument(
         "--icd-projection-optimizer",
-        choices=("student", "teacher-side"),
-        default="student",
+        choices=PROJECTION_OPTIMIZERS,
+        default=optimisers.projection_optimizer,
         help="who trains the student's ICD value projection: the student's SGD (default) or, as "
         "the published code does, the teacher side's AdamW under its joint norm clip",
     )

@@ -18,6 +18,7 @@ from icd.cli import build_parser, main
 from icd.detection.models import DetectorSpec, build_detector
 from icd.engine import trainer as trainer_module
 from icd.engine.checkpoint import load_checkpoint, save_atomic
+from icd.engine.run_config import RunConfig
 from icd.engine.speed import check_speed_flags
 from icd.errors import ConfigError, NonFiniteError
 
@@ -158,6 +159,11 @@ def test_a_code_generation_failure_is_one_line_naming_compile(data, tmp_path, mo
         trainer.close()
 
 
+def _check_speed_flags(args, device: torch.device) -> None:
+    config = RunConfig.from_args(args, "train")
+    check_speed_flags(config.speed, config.distill, device)
+
+
 def test_cuda_graphs_are_refused_with_one_line(data, teacher, tmp_path, capsys):
     base = f"train --data-path {data} {RUN} --teacher {teacher} --output-dir {tmp_path / 'r'}"
     assert main(f"{base} --icd-static-shapes --icd-cuda-graphs".split()) == 2
@@ -165,10 +171,10 @@ def test_cuda_graphs_are_refused_with_one_line(data, teacher, tmp_path, capsys):
                                   "this run is on cpu")  # fmt: skip
     args = build_parser(commands=("train",)).parse_args(f"{base} --icd-cuda-graphs".split())
     with pytest.raises(ConfigError, match=r"^--icd-cuda-graphs: needs --icd-static-shapes"):
-        check_speed_flags(args, torch.device("cuda"))  # the order of the checks on a GPU machine
+        _check_speed_flags(args, torch.device("cuda"))  # the order of the checks on a GPU machine
     args = build_parser(commands=("train",)).parse_args(f"{base} --distill fpn-mse --icd-cuda-graphs".split())
     with pytest.raises(ConfigError, match=r"^--icd-cuda-graphs: graphs ICD's distiller; --distill is fpn-mse"):
-        check_speed_flags(args, torch.device("cuda"))
+        _check_speed_flags(args, torch.device("cuda"))
 
 
 def test_compile_without_a_compiler_is_refused_with_one_line(data, tmp_path, capsys, monkeypatch):
@@ -253,10 +259,11 @@ def test_speed_flags_may_change_on_resume_and_distillation_flags_may_not(data, t
     ckpt = {k: {} for k in ("model", "optimizer", "lr_scheduler", "rng")} | {"epoch": 0, "iteration": 1}
     ckpt["args"] = vars(saved)
     now = build_parser(commands=("train",)).parse_args(f"{base} --icd-static-shapes".split())
-    check_resume_compatible(ckpt, "c.pth", now, {}, 1, 4)  # no --amp, --compile, CUDA graphs: accepted
+    # no --amp, --compile, CUDA graphs: accepted
+    check_resume_compatible(ckpt, "c.pth", RunConfig.from_args(now, "train"), {}, 1, 4)
     now = build_parser(commands=("train",)).parse_args(base.split())
     with pytest.raises(ConfigError, match=r"--icd-static-shapes True there, False here"):
-        check_resume_compatible(ckpt, "c.pth", now, {}, 1, 4)
+        check_resume_compatible(ckpt, "c.pth", RunConfig.from_args(now, "train"), {}, 1, 4)
 
 
 def test_torchrun_of_one_process_joins_the_process_group(monkeypatch):

@@ -14,7 +14,19 @@ from icd.cli import build_parser, main
 from icd.data.shapes import generate
 from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.checkpoint import load_checkpoint, save_atomic
-from icd.engine.run_config import SCHEMA_VERSION, DataConfig, LoopConfig, PretrainConfig, RunConfig, TrainHooksConfig
+from icd.engine.resume_settings import check_resume_compatible
+from icd.engine.run_config import (
+    SCHEMA_VERSION,
+    DataConfig,
+    DistillConfig,
+    LoopConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    RunConfig,
+    SpeedConfig,
+    TrainHooksConfig,
+)
 from icd.errors import CheckpointError, ConfigError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -45,7 +57,18 @@ def test_a_pretrain_config_takes_its_length_from_its_iters():
     assert config.pretrain == PretrainConfig(iters=9, eval_every=3, lr=0.01)
     assert config.loop.iters == 9 and config.loop.epochs is None and config.hooks is None
     assert config.data == DataConfig(data_path="d", flip_prob=0.5)
+    assert (config.distill.teacher, config.distill.method, config.model) == ("t.pth", "icd", None)
     assert RunConfig.from_dict(config.to_dict(), "x") == config
+
+
+def test_a_pretrain_config_holds_its_teacher_sizes_and_icd_settings():
+    flags = "--teacher t.pth --min-size 64 96 --max-size 128 --min-level 3 --icd-heads 2 --icd-static-shapes"
+    config = RunConfig.from_args(_args("pretrain", flags), "pretrain")
+    assert config.pretrain.teacher_flags() == {"min_size": [64, 96], "max_size": 128, "min_level": 3, "max_level": None}
+    assert config.distill.static_shapes and config.distill.settings().heads == 2
+    schema_1 = {k: v for k, v in config.to_dict().items() if k != "distill"} | {"schema": 1}
+    saved = {"config": schema_1, "args": vars(_args("pretrain", flags))}
+    assert RunConfig.from_checkpoint(saved, "p", "pretrain") == config
 
 
 def test_pretrains_flag_defaults_are_its_configs():
@@ -60,6 +83,55 @@ def test_trains_loop_and_hook_flag_defaults_are_its_configs():
     assert config.loop.print_freq == LoopConfig().print_freq
 
 
+def test_a_train_config_holds_its_model_optimisers_speed_and_distillation(tmp_path):
+    args = _args("train", "--detector fcos --backbone resnet18 --fpn-channels 32 --min-size 64 96 --lr 0.02 "
+                          "--lr-steps 5 8 --warmup-iters 2 --icd-lr 0.001 --icd-clip 0.5 --amp --compile "
+                          "--teacher t.pth --distill icd --icd-heads 4 --icd-static-shapes --inherit-teacher neck "
+                          "--distill-warmup-iters 3 --icd-backend reference --teacher-detector retinanet")  # fmt: skip
+    config = RunConfig.from_args(args, "train")
+    assert (config.model.detector, config.model.backbone_weights) == ("fcos", None)
+    assert config.model.flags["backbone"] == "resnet18" and config.model.flags["min_size"] == [64, 96]
+    assert config.optim == OptimConfig(lr=0.02, lr_steps=[5, 8], warmup_iters=2, teacher_lr=0.001, teacher_clip=0.5)
+    assert config.speed == SpeedConfig(amp=True, compile=True)
+    assert dataclasses.replace(config.distill, flags={}) == DistillConfig(
+        teacher="t.pth", inherit_teacher="neck", warmup_iters=3, backend="reference", static_shapes=True
+    )
+    assert config.distill.flags["teacher_detector"] == "retinanet" and config.distill.settings().heads == 4
+    path = str(tmp_path / "c.pth")
+    save_atomic({"config": config.to_dict()}, path)
+    assert RunConfig.from_checkpoint(load_checkpoint(path), "c.pth", "train") == config
+    assert config.flag_values()["icd_lr"] == 0.001 and config.flag_values()["lr_steps"] == [5, 8]
+
+
+def test_trains_model_optimiser_speed_and_distillation_flag_defaults_are_its_configs():
+    config = RunConfig.from_args(_args("train", ""), "train")
+    assert config.optim == OptimConfig() and config.speed == SpeedConfig()
+    assert dataclasses.replace(config.distill, flags={}) == DistillConfig()
+    assert config.model.detector == ModelConfig().detector
+
+
+def test_a_schema_1_config_takes_its_missing_sections_from_the_checkpoints_args():
+    args = _args("train", "--teacher t.pth --distill fpn-mse --lr 0.03 --amp")
+    now = RunConfig.from_args(args, "train")
+    schema_1 = {k: v for k, v in now.to_dict().items() if k not in ("model", "optim", "speed", "distill")}
+    schema_1["schema"] = 1
+    config = RunConfig.from_checkpoint({"config": schema_1, "args": vars(args)}, "c.pth", "train")
+    assert config == now and config.distill.method == "fpn-mse" and config.optim.lr == 0.03
+    with pytest.raises(CheckpointError, match=r"^c.pth: its config is of schema 1, without the distill, model, "
+                                              r"optim, speed settings, and it holds no saved args"):  # fmt: skip
+        RunConfig.from_checkpoint({"config": schema_1}, "c.pth", "train")
+
+
+def test_resume_compares_the_checkpoints_config_not_its_args():
+    saved = RunConfig.from_args(_args("train", "--teacher t.pth --icd-heads 4 --lr 0.01"), "train")
+    ckpt = {k: {} for k in ("model", "optimizer", "lr_scheduler", "rng")} | {"epoch": 0, "iteration": 1}
+    ckpt |= {"config": saved.to_dict(), "args": vars(_args("train", "--teacher t.pth --icd-heads 2 --lr 0.05"))}
+    check_resume_compatible(ckpt, "c.pth", saved, {}, 1, 4)  # the config's settings: accepted
+    with pytest.raises(ConfigError, match=r"^--resume c.pth was another run: --icd-heads 4 there, 2 here"):
+        check_resume_compatible(ckpt, "c.pth", RunConfig.from_args(_args("train", "--teacher t.pth --icd-heads 2"),
+                                                                   "train"), {}, 1, 4)  # fmt: skip
+
+
 def test_old_checkpoints_load_through_their_saved_args():
     old = load_checkpoint(BEFORE)
     for method, ckpt in old.items():
@@ -68,6 +140,8 @@ def test_old_checkpoints_load_through_their_saved_args():
         args = ckpt["args"]
         assert config.loop.print_freq == args["print_freq"] and config.loop.seed == args["seed"], method
         assert config.hooks.eval_every == args["eval_every"] and config.loop.epochs == args["epochs"], method
+        assert config.model.detector == args["detector"] and config.distill.method == args["distill"], method
+        assert config.distill.teacher == args["teacher"] and config.optim.momentum == args["momentum"], method
 
 
 def test_a_config_missing_fields_of_a_later_icd_takes_their_defaults():

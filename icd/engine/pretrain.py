@@ -219,8 +219,8 @@ class Pretrainer(Loop):
             raise
 
     def _set_up(self) -> None:
-        args, loop, data, recipe = self.args, self.config.loop, self.config.data, self.config.pretrain
-        self.saved_args = plain_args(args)  # what checkpoints store (weights_only-loadable)
+        loop, data, recipe, distill = self.config.loop, self.config.data, self.config.pretrain, self.config.distill
+        self.saved_args = plain_args(self.args)  # what checkpoints store (weights_only-loadable)
         self.device = torch.device(loop.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.info = DistInfo(device=self.device)  # one process
         seed_everything(loop.seed)
@@ -236,19 +236,20 @@ class Pretrainer(Loop):
         classes = self.train_set.category_ids if drop_empty else None
         self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=loop.on_bad_data, categories=classes)
         num_classes = self.train_set.num_classes
-        self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)
+        teacher_flags = {**recipe.teacher_flags(), **distill.values()}
+        self.teacher, self.teacher_spec = load_teacher(distill.teacher, num_classes, teacher_flags, self.device)
         self.family = family_of(self.teacher_spec.detector)
         # the students' sizes, not the teacher checkpoint's
-        self.family.set_input_size(self.teacher, args.min_size, args.max_size)
+        self.family.set_input_size(self.teacher, recipe.min_size, recipe.max_size)
         layout = self.family.feature_layout(self.teacher_spec)
         self.level_names = layout.names
-        check_icd_heads(args.icd_heads, min(layout.channels), args.teacher)
+        check_icd_heads(distill.settings().heads, min(layout.channels), distill.teacher)
         self.distiller = build_distiller(
-            **distiller_kwargs(vars(args), self.teacher_spec, num_classes),
+            **distiller_kwargs(teacher_flags, self.teacher_spec, num_classes),
             warmup_iters=0,
             annotation_file=train_ann,
-            backend=args.icd_backend,
-            static_shapes=args.icd_static_shapes,
+            backend=distill.backend,
+            static_shapes=distill.static_shapes,
         ).to(self.device)
         check_static_slots(self.distiller, self.train_set.most_instances, train_ann)
         self.signature = teacher_side_signature(

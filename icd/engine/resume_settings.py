@@ -1,5 +1,7 @@
 """--resume checks: the checkpoint is an ``icd train`` one, of the same model, distillation,
-schedule and data order.
+schedule and data order: its run config (``RunConfig.from_checkpoint``: its ``config``, or its
+saved ``args`` for a checkpoint written before typed configs) against this run's, compared and
+named as the flags that give them (``RunConfig.flag_values``).
 
 Loading another run's optimiser state fails deep inside torch ("loaded state dict contains a
 parameter group that doesn't match the size of optimizer's group"); this names the flags that
@@ -18,9 +20,9 @@ images, restarted from its first batch.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
+from icd.engine.run_config import RunConfig
 from icd.errors import ConfigError
 from icd.flags import teacher_only
 
@@ -40,11 +42,17 @@ DATA_ORDER_FLAGS = ("batch_size", "seed")
 ALLOW_FLAG = "--allow-resume-changes"
 
 
+def saved_config(ckpt: Any, path: str) -> RunConfig:
+    """The run config of the checkpoint ``--resume path`` (its ``config``, or the one its saved
+    ``args`` give: ``RunConfig.from_checkpoint``)."""
+    return RunConfig.from_checkpoint(ckpt, f"--resume {path}", "train")
+
+
 def check_resume_compatible(
-    ckpt: Any, path: str, args: argparse.Namespace, spec: dict, world_size: int, train_images: int
+    ckpt: Any, path: str, config: RunConfig, spec: dict, world_size: int, train_images: int
 ) -> None:
-    """ConfigError naming what differs between the checkpoint's run and this one (``world_size``:
-    this run's processes; ``train_images``: its training images)."""
+    """ConfigError naming what differs between the checkpoint's run and this one (``config``: this
+    run's; ``world_size``: its processes; ``train_images``: its training images)."""
     if not isinstance(ckpt, dict):
         raise ConfigError(f"--resume {path} is not an icd train checkpoint (a {type(ckpt).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
@@ -58,23 +66,22 @@ def check_resume_compatible(
     for field in SPEC_FIELDS:
         if field in saved_spec and field in spec and saved_spec[field] != spec[field]:
             differences.append((field.replace("_", "-"), saved_spec[field], spec[field]))
-    saved_args = ckpt.get("args") or {}
-    if "teacher" in saved_args:
-        before, now = bool(saved_args["teacher"]), bool(getattr(args, "teacher", None))
-        if before != now:
-            differences.append(("teacher", "given" if before else "none", "given" if now else "none"))
-        for dest, value in sorted(vars(args).items()):
-            if dest in RESUMABLE_CHANGES or not teacher_only(dest) or dest not in saved_args or not (before or now):
-                continue
-            if saved_args[dest] != value:
-                differences.append((dest.replace("_", "-"), saved_args[dest], value))
+    saved, now = saved_config(ckpt, path).flag_values(), config.flag_values()
+    before, given = bool(saved["teacher"]), bool(now["teacher"])
+    if before != given:
+        differences.append(("teacher", "given" if before else "none", "given" if given else "none"))
+    for dest, value in sorted(now.items()):
+        if dest in RESUMABLE_CHANGES or not teacher_only(dest) or dest not in saved or not (before or given):
+            continue
+        if saved[dest] != value:
+            differences.append((dest.replace("_", "-"), saved[dest], value))
     if differences:
         text = "; ".join(f"--{flag} {_shown(old)} there, {_shown(new)} here" for flag, old, new in differences)
         raise ConfigError(
             f"--resume {path} was another run: {text}. Resume with its flags, or start a new run"
         )
-    changes = schedule_changes(ckpt, args, world_size, train_images)
-    if changes and not getattr(args, "allow_resume_changes", False):
+    changes = schedule_changes(ckpt, config, world_size, train_images)
+    if changes and not config.loop.allow_resume_changes:
         text = "; ".join(f"{flag} {_shown(old)} there, {_shown(new)} here" for flag, old, new in changes)
         raise ConfigError(
             f"--resume {path}",
@@ -84,15 +91,13 @@ def check_resume_compatible(
         )
 
 
-def schedule_changes(
-    ckpt: dict, args: argparse.Namespace, world_size: int, train_images: int
-) -> list[tuple[str, Any, Any]]:
+def schedule_changes(ckpt: dict, config: RunConfig, world_size: int, train_images: int) -> list[tuple[str, Any, Any]]:
     """(flag, the checkpoint's value, this run's) of each schedule or data-order setting that differs."""
-    saved_args = ckpt.get("args") or {}
+    saved, now = saved_config(ckpt, "").flag_values(), config.flag_values()
     changes = [
-        (f"--{dest.replace('_', '-')}", saved_args[dest], getattr(args, dest))
+        (f"--{dest.replace('_', '-')}", saved[dest], now[dest])
         for dest in (*SCHEDULE_FLAGS, *DATA_ORDER_FLAGS)
-        if dest in saved_args and saved_args[dest] != getattr(args, dest, None)
+        if saved[dest] != now[dest]
     ]
     if int(ckpt.get("world_size", world_size)) != world_size:
         changes.append(("processes (torchrun)", ckpt["world_size"], world_size))
@@ -105,12 +110,12 @@ def resumed_position(ckpt: dict, batch_size: int, world_size: int, train_images:
     """The batch of the saved epoch to continue with under ``--allow-resume-changes``, and what was
     done (empty when the position is unchanged)."""
     position = int(ckpt.get("epoch_batches", 0))
-    saved_args = ckpt.get("args") or {}
     if position == 0:
         return 0, ""
-    if saved_args.get("seed", seed) != seed or int(ckpt.get("train_images", train_images)) != train_images:
+    loop = saved_config(ckpt, "").loop
+    if loop.seed != seed or int(ckpt.get("train_images", train_images)) != train_images:
         return 0, f"another order of epoch {ckpt['epoch']}: it restarts from its first batch"
-    old_batch = int(saved_args.get("batch_size", batch_size)) * int(ckpt.get("world_size", world_size))
+    old_batch = loop.batch_size * int(ckpt.get("world_size", world_size))
     new_batch = batch_size * world_size
     if old_batch == new_batch:
         return position, ""

@@ -42,11 +42,11 @@ from icd.detection.adapters import family_of, family_of_spec
 from icd.engine.checkpoint import load_checkpoint
 from icd.engine.distill import build_distiller
 from icd.engine.finite import first_non_finite
+from icd.engine.run_config import DEFAULT_DETECTOR
 from icd.errors import ConfigError, NonFiniteError
 from icd.nn.methods import get_method
 
 BARE_STATE_DICT_NORM = "frozen_bn"  # rule 3's norm when no flag gives one
-DEFAULT_DETECTOR = "retinanet"  # --detector's default, for saved args without one
 
 
 def detector_spec_from_args(args: argparse.Namespace | Mapping[str, Any], num_classes: int) -> Any:
@@ -163,24 +163,28 @@ def load_frozen_teacher(
     return teacher, spec
 
 
-def load_teacher(path: str, num_classes: int, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
+def load_teacher(
+    path: str, num_classes: int, args: argparse.Namespace | Mapping[str, Any], device: torch.device
+) -> tuple[nn.Module, Any]:
     """The frozen teacher of ``--teacher path`` and its spec (``load_frozen_teacher``): architecture
     from the checkpoint, or the --teacher-* flags for a bare state dict (read by the family of
-    ``--teacher-detector``); weights loaded strictly."""
+    ``--teacher-detector``); weights loaded strictly. ``args``: the run's flags (a Namespace, or a
+    mapping such as ``icd train``'s ``{**config.model.values(), **config.distill.values()}``)."""
+    given = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
     flags = None
-    if getattr(args, "teacher_detector", None) is not None and getattr(args, "teacher_backbone", None) is not None:
+    if given.get("teacher_detector") is not None and given.get("teacher_backbone") is not None:
         values = {
-            "detector": args.teacher_detector,
-            "backbone": args.teacher_backbone,
-            "fpn_channels": args.teacher_fpn_channels,
-            "min_level": args.min_level,
-            "max_level": args.max_level,
-            "norm": args.teacher_norm or BARE_STATE_DICT_NORM,
+            "detector": given["teacher_detector"],
+            "backbone": given["teacher_backbone"],
+            "fpn_channels": given.get("teacher_fpn_channels"),
+            "min_level": given.get("min_level"),
+            "max_level": given.get("max_level"),
+            "norm": given.get("teacher_norm") or BARE_STATE_DICT_NORM,
             # icd pretrain's sizes may be unset: the spec's defaults then
-            "min_size": getattr(args, "min_size", None),
-            "max_size": getattr(args, "max_size", None),
+            "min_size": given.get("min_size"),
+            "max_size": given.get("max_size"),
         }
-        flags = family_of(args.teacher_detector, "--teacher-detector").spec_from_args(values, num_classes)
+        flags = family_of(given["teacher_detector"], "--teacher-detector").spec_from_args(values, num_classes)
     return load_frozen_teacher(path, num_classes, device, flags=flags)
 
 

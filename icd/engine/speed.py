@@ -6,14 +6,17 @@ each combination that cannot run is refused here with one line, before any model
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from icd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from icd.engine.run_config import DistillConfig, SpeedConfig
 
 AMP_DTYPES = ("bfloat16", "float16")
 # inductor generates code (C++ on CPU, Triton on CUDA); aot_eager traces forward and backward
@@ -55,14 +58,15 @@ def compile_unavailable(device: torch.device, backend: str) -> str | None:
     return None
 
 
-def check_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
-    """ConfigError for --compile, --icd-cuda-graphs and --amp-dtype settings that cannot run."""
-    if getattr(args, "amp_dtype", None) is not None and not args.amp:
-        raise ConfigError(f"--amp-dtype {args.amp_dtype}: needs --amp (without it the run is in float32)")
-    backend = getattr(args, "compile_backend", None)
-    if backend is not None and not getattr(args, "compile", False):
+def check_speed_flags(speed: SpeedConfig, distill: DistillConfig, device: torch.device) -> None:
+    """ConfigError for --compile, --icd-cuda-graphs and --amp-dtype settings that cannot run
+    (``distill``: the run's distillation, which CUDA graphs need to be ICD's with static shapes)."""
+    if speed.amp_dtype is not None and not speed.amp:
+        raise ConfigError(f"--amp-dtype {speed.amp_dtype}: needs --amp (without it the run is in float32)")
+    backend = speed.compile_backend
+    if backend is not None and not speed.compile:
         raise ConfigError(f"--compile-backend {backend}: needs --compile")
-    if getattr(args, "compile", False):
+    if speed.compile:
         backend = backend or "inductor"
         reason = compile_unavailable(device, backend)
         if reason is not None:
@@ -70,12 +74,12 @@ def check_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
                 f"--compile (--compile-backend {backend})",
                 f"{reason}; leave --compile out (or try --compile-backend aot_eager)",
             )
-    if getattr(args, "icd_cuda_graphs", False):
+    if speed.cuda_graphs:
         if device.type != "cuda":
             raise ConfigError(f"--icd-cuda-graphs: CUDA graphs need a CUDA --device; this run is on {device}")
-        if args.distill != "icd":
-            raise ConfigError(f"--icd-cuda-graphs: graphs ICD's distiller; --distill is {args.distill}")
-        if not args.icd_static_shapes:
+        if distill.method != "icd":
+            raise ConfigError(f"--icd-cuda-graphs: graphs ICD's distiller; --distill is {distill.method}")
+        if not distill.static_shapes:
             raise ConfigError(
                 "--icd-cuda-graphs: needs --icd-static-shapes (a graph replays fixed shapes; the default "
                 "layout's shapes follow each batch's box counts)"

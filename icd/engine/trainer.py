@@ -2,8 +2,9 @@
 as a step strategy of the one training loop (``icd.engine.loop.Loop``).
 
 Reads like torchvision's references/detection/train.py: the arguments are the CLI's
-(``icd train --help``), the checkpoint is a dict with model, optimizer, lr_scheduler, epoch and
-args (plus what an exact resume needs, see icd.engine.checkpoint).
+(``icd train --help``), read once into a typed ``RunConfig`` (``icd.engine.run_config``); the
+checkpoint is a dict with model, optimizer, lr_scheduler, epoch, args and config (plus what an
+exact resume needs, see icd.engine.checkpoint).
 
 One iteration (``Trainer.step``; ``family``: the detector family of ``icd.detection.adapters``)::
 
@@ -58,7 +59,7 @@ from icd.engine.loop import LAST_CHECKPOINT, Loop, loss_key
 from icd.engine.metrics import MetricsLog
 from icd.engine.output_dir import claim_output_dir
 from icd.engine.resume_settings import check_resume_compatible, resumed_position, schedule_changes
-from icd.engine.run_config import RunConfig
+from icd.engine.run_config import LoopConfig, RunConfig
 from icd.engine.run_spec import detector_spec_from_args, distiller_kwargs, load_teacher
 from icd.engine.sampler import ResumableSampler
 from icd.engine.speed import check_speed_flags, compile_error, compile_in_place, grad_scaler
@@ -73,18 +74,16 @@ TEACHER_FEATURE_LIMIT = torch.finfo(torch.float32).max ** 0.5
 BEST_CHECKPOINT = "model_best.pth"  # the evaluation with the highest best_metric() so far
 
 
-def run_length(args: argparse.Namespace, iters_per_epoch: int) -> tuple[int, int]:
+def run_length(loop: LoopConfig, iters_per_epoch: int) -> tuple[int, int]:
     """(iterations, epochs) of the run: --iters when given (the last epoch may be partial),
-    else --epochs whole epochs."""
-    for flag in ("iters", "epochs", "stop_after_iters"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
+    else --epochs whole epochs (LoopConfig has checked both)."""
     if iters_per_epoch <= 0:
         raise NothingDoneError("the training split has no image: nothing to train on")
-    if args.iters is None:
-        return args.epochs * iters_per_epoch, args.epochs
-    return args.iters, math.ceil(args.iters / iters_per_epoch)
+    if loop.iters is None:
+        if loop.epochs is None:
+            raise ConfigError("--epochs or --iters: give the run's length")
+        return loop.epochs * iters_per_epoch, loop.epochs
+    return loop.iters, math.ceil(loop.iters / iters_per_epoch)
 
 
 def best_metric(detector: str, metrics: dict[str, float]) -> str:
@@ -103,7 +102,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class Trainer(Loop):
-    """Builds everything from the parsed ``icd train`` arguments; ``run()`` trains and evaluates.
+    """Builds everything from the parsed ``icd train`` arguments, which it reads once into its
+    ``config`` (``RunConfig.from_args``: every setting it reads after that is a config field);
+    ``run()`` trains and evaluates.
 
     ``hooks``: periodic work of your own (``icd.engine.hooks.Hook``s), run after the trainer's
     (health check, metrics, checkpoints, evaluation) in the order given; ``register_hook`` adds
@@ -112,19 +113,20 @@ class Trainer(Loop):
 
     def __init__(self, args: argparse.Namespace, hooks: Iterable[Hook] = ()) -> None:
         super().__init__(hooks)
-        self.args = args
-        self.config = RunConfig.from_args(args, "train")  # what the loop and its hooks read
-        self.inherit_parts = parse_parts(args.inherit_teacher)  # checked before anything is built
-        if self.inherit_parts and not args.teacher:
-            raise ConfigError(f"--inherit-teacher {args.inherit_teacher} needs --teacher")
-        if args.teacher and args.distill == "none" and not self.inherit_parts:
+        self.args = args  # saved in checkpoints as ``args`` (older icds read it); the engine reads config
+        self.config = RunConfig.from_args(args, "train")  # everything a run reads, built once
+        distill = self.config.distill
+        self.inherit_parts = parse_parts(distill.inherit_teacher)  # checked before anything is built
+        if self.inherit_parts and not distill.teacher:
+            raise ConfigError(f"--inherit-teacher {distill.inherit_teacher} needs --teacher")
+        if distill.teacher and distill.method == "none" and not self.inherit_parts:
             raise ConfigError(
-                f"--teacher {args.teacher} --distill none: the teacher would not be used; add "
+                f"--teacher {distill.teacher} --distill none: the teacher would not be used; add "
                 "--inherit-teacher neck,head (inheritance only) or leave --teacher out (a baseline)"
             )
         from icd.engine.distributed import resolve_device
 
-        check_speed_flags(args, resolve_device(args.device))
+        check_speed_flags(self.config.speed, distill, resolve_device(self.config.loop.device))
         # another run's files there, or a live run in it, stop this one before anything is built;
         # rank 0 holds the folder (its lock) until close()
         self.claim = (
@@ -141,45 +143,45 @@ class Trainer(Loop):
 
     def _set_up(self) -> None:
         """Everything a run needs, from the arguments (the folder already claimed)."""
-        args, loop = self.args, self.config.loop
+        loop, model, speed = self.config.loop, self.config.model, self.config.speed
         self.info: DistInfo = init_distributed(loop.device)
         seed_everything(loop.seed)
         self._build_data()
         num_classes = self.train_set.num_classes
-        self.family = family_of(args.detector)
-        self.spec = detector_spec_from_args(args, num_classes)
-        if getattr(self.spec, "norm", None) == "frozen_bn" and not args.backbone_weights and self.info.is_main:
+        self.family = family_of(model.detector)
+        self.spec = detector_spec_from_args(model.values(), num_classes)
+        if getattr(self.spec, "norm", None) == "frozen_bn" and not model.backbone_weights and self.info.is_main:
             log.warning(
                 "frozen_bn without --backbone-weights: the backbone's BatchNorm layers stay at identity "
                 "and its weights start random; give ImageNet weights, or --norm gn to train from scratch"
             )
-        if args.amp and self.info.device.type == "cpu" and self.info.is_main:
+        if speed.amp and self.info.device.type == "cpu" and self.info.is_main:
             log.warning(
                 "--amp on the CPU: %s autocast makes torchvision's detectors slower there, not faster "
                 "(a RetinaNet R18 step took 5.9x the CPU time of float32 in bfloat16, docs/nn.md); leave --amp "
-                "for CUDA", getattr(args, "amp_dtype", None) or "bfloat16",
+                "for CUDA", speed.amp_dtype or "bfloat16",
             )
         backbone = None  # ImageNet weights of the ResNet body, read like every checkpoint file
-        if args.backbone_weights:
-            backbone = state_dict_entry(load_checkpoint(args.backbone_weights, "--backbone-weights"),
-                                        "--backbone-weights", args.backbone_weights)  # fmt: skip
-        self.model = self.family.build(self.spec, backbone, f"--backbone-weights {args.backbone_weights}")
+        if model.backbone_weights:
+            backbone = state_dict_entry(load_checkpoint(model.backbone_weights, "--backbone-weights"),
+                                        "--backbone-weights", model.backbone_weights)  # fmt: skip
+        self.model = self.family.build(self.spec, backbone, f"--backbone-weights {model.backbone_weights}")
         self.model.to(self.info.device)
         sampler = ResumableSampler(self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=loop.seed)
         self.batches = EpochBatches(
             self.train_set, sampler, loop.batch_size, loop.workers, loop.seed,
             pin_memory=self.info.device.type == "cuda", progress=self.info.is_main and loop.progress,
         )
-        self.total_iters, self.num_epochs = run_length(args, self.batches.per_epoch)
+        self.total_iters, self.num_epochs = run_length(loop, self.batches.per_epoch)
         self.tap = self.teacher = self.distiller = None
-        if args.teacher:
+        if self.config.distill.teacher:
             self._build_distillation(num_classes)
         self._build_optimisers()
         self.trained_params = [
             p for group in self._optimisers() for g in group.param_groups for p in g["params"] if p.requires_grad
         ]
         self._teacher_maps: list[torch.Tensor] | None = None
-        self.scaler = grad_scaler(self.info.device, args.amp, getattr(args, "amp_dtype", None))
+        self.scaler = grad_scaler(self.info.device, speed.amp, speed.amp_dtype)
         self._compile()
         self._wrap_ddp()
         self.metrics = MetricsLog(loop.output_dir, enabled=self.info.is_main)
@@ -191,7 +193,7 @@ class Trainer(Loop):
 
     # -- set-up ------------------------------------------------------------------------------
     def _build_data(self) -> None:
-        args, data, loop = self.args, self.config.data, self.config.loop
+        data, loop, detector = self.config.data, self.config.loop, self.config.model.detector
         train_dir, train_ann = dataset_paths(data.data_path, data.train_split, data.train_ann, data.train_images)
         drop_empty = data.drop_empty_categories
         self.train_set = CocoDetection(
@@ -201,7 +203,7 @@ class Trainer(Loop):
             flip_prob=data.flip_prob,
             on_bad_data=loop.on_bad_data,
             seed=loop.seed,
-            with_masks=family_of(args.detector).needs_masks(args.detector),
+            with_masks=family_of(detector).needs_masks(detector),
             drop_empty_categories=drop_empty,
         )
         if self.info.is_main:
@@ -220,8 +222,9 @@ class Trainer(Loop):
     def _build_distillation(self, num_classes: int) -> None:
         """The frozen teacher, the distiller and the tap on the student (``--distill none``: only
         the --inherit-teacher copy, after which the teacher is released)."""
-        args, info = self.args, self.info
-        self.teacher, teacher_spec = load_teacher(args.teacher, num_classes, args, info.device)
+        distill, info = self.config.distill, self.info
+        teacher_flags = {**self.config.model.values(), **distill.values()}  # --teacher-*, the levels, sizes
+        self.teacher, teacher_spec = load_teacher(distill.teacher, num_classes, teacher_flags, info.device)
         self.teacher_family = family_of(teacher_spec.detector)
         self.teacher_spec = teacher_spec
         theirs = self.teacher_family.feature_layout(teacher_spec)
@@ -231,26 +234,27 @@ class Trainer(Loop):
                 f"teacher levels P{list(theirs.levels)} differ from the student's "
                 f"P{list(ours.levels)}; pass --min-level/--max-level to match"
             )
-        if args.distill == "none":
+        if distill.method == "none":
             self._inherit(teacher_spec)
             self.teacher = None  # inheritance only: no teacher forward passes, its memory goes
             return
-        if args.distill == "icd":
-            check_icd_heads(args.icd_heads, min(theirs.channels), args.teacher)
-        warmup = args.distill_warmup_iters
+        settings = distill.settings()  # the method's config (its registry entry's)
+        if distill.method == "icd":
+            check_icd_heads(settings.heads, min(theirs.channels), distill.teacher)
+        warmup = distill.warmup_iters
         if warmup is None:
             warmup = optim.default_warmup_iters(self.total_iters)
         self.distiller = build_distiller(
-            **distiller_kwargs(vars(args), teacher_spec, num_classes),
+            **distiller_kwargs(teacher_flags, teacher_spec, num_classes),
             warmup_iters=warmup,
             annotation_file=self.train_set.coco.dataset,  # as checked (bad annotations skipped)
-            backend=args.icd_backend,
-            static_shapes=args.icd_static_shapes,
+            backend=distill.backend,
+            static_shapes=distill.static_shapes,
         ).to(info.device)
         check_static_slots(self.distiller, self.train_set.most_instances, self.train_annotations)
         self.teacher_levels = theirs.names
-        if getattr(args, "icd_init", None):
-            self._load_icd_init(args.icd_init, teacher_spec)
+        if distill.icd_init:
+            self._load_icd_init(distill.icd_init, teacher_spec)
         self.tap = self.family.tap(self.model, self.spec)
         self._inherit(teacher_spec)
 
@@ -266,8 +270,9 @@ class Trainer(Loop):
         """ICD's teacher side from ``icd pretrain``'s file, checked against this teacher."""
         from icd.engine.pretrain import load_teacher_side, teacher_fingerprint, teacher_side_signature
 
-        if self.args.distill != "icd":
-            raise ConfigError(f"--icd-init {path} needs --distill icd (got --distill {self.args.distill})")
+        method = self.config.distill.method
+        if method != "icd":
+            raise ConfigError(f"--icd-init {path} needs --distill icd (got --distill {method})")
         expected = teacher_side_signature(self.distiller, teacher_spec, teacher_fingerprint(self.teacher, teacher_spec))
         meta = load_teacher_side(self.distiller, path, expected)
         if self.info.is_main:
@@ -278,28 +283,28 @@ class Trainer(Loop):
 
     def _build_optimisers(self) -> None:
         """SGD over the student and the distiller's student side; AdamW over ICD's teacher side."""
-        args = self.args
-        total_batch = args.batch_size * self.info.world_size
-        lr = args.lr if args.lr is not None else optim.default_lr(args.detector, total_batch)
-        if args.config and total_batch != PRESET_IMAGES_PER_ITERATION and self.info.is_main:
+        settings, batch_size = self.config.optim, self.config.loop.batch_size
+        total_batch = batch_size * self.info.world_size
+        lr = settings.lr if settings.lr is not None else optim.default_lr(self.config.model.detector, total_batch)
+        if settings.preset and total_batch != PRESET_IMAGES_PER_ITERATION and self.info.is_main:
             log.warning(
                 "--config %s: the presets' lr and schedule are for %d images per iteration; this run has %d "
                 "(world size %d x --batch-size %d). Keep %d images, or scale --lr linearly (%.3g here)",
-                args.config, PRESET_IMAGES_PER_ITERATION, total_batch, self.info.world_size, args.batch_size,
+                settings.preset, PRESET_IMAGES_PER_ITERATION, total_batch, self.info.world_size, batch_size,
                 PRESET_IMAGES_PER_ITERATION, lr * total_batch / PRESET_IMAGES_PER_ITERATION,
             )
         student_params = list(self.model.parameters())
-        projection_by_teacher_side = getattr(args, "icd_projection_optimizer", "student") == "teacher-side"
+        projection_by_teacher_side = settings.projection_optimizer == "teacher-side"
         if self.distiller is not None and not projection_by_teacher_side:
             student_params += list(self.distiller.student_side_parameters())
         self.optimizer = optim.student_optimizer(
-            student_params, lr, args.momentum, args.weight_decay
+            student_params, lr, settings.momentum, settings.weight_decay
         )
-        warmup_iters = args.warmup_iters
+        warmup_iters = settings.warmup_iters
         if warmup_iters is None:
             warmup_iters = optim.default_warmup_iters(self.total_iters)
         self.lr_scheduler = optim.student_scheduler(
-            self.optimizer, self.total_iters, warmup_iters, args.lr_steps
+            self.optimizer, self.total_iters, warmup_iters, settings.lr_steps
         )
         self.teacher_params = []
         self.teacher_optimizer = self.teacher_lr_scheduler = None
@@ -312,7 +317,7 @@ class Trainer(Loop):
                     p for p in self.distiller.student_side_parameters() if p.requires_grad
                 ]
             if self.teacher_params:
-                self.teacher_optimizer = optim.teacher_side_optimizer(self.teacher_params, args.icd_lr)
+                self.teacher_optimizer = optim.teacher_side_optimizer(self.teacher_params, settings.teacher_lr)
                 self.teacher_lr_scheduler = optim.teacher_side_scheduler(
                     self.teacher_optimizer, self.total_iters
                 )
@@ -321,15 +326,15 @@ class Trainer(Loop):
         """--compile: the student's and the teacher's ResNet + FPN and the distiller, compiled in
         place (state dict keys unchanged); --icd-cuda-graphs: the distiller in mode
         reduce-overhead (CUDA graphs of its forward and backward, fixed shapes)."""
-        args = self.args
-        graphs = getattr(args, "icd_cuda_graphs", False)
-        if getattr(args, "compile", False):
+        speed = self.config.speed
+        graphs = speed.cuda_graphs
+        if speed.compile:
             modules = self.family.compiled_parts(self.model)
             if self.teacher is not None:
                 modules += self.teacher_family.compiled_parts(self.teacher)
             if self.distiller is not None and not graphs:
                 modules.append(self.distiller)
-            compile_in_place(modules, args.compile_backend or "inductor")
+            compile_in_place(modules, speed.compile_backend or "inductor")
         if graphs:
             compile_in_place([self.distiller], "inductor", mode="reduce-overhead", dynamic=False)
 
@@ -399,8 +404,8 @@ class Trainer(Loop):
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path, "--resume")
         world_size, train_images = self.info.world_size, len(self.train_set)
-        check_resume_compatible(ckpt, path, self.args, self.family.spec_to_dict(self.spec), world_size, train_images)
-        RunConfig.from_checkpoint(ckpt, f"--resume {path}", "train")  # one this icd reads, of icd train
+                # the checkpoint's config (of icd train, one this icd reads) against this run's
+        check_resume_compatible(ckpt, path, self.config, self.family.spec_to_dict(self.spec), world_size, train_images)
         self.family.load_weights(_unwrap(self.model), ckpt, what="resumed", source=f"--resume {path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -408,7 +413,7 @@ class Trainer(Loop):
             if "distiller" not in ckpt:
                 raise KeyError(
                     f"--resume {path} has no distiller state; it is not a "
-                    f"--distill {self.args.distill} run"
+                    f"--distill {self.config.distill.method} run"
                 )
             self.distiller.load_state_dict(ckpt["distiller"])
         if self.teacher_optimizer is not None:
@@ -418,7 +423,7 @@ class Trainer(Loop):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         position = int(ckpt.get("epoch_batches", 0))
-        if schedule_changes(ckpt, self.args, world_size, train_images):  # --allow-resume-changes
+        if schedule_changes(ckpt, self.config, world_size, train_images):  # --allow-resume-changes
             self._apply_new_schedule()
             loop = self.config.loop
             position, note = resumed_position(ckpt, loop.batch_size, world_size, train_images, loop.seed)
@@ -438,7 +443,8 @@ class Trainer(Loop):
         built from the new flags; their saved state holds the old base lr)."""
         lr = self.optimizer.defaults["lr"]  # this run's --lr (or its default), set when it was built
         for group in self.optimizer.param_groups:
-            group.update(momentum=self.args.momentum, weight_decay=self.args.weight_decay, initial_lr=lr)
+            settings = self.config.optim
+            group.update(momentum=settings.momentum, weight_decay=settings.weight_decay, initial_lr=lr)
         schedulers = [(self.lr_scheduler, [lr] * len(self.optimizer.param_groups))]
         if self.teacher_lr_scheduler is not None:
             schedulers.append((self.teacher_lr_scheduler, list(self.teacher_lr_scheduler.base_lrs)))
@@ -493,8 +499,8 @@ class Trainer(Loop):
         else:
             found = f"as large as {peak:.3g} (the distillation loss squares them: float32 ends at 3.4e38)"
         return (
-            f"the teacher's FPN outputs are {found} (--teacher {self.args.teacher}): the teacher, not the "
-            "student, is at fault" + (" (float16 overflow? try without --amp)" if self.args.amp else "")
+            f"the teacher's FPN outputs are {found} (--teacher {self.config.distill.teacher}): the teacher, not "
+            "the student, is at fault" + (" (float16 overflow? try without --amp)" if self.config.speed.amp else "")
         )
 
     def _check_teacher_maps(self, maps: list[torch.Tensor]) -> None:
@@ -505,8 +511,9 @@ class Trainer(Loop):
 
     # -- one iteration -----------------------------------------------------------------------
     def _losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
-        graphs = getattr(self.args, "icd_cuda_graphs", False)
-        with autocast(self.info.device, self.args.amp, getattr(self.args, "amp_dtype", None)):
+        speed = self.config.speed
+        graphs = speed.cuda_graphs
+        with autocast(self.info.device, speed.amp, speed.amp_dtype):
             losses = self.family.losses(self.model, self.spec, images, targets)
             if self.distiller is not None:
                 batch = self.tap.batch  # labels 0..C-1 in the student's input frame
@@ -587,7 +594,7 @@ class Trainer(Loop):
         if self.teacher_optimizer is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.teacher_optimizer)
-            torch.nn.utils.clip_grad_norm_(self.teacher_params, self.args.icd_clip)
+            torch.nn.utils.clip_grad_norm_(self.teacher_params, self.config.optim.teacher_clip)
         for opt in (self.optimizer, self.teacher_optimizer):
             if opt is None:
                 continue
@@ -610,7 +617,7 @@ class Trainer(Loop):
         try:
             yield
         except Exception as err:
-            failed = compile_error(err, getattr(self.args, "compile_backend", None) or "inductor")
+            failed = compile_error(err, self.config.speed.compile_backend or "inductor")
             if failed is not None:
                 raise failed from err
             raise
@@ -664,16 +671,17 @@ class Trainer(Loop):
             self.info,
             family=self.family,
             spec=self.spec,
-            amp=self.args.amp,
-            amp_dtype=getattr(self.args, "amp_dtype", None),
+            amp=self.config.speed.amp,
+            amp_dtype=self.config.speed.amp_dtype,
             output_dir=loop.output_dir,
-            split=self.args.val_split,
+            split=self.config.data.val_split,
             progress=loop.progress,
         )
-        if self.args.teacher and self.args.distill == "icd" and self.info.is_main:
+        distill = self.config.distill
+        if distill.teacher and distill.method == "icd" and self.info.is_main:
             from icd.engine.attention import attention_statistics
 
-            detailed = getattr(self.args, "attention_detail", False)
+            detailed = distill.attention_detail
             metrics.update(
                 attention_statistics(self.distiller, self.teacher, self.val_set, self.teacher_levels,
                                      detailed=detailed, teacher_spec=self.teacher_spec)  # fmt: skip
