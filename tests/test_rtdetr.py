@@ -1,0 +1,113 @@
+"""RT-DETR from Hugging Face transformers (icd/detection/adapters/rtdetr.py); skipped without the
+``rtdetr`` extra (pip install --no-deps -r requirements-rtdetr.txt)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icd.detection.adapters import rtdetr as adapter
+
+if not adapter.available():
+    pytest.skip("the rtdetr extra (transformers, scipy) is not installed", allow_module_level=True)
+
+from icd.detection.feature_tap import FeatureTap  # noqa: E402
+from icd.errors import ConfigError, WeightsMismatchError  # noqa: E402
+
+S = 64  # the square input side of the tiny models
+
+
+def tiny_spec(backbone: str = "resnet18", **kw) -> adapter.RTDetrSpec:
+    settings = {"num_classes": 3, "width": 0.25, "hidden_dim": 32, "image_size": S, "num_queries": 12,
+                "num_denoising": 6, "decoder_layers": 2, **kw}  # fmt: skip
+    return adapter.RTDetrSpec(backbone=backbone, **settings)
+
+
+def batch() -> tuple[list[torch.Tensor], list[dict]]:
+    images = [torch.rand(3, 48, 96), torch.rand(3, 64, 64)]  # another size and aspect than the input frame
+    targets = [
+        {"boxes": torch.tensor([[12.0, 6.0, 36.0, 30.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[0.0, 0.0, 16.0, 16.0], [32.0, 40.0, 60.0, 64.0]]), "labels": torch.tensor([0, 2])},
+    ]
+    return images, targets
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_tap_gives_the_hybrid_encoder_maps_at_strides_8_16_32(backbone):
+    model = adapter.build_rtdetr(tiny_spec(backbone)).train()
+    images, targets = batch()
+    with FeatureTap(model) as tap:
+        losses = model(images, targets)
+        tapped = tap.batch
+    assert set(losses) == set(adapter.LOSS_KINDS)
+    assert all(v.ndim == 0 and torch.isfinite(v) and v > 0 for v in losses.values())
+    assert tapped.padded_size == (S, S)
+    assert tapped.image_sizes.tolist() == [[S, S], [S, S]]  # no padding: all valid
+    assert [tuple(f.shape) for f in tapped.features] == [(2, 32, S // s, S // s) for s in (8, 16, 32)]
+    assert model.spec.strides == [8, 16, 32] and model.spec.levels == [3, 4, 5]
+    # boxes in the resized frame: image 0 (48 x 96) is scaled by (64/96, 64/48)
+    torch.testing.assert_close(tapped.boxes[0], torch.tensor([[8.0, 8.0, 24.0, 40.0]]))
+    torch.testing.assert_close(tapped.boxes[1], targets[1]["boxes"])
+    assert [lab.tolist() for lab in tapped.labels] == [[1], [0, 2]]
+    # the teacher's maps on the student's batch: the same maps from the batch alone
+    again = list(model.backbone(tapped.images).values())
+    for a, b in zip(again, tapped.features, strict=True):
+        torch.testing.assert_close(a, b)
+    sum(losses.values()).backward()
+    assert model.hf.model.backbone.model.embedder.embedder[0].convolution.weight.grad is not None
+
+
+def test_losses_sum_to_transformers_total():
+    """The three kinds regroup transformers' loss_dict: their sum is its weighted total."""
+    model = adapter.build_rtdetr(tiny_spec()).train()
+    images, targets = batch()
+    torch.manual_seed(1)
+    ours = sum(model(images, targets).values())
+    image_list, resized = model.transform(images, targets)
+    torch.manual_seed(1)  # the same denoising queries
+    theirs = model.hf(pixel_values=image_list.tensors, labels=model._hf_labels(resized, S)).loss
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_detections_are_in_each_original_image_frame():
+    model = adapter.build_rtdetr(tiny_spec(score_thresh=0.0, max_detections=5)).eval()
+    # one query per corner box: cx, cy, w, h in [0, 1] of the square frame
+    boxes = torch.tensor([[[0.25, 0.5, 0.5, 1.0], [0.9, 0.9, 0.4, 0.4]]])
+    logits = torch.tensor([[[4.0, -4.0, -4.0], [-4.0, -4.0, 3.0]]])
+    (out,) = model.postprocess(logits, boxes, [(48, 96)])
+    assert out["labels"][:2].tolist() == [0, 2]
+    torch.testing.assert_close(out["boxes"][0], torch.tensor([0.0, 0.0, 48.0, 48.0]))
+    torch.testing.assert_close(out["boxes"][1], torch.tensor([67.2, 33.6, 96.0, 48.0]))  # clamped to the image
+    assert out["scores"][0] == torch.sigmoid(torch.tensor(4.0))
+    assert len(out["scores"]) == 5
+    with torch.no_grad():
+        detections = model(batch()[0])
+    assert [d["boxes"].shape[1] for d in detections] == [4, 4]
+    assert float(detections[0]["boxes"][:, 2].max()) <= 96 and float(detections[0]["boxes"][:, 3].max()) <= 48
+
+
+def test_local_weights_load_strictly(tmp_path):
+    from safetensors.torch import save_file
+
+    source = adapter.build_rtdetr(tiny_spec())
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.hf.state_dict().items()}, str(path))
+    model = adapter.build_rtdetr(tiny_spec(), adapter.read_local_weights(str(tmp_path)), "the file")
+    for (k, a), b in zip(model.hf.state_dict().items(), source.hf.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(WeightsMismatchError, match="other shapes"):
+        adapter.build_rtdetr(tiny_spec(hidden_dim=16), adapter.read_local_weights(str(path)), "the file")
+    with pytest.raises(WeightsMismatchError, match="missing keys"):
+        adapter.build_rtdetr(tiny_spec("resnet50"), adapter.read_local_weights(str(path)), "the file")
+    with pytest.raises(ConfigError, match="no such weights file"):
+        adapter.read_local_weights(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "flag"),
+    [({"backbone": "resnet152"}, "--backbone"), ({"image_size": 100}, "--min-size 100"),
+     ({"hidden_dim": 12}, "--fpn-channels 12"), ({"norm": "gn"}, "--norm gn")],  # fmt: skip
+)
+def test_spec_errors_name_the_flag(settings, flag):
+    with pytest.raises(ConfigError, match=flag):
+        adapter.RTDetrSpec(**settings)
