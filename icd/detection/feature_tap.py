@@ -22,7 +22,8 @@ class TappedBatch:
     images: the padded input [N, 3, Hp, Wp] (normalised as the detector normalises).
     image_sizes: int64 [N, 2], (h_i, w_i) after resizing, before padding.
     boxes: N tensors [n_i, 4] (x1, y1, x2, y2) in the resized frame; None in eval mode.
-    labels: N int64 tensors [n_i], the detector's labels; None in eval mode.
+    labels: N int64 tensors [n_i], the detector's labels less the tap's ``label_offset`` (0..C-1
+        when it is the detector's, ``DetectorSpec.label_offset``); None in eval mode.
     """
 
     features: list[Tensor]
@@ -39,11 +40,15 @@ class TappedBatch:
 class FeatureTap:
     """Forward hooks on ``model.transform`` and ``model.backbone``; ``.batch`` after a forward.
 
+    ``label_offset``: subtracted from the detector's labels in ``.batch`` (1 for the two-stage
+    detectors, whose label 0 is the background: ``.batch`` then has the dataset's 0..C-1).
+
     Use as a context manager or call ``remove()``; the hooks keep references to the last
     forward's tensors (with their graph), which ``clear()`` drops.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, label_offset: int = 0) -> None:
+        self.label_offset = label_offset
         self._transform_out = None
         self._features = None
         self._handles = [
@@ -66,7 +71,7 @@ class FeatureTap:
         boxes = labels = None
         if targets is not None:
             boxes = [t["boxes"] for t in targets]
-            labels = [t["labels"] for t in targets]
+            labels = [t["labels"] - self.label_offset if self.label_offset else t["labels"] for t in targets]
         return TappedBatch(self._features, image_list.tensors, sizes, boxes, labels)
 
     def clear(self) -> None:

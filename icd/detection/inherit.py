@@ -70,7 +70,15 @@ def inherit_from_teacher(
             f"--inherit-teacher {','.join(parts)}: the student is a {student_detector} and the teacher "
             f"a {teacher_detector}; only the same detector can inherit its neck and head"
         )
-    prefixes = part_prefixes(student_detector, parts)
+    return copy_prefixes(student, teacher, part_prefixes(student_detector, parts), parts)
+
+
+def copy_prefixes(student: nn.Module, teacher: nn.Module, prefixes: tuple[str, ...], parts: Iterable[str]) -> list[str]:
+    """Copy every state entry of the student under ``prefixes`` from the teacher, in place; returns
+    the copied keys. ConfigError naming ``--inherit-teacher`` (``parts``: the names it was given),
+    nothing copied, when an entry is missing in the teacher or has another shape there, or the
+    student has none under the prefixes."""
+    parts = tuple(parts)
     own = {k: v for k, v in student.state_dict().items() if k.startswith(prefixes)}
     theirs = teacher.state_dict()
     missing = sorted(k for k in own if k not in theirs)

@@ -1,0 +1,113 @@
+"""The detector adapter seam (icd/detection/adapters): the registry and torchvision's family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icd.detection.adapters import (
+    DETECTOR_FAMILIES,
+    FeatureLayout,
+    InputFrame,
+    Tap,
+    detector_names,
+    family_of,
+    family_of_spec,
+    get_family,
+    register_family,
+    unregister_family,
+)
+from icd.detection.adapters.torchvision import TorchvisionFamily
+from icd.errors import ConfigError
+
+TINY = {"backbone": "resnet18", "fpn_channels": 32, "min_size": [64], "max_size": 64}
+
+
+def _images_and_targets():
+    images = [torch.rand(3, 64, 56), torch.rand(3, 48, 64)]
+    targets = [
+        {"boxes": torch.tensor([[2.0, 3.0, 30.0, 40.0]]), "labels": torch.tensor([2])},
+        {"boxes": torch.tensor([[5.0, 5.0, 20.0, 25.0], [30.0, 10.0, 60.0, 40.0]]), "labels": torch.tensor([0, 1])},
+    ]
+    return images, targets
+
+
+def test_registry_finds_families_and_names_the_flag_when_it_cannot():
+    assert set(TorchvisionFamily.detectors) <= set(detector_names())
+    assert isinstance(family_of("retinanet"), TorchvisionFamily)
+    assert get_family("torchvision") is family_of("maskrcnn")
+    with pytest.raises(ConfigError, match=r"^--teacher-detector yolo: no such detector"):
+        family_of("yolo", "--teacher-detector")
+    with pytest.raises(ConfigError, match="no such detector family"):
+        get_family("mmdet")
+    # a checkpoint's spec dict without "family" was written by torchvision's detectors
+    assert family_of_spec({"detector": "fcos"}).name == "torchvision"
+    with pytest.raises(ValueError, match="registered already"):
+        register_family(TorchvisionFamily())
+    with pytest.raises(ValueError, match="built in"):
+        unregister_family("torchvision")
+
+
+def test_a_family_whose_detector_is_taken_is_refused():
+    class Clash(TorchvisionFamily):
+        name = "clash"
+        detectors = ("fcos",)
+
+    with pytest.raises(ValueError, match=r"\['fcos'\] belong to 'torchvision'"):
+        register_family(Clash())
+    assert "clash" not in DETECTOR_FAMILIES
+
+
+@pytest.mark.parametrize("detector", ["fcos", "fasterrcnn"])
+def test_torchvision_family_gives_layout_frame_and_labels_from_zero(detector):
+    family = family_of(detector)
+    spec = family.spec_from_args({"detector": detector, **TINY}, num_classes=3)
+    saved = family.spec_to_dict(spec)
+    assert saved["family"] == "torchvision" and family_of_spec(saved).spec_from_dict(saved) == spec
+    layout = family.feature_layout(spec)
+    assert isinstance(layout, FeatureLayout)
+    assert layout.strides == tuple(2.0**level for level in layout.levels) and layout.width == 32
+    model = family.build(spec)
+    tap = family.tap(model, spec)
+    images, targets = _images_and_targets()
+    losses = family.losses(model, spec, images, targets)
+    assert isinstance(tap, Tap)  # (after a forward: the check reads .batch)
+    assert losses and all(v.ndim == 0 for v in losses.values())
+    batch = tap.batch
+    # the dataset's labels 0..C-1 whatever the detector's background class
+    assert [lab.tolist() for lab in batch.labels] == [[2], [0, 1]]
+    assert batch.padded_size == (64, 64) and batch.image_sizes.tolist() == [[64, 56], [48, 64]]
+    maps = family.features(model, spec, batch.images)
+    assert [m.shape for m in maps] == [f.shape for f in batch.features]
+    assert [m.shape[-1] for m in maps] == [-(-64 // int(s)) for s in layout.strides]
+    tap.remove()
+    frame = family.frame(model, spec, images, targets)
+    assert isinstance(frame, InputFrame) and frame.images.shape == batch.images.shape
+    assert frame.valid_regions().tolist() == [[0.0, 0.0, 56.0, 64.0], [0.0, 0.0, 64.0, 48.0]]
+    assert [lab.tolist() for lab in frame.labels] == [[2], [0, 1]]
+    model.eval()
+    with torch.no_grad():
+        out = family.predict(model, spec, images)
+    assert len(out) == 2 and all(((o["labels"] >= 0) & (o["labels"] < 3)).all() for o in out)
+
+
+def test_torchvision_defaults_per_detector():
+    family = get_family("torchvision")
+    one, two = (family.spec_from_args({"detector": d, **TINY}, 3) for d in ("retinanet", "maskrcnn"))
+    assert family.method_defaults(one, "icd") == {"loss_weight": 8.0, "max_labels": 300}
+    assert family.method_defaults(two, "icd") == {"loss_weight": 3.0, "max_labels": 100}
+    assert family.method_defaults(one, "fpn-mse") == {}
+    assert family.default_levels("fcos") == (3, 7) and family.default_levels("fasterrcnn") == (2, 6)
+    assert family.needs_masks("maskrcnn") and not family.needs_masks("fasterrcnn")
+    assert family.best_metric(two, {"AP": 1.0, "segm_AP": 2.0}) == "segm_AP"
+    assert family.best_metric(two, {"AP": 1.0}) == "AP" and family.best_metric(one, {"AP": 1.0, "segm_AP": 2.0}) == "AP"
+    assert family.base_lr(one) == 0.01 and family.base_lr(two) == 0.02
+
+
+def test_teacher_and_student_frames_compared():
+    family = get_family("torchvision")
+    spec = family.spec_from_args({"detector": "fcos", **TINY}, 3)
+    other = family.spec_from_args({"detector": "fcos", **TINY, "min_size": [96], "max_size": 96}, 3)
+    family.check_same_frame(family.build(spec), family.build(spec))
+    with pytest.raises(ValueError, match="min_size"):
+        family.check_same_frame(family.build(spec), family.build(other))
