@@ -111,3 +111,62 @@ def test_local_weights_load_strictly(tmp_path):
 def test_spec_errors_name_the_flag(settings, flag):
     with pytest.raises(ConfigError, match=flag):
         adapter.RTDetrSpec(**settings)
+
+
+def test_family_builds_from_flags_and_round_trips_its_spec():
+    from icd.detection.adapters import family_of, family_of_spec
+
+    family = family_of("rtdetr")
+    flags = {"detector": "rtdetr", "backbone": "resnet18", "fpn_channels": 32, "min_size": [S], "max_size": 1333,
+             "rtdetr_width": 0.25, "rtdetr_queries": 12, "rtdetr_decoder_layers": 2, "rtdetr_denoising": 6}  # fmt: skip
+    spec = family.spec_from_args(flags, num_classes=3)
+    assert spec == tiny_spec()
+    saved = family.spec_to_dict(spec)
+    assert saved["family"] == "rtdetr" and family_of_spec(saved).spec_from_dict(saved) == spec
+    layout = family.feature_layout(spec)
+    assert layout.levels == (3, 4, 5) and layout.strides == (8.0, 16.0, 32.0) and layout.width == 32
+    with pytest.raises(ConfigError, match="--min-size 64 96"):
+        family.spec_from_args({**flags, "min_size": [64, 96]}, num_classes=3)
+    with pytest.raises(ConfigError, match="--max-level 7"):
+        family.spec_from_args({**flags, "max_level": 7}, num_classes=3)
+
+
+def test_family_frame_features_and_inheritance():
+    from icd.detection.adapters import family_of
+
+    family = family_of("rtdetr")
+    # the neck is inheritable when the encoders' blocks are as wide (R18 halves them by default)
+    student, teacher = adapter.build_rtdetr(tiny_spec(expansion=1.0)), adapter.build_rtdetr(tiny_spec("resnet50"))
+    images, targets = batch()
+    frame = family.frame(student, student.spec, images, targets)
+    assert frame.padded_size == (S, S) and frame.valid_regions().tolist() == [[0, 0, S, S]] * 2
+    torch.testing.assert_close(frame.boxes[0], torch.tensor([[8.0, 8.0, 24.0, 40.0]]))
+    maps = family.features(teacher, teacher.spec, frame.images)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, S // s, S // s) for s in (8, 16, 32)]
+    family.check_same_frame(teacher, student)
+    copied = family.inherit(student, student.spec, teacher, teacher.spec, ["neck", "head"])
+    assert copied and all(k.startswith(("hf.model.encoder.", "hf.model.dec", "hf.model.enc_", "hf.model.denoising"))
+                          for k in copied)  # fmt: skip
+    for key in copied:
+        assert torch.equal(student.state_dict()[key], teacher.state_dict()[key])
+    with pytest.raises(ConfigError, match="--inherit-teacher neck"):
+        family.inherit(adapter.build_rtdetr(tiny_spec()), tiny_spec(), teacher, teacher.spec, ["neck"])
+    family.set_input_size(student, [96], None)
+    with pytest.raises(ConfigError, match="teacher input side"):
+        family.check_same_frame(teacher, student)
+
+
+def test_family_loads_backbone_or_whole_detector_weights():
+    from icd.detection.adapters import family_of
+
+    family = family_of("rtdetr")
+    source = adapter.build_rtdetr(tiny_spec())
+    resnet = source.hf.model.backbone.model.state_dict()
+    model = family.build(tiny_spec(), resnet, "--backbone-weights r.pth")
+    assert torch.equal(model.hf.model.backbone.model.embedder.embedder[0].convolution.weight,
+                       source.hf.model.backbone.model.embedder.embedder[0].convolution.weight)  # fmt: skip
+    whole = family.build(tiny_spec(), source.hf.state_dict(), "--backbone-weights d.pth")
+    pairs = zip(whole.state_dict().values(), source.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    with pytest.raises(WeightsMismatchError, match="--backbone-weights r50.pth"):
+        family.build(tiny_spec("resnet50"), resnet, "--backbone-weights r50.pth")

@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.detection.image_list import ImageList
 
+from icd.detection.adapters.base import DetectorFamily, FeatureLayout, InputFrame
+from icd.detection.feature_tap import FeatureTap
 from icd.detection.models import _keys_text
 from icd.errors import ConfigError, EnvironmentSettingError, WeightsMismatchError
 
@@ -85,6 +88,8 @@ class RTDetrSpec:
     image_size: side S of the square input, pixels; a multiple of 32.
     num_queries, decoder_layers (None: 3 for R18/R34, 6 for R50/R101, as in RT-DETR's configs),
     num_denoising (contrastive denoising queries while training; 0: none).
+    expansion: width of the hybrid encoder's CSP blocks relative to hidden_dim (None: 0.5 for
+    R18/R34, 1.0 for R50/R101, as in RT-DETR's configs; --inherit-teacher neck needs equal ones).
     norm: the ResNet's normalisation, "bn" (trains; from random init) or "frozen_bn"
     (RT-DETR's choice for ImageNet-initialised backbones).
     score_thresh, max_detections: detections kept per image at inference.
@@ -99,6 +104,7 @@ class RTDetrSpec:
     num_queries: int = 300
     decoder_layers: int | None = None
     num_denoising: int = 100
+    expansion: float | None = None
     norm: str = "bn"
     score_thresh: float = 0.05
     max_detections: int = 100
@@ -126,6 +132,10 @@ class RTDetrSpec:
             self.decoder_layers = 3 if RESNETS[self.backbone][0] == "basic" else 6
         if self.decoder_layers < 1:
             raise ConfigError(f"--rtdetr-decoder-layers {self.decoder_layers}", "expected at least 1 layer")
+        if self.expansion is None:
+            self.expansion = 0.5 if RESNETS[self.backbone][0] == "basic" else 1.0
+        if not 0 < self.expansion <= 4:
+            raise ConfigError(f"--rtdetr-expansion {self.expansion}", "expected a ratio in (0, 4]")
         if self.num_denoising < 0:
             raise ConfigError(f"--rtdetr-denoising {self.num_denoising}", "expected 0 or more queries")
 
@@ -186,7 +196,7 @@ def hf_config(spec: RTDetrSpec):
         decoder_layers=spec.decoder_layers,
         num_queries=spec.num_queries,
         num_denoising=spec.num_denoising,
-        hidden_expansion=0.5 if block == "basic" else 1.0,  # RT-DETR R18's encoder is half as wide
+        hidden_expansion=spec.expansion,
         freeze_backbone_batch_norms=spec.norm == "frozen_bn",
     )
 
@@ -363,3 +373,177 @@ def read_local_weights(path: str) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+# --inherit-teacher's parts: the hybrid encoder (AIFI, FPN, PAN; hidden_dim wide whatever the
+# ResNet, unlike the input projections, whose inputs are the ResNet's widths) and everything after it
+PART_PREFIXES = {
+    "neck": ("hf.model.encoder.",),
+    "head": ("hf.model.decoder_input_proj.", "hf.model.enc_output.", "hf.model.enc_score_head.",
+             "hf.model.enc_bbox_head.", "hf.model.decoder.", "hf.model.denoising_class_embed."),
+}  # fmt: skip
+# ICD on RT-DETR (no published setting): lambda and instance slots per image. The detector's own
+# losses sum the final, 2-5 auxiliary, the encoder's and the denoising terms (tens at the start),
+# so ICD's weight is that of the one-stage detectors; 100 slots, as many as RT-DETR R18's queries
+# would need on COCO's busiest images, at a third of the one-stage detectors' cost
+ICD_LOSS_WEIGHT = 8.0
+ICD_MAX_LABELS = 100
+# AdamW as in RT-DETR's recipes (lr 1e-4 for 16 images, weight decay 1e-4); DETR-family detectors
+# barely train with SGD (measured on the shapes data: results/rtdetr/README.md)
+BASE_LR_PER_16_IMAGES = 1e-4
+
+
+class RTDetrFamily(DetectorFamily):
+    """RT-DETR (transformers' ``RTDetrForObjectDetection``) on transformers' own ResNet, as a family."""
+
+    name = "rtdetr"
+    detectors = ("rtdetr",)
+    backbones = tuple(RESNETS)
+    spec_type = RTDetrSpec
+    inheritable_parts = tuple(PART_PREFIXES)
+
+    # -- the spec -------------------------------------------------------------------------------
+    def spec_from_args(self, values: Mapping[str, Any], num_classes: int) -> RTDetrSpec:
+        """``--backbone``, ``--fpn-channels`` (the hidden width), ``--min-size`` (one square side),
+        ``--norm`` (unset: ``frozen_bn`` with ``--backbone-weights``, else ``bn``), ``--score-thresh``
+        and the ``--rtdetr-*`` flags; levels are P3-P5 (``--min-level/--max-level`` may only say so)."""
+        levels = (values.get("min_level"), values.get("max_level"))
+        for flag, given, fixed in zip(("--min-level", "--max-level"), levels, (LEVELS[0], LEVELS[-1]), strict=True):
+            if given is not None and int(given) != fixed:
+                raise ConfigError(f"{flag} {given}", f"RT-DETR's maps are P{LEVELS[0]}-P{LEVELS[-1]} (strides 8-32)")
+        sizes = values.get("min_size")
+        if isinstance(sizes, (list, tuple)):
+            if len(sizes) != 1:
+                raise ConfigError(f"--min-size {' '.join(map(str, sizes))}",
+                                  "RT-DETR takes one square input side (no multi-scale training here)")  # fmt: skip
+            sizes = sizes[0]
+        defaults = RTDetrSpec()
+
+        def get(flag: str, field: str) -> Any:
+            value = values.get(flag)
+            return getattr(defaults, field) if value is None else value
+
+        return RTDetrSpec(
+            backbone=get("backbone", "backbone"),
+            num_classes=num_classes,
+            width=float(get("rtdetr_width", "width")),
+            hidden_dim=int(get("fpn_channels", "hidden_dim")),
+            image_size=int(defaults.image_size if sizes is None else sizes),
+            num_queries=int(get("rtdetr_queries", "num_queries")),
+            decoder_layers=values.get("rtdetr_decoder_layers"),
+            num_denoising=int(get("rtdetr_denoising", "num_denoising")),
+            expansion=values.get("rtdetr_expansion"),
+            norm=values.get("norm") or ("frozen_bn" if values.get("backbone_weights") else "bn"),
+            score_thresh=float(get("score_thresh", "score_thresh")),
+        )
+
+    # -- building -------------------------------------------------------------------------------
+    def build(
+        self, spec: RTDetrSpec, backbone_weights: Mapping[str, Tensor] | None = None,
+        source: str = "backbone weights",
+    ) -> nn.Module:
+        """``backbone_weights``: a state dict of transformers' ``RTDetrResNetBackbone`` (its keys,
+        "embedder." ...), or of a whole ``RTDetrForObjectDetection`` ("model." ...: local RT-DETR
+        weights, loaded whole)."""
+        model = RTDetrDetector(spec)
+        if backbone_weights is not None:
+            if isinstance(backbone_weights.get("model"), Mapping):
+                backbone_weights = backbone_weights["model"]
+            if any(k.startswith("model.") for k in backbone_weights):
+                load_hf_weights(model, backbone_weights, source)
+            else:
+                _load_strictly(model.hf.model.backbone.model, backbone_weights, source, "RT-DETR ResNet")
+        return model
+
+    # -- features and frame ---------------------------------------------------------------------
+    def feature_layout(self, spec: RTDetrSpec) -> FeatureLayout:
+        return FeatureLayout(LEVELS, tuple(float(s) for s in spec.strides), (spec.hidden_dim,) * len(LEVELS))
+
+    def tap(self, model: nn.Module, spec: RTDetrSpec) -> FeatureTap:
+        return FeatureTap(model, label_offset=0)
+
+    def features(self, model: nn.Module, spec: RTDetrSpec, images: Tensor) -> list[Tensor]:
+        return list(model.backbone(images).values())
+
+    def frame(
+        self, model: nn.Module, spec: RTDetrSpec, images: list[Tensor], targets: list[dict] | None = None, *,
+        augment: bool = False,
+    ) -> InputFrame:
+        image_list, resized = model.transform(images, targets)
+        n = image_list.tensors.shape[0]
+        sizes = torch.tensor([list(image_list.image_sizes[0])] * n, dtype=torch.long, device=image_list.tensors.device)
+        boxes = labels = None
+        if resized is not None:
+            boxes = [t["boxes"] for t in resized]
+            labels = [t["labels"] for t in resized]
+        return InputFrame(image_list.tensors, sizes, boxes, labels)
+
+    def set_input_size(self, model: nn.Module, min_size: Sequence[int] | None, max_size: int | None) -> None:
+        """The square side from ``min_size`` (one value, a multiple of 32); ``max_size`` is moot."""
+        if min_size is None:
+            return
+        sizes = list(min_size)
+        if len(sizes) != 1 or sizes[0] < 32 or sizes[0] % 32:
+            raise ConfigError(f"--min-size {' '.join(map(str, sizes))}",
+                              "RT-DETR takes one square input side, a multiple of 32")  # fmt: skip
+        model.transform.size = int(sizes[0])
+
+    def frame_settings(self, model: nn.Module) -> dict[str, Any]:
+        return {"input side (square resize, no normalisation, no padding)": int(model.transform.size)}
+
+    # -- training -------------------------------------------------------------------------------
+    def compiled_parts(self, model: nn.Module) -> list[nn.Module]:
+        """The ResNet (fixed-rank work; the matcher and denoising groups depend on box counts)."""
+        return [model.hf.model.backbone]
+
+    def feature_module(self, model: nn.Module) -> nn.Module:
+        return model.hf.model
+
+    def part_prefixes(self, spec: RTDetrSpec, parts: Iterable[str]) -> tuple[str, ...]:
+        prefixes: list[str] = []
+        for part in parts:
+            if part not in PART_PREFIXES:
+                raise ConfigError(f"--inherit-teacher {part}", f"RT-DETR's parts are {tuple(PART_PREFIXES)}")
+            prefixes += PART_PREFIXES[part]
+        return tuple(prefixes)
+
+    # -- defaults -------------------------------------------------------------------------------
+    def default_levels(self, detector: str) -> tuple[int, int]:
+        return LEVELS[0], LEVELS[-1]
+
+    def method_defaults(self, spec: RTDetrSpec, method: str) -> dict[str, Any]:
+        if method == "icd":
+            return {"loss_weight": ICD_LOSS_WEIGHT, "max_labels": ICD_MAX_LABELS}
+        return {}
+
+    def base_lr(self, spec: RTDetrSpec) -> float:
+        return BASE_LR_PER_16_IMAGES
+
+    # -- command line ---------------------------------------------------------------------------
+    def add_flags(self, group: Any, command: str) -> None:
+        from icd.flags import finite_float, int_at_least
+
+        d = RTDetrSpec()
+        group.add_argument("--rtdetr-width", type=finite_float(above=0.0), default=None,
+                           help=f"RT-DETR: scale of the ResNet's stage widths (default {d.width})")
+        group.add_argument("--rtdetr-queries", type=int_at_least(1), default=None,
+                           help=f"RT-DETR: object queries (default {d.num_queries})")
+        group.add_argument("--rtdetr-decoder-layers", type=int_at_least(1), default=None,
+                           help="RT-DETR: decoder layers (default 3 for resnet18/34, 6 for resnet50/101)")
+        group.add_argument("--rtdetr-expansion", type=finite_float(above=0.0), default=None,
+                           help="RT-DETR: hybrid encoder's block width / hidden width (default 0.5 for "
+                           "resnet18/34, 1.0 for resnet50/101; a student inheriting the neck needs its teacher's)")
+        group.add_argument("--rtdetr-denoising", type=int_at_least(0), default=None,
+                           help=f"RT-DETR: denoising queries while training (default {d.num_denoising})")
+
+
+def _load_strictly(module: nn.Module, state: Mapping[str, Tensor], source: str, what: str) -> None:
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        raise WeightsMismatchError(
+            f"{source}: not the weights of this {what}: missing keys {_keys_text(missing)}; unexpected keys "
+            f"{_keys_text(unexpected)}; other shapes {_keys_text(reshaped)}"
+        )
+    module.load_state_dict(dict(state), strict=True)
