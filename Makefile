@@ -20,9 +20,10 @@ endif
 $(PYTHON):
 	$(PYTHON_SYS) -m venv $(VENV)
 
-$(DEPS_STAMP): requirements-dev.txt requirements-ultralytics.txt | $(PYTHON)
+$(DEPS_STAMP): requirements-dev.txt requirements-ultralytics.txt requirements-rtdetr.txt | $(PYTHON)
 	$(PYTHON) -m pip install --upgrade-strategy only-if-needed -r requirements-dev.txt
 	$(PYTHON) -m pip install --no-deps -r requirements-ultralytics.txt
+	$(PYTHON) -m pip install --no-deps -r requirements-rtdetr.txt
 	touch $@
 
 $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
