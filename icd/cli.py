@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -159,12 +158,14 @@ def _add_debug_flag(p: argparse.ArgumentParser | FlagRecorder) -> None:
     )
 
 
-def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool = True) -> None:
-    from icd.detection.models import BACKBONES, DETECTORS, NORMS
+def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool = True, command: str = "train") -> None:
+    from icd.detection.adapters import DETECTOR_FAMILIES, backbone_names, detector_names
+    from icd.detection.models import NORMS
 
     d = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("--detector", choices=DETECTORS, default=d("retinanet"), help="torchvision detector")
-    p.add_argument("--backbone", choices=BACKBONES, default=d("resnet50"), help="ResNet of the FPN backbone")
+    families = ", ".join(f"{f.name}'s {'/'.join(f.detectors)}" for f in DETECTOR_FAMILIES.values())
+    p.add_argument("--detector", choices=detector_names(), default=d("retinanet"), help=f"detector ({families})")
+    p.add_argument("--backbone", choices=backbone_names(), default=d("resnet50"), help="backbone of the detector")
     p.add_argument(
         "--backbone-weights",
         default=None,
@@ -209,12 +210,15 @@ def _add_model_flags(p: argparse.ArgumentParser | FlagRecorder, defaults: bool =
         default=d(0.05),
         help="lowest score of a kept detection at evaluation",
     )
+    for family in DETECTOR_FAMILIES.values():  # each family's own flags (--<family>-*)
+        family.add_flags(p, command)
 
 
 def _add_icd_flags(g, command: str) -> None:
     """The distillation methods' flags (``icd pretrain``: ICD's only), ICD's run settings and the
     bare-state-dict teacher flags (train and pretrain)."""
-    from icd.detection.models import BACKBONES, DETECTORS, NORMS
+    from icd.detection.adapters import backbone_names, detector_names
+    from icd.detection.models import NORMS
     from icd.engine.run_spec import BARE_STATE_DICT_NORM
     from icd.nn.methods import METHODS, add_method_flags
     from icd.ops.dispatch import BACKENDS
@@ -233,8 +237,8 @@ def _add_icd_flags(g, command: str) -> None:
         "1.6x faster eager on CPU (docs/nn.md, Static shapes)",
     )
     bare = "of a --teacher that is a bare state dict (a checkpoint of icd train says its own)"
-    g.add_argument("--teacher-detector", choices=DETECTORS, default=None, help=f"the detector {bare}")
-    g.add_argument("--teacher-backbone", choices=BACKBONES, default=None, help=f"the backbone {bare}")
+    g.add_argument("--teacher-detector", choices=detector_names(), default=None, help=f"the detector {bare}")
+    g.add_argument("--teacher-backbone", choices=backbone_names(), default=None, help=f"the backbone {bare}")
     g.add_argument("--teacher-fpn-channels", type=int_at_least(1), default=256, help=f"the FPN width {bare}")
     g.add_argument("--teacher-norm", choices=NORMS, default=BARE_STATE_DICT_NORM, help=f"the backbone norm {bare}")
 
@@ -567,7 +571,7 @@ def _eval_parser(sub, preset: str | None = None) -> FlagRecorder:
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the run's own)")
     _add_data_flags(p, splits=("val",))
     _add_run_flags(p)
-    _add_model_flags(p, defaults=False)
+    _add_model_flags(p, defaults=False, command="eval")
     if preset is not None:
         train_flags = _train_parser(argparse.ArgumentParser().add_subparsers()).flags
         _apply_preset(p, ignore=set(train_flags))
@@ -794,7 +798,7 @@ def build_parser(
 
 def _run_eval(args: argparse.Namespace) -> dict[str, float]:
     from icd.data.coco import CocoDetection, dataset_paths
-    from icd.detection.models import DetectorSpec
+    from icd.detection.adapters import family_of
     from icd.engine.checkpoint import load_checkpoint
     from icd.engine.distributed import cleanup, init_distributed
     from icd.engine.evaluator import eval_loader, evaluate
@@ -826,15 +830,10 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
             return _attention_stats(args, ckpt, dataset, info)
         flags = None  # a bare state dict's architecture: the model flags, frozen_bn unless --norm
         if args.detector is not None and args.backbone is not None:
-            flags = DetectorSpec(
-                detector=args.detector,
-                backbone=args.backbone,
-                num_classes=dataset.num_classes,
-                fpn_channels=args.fpn_channels or 256,
-                min_level=args.min_level,
-                max_level=args.max_level,
-                norm=args.norm or BARE_STATE_DICT_NORM,
-            )
+            values = {"detector": args.detector, "backbone": args.backbone, "fpn_channels": args.fpn_channels,
+                      "min_level": args.min_level, "max_level": args.max_level,
+                      "norm": args.norm or BARE_STATE_DICT_NORM}  # fmt: skip
+            flags = family_of(args.detector).spec_from_args(values, dataset.num_classes)
         spec = checkpoint_detector_spec(
             ckpt,
             f"--checkpoint {args.checkpoint}",
@@ -842,8 +841,9 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
             flags=flags,
             flags_hint="give --detector and --backbone (and --fpn-channels, --norm if not the defaults)",
         )
+        family = family_of(spec.detector)
         sizes = {"min_size": args.min_size, "max_size": args.max_size, "score_thresh": args.score_thresh}
-        spec = dataclasses.replace(spec, **{k: v for k, v in sizes.items() if v is not None})
+        spec = family.with_overrides(spec, sizes)
         model = build_loaded_detector(spec, ckpt, what="evaluated", source=f"--checkpoint {args.checkpoint}")
         model.to(info.device)
         loader = eval_loader(dataset, info, args.batch_size, args.workers)
@@ -852,7 +852,8 @@ def _run_eval(args: argparse.Namespace) -> dict[str, float]:
             loader,
             dataset,
             info,
-            spec.label_offset,
+            family=family,
+            spec=spec,
             amp=args.amp,
             amp_dtype=args.amp_dtype,
             output_dir=args.output_dir,

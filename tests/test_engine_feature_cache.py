@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from icd.detection.adapters import get_family
 from icd.detection.models import DetectorSpec, build_detector
 from icd.engine.feature_cache import TeacherFeatureCache
 
@@ -18,6 +19,7 @@ def teacher():
     calls = []
     model.backbone.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     model.forward_calls = calls
+    model.spec = spec
     return model
 
 
@@ -27,9 +29,10 @@ def _images(seed, sizes):
 
 
 def _features(cache, teacher, images):
+    family = get_family("torchvision")
     with torch.no_grad():
-        image_list, _ = teacher.transform(images)
-        return cache.features(teacher, images, image_list), image_list
+        frame = family.frame(teacher, teacher.spec, images)
+        return cache.features(lambda batch: family.features(teacher, teacher.spec, batch), images, frame), frame
 
 
 def _close(got, want):
@@ -38,9 +41,9 @@ def _close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def _fresh(teacher, image_list):
+def _fresh(teacher, frame):
     with torch.no_grad():
-        return list(teacher.backbone(image_list.tensors).values())
+        return list(teacher.backbone(frame.images).values())
 
 
 def test_cached_maps_equal_a_fresh_forward_and_skip_the_teacher(teacher):
@@ -51,9 +54,9 @@ def test_cached_maps_equal_a_fresh_forward_and_skip_the_teacher(teacher):
     assert len(cache.entries) == 5 and cache.bytes > 0
     teacher.forward_calls.clear()
     mixed = [second[1], first[0], first[2]]  # a batch never seen as such, all images cached
-    maps, image_list = _features(cache, teacher, mixed)
+    maps, frame = _features(cache, teacher, mixed)
     assert teacher.forward_calls == []  # served from the cache
-    for got, want in zip(maps, _fresh(teacher, image_list), strict=True):
+    for got, want in zip(maps, _fresh(teacher, frame), strict=True):
         _close(got, want)
 
 
@@ -62,9 +65,9 @@ def test_a_flipped_image_is_its_own_entry(teacher):
     image = _images(2, [(64, 64)])[0]
     _features(cache, teacher, [image])
     teacher.forward_calls.clear()
-    maps, image_list = _features(cache, teacher, [image.flip(-1)])
+    maps, frame = _features(cache, teacher, [image.flip(-1)])
     assert teacher.forward_calls == [1] and len(cache.entries) == 2
-    for got, want in zip(maps, _fresh(teacher, image_list), strict=True):
+    for got, want in zip(maps, _fresh(teacher, frame), strict=True):
         _close(got, want)
 
 
@@ -73,10 +76,10 @@ def test_padded_batches_are_recomputed_not_cached(teacher):
     images = _images(3, [(64, 64), (48, 64)])  # the second is padded to the first's size
     for _ in range(2):
         teacher.forward_calls.clear()
-        maps, image_list = _features(cache, teacher, images)
+        maps, frame = _features(cache, teacher, images)
         assert teacher.forward_calls == [2]
     assert cache.entries == {} and cache.bytes == 0
-    for got, want in zip(maps, _fresh(teacher, image_list), strict=True):
+    for got, want in zip(maps, _fresh(teacher, frame), strict=True):
         _close(got, want)
 
 
@@ -90,9 +93,9 @@ def test_the_budget_bounds_what_is_kept(teacher, entries):
     _features(cache, teacher, images)
     assert len(cache.entries) == entries and cache.bytes == per_image * entries
     teacher.forward_calls.clear()
-    maps, image_list = _features(cache, teacher, images)
+    maps, frame = _features(cache, teacher, images)
     assert teacher.forward_calls == [3]  # not every image cached: the whole batch runs again
-    for got, want in zip(maps, _fresh(teacher, image_list), strict=True):
+    for got, want in zip(maps, _fresh(teacher, frame), strict=True):
         _close(got, want)
 
 
@@ -101,7 +104,7 @@ def test_a_partly_cached_batch_runs_whole(teacher):
     seen, new = _images(5, [(64, 64)] * 2), _images(6, [(64, 64)] * 2)
     _features(cache, teacher, seen)
     teacher.forward_calls.clear()
-    maps, image_list = _features(cache, teacher, [new[0], seen[1], new[1], seen[0]])
+    maps, frame = _features(cache, teacher, [new[0], seen[1], new[1], seen[0]])
     assert teacher.forward_calls == [4] and len(cache.entries) == 4
-    fresh = _fresh(teacher, image_list)
+    fresh = _fresh(teacher, frame)
     assert all(torch.equal(got, want) for got, want in zip(maps, fresh, strict=True))  # this batch's own maps

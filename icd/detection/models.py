@@ -41,7 +41,8 @@ FCOS_HEAD_GROUPS = 32  # torchvision's FCOSHead: GroupNorm(32, C) after each con
 
 @dataclass
 class DetectorSpec:
-    """Everything that fixes a detector's architecture (stored in checkpoints as a plain dict)."""
+    """Everything that fixes a torchvision detector's architecture (stored in checkpoints as a plain
+    dict: ``to_dict``, with ``family`` "torchvision"; dicts without it are read alike)."""
 
     detector: str = "retinanet"
     backbone: str = "resnet50"
@@ -54,8 +55,13 @@ class DetectorSpec:
     min_size: tuple[int, ...] = (800,)
     max_size: int = 1333
     score_thresh: float = 0.05  # detections kept at inference (torchvision's default)
+    # the detector family (icd.detection.adapters) whose spec this is: saved in checkpoints beside
+    # the fields above, so that DetectorSpec(**ckpt["detector_spec"]) reads old and new ones alike
+    family: str = "torchvision"
 
     def __post_init__(self) -> None:
+        if self.family != "torchvision":
+            raise ConfigError(f"family={self.family!r}; a DetectorSpec is a spec of torchvision's detectors")
         if self.detector not in DETECTORS:
             raise ConfigError(f"detector={self.detector!r}; expected one of {DETECTORS}")
         if self.backbone not in BACKBONES:

@@ -1,19 +1,21 @@
 """Attention specificity of an ICD teacher side over a dataset: lift and distinctness.
 
-The frozen teacher detector gives the FPN maps of each image (its own transform: resize,
-normalise, pad), the distiller's teacher side attends from each real instance, and
-``icd.nn.attention_stats.AttentionStats`` reduces the maps to lift and distinctness, overall
-and per FPN level (see that module for the definitions).
+The frozen teacher detector gives the FPN maps of each image (in its own input frame: resize,
+normalise, pad; its detector family's ``frame`` and ``features``), the distiller's teacher side
+attends from each real instance, and ``icd.nn.attention_stats.AttentionStats`` reduces the maps
+to lift and distinctness, overall and per FPN level (see that module for the definitions).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from icd.data.coco import CocoDetection
+from icd.detection.adapters import DEFAULT_FAMILY, family_of, get_family
 from icd.engine.feature_cache import TeacherFeatureCache
 from icd.errors import ConfigError
 from icd.nn.attention_stats import AttentionStats
@@ -31,12 +33,14 @@ def attention_statistics(
     batch_size: int = 8,
     feature_cache: TeacherFeatureCache | None = None,
     detailed: bool = False,
+    teacher_spec: Any = None,
 ) -> dict[str, float]:
     """Mean lift and distinctness of ``distiller``'s real-instance attention on ``dataset``.
 
     Args:
         distiller: an ``icd.nn.ICDDistiller`` (its teacher side is used; nothing trains).
-        teacher: the frozen teacher detector (torchvision, with ``transform`` and ``backbone``).
+        teacher: the frozen teacher detector, built from ``teacher_spec`` (None: a torchvision
+            detector); its family's ``frame`` and ``features`` give the maps.
         dataset: evaluation images and boxes (labels 0..C-1).
         level_names: names of the FPN levels, e.g. ["P3", ..., "P7"].
         max_images: use the first ``max_images`` images only (None: all).
@@ -53,7 +57,12 @@ def attention_statistics(
         ``detailed`` the per-size and mass keys of ``AttentionStats``. Cells sit at the
         distiller's ``strides`` (when it has them).
     """
+    family = get_family(DEFAULT_FAMILY) if teacher_spec is None else family_of(teacher_spec.detector)
     device = next(teacher.parameters()).device
+
+    def compute(batch: torch.Tensor) -> list[torch.Tensor]:
+        return family.features(teacher, teacher_spec, batch)
+
     was_training = teacher.training
     teacher.eval()
     stats = AttentionStats(level_names, detailed=detailed)
@@ -66,15 +75,10 @@ def attention_statistics(
             continue
         images = [image.to(device) for image, _ in items]
         targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in items]
-        image_list, targets = teacher.transform(images, targets)
-        if feature_cache is None:
-            features = list(teacher.backbone(image_list.tensors).values())
-        else:
-            features = feature_cache.features(teacher, images, image_list)
-        sizes = torch.tensor([list(s) for s in image_list.image_sizes], dtype=torch.long, device=device)
-        padded = tuple(image_list.tensors.shape[-2:])
-        boxes = [t["boxes"] for t in targets]
-        labels = [t["labels"] for t in targets]
+        frame = family.frame(teacher, teacher_spec, images, targets)
+        features = compute(frame.images) if feature_cache is None else feature_cache.features(compute, images, frame)
+        sizes, padded = frame.image_sizes.to(device), frame.padded_size
+        boxes, labels = frame.boxes, frame.labels
         maps, shapes = distiller.instance_attention_maps(features, boxes, labels, sizes, padded, per_head=True)
         weights = maps
         if distiller.mask_temperature != 1.0:  # the distillation weights differ from the attention
@@ -110,4 +114,5 @@ def checkpoint_attention_statistics(
     distiller = distiller_of_run(run_args, spec, dataset.num_classes).to(device)
     distiller.load_state_dict(state, strict="distiller" in checkpoint)
     distiller.eval()
-    return attention_statistics(distiller, teacher, dataset, [f"P{lvl}" for lvl in spec.levels])
+    names = family_of(spec.detector).feature_layout(spec).names
+    return attention_statistics(distiller, teacher, dataset, names, teacher_spec=spec)

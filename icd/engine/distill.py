@@ -12,11 +12,14 @@ settings, defaults, builders and flags are the registry's entries; this module b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
+from icd.detection.adapters import family_of
+from icd.detection.adapters.torchvision import ICD_LOSS_WEIGHT  # noqa: F401  (torchvision's lambda per detector)
 from icd.errors import ConfigError
 from icd.nn.methods import METHODS, DistillTarget, get_method
 from icd.nn.methods.fpn_mse import (  # noqa: F401  (the names the engine offered before the registry)
@@ -26,7 +29,7 @@ from icd.nn.methods.fpn_mse import (  # noqa: F401  (the names the engine offere
     FpnMseDistiller,
     _valid_maps,
 )
-from icd.nn.methods.icd import ICD_LOSS_WEIGHT, PRETRAINED_MASK_TEMPERATURE, check_icd_heads  # noqa: F401
+from icd.nn.methods.icd import PRETRAINED_MASK_TEMPERATURE, check_icd_heads  # noqa: F401
 
 DISTILL_METHODS = tuple(METHODS)  # the names registered when the engine was imported
 
@@ -63,15 +66,20 @@ def build_distiller(
     """The distiller of the registered ``method`` (``icd.nn.methods.METHODS``) for these features.
 
     ``settings``: fields of the method's config dataclass (``loss_weight``, ICD's ``heads``,
-    FPN-MSE's ``norm``, ...; the ones not given take the config's defaults), as
-    ``run_spec.distiller_kwargs`` gives them. ``strides``: the level strides in input pixels
-    (2**l for P_l; None: inferred per batch). A method without a distiller (``none``) is a
-    ValueError: the trainer then only inherits from the teacher.
+    FPN-MSE's ``norm``, ...), as ``run_spec.distiller_kwargs`` gives them; the ones not given or
+    None take the detector family's ``method_defaults`` for ``detector``, then the config's own.
+    ``strides``: the level strides in input pixels (2**l for P_l; None: inferred per batch). A
+    method without a distiller (``none``) is a ValueError: the trainer then only inherits from the
+    teacher.
     """
     entry = get_method(method)
     if entry.build is None:
         names = " or ".join(n for n, m in METHODS.items() if m.build is not None)
         raise ValueError(f"distill method {method!r}: no distiller to build; expected {names}")
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    for key, value in family_of(detector).method_defaults(detector, method).items():
+        if key in fields and settings.get(key) is None:
+            settings[key] = value
     try:
         config = entry.config(**settings)
     except TypeError as err:

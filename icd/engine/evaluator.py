@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from icd.data.coco import CocoDetection, collate
+from icd.detection.adapters import DetectorFamily
 from icd.detection.class_table import write_class_tables
 from icd.detection.evaluation import (
     coco_scores,
@@ -54,14 +56,21 @@ def evaluate(
     loader: DataLoader,
     dataset: CocoDetection,
     info: DistInfo,
-    label_offset: int,
+    label_offset: int = 0,
     amp: bool = False,
     output_dir: str | None = None,
     amp_dtype: str | None = None,
     split: str = "val",
     progress: bool = True,
+    *,
+    family: DetectorFamily | None = None,
+    spec: Any = None,
 ) -> dict[str, float]:
     """AP, AP50, AP75, APs, APm, APl (%) of ``model``'s boxes on ``loader``'s images.
+
+    ``family`` and ``spec``: the detections are the family's ``predict`` of ``model`` (built from
+    ``spec``), labels 0..C-1; without them ``model(images)``'s outputs, whose labels less
+    ``label_offset`` are 0..C-1.
 
     When the model gives masks (Mask R-CNN) also segm_AP, segm_AP50, ... of its masks, provided
     the ground truth has segmentations (otherwise a warning and bbox metrics only). Every rank
@@ -81,12 +90,12 @@ def evaluate(
             continue
         images = [im.to(info.device, non_blocking=True) for im in images]
         with autocast(info.device, amp, amp_dtype):
-            outputs = model(images)
+            outputs = model(images) if family is None else family.predict(model, spec, images)
         for out, target in zip(outputs, targets, strict=True):
             gives_masks = gives_masks or "masks" in out
             image_id = int(target["image_id"])
             per_image[image_id] = to_coco_detections(
-                [out], [image_id], dataset.category_ids, label_offset
+                [out], [image_id], dataset.category_ids, label_offset if family is None else 0
             )
     model.train(was_training)
     merged: dict[int, list[dict]] = {}

@@ -8,9 +8,11 @@ split) needs its forward pass only once per distinct input.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
-from torch import nn
+
+from icd.detection.adapters import InputFrame
 
 
 class TeacherFeatureCache:
@@ -33,28 +35,31 @@ class TeacherFeatureCache:
         digest = hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16)
         return digest.hexdigest(), tuple(size)
 
-    def features(self, teacher: nn.Module, images: list[torch.Tensor], image_list) -> list[torch.Tensor]:
+    def features(
+        self, compute: Callable[[torch.Tensor], list[torch.Tensor]], images: list[torch.Tensor], frame: InputFrame
+    ) -> list[torch.Tensor]:
         """L maps [N, C, H_l, W_l] of the batch, from the cache when every image is in it.
 
         Args:
-            teacher: the frozen detector (its ``backbone`` gives the FPN maps).
+            compute: the frozen teacher's maps of a batch in its input frame [N, 3, Hp, Wp] (its
+                family's ``features``).
             images: the N input images [3, H_i, W_i] before the teacher's transform.
-            image_list: their ``teacher.transform`` output (resized, normalised, batched).
+            frame: their input frame (the family's ``frame``: resized, normalised, batched).
 
         A batch with any image not cached runs whole: convolution rounds differently at
         another batch size (a batch of 1 differs from the same image in a batch of 8 by
         ~1e-5), so forwarding only the new images would make the maps, and a resumed run,
         depend on what happened to be cached.
         """
-        padded = tuple(image_list.tensors.shape[-2:])
-        sizes = [tuple(s) for s in image_list.image_sizes]
+        padded = frame.padded_size
+        sizes = [tuple(s) for s in frame.image_sizes.tolist()]
         if self.budget_bytes <= 0 or any(s != padded for s in sizes):
-            return list(teacher.backbone(image_list.tensors).values())
+            return compute(frame.images)
         keys = [self.key(im, s) for im, s in zip(images, sizes, strict=True)]
         cached = [self.entries.get(k) for k in keys]
         if all(c is not None for c in cached):
             return [torch.stack(level) for level in zip(*cached, strict=True)]
-        maps = list(teacher.backbone(image_list.tensors).values())
+        maps = compute(frame.images)
         for i, k in enumerate(keys):
             entry = [m[i].clone() for m in maps]  # a row, not a view keeping the whole batch alive
             size = sum(t.numel() * t.element_size() for t in entry)

@@ -25,7 +25,6 @@ from torch import nn
 
 from icd.errors import ConfigError
 
-BASE_LR_PER_16_IMAGES = {"retinanet": 0.01, "fcos": 0.01, "fasterrcnn": 0.02, "maskrcnn": 0.02}
 TEACHER_SIDE_LR = 1e-4
 TEACHER_SIDE_WEIGHT_DECAY = 1e-4
 TEACHER_SIDE_WARMUP = 10
@@ -33,8 +32,10 @@ TEACHER_SIDE_CLIP = 0.01
 
 
 def default_lr(detector: str, total_batch_size: int) -> float:
-    """The detector's lr for 16 images scaled linearly to the total batch size."""
-    return BASE_LR_PER_16_IMAGES[detector] * total_batch_size / 16
+    """The detector's lr for 16 images (its family's ``base_lr``) scaled linearly to the total batch size."""
+    from icd.detection.adapters import family_of
+
+    return family_of(detector).base_lr(detector) * total_batch_size / 16
 
 
 def default_warmup_iters(total_iters: int) -> int:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from icd.data.coco import BadDataError, read_annotation_file
 from icd.data.images import read_rgb
+from icd.detection.adapters import family_of
 from icd.detection.drawing import draw_detections, save_png
 from icd.detection.evaluation import to_coco_detections, write_detections
 from icd.engine.checkpoint import load_checkpoint
@@ -238,7 +239,8 @@ def predict(args: argparse.Namespace) -> str:
         flags_hint="icd predict takes a checkpoint of icd train (evaluate a bare state dict with icd eval "
         "--detector ... --backbone ...)",
     )
-    spec = dataclasses.replace(spec, score_thresh=args.score_thresh)
+    family = family_of(spec.detector)
+    spec = family.with_overrides(spec, {"score_thresh": args.score_thresh})
     categories = class_categories(ckpt, spec.num_classes, args.categories)
     names = [c["name"] for c in categories]
     device = resolve_device(args.device)
@@ -254,9 +256,9 @@ def predict(args: argparse.Namespace) -> str:
         if not read:
             continue
         with autocast(device, args.amp):
-            outputs = model([rgb.to(device) for _, _, rgb in read])
+            outputs = family.predict(model, spec, [rgb.to(device) for _, _, rgb in read])  # labels 0..C-1
         for (image_id, image, rgb), out in zip(read, outputs, strict=True):
-            labels = (out["labels"] - spec.label_offset).tolist()
+            labels = out["labels"].tolist()
             picture = _picture(rgb)
             boxes, scores = out["boxes"].float().tolist(), out["scores"].float().tolist()
             png = os.path.join(args.out, image.drawn)
@@ -264,7 +266,7 @@ def predict(args: argparse.Namespace) -> str:
                 save_png(draw_detections(picture, boxes, labels, scores, names), png)
             entries.append({"id": image_id, "file_name": image.path, "width": picture.width,
                             "height": picture.height, "drawn": image.drawn})  # fmt: skip
-            results += to_coco_detections([out], [image_id], [c["id"] for c in categories], spec.label_offset)
+            results += to_coco_detections([out], [image_id], [c["id"] for c in categories])
     bar.close()
     for n, result in enumerate(results, 1):
         result.update(id=n, area=round(result["bbox"][2] * result["bbox"][3], 3), iscrowd=0)

@@ -27,6 +27,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from icd.data.coco import CocoDetection, collate, dataset_paths, report_categories
-from icd.detection.models import DetectorSpec
+from icd.detection.adapters import family_of
 from icd.engine import optim
 from icd.engine.attention import attention_statistics
 from icd.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
@@ -67,10 +68,12 @@ SHARED_ATTENTION_DISTINCTNESS = 0.1
 # --- the file every student of a teacher can start from ----------------------------------------
 
 
-def teacher_fingerprint(teacher: nn.Module) -> str:
-    """sha256 of the teacher's backbone + FPN weights (what ICD's teacher side reads), 16 hex."""
+def teacher_fingerprint(teacher: nn.Module, teacher_spec: Any) -> str:
+    """sha256 of the weights that make the teacher's distilled maps (what ICD's teacher side reads:
+    its family's ``feature_module``, torchvision's backbone + FPN), 16 hex."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(teacher.backbone.state_dict().items()):
+    module = family_of(teacher_spec.detector).feature_module(teacher)
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -80,14 +83,14 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
 SIGNATURE_DEFAULTS = {"position_scale": 1.0}
 
 
-def teacher_side_signature(distiller: nn.Module, teacher_spec: DetectorSpec, fingerprint: str) -> dict:
+def teacher_side_signature(distiller: nn.Module, teacher_spec: Any, fingerprint: str) -> dict:
     """What a teacher side is only valid for: the teacher and the distiller's shape."""
     return {
         "num_classes": int(distiller.num_classes),
         "channels": int(distiller.channels),
         "heads": int(distiller.heads),
         "num_layers": len(distiller.decoder.layers),
-        "levels": list(teacher_spec.levels),
+        "levels": list(family_of(teacher_spec.detector).feature_layout(teacher_spec).levels),
         "teacher": fingerprint,
         "position_scale": float(getattr(distiller, "position_scale", 1.0)),
     }
@@ -183,12 +186,12 @@ class Pretrainer:
         self.val_set = CocoDetection(val_dir, val_ann, on_bad_data=args.on_bad_data, categories=classes)
         num_classes = self.train_set.num_classes
         self.teacher, self.teacher_spec = load_teacher(args.teacher, num_classes, args, self.device)
-        if args.min_size is not None:  # the students' sizes, not the teacher checkpoint's
-            self.teacher.transform.min_size = tuple(args.min_size)
-        if args.max_size is not None:
-            self.teacher.transform.max_size = args.max_size
-        self.level_names = [f"P{lvl}" for lvl in self.teacher_spec.levels]
-        check_icd_heads(args.icd_heads, self.teacher_spec.fpn_channels, args.teacher)
+        self.family = family_of(self.teacher_spec.detector)
+        # the students' sizes, not the teacher checkpoint's
+        self.family.set_input_size(self.teacher, args.min_size, args.max_size)
+        layout = self.family.feature_layout(self.teacher_spec)
+        self.level_names = layout.names
+        check_icd_heads(args.icd_heads, min(layout.channels), args.teacher)
         self.distiller = build_distiller(
             **distiller_kwargs(vars(args), self.teacher_spec, num_classes),
             warmup_iters=0,
@@ -198,7 +201,7 @@ class Pretrainer:
         ).to(self.device)
         check_static_slots(self.distiller, self.train_set.most_instances, train_ann)
         self.signature = teacher_side_signature(
-            self.distiller, self.teacher_spec, teacher_fingerprint(self.teacher)
+            self.distiller, self.teacher_spec, teacher_fingerprint(self.teacher, self.teacher_spec)
         )
         if not args.resume:
             # sharper initial logits: the attention starts to single instances out sooner
@@ -267,17 +270,13 @@ class Pretrainer:
         images = [im.to(self.device) for im in images]
         targets = [{"boxes": t["boxes"].to(self.device), "labels": t["labels"].to(self.device)} for t in targets]
         with torch.no_grad():
-            self.teacher.transform.train()  # multi-scale resizing as the students see it
-            image_list, targets = self.teacher.transform(images, targets)
-            self.teacher.transform.eval()
-            features = self.cache.features(self.teacher, images, image_list)
-        sizes = torch.tensor([list(s) for s in image_list.image_sizes], dtype=torch.long, device=self.device)
+            # multi-scale resizing as the students see it
+            frame = self.family.frame(self.teacher, self.teacher_spec, images, targets, augment=True)
+            features = self.cache.features(
+                lambda batch: self.family.features(self.teacher, self.teacher_spec, batch), images, frame
+            )
         losses = self.distiller.auxiliary_losses(
-            features,
-            [t["boxes"] for t in targets],
-            [t["labels"] for t in targets],
-            sizes,
-            tuple(image_list.tensors.shape[-2:]),
+            features, frame.boxes, frame.labels, frame.image_sizes.to(self.device), frame.padded_size
         )
         total = sum(losses.values())
         if not torch.isfinite(total):
@@ -299,7 +298,7 @@ class Pretrainer:
         stats = attention_statistics(
             self.distiller, self.teacher, self.val_set, self.level_names,
             max_images=self.args.attention_images, feature_cache=self.cache,
-            detailed=getattr(self.args, "attention_detail", False),
+            detailed=getattr(self.args, "attention_detail", False), teacher_spec=self.teacher_spec,
         )  # fmt: skip
         self.distiller.train()
         score = attention_score(stats)

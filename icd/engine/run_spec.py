@@ -1,7 +1,9 @@
 """One spec of a run: the detector and the distiller a checkpoint holds, read in one place.
 
-An ``icd train`` checkpoint stores its architecture as ``detector_spec`` (a ``DetectorSpec`` as
-a dict) and its flags as ``args``; ``icd pretrain``'s files store ``args``. Everything that
+An ``icd train`` checkpoint stores its architecture as ``detector_spec`` (its detector family's
+spec as a dict, with the family's name under ``"family"``: ``icd.detection.adapters``; a dict
+without one is torchvision's ``DetectorSpec``) and its flags as ``args``; ``icd pretrain``'s
+files store ``args``. Everything that
 rebuilds a model from a file (the trainer's teacher, ``icd eval``, ``icd pretrain``, the
 attention statistics, the demo's figure) goes through these functions::
 
@@ -14,10 +16,10 @@ attention statistics, the demo's figure) goes through these functions::
 
 The spec of a checkpoint is the first of:
 
-1. its ``detector_spec`` (every ``icd train`` checkpoint has one);
+1. its ``detector_spec`` (every ``icd train`` checkpoint has one), read by its family;
 2. its saved ``args`` of ``icd train``, read as the trainer read them when it trained
-   (``detector_spec_from_args``: norm ``gn`` unless it had ``--backbone-weights``), the number
-   of classes from the data;
+   (``detector_spec_from_args``, the family of its ``--detector``: for torchvision's, norm ``gn``
+   unless it had ``--backbone-weights``), the number of classes from the data;
 3. for a bare state dict: the caller's model flags (``icd train --teacher-*``, ``icd eval
    --detector/--backbone/...``), norm ``frozen_bn`` unless given (``BARE_STATE_DICT_NORM``:
    torchvision's detectors, where bare state dicts come from);
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from icd.detection.models import DetectorSpec, build_detector, load_detector_weights
+from icd.detection.adapters import family_of, family_of_spec
 from icd.engine.checkpoint import load_checkpoint
 from icd.engine.distill import build_distiller
 from icd.engine.finite import first_non_finite
@@ -43,37 +45,19 @@ from icd.errors import ConfigError, NonFiniteError
 from icd.nn.methods import get_method
 
 BARE_STATE_DICT_NORM = "frozen_bn"  # rule 3's norm when no flag gives one
-_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DetectorSpec)}
+DEFAULT_DETECTOR = "retinanet"  # --detector's default, for saved args without one
 
 
-def detector_spec_from_args(args: argparse.Namespace | Mapping[str, Any], num_classes: int) -> DetectorSpec:
+def detector_spec_from_args(args: argparse.Namespace | Mapping[str, Any], num_classes: int) -> Any:
     """The detector ``icd train`` builds from its flags (a parsed Namespace or the saved ``args``
-    dict of a checkpoint; a key missing from an old dict takes DetectorSpec's default).
+    dict of a checkpoint; a key missing from an old dict takes the spec's default): the spec of
+    the family of ``--detector`` (``DetectorFamily.spec_from_args``).
 
-    Unset ``--norm``: ``frozen_bn`` with ``--backbone-weights``, else ``gn``; unset
+    torchvision's: unset ``--norm``: ``frozen_bn`` with ``--backbone-weights``, else ``gn``; unset
     ``--trainable-backbone-layers``: 3 with ``--backbone-weights``, else 5.
     """
     values = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
-
-    def get(key: str) -> Any:
-        value = values.get(key)
-        return _SPEC_DEFAULTS[key] if value is None else value
-
-    weights = values.get("backbone_weights")
-    trainable = values.get("trainable_backbone_layers")
-    return DetectorSpec(
-        detector=get("detector"),
-        backbone=get("backbone"),
-        num_classes=num_classes,
-        fpn_channels=get("fpn_channels"),
-        min_level=values.get("min_level"),
-        max_level=values.get("max_level"),
-        norm=values.get("norm") or ("frozen_bn" if weights else "gn"),
-        trainable_layers=(3 if weights else 5) if trainable is None else trainable,
-        min_size=get("min_size"),  # a list or one int: DetectorSpec makes it a tuple
-        max_size=get("max_size"),
-        score_thresh=get("score_thresh"),
-    )
+    return family_of(values.get("detector") or DEFAULT_DETECTOR).spec_from_args(values, num_classes)
 
 
 def checkpoint_detector_spec(
@@ -81,10 +65,10 @@ def checkpoint_detector_spec(
     source: str,
     num_classes: int | None = None,
     *,
-    flags: DetectorSpec | None = None,
+    flags: Any = None,
     flags_hint: str = "give the detector's flags",
-) -> DetectorSpec:
-    """The architecture of ``ckpt`` by the rules of this module's docstring.
+) -> Any:
+    """The architecture of ``ckpt`` (its family's spec) by the rules of this module's docstring.
 
     Args:
         ckpt: a loaded checkpoint dict or bare state dict.
@@ -95,7 +79,8 @@ def checkpoint_detector_spec(
         flags_hint: the end of rule 3's error, which flags to give.
     """
     if "detector_spec" in ckpt:
-        spec = DetectorSpec(**ckpt["detector_spec"])
+        saved = ckpt["detector_spec"]
+        spec = family_of_spec(saved, f"{source}: detector_spec").spec_from_dict(saved)
     elif _is_train_args(ckpt.get("args")) and num_classes is not None:
         spec = detector_spec_from_args(ckpt["args"], num_classes)
     elif flags is not None:
@@ -123,13 +108,14 @@ def _is_train_args(args: Any) -> bool:
 
 
 def build_loaded_detector(
-    spec: DetectorSpec, ckpt: Mapping[str, Any], what: str = "loaded", source: str = "the checkpoint"
+    spec: Any, ckpt: Mapping[str, Any], what: str = "loaded", source: str = "the checkpoint"
 ) -> nn.Module:
-    """``build_detector(spec)`` with the checkpoint's weights loaded strictly (its ``model``
-    entry, or the bare state dict); ``what`` names the detector and ``source`` the file in a
-    mismatch error."""
-    model = build_detector(spec)
-    load_detector_weights(model, ckpt, what=what, source=source)
+    """The detector of ``spec`` (built by its family) with the checkpoint's weights loaded strictly
+    (its ``model`` entry, or the bare state dict); ``what`` names the detector and ``source`` the
+    file in a mismatch error."""
+    family = family_of(spec.detector)
+    model = family.build(spec)
+    family.load_weights(model, ckpt, what=what, source=source)
     return model
 
 
@@ -137,13 +123,13 @@ def load_detector(
     checkpoint: str | Mapping[str, Any],
     num_classes: int | None = None,
     *,
-    flags: DetectorSpec | None = None,
+    flags: Any = None,
     flags_hint: str = "give the detector's flags",
     what: str = "loaded",
     flag: str | None = None,
-) -> tuple[nn.Module, DetectorSpec]:
+) -> tuple[nn.Module, Any]:
     """The detector of a checkpoint (a path or a loaded dict) with its weights, and its spec
-    (``checkpoint_detector_spec``'s rules); in train mode, on the CPU, as ``build_detector``.
+    (``checkpoint_detector_spec``'s rules); in train mode, on the CPU, as its family builds it.
     ``flag`` (``"--teacher"``) names where the path came from in errors."""
     if isinstance(checkpoint, str):
         ckpt = load_checkpoint(checkpoint, flag)
@@ -159,9 +145,9 @@ def load_frozen_teacher(
     num_classes: int,
     device: torch.device,
     *,
-    flags: DetectorSpec | None = None,
+    flags: Any = None,
     flags_hint: str = "give --teacher-detector and --teacher-backbone",
-) -> tuple[nn.Module, DetectorSpec]:
+) -> tuple[nn.Module, Any]:
     """The teacher of ``path`` in eval mode on ``device``, no parameter requiring gradients;
     NonFiniteError when a weight is NaN or inf."""
     teacher, spec = load_detector(
@@ -176,32 +162,40 @@ def load_frozen_teacher(
     return teacher, spec
 
 
-def distiller_kwargs(run_args: Mapping[str, Any], teacher_spec: DetectorSpec, num_classes: int) -> dict[str, Any]:
+def distiller_kwargs(run_args: Mapping[str, Any], teacher_spec: Any, num_classes: int) -> dict[str, Any]:
     """``icd.engine.distill.build_distiller``'s arguments that fix the distiller of a run, from
     its flags (``vars(args)`` of a live ``icd train`` / ``icd pretrain``, or a checkpoint's saved
     ``args``): ``method`` (``--distill``, icd for ``icd pretrain``), the student's detector and
-    FPN channels (the teacher's for ``icd pretrain``, which has no student), and the fields of the
-    method's config (its registry entry's ``config_from_args``: the loss weight and its own flags,
-    absent flags taking the config's defaults). What only running needs (``warmup_iters``,
-    ``annotation_file``, ``backend``, ``static_shapes``) the caller adds.
+    feature widths (the teacher's for ``icd pretrain``, which has no student), the teacher's levels
+    and strides (its family's ``feature_layout``), and the fields of the method's config (its
+    registry entry's ``config_from_args``: the loss weight and its own flags, absent flags taking
+    the config's defaults; ``build_distiller`` fills those left None from the detector family's
+    ``method_defaults``). What only
+    running needs (``warmup_iters``, ``annotation_file``, ``backend``, ``static_shapes``) the
+    caller adds.
     """
     method = run_args.get("distill") or "icd"
     config = get_method(method).config_from_args(run_args)
+    teacher_layout = family_of(teacher_spec.detector).feature_layout(teacher_spec)
+    student_spec = teacher_spec
+    if run_args.get("detector"):
+        student_spec = detector_spec_from_args(run_args, num_classes)
+    student = family_of(student_spec.detector)
     return {
         "method": method,
-        "detector": run_args.get("detector") or teacher_spec.detector,
+        "detector": student_spec.detector,
         "num_classes": num_classes,
-        "teacher_channels": teacher_spec.fpn_channels,
-        "student_channels": run_args.get("fpn_channels") or teacher_spec.fpn_channels,
-        "num_levels": len(teacher_spec.levels),
-        # the FPN levels' true strides: the padded size need not be a multiple of P6/P7's
-        "strides": [2**level for level in teacher_spec.levels],
+        "teacher_channels": teacher_layout.width,
+        "student_channels": student.feature_layout(student_spec).width,
+        "num_levels": len(teacher_layout.levels),
+        # the levels' true strides: the padded size need not be a multiple of P6/P7's
+        "strides": list(teacher_layout.strides),
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
     }
 
 
 def distiller_of_run(
-    run_args: Mapping[str, Any], teacher_spec: DetectorSpec, num_classes: int, *, warmup_iters: int = 0
+    run_args: Mapping[str, Any], teacher_spec: Any, num_classes: int, *, warmup_iters: int = 0
 ) -> nn.Module:
     """The distiller a finished run built (``distiller_kwargs``), freshly initialised: load the
     checkpoint's ``distiller`` (or ``icd pretrain``'s ``teacher_side``) state dict into it."""

@@ -101,14 +101,6 @@ def compile_in_place(
         module.compile(backend=backend, mode=mode, dynamic=dynamic)
 
 
-def compiled_parts(detector: nn.Module) -> list[nn.Module]:
-    """The parts of a torchvision detector that --compile compiles: the ResNet body and the FPN
-    (the bulk of its work, with fixed-rank tensor inputs; the transform, anchors, losses and
-    post-processing stay eager, they depend on box counts)."""
-    backbone = detector.backbone
-    return [backbone.body, backbone.fpn]
-
-
 def compile_error(err: Exception, backend: str) -> ConfigError | None:
     """The one-line error for a failure of torch.compile's code generation (None for other errors)."""
     try:

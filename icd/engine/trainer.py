@@ -6,10 +6,10 @@ args (plus what an exact resume needs, see icd.engine.checkpoint).
 
 One iteration::
 
-    losses = student(images, targets)                      # the detector's own losses
-    tap = FeatureTap(student).batch                        # its FPN maps and input frame
-    teacher_maps = teacher.backbone(tap.images)            # frozen, same padded input
-    losses |= distiller(teacher_maps, tap.features, tap.boxes, labels, sizes, padded_size)
+    losses = family.losses(student, spec, images, targets) # the detector's own losses
+    tap = family.tap(student, spec).batch                  # its FPN maps and input frame
+    teacher_maps = teacher_family.features(teacher, teacher_spec, tap.images)  # frozen, same frame
+    losses |= distiller(teacher_maps, tap.features, tap.boxes, tap.labels, sizes, padded_size)
     sum(losses).backward(); SGD step (student side); AdamW step (ICD teacher side, clipped)
 
 The run (``Trainer.train(start_iter, max_iter)``) is one loop over iterations: each draws the next
@@ -27,6 +27,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from icd.config import PRESET_IMAGES_PER_ITERATION
 from icd.data.coco import CocoDetection, dataset_paths, report_categories
-from icd.detection.feature_tap import FeatureTap
-from icd.detection.inherit import inherit_from_teacher, parse_parts
-from icd.detection.models import MASK_DETECTORS, DetectorSpec, build_detector, load_detector_weights
+from icd.detection.adapters import family_of
+from icd.detection.inherit import parse_parts
 from icd.engine import optim
 from icd.engine.batches import EpochBatches
 from icd.engine.checkpoint import (
@@ -59,7 +59,7 @@ from icd.engine.output_dir import claim_output_dir, remove_previous_run
 from icd.engine.resume_settings import check_resume_compatible, resumed_position, schedule_changes
 from icd.engine.run_spec import BARE_STATE_DICT_NORM, detector_spec_from_args, distiller_kwargs, load_frozen_teacher
 from icd.engine.sampler import ResumableSampler
-from icd.engine.speed import check_speed_flags, compile_error, compile_in_place, compiled_parts, grad_scaler
+from icd.engine.speed import check_speed_flags, compile_error, compile_in_place, grad_scaler
 from icd.errors import ConfigError, InterruptedRun, NonFiniteError, NothingDoneError
 from icd.nn.attention_stats import is_detailed_statistic
 from icd.ops.validation import value_checks
@@ -92,30 +92,30 @@ def run_length(args: argparse.Namespace, iters_per_epoch: int) -> tuple[int, int
     return args.iters, math.ceil(args.iters / iters_per_epoch)
 
 
-def load_teacher(
-    path: str, num_classes: int, args: argparse.Namespace, device: torch.device
-) -> tuple[nn.Module, DetectorSpec]:
-    """The frozen teacher (``icd.engine.run_spec.load_frozen_teacher``): architecture from the
-    checkpoint, or the --teacher-* flags for a bare state dict; weights loaded strictly."""
+def load_teacher(path: str, num_classes: int, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
+    """The frozen teacher and its spec (``icd.engine.run_spec.load_frozen_teacher``): architecture
+    from the checkpoint, or the --teacher-* flags for a bare state dict; weights loaded strictly."""
     flags = None
     if getattr(args, "teacher_detector", None) is not None and getattr(args, "teacher_backbone", None) is not None:
-        flags = DetectorSpec(
-            detector=args.teacher_detector,
-            backbone=args.teacher_backbone,
-            num_classes=num_classes,
-            fpn_channels=args.teacher_fpn_channels,
-            min_level=args.min_level,
-            max_level=args.max_level,
-            norm=args.teacher_norm or BARE_STATE_DICT_NORM,
-            # icd pretrain's sizes may be unset: DetectorSpec's defaults then
-            **{k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None},
-        )
+        values = {
+            "detector": args.teacher_detector,
+            "backbone": args.teacher_backbone,
+            "fpn_channels": args.teacher_fpn_channels,
+            "min_level": args.min_level,
+            "max_level": args.max_level,
+            "norm": args.teacher_norm or BARE_STATE_DICT_NORM,
+            # icd pretrain's sizes may be unset: the spec's defaults then
+            "min_size": getattr(args, "min_size", None),
+            "max_size": getattr(args, "max_size", None),
+        }
+        flags = family_of(args.teacher_detector, "--teacher-detector").spec_from_args(values, num_classes)
     return load_frozen_teacher(path, num_classes, device, flags=flags)
 
 
 def best_metric(detector: str, metrics: dict[str, float]) -> str:
-    """The metric model_best.pth is chosen by: mask AP for Mask R-CNN (when evaluated), else box AP."""
-    return "segm_AP" if detector in MASK_DETECTORS and "segm_AP" in metrics else "AP"
+    """The metric model_best.pth is chosen by (the detector family's ``best_metric``): mask AP for
+    Mask R-CNN (when evaluated), else box AP."""
+    return family_of(detector).best_metric(detector, metrics)
 
 
 def _is_rank_zero() -> bool:
@@ -206,8 +206,9 @@ class Trainer:
         seed_everything(args.seed)
         self._build_data()
         num_classes = self.train_set.num_classes
+        self.family = family_of(args.detector)
         self.spec = detector_spec_from_args(args, num_classes)
-        if self.spec.norm == "frozen_bn" and not args.backbone_weights and self.info.is_main:
+        if getattr(self.spec, "norm", None) == "frozen_bn" and not args.backbone_weights and self.info.is_main:
             log.warning(
                 "frozen_bn without --backbone-weights: the backbone's BatchNorm layers stay at identity "
                 "and its weights start random; give ImageNet weights, or --norm gn to train from scratch"
@@ -222,7 +223,7 @@ class Trainer:
         if args.backbone_weights:
             backbone = state_dict_entry(load_checkpoint(args.backbone_weights, "--backbone-weights"),
                                         "--backbone-weights", args.backbone_weights)  # fmt: skip
-        self.model = build_detector(self.spec, backbone, f"--backbone-weights {args.backbone_weights}")
+        self.model = self.family.build(self.spec, backbone, f"--backbone-weights {args.backbone_weights}")
         self.model.to(self.info.device)
         sampler = ResumableSampler(self.train_set, self.info.world_size, self.info.rank, shuffle=True, seed=args.seed)
         self.batches = EpochBatches(
@@ -266,7 +267,7 @@ class Trainer:
             flip_prob=args.flip_prob,
             on_bad_data=args.on_bad_data,
             seed=args.seed,
-            with_masks=args.detector in MASK_DETECTORS,
+            with_masks=family_of(args.detector).needs_masks(args.detector),
             drop_empty_categories=drop_empty,
         )
         if self.info.is_main:
@@ -287,17 +288,21 @@ class Trainer:
         the --inherit-teacher copy, after which the teacher is released)."""
         args, info = self.args, self.info
         self.teacher, teacher_spec = load_teacher(args.teacher, num_classes, args, info.device)
-        if teacher_spec.levels != self.spec.levels:
+        self.teacher_family = family_of(teacher_spec.detector)
+        self.teacher_spec = teacher_spec
+        theirs = self.teacher_family.feature_layout(teacher_spec)
+        ours = self.family.feature_layout(self.spec)
+        if (theirs.levels, theirs.strides) != (ours.levels, ours.strides):
             raise ConfigError(
-                f"teacher levels P{teacher_spec.levels} differ from the student's "
-                f"P{self.spec.levels}; pass --min-level/--max-level to match"
+                f"teacher levels P{list(theirs.levels)} differ from the student's "
+                f"P{list(ours.levels)}; pass --min-level/--max-level to match"
             )
         if args.distill == "none":
             self._inherit(teacher_spec)
             self.teacher = None  # inheritance only: no teacher forward passes, its memory goes
             return
         if args.distill == "icd":
-            check_icd_heads(args.icd_heads, teacher_spec.fpn_channels, args.teacher)
+            check_icd_heads(args.icd_heads, min(theirs.channels), args.teacher)
         warmup = args.distill_warmup_iters
         if warmup is None:
             warmup = optim.default_warmup_iters(self.total_iters)
@@ -309,29 +314,27 @@ class Trainer:
             static_shapes=args.icd_static_shapes,
         ).to(info.device)
         check_static_slots(self.distiller, self.train_set.most_instances, self.train_annotations)
-        self.teacher_levels = [f"P{lvl}" for lvl in teacher_spec.levels]
+        self.teacher_levels = theirs.names
         if getattr(args, "icd_init", None):
             self._load_icd_init(args.icd_init, teacher_spec)
-        self.tap = FeatureTap(self.model)
+        self.tap = self.family.tap(self.model, self.spec)
         self._inherit(teacher_spec)
 
-    def _inherit(self, teacher_spec: DetectorSpec) -> None:
-        """--inherit-teacher: copy the teacher's parts into the student."""
+    def _inherit(self, teacher_spec: Any) -> None:
+        """--inherit-teacher: copy the teacher's parts into the student (its family's ``inherit``)."""
         if not self.inherit_parts:
             return
-        copied = inherit_from_teacher(
-            self.model, self.teacher, self.inherit_parts, self.spec.detector, teacher_spec.detector
-        )
+        copied = self.family.inherit(self.model, self.spec, self.teacher, teacher_spec, self.inherit_parts)
         if self.info.is_main:
             log.info("inherited %s from the teacher: %d tensors", ",".join(self.inherit_parts), len(copied))
 
-    def _load_icd_init(self, path: str, teacher_spec: DetectorSpec) -> None:
+    def _load_icd_init(self, path: str, teacher_spec: Any) -> None:
         """ICD's teacher side from ``icd pretrain``'s file, checked against this teacher."""
         from icd.engine.pretrain import load_teacher_side, teacher_fingerprint, teacher_side_signature
 
         if self.args.distill != "icd":
             raise ConfigError(f"--icd-init {path} needs --distill icd (got --distill {self.args.distill})")
-        expected = teacher_side_signature(self.distiller, teacher_spec, teacher_fingerprint(self.teacher))
+        expected = teacher_side_signature(self.distiller, teacher_spec, teacher_fingerprint(self.teacher, teacher_spec))
         meta = load_teacher_side(self.distiller, path, expected)
         if self.info.is_main:
             log.info("ICD teacher side from %s (pre-trained %s iterations; attention %s); distillation "
@@ -387,9 +390,9 @@ class Trainer:
         args = self.args
         graphs = getattr(args, "icd_cuda_graphs", False)
         if getattr(args, "compile", False):
-            modules = compiled_parts(self.model)
+            modules = self.family.compiled_parts(self.model)
             if self.teacher is not None:
-                modules += compiled_parts(self.teacher)
+                modules += self.teacher_family.compiled_parts(self.teacher)
             if self.distiller is not None and not graphs:
                 modules.append(self.distiller)
             compile_in_place(modules, args.compile_backend or "inductor")
@@ -418,7 +421,7 @@ class Trainer:
             "epoch_batches": epoch_batches,
             "iteration": self.iteration,
             "args": _plain_args(self.args),
-            "detector_spec": self.spec.to_dict(),
+            "detector_spec": self.family.spec_to_dict(self.spec),
             "world_size": self.info.world_size,
             "train_images": len(self.train_set),
             "categories": self.train_set.categories,
@@ -459,7 +462,7 @@ class Trainer:
 
     def _track_best(self, metrics: dict[str, float], epoch: int) -> bool:
         """Update the best evaluation so far with ``metrics``; True when it is the new best."""
-        key = best_metric(self.spec.detector, metrics)
+        key = self.family.best_metric(self.spec.detector, metrics)
         if key not in metrics:
             return False
         value = float(metrics[key])
@@ -484,8 +487,8 @@ class Trainer:
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path, "--resume")
         world_size, train_images = self.info.world_size, len(self.train_set)
-        check_resume_compatible(ckpt, path, self.args, self.spec.to_dict(), world_size, train_images)
-        load_detector_weights(_unwrap(self.model), ckpt, what="resumed", source=f"--resume {path}")
+        check_resume_compatible(ckpt, path, self.args, self.family.spec_to_dict(self.spec), world_size, train_images)
+        self.family.load_weights(_unwrap(self.model), ckpt, what="resumed", source=f"--resume {path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         if self.distiller is not None:
@@ -591,19 +594,17 @@ class Trainer:
 
     # -- one iteration -----------------------------------------------------------------------
     def _losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
-        offset = self.spec.label_offset
         graphs = getattr(self.args, "icd_cuda_graphs", False)
         with autocast(self.info.device, self.args.amp, getattr(self.args, "amp_dtype", None)):
-            losses = dict(self.model(images, targets))
+            losses = self.family.losses(self.model, self.spec, images, targets)
             if self.distiller is not None:
-                batch = self.tap.batch
+                batch = self.tap.batch  # labels 0..C-1 in the student's input frame
                 with torch.no_grad():
-                    teacher_maps = list(self.teacher.backbone(batch.images).values())
+                    teacher_maps = self.teacher_family.features(self.teacher, self.teacher_spec, batch.images)
                 self._teacher_maps = teacher_maps  # kept until the loss check (its report)
                 if value_checks(teacher_maps[0]):  # free on the CPU; on a GPU the loss check reports it
                     self._check_teacher_maps(teacher_maps)
-                labels = [lab - offset for lab in batch.labels]
-                boxes = batch.boxes
+                labels, boxes = batch.labels, batch.boxes
                 if graphs:  # fixed-shape inputs [N, K, 4], [N, K]: the graph's own
                     from icd.nn import pad_instances
 
@@ -637,13 +638,14 @@ class Trainer:
         ``check_now``: read the loss and the parameters' flag before the optimiser step (one sync)
         and stop there when either is non-finite.
         """
-        device, offset = self.info.device, self.spec.label_offset
-        # copies that do not block the host (pinned memory on CUDA: the batches' pin_memory)
+        device = self.info.device
+        # copies that do not block the host (pinned memory on CUDA: the batches' pin_memory);
+        # labels stay the dataset's 0..C-1: the family's losses convert them
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [
             {
                 "boxes": t["boxes"].to(device, non_blocking=True),
-                "labels": t["labels"].to(device, non_blocking=True) + offset,
+                "labels": t["labels"].to(device, non_blocking=True),
                 **({"masks": t["masks"].to(device, non_blocking=True)} if "masks" in t else {}),
             }
             for t in targets
@@ -866,7 +868,8 @@ class Trainer:
             loader,
             self.val_set,
             self.info,
-            self.spec.label_offset,
+            family=self.family,
+            spec=self.spec,
             amp=self.args.amp,
             amp_dtype=getattr(self.args, "amp_dtype", None),
             output_dir=self.args.output_dir,
@@ -878,7 +881,8 @@ class Trainer:
 
             detailed = getattr(self.args, "attention_detail", False)
             metrics.update(
-                attention_statistics(self.distiller, self.teacher, self.val_set, self.teacher_levels, detailed=detailed)
+                attention_statistics(self.distiller, self.teacher, self.val_set, self.teacher_levels,
+                                     detailed=detailed, teacher_spec=self.teacher_spec)  # fmt: skip
             )
         improved = self._track_best(metrics, epoch)
         best = {}

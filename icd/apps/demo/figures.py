@@ -49,6 +49,7 @@ def attention_maps_figure(
     from matplotlib.patches import Rectangle
 
     from icd.data.coco import CocoDetection, split_paths
+    from icd.detection.adapters import family_of
     from icd.engine.checkpoint import load_checkpoint
     from icd.engine.run_spec import distiller_of_run, load_detector
     from icd.ops import unflatten_levels
@@ -71,12 +72,13 @@ def attention_maps_figure(
     fig, axes = plt.subplots(
         len(chosen), max_cols, figsize=(3.2 * max_cols, 3.4 * len(chosen)), squeeze=False
     )
-    level_names = [f"P{lvl}" for lvl in teacher_spec.levels]
+    family = family_of(teacher_spec.detector)
+    level_names = family.feature_layout(teacher_spec).names
     for row, index in enumerate(chosen):
         image, target = dataset[index]
-        image_list, _ = teacher.transform([image])
-        features = list(teacher.backbone(image_list.tensors).values())
-        resized_h, resized_w = image_list.image_sizes[0]
+        frame = family.frame(teacher, teacher_spec, [image])
+        features = family.features(teacher, teacher_spec, frame.images)
+        resized_h, resized_w = frame.image_sizes[0].tolist()
         height, width = image.shape[-2:]
         scale = torch.tensor([resized_w / width, resized_h / height] * 2)
         boxes = target["boxes"] * scale
@@ -86,10 +88,10 @@ def attention_maps_figure(
             [boxes],
             [labels],
             torch.tensor([[resized_h, resized_w]]),
-            tuple(image_list.tensors.shape[-2:]),
+            frame.padded_size,
         )
         per_level = unflatten_levels(maps[0], shapes)  # L x [n, H_l, W_l]
-        padded = image_list.tensors.shape[-2:]
+        padded = frame.padded_size
         shown = image.permute(1, 2, 0).numpy()
         for col in range(max_cols):
             ax = axes[row, col]

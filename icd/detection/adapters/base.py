@@ -127,7 +127,9 @@ class DetectorFamily(ABC):
         inheritable_parts: what ``--inherit-teacher`` may copy from a teacher of the same family.
 
     Methods marked abstract must be given; the others have defaults that fit a detector without
-    background class, masks or special metrics.
+    background class, masks or special metrics. What holds for every detector of a kind (its
+    defaults, whether it needs masks, its best metric) takes the detector's name; what concerns one
+    detector takes its spec (and the model built from it).
     """
 
     name: ClassVar[str]
@@ -275,14 +277,14 @@ class DetectorFamily(ABC):
         """(min_level, max_level) of ``detector``'s maps when the flags leave them unset."""
         raise ConfigError(f"--detector {detector}", f"{self.name} detectors take no --min-level/--max-level")
 
-    def method_defaults(self, spec: Any, method: str) -> dict[str, Any]:
-        """Defaults of the ``--distill method``'s config fields for this detector, for the fields a
-        run leaves None (``{"loss_weight": 8.0, "max_labels": 300}`` for ICD on RetinaNet); {}: the
+    def method_defaults(self, detector: str, method: str) -> dict[str, Any]:
+        """Defaults of the ``--distill method``'s config fields for ``detector``, taken by the fields
+        a run leaves None (``{"loss_weight": 8.0, "max_labels": 300}`` for ICD on RetinaNet); {}: the
         method's own defaults."""
         return {}
 
-    def base_lr(self, spec: Any) -> float:
-        """The SGD learning rate for 16 images per iteration (scaled linearly to the batch)."""
+    def base_lr(self, detector: str) -> float:
+        """``detector``'s SGD learning rate for 16 images per iteration (scaled linearly to the batch)."""
         return 0.01
 
     # -- evaluation and prediction --------------------------------------------------------------
@@ -291,8 +293,8 @@ class DetectorFamily(ABC):
         before the spec exists, whose number of classes comes from the data)."""
         return False
 
-    def best_metric(self, spec: Any, metrics: Mapping[str, float]) -> str:
-        """The metric ``model_best.pth`` is chosen by among an evaluation's ``metrics``."""
+    def best_metric(self, detector: str, metrics: Mapping[str, float]) -> str:
+        """The metric ``model_best.pth`` of a ``detector`` is chosen by, among an evaluation's ``metrics``."""
         return "AP"
 
     def predict(self, model: nn.Module, spec: Any, images: list[Tensor]) -> list[dict[str, Tensor]]:

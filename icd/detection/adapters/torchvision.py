@@ -83,9 +83,6 @@ class TorchvisionFamily(DetectorFamily):
     def spec_from_args(self, values: Mapping[str, Any], num_classes: int) -> DetectorSpec:
         return spec_from_flags(values, num_classes)
 
-    def spec_to_dict(self, spec: DetectorSpec) -> dict[str, Any]:
-        return {**spec.to_dict(), "family": self.name}
-
     # -- building -------------------------------------------------------------------------------
     def build(
         self, spec: DetectorSpec, backbone_weights: Mapping[str, Tensor] | None = None,
@@ -161,21 +158,21 @@ class TorchvisionFamily(DetectorFamily):
     def default_levels(self, detector: str) -> tuple[int, int]:
         return DEFAULT_LEVELS[detector]
 
-    def method_defaults(self, spec: DetectorSpec, method: str) -> dict[str, Any]:
+    def method_defaults(self, detector: str, method: str) -> dict[str, Any]:
         if method == "icd":
-            return {"loss_weight": ICD_LOSS_WEIGHT[spec.detector], "max_labels": ICD_MAX_LABELS[spec.detector]}
+            return {"loss_weight": ICD_LOSS_WEIGHT[detector], "max_labels": ICD_MAX_LABELS[detector]}
         return {}
 
-    def base_lr(self, spec: DetectorSpec) -> float:
-        return BASE_LR_PER_16_IMAGES[spec.detector]
+    def base_lr(self, detector: str) -> float:
+        return BASE_LR_PER_16_IMAGES[detector]
 
     # -- evaluation -----------------------------------------------------------------------------
     def needs_masks(self, detector: str) -> bool:
         return detector in MASK_DETECTORS
 
-    def best_metric(self, spec: DetectorSpec, metrics: Mapping[str, float]) -> str:
+    def best_metric(self, detector: str, metrics: Mapping[str, float]) -> str:
         """Mask AP for Mask R-CNN (when the val split has segmentations), else box AP."""
-        return "segm_AP" if spec.detector in MASK_DETECTORS and "segm_AP" in metrics else "AP"
+        return "segm_AP" if detector in MASK_DETECTORS and "segm_AP" in metrics else "AP"
 
     def predict(self, model: nn.Module, spec: DetectorSpec, images: list[Tensor]) -> list[dict[str, Tensor]]:
         outputs = [dict(out) for out in model(images)]

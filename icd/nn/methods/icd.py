@@ -14,10 +14,13 @@ from typing import Any
 from icd.errors import ConfigError
 from icd.nn.methods.registry import DistillMethod, DistillTarget, config_from_flags
 
-# docs/method.md 4.4: lambda = 8 for the one-stage detectors, 3 for Faster R-CNN.
-ICD_LOSS_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "fasterrcnn": 3.0, "maskrcnn": 3.0}
-TWO_STAGE_MAX_LABELS = 100  # real + fake instances per image for fasterrcnn and maskrcnn
-ONE_STAGE_MAX_LABELS = 300  # ... for the others
+# The defaults of a detector whose family states none (DetectorFamily.method_defaults, which the
+# engine's build_distiller applies first): docs/method.md 4.4's lambda = 8 of the one-stage
+# detectors (torchvision's family says 3 for Faster / Mask R-CNN) and 300 instance slots per image
+# (100 for those two).
+DEFAULT_LOSS_WEIGHT = 8.0
+ONE_STAGE_MAX_LABELS = 300
+TWO_STAGE_MAX_LABELS = 100  # what torchvision's family gives fasterrcnn and maskrcnn (--icd-max-labels' help)
 # ICD's mask temperature with a pre-trained teacher side (--icd-init): its heads put a third of
 # their weight on one location, and its students fell below the baseline (3.15 against 4.53 AP,
 # 3 seeds); softened at T = 4 the weights cover ~180 of ~190 locations and the students are level
@@ -30,11 +33,11 @@ class IcdConfig:
     """ICD's settings (``ICDDistiller``'s arguments of the same names), each from its flag:
 
     heads (``--icd-heads``), num_layers (``--icd-layers``), max_labels (``--icd-max-labels``;
-    None: 100 for fasterrcnn and maskrcnn, else 300), neg_ratio (``--icd-neg-ratio``),
+    None: the detector family's default, 100 for fasterrcnn and maskrcnn, else 300), neg_ratio (``--icd-neg-ratio``),
     clamp_fakes (``--icd-clamp-fakes``), mask_temperature (``--icd-mask-temperature``; None: 1,
     or PRETRAINED_MASK_TEMPERATURE with ``--icd-init``), position_scale
-    (``--icd-position-scale``), loss_weight (``--distill-weight``; None: ICD_LOSS_WEIGHT of the
-    detector).
+    (``--icd-position-scale``), loss_weight (``--distill-weight``; None: the detector family's
+    default, 8, 3 for fasterrcnn and maskrcnn).
     """
 
     heads: int = 8
@@ -89,15 +92,13 @@ def build(config: IcdConfig, target: DistillTarget):
         if target.annotation_file
         else ClassPrior.uniform(target.num_classes)
     )
-    max_labels = config.max_labels
-    if max_labels is None:
-        max_labels = TWO_STAGE_MAX_LABELS if target.detector in ("fasterrcnn", "maskrcnn") else ONE_STAGE_MAX_LABELS
+    max_labels = ONE_STAGE_MAX_LABELS if config.max_labels is None else config.max_labels
     return ICDDistiller(
         target.num_classes,
         teacher_channels=target.teacher_channels,
         student_channels=target.student_channels,
         heads=config.heads,
-        loss_weight=ICD_LOSS_WEIGHT[target.detector] if config.loss_weight is None else config.loss_weight,
+        loss_weight=DEFAULT_LOSS_WEIGHT if config.loss_weight is None else config.loss_weight,
         warmup_iters=target.warmup_iters,
         neg_ratio=config.neg_ratio,
         max_labels=max_labels,
