@@ -511,12 +511,12 @@ class RTDetrFamily(DetectorFamily):
     def default_levels(self, detector: str) -> tuple[int, int]:
         return LEVELS[0], LEVELS[-1]
 
-    def method_defaults(self, spec: RTDetrSpec, method: str) -> dict[str, Any]:
+    def method_defaults(self, detector: str, method: str) -> dict[str, Any]:
         if method == "icd":
             return {"loss_weight": ICD_LOSS_WEIGHT, "max_labels": ICD_MAX_LABELS}
         return {}
 
-    def base_lr(self, spec: RTDetrSpec) -> float:
+    def base_lr(self, detector: str) -> float:
         return BASE_LR_PER_16_IMAGES
 
     # -- command line ---------------------------------------------------------------------------
