@@ -170,3 +170,64 @@ def test_family_loads_backbone_or_whole_detector_weights():
     assert all(torch.equal(a, b) for a, b in pairs)
     with pytest.raises(WeightsMismatchError, match="--backbone-weights r50.pth"):
         family.build(tiny_spec("resnet50"), resnet, "--backbone-weights r50.pth")
+
+
+# icd train's flags of the tiny RT-DETRs above (the conftest's ``data``: 4 + 2 shapes images of 64 px)
+TINY_RTDETR = ("--detector rtdetr --fpn-channels 32 --min-size 64 --rtdetr-width 0.25 --rtdetr-queries 12 "
+               "--rtdetr-decoder-layers 2 --rtdetr-denoising 6 --batch-size 2 --workers 0 --device cpu "
+               "--no-progress --epoch-checkpoint-every 0")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rtdetr_teacher(data, tmp_path_factory) -> str:
+    """A 2-iteration RT-DETR R50 (the teacher of the distillation tests), evaluated once."""
+    from icd.cli import main
+
+    out = tmp_path_factory.mktemp("rtdetr_teacher")
+    argv = f"train --data-path {data} --backbone resnet50 {TINY_RTDETR} --iters 2 --print-freq 1 --output-dir {out}"
+    assert main(argv.split()) == 0
+    return str(out / "checkpoint.pth")
+
+
+def test_teacher_run_evaluates_and_its_checkpoint_rebuilds(rtdetr_teacher):
+    """icd train --detector rtdetr: trained with AdamW, evaluated by the COCO evaluator, and the
+    checkpoint (read with weights_only=True) rebuilds the same detector."""
+    import json
+    import os
+
+    from icd.engine.checkpoint import load_checkpoint
+    from icd.engine.run_spec import load_detector
+
+    run = os.path.dirname(rtdetr_teacher)
+    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["iter"] for r in train] == [1, 2]
+    assert all(set(adapter.LOSS_KINDS) <= set(r) and r["loss"] > 0 for r in train)
+    (evaluation,) = [r for r in records if r["type"] == "eval"]
+    assert 0.0 <= evaluation["AP"] <= 100.0
+    ckpt = load_checkpoint(rtdetr_teacher, "--teacher")
+    assert ckpt["detector_spec"]["family"] == "rtdetr" and ckpt["detector_spec"]["backbone"] == "resnet50"
+    assert ckpt["optimizer"]["param_groups"][0].get("amsgrad") is False  # AdamW, not SGD
+    model, spec = load_detector(ckpt)
+    assert isinstance(model, adapter.RTDetrDetector) and spec.hidden_dim == 32
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["model"][key]), key
+
+
+@pytest.mark.parametrize("method", ["icd", "fpn-mse"])
+def test_student_distils_from_the_teacher_on_the_hybrid_encoder_maps(method, data, rtdetr_teacher, tmp_path):
+    import json
+
+    from icd.cli import main
+    from icd.engine.checkpoint import load_checkpoint
+
+    out = tmp_path / method
+    argv = (f"train --data-path {data} --backbone resnet18 {TINY_RTDETR} --iters 2 --no-eval --print-freq 1 "
+            f"--teacher {rtdetr_teacher} --distill {method} --output-dir {out}")  # fmt: skip
+    assert main(argv.split()) == 0
+    train = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["iter"] for r in train if r["type"] == "train"] == [1, 2]
+    assert all(r["loss_distill"] > 0 for r in train if r["type"] == "train")
+    ckpt = load_checkpoint(str(out / "checkpoint.pth"), "--resume")
+    assert ckpt["detector_spec"]["backbone"] == "resnet18"
+    assert bool(ckpt["distiller"]) == (method == "icd")  # ICD's modules are saved; FPN-MSE has none

@@ -359,7 +359,7 @@ class Trainer:
         if self.distiller is not None and not projection_by_teacher_side:
             student_params += list(self.distiller.student_side_parameters())
         self.optimizer = optim.student_optimizer(
-            student_params, lr, args.momentum, args.weight_decay
+            student_params, lr, args.momentum, args.weight_decay, kind=self.family.student_optimizer(args.detector)
         )
         warmup_iters = args.warmup_iters
         if warmup_iters is None:
