@@ -392,11 +392,13 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         "--lr",
         type=finite_float(above=0.0),
         default=None,
-        help="SGD lr (default: 0.01 per 16 images, 0.02 for fasterrcnn and maskrcnn, scaled to "
-        "batch-size x processes)",
+        help="student lr (default: SGD 0.01 per 16 images, 0.02 for fasterrcnn and maskrcnn; AdamW 1e-4 for "
+        "rtdetr; scaled to batch-size x processes)",
     )
-    p.add_argument("--momentum", type=finite_float(minimum=0.0, below=1.0), default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", "--wd", type=finite_float(minimum=0.0), default=1e-4, help="SGD weight decay")
+    p.add_argument(
+        "--momentum", type=finite_float(minimum=0.0, below=1.0), default=0.9, help="SGD momentum (AdamW: unused)"
+    )
+    p.add_argument("--weight-decay", "--wd", type=finite_float(minimum=0.0), default=1e-4, help="student weight decay")
     p.add_argument(
         "--warmup-iters",
         type=int_at_least(0),
