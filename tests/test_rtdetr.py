@@ -231,3 +231,30 @@ def test_student_distils_from_the_teacher_on_the_hybrid_encoder_maps(method, dat
     ckpt = load_checkpoint(str(out / "checkpoint.pth"), "--resume")
     assert ckpt["detector_spec"]["backbone"] == "resnet18"
     assert bool(ckpt["distiller"]) == (method == "icd")  # ICD's modules are saved; FPN-MSE has none
+
+
+def test_without_transformers_the_detector_names_the_extra(data, tmp_path):
+    """--detector rtdetr where transformers cannot be imported: one line naming requirements-rtdetr.txt."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+
+        class Absent:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "transformers":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, Absent())
+        from icd.cli import main
+
+        sys.exit(main(sys.argv[1:]))
+    """)
+    argv = f"train --data-path {data} {TINY_RTDETR} --iters 1 --output-dir {tmp_path / 'run'}".split()
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "icd: error: --detector rtdetr needs the rtdetr extra (transformers is missing): " + adapter.INSTALL_HINT
+    )
