@@ -57,9 +57,12 @@ def test_tap_gives_the_hybrid_encoder_maps_at_strides_8_16_32(backbone):
     assert model.hf.model.backbone.model.embedder.embedder[0].convolution.weight.grad is not None
 
 
-def test_losses_sum_to_transformers_total():
-    """The three kinds regroup transformers' loss_dict: their sum is its weighted total."""
-    model = adapter.build_rtdetr(tiny_spec()).train()
+@pytest.mark.parametrize("detector", ["rtdetr", "rtdetrv2"])
+def test_losses_sum_to_transformers_total(detector):
+    """The three kinds regroup transformers' loss_dict: their sum is its weighted total (RT-DETR and
+    RT-DETRv2: the same backbone and encoder, another decoder)."""
+    model = adapter.build_rtdetr(tiny_spec(detector=detector)).train()
+    assert type(model.hf).__name__ == adapter.HF_CLASSES[detector][1]
     images, targets = batch()
     torch.manual_seed(1)
     ours = sum(model(images, targets).values())

@@ -13,8 +13,8 @@ DATA=$WORK/shapes
 # both detectors: 64-wide hybrid encoder, half-width ResNets, 50 queries, 3 decoder layers, 128 px input
 MODEL="--detector rtdetr --fpn-channels 64 --min-size 128 --rtdetr-width 0.5 --rtdetr-queries 50 --rtdetr-decoder-layers 3 --rtdetr-denoising 50"
 COMMON="--data-path $DATA --batch-size 8 --lr 2e-4 --workers 0 --device cpu --no-progress --epoch-checkpoint-every 0 --print-freq 20"
-TEACHER_ITERS=${TEACHER_ITERS:-600}
-STUDENT_ITERS=${STUDENT_ITERS:-300}
+TEACHER_ITERS=${TEACHER_ITERS:-400}
+STUDENT_ITERS=${STUDENT_ITERS:-200}
 
 student() {  # method seed
   local method=$1 seed=$2 extra=""

@@ -50,6 +50,12 @@ RESNETS = {
     "resnet50": ("bottleneck", (3, 4, 6, 3), (256, 512, 1024, 2048)),
     "resnet101": ("bottleneck", (3, 4, 23, 3), (256, 512, 1024, 2048)),
 }
+# the detectors of the family: transformers' config and model classes (RT-DETRv2 changes only the
+# decoder's deformable attention and the training recipe; the backbone and hybrid encoder are RT-DETR's)
+HF_CLASSES = {
+    "rtdetr": ("RTDetrConfig", "RTDetrForObjectDetection"),
+    "rtdetrv2": ("RTDetrV2Config", "RTDetrV2ForObjectDetection"),
+}
 LEVELS = (3, 4, 5)  # the hybrid encoder's maps: C3-C5 of the ResNet, strides 8, 16, 32
 NORMS = ("bn", "frozen_bn")
 INSTALL_HINT = (
@@ -110,8 +116,8 @@ class RTDetrSpec:
     max_detections: int = 100
 
     def __post_init__(self) -> None:
-        if self.detector != "rtdetr":
-            raise ConfigError(f"detector={self.detector!r}", "an RTDetrSpec is for detector 'rtdetr'")
+        if self.detector not in HF_CLASSES:
+            raise ConfigError(f"--detector {self.detector}", f"the rtdetr family builds {tuple(HF_CLASSES)}")
         if self.backbone not in RESNETS:
             raise ConfigError(f"--backbone {self.backbone}", f"RT-DETR takes one of {tuple(RESNETS)}")
         if self.norm not in NORMS:
@@ -181,7 +187,8 @@ def hf_config(spec: RTDetrSpec):
         out_indices=[2, 3, 4],  # stage2..stage4: strides 8, 16, 32
     )
     heads = max(1, spec.hidden_dim // 32)
-    return tf.RTDetrConfig(
+    config_class = getattr(tf, HF_CLASSES[spec.detector][0])
+    return config_class(
         backbone_config=backbone,
         num_labels=spec.num_classes,
         encoder_in_channels=widths[1:],
@@ -266,7 +273,7 @@ class RTDetrDetector(nn.Module):
         super().__init__()
         tf = _transformers()
         self.spec = spec
-        self.hf = tf.RTDetrForObjectDetection(hf_config(spec))
+        self.hf = getattr(tf, HF_CLASSES[spec.detector][1])(hf_config(spec))
         self.transform = SquareResize(spec.image_size)
         # not a submodule (see EncoderMaps): set past nn.Module's registration
         object.__setattr__(self, "backbone", EncoderMaps(self.hf.model))
@@ -398,7 +405,7 @@ class RTDetrFamily(DetectorFamily):
     """RT-DETR (transformers' ``RTDetrForObjectDetection``) on transformers' own ResNet, as a family."""
 
     name = "rtdetr"
-    detectors = ("rtdetr",)
+    detectors = tuple(HF_CLASSES)
     backbones = tuple(RESNETS)
     spec_type = RTDetrSpec
     inheritable_parts = tuple(PART_PREFIXES)
@@ -425,6 +432,7 @@ class RTDetrFamily(DetectorFamily):
             return getattr(defaults, field) if value is None else value
 
         return RTDetrSpec(
+            detector=get("detector", "detector"),
             backbone=get("backbone", "backbone"),
             num_classes=num_classes,
             width=float(get("rtdetr_width", "width")),
