@@ -111,3 +111,22 @@ def test_teacher_and_student_frames_compared():
     family.check_same_frame(family.build(spec), family.build(spec))
     with pytest.raises(ValueError, match="min_size"):
         family.check_same_frame(family.build(spec), family.build(other))
+
+
+@pytest.mark.parametrize("method", ["icd", "fpn-mse"])
+def test_checkpoints_written_before_the_families_load_as_torchvision_ones(method):
+    import os
+
+    from icd.detection.models import DetectorSpec
+    from icd.engine.run_spec import checkpoint_detector_spec, distiller_of_run
+
+    path = os.path.join(os.path.dirname(__file__), "data", "distillers_before_registry.pth")
+    saved = torch.load(path, weights_only=True)[method]
+    assert "family" not in saved["detector_spec"]
+    spec = checkpoint_detector_spec({"detector_spec": saved["detector_spec"]}, "old.pth", 7)
+    teacher = checkpoint_detector_spec({"detector_spec": saved["teacher_spec"]}, "old teacher.pth", 7)
+    assert isinstance(spec, DetectorSpec) and spec.family == "torchvision"
+    assert get_family("torchvision").spec_to_dict(spec) == {**saved["detector_spec"], "family": "torchvision"}
+    distiller_of_run(saved["args"], teacher, 7).load_state_dict(saved["distiller"], strict=True)
+    with pytest.raises(ConfigError, match=r"^old\.pth: detector_spec family yolo: no such detector family"):
+        checkpoint_detector_spec({"detector_spec": {**saved["detector_spec"], "family": "yolo"}}, "old.pth", 7)

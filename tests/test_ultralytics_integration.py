@@ -209,3 +209,24 @@ def test_logs_say_the_frozen_teacher_once_and_results_have_no_always_zero_val_co
         columns = [c.strip() for c in f.readline().split(",")]
     assert {"train/icd", "train/aux", "val/box_loss", "metrics/mAP50-95(B)"} <= set(columns), columns
     assert not {"val/icd", "val/aux"} & set(columns)
+
+
+def test_the_yolo_adapter_says_layout_and_batch_frame_through_icds_detector_interface():
+    from types import SimpleNamespace
+
+    from icd.errors import ConfigError
+    from icd.integrations.ultralytics import YoloAdapter, YoloSpec
+
+    adapter = YoloAdapter(SimpleNamespace(feats_idx=[15, 18, 21, 22]))  # three neck maps, then Detect
+    assert adapter.num_levels == 3
+    layout = adapter.feature_layout(YoloSpec(7, (8.0, 16.0, 32.0), (64, 128, 256)))
+    assert (layout.levels, layout.names, layout.width) == ((3, 4, 5), ["P3", "P4", "P5"], [64, 128, 256])
+    batch = {"img": torch.zeros(2, 3, 32, 64), "bboxes": torch.tensor([[0.5, 0.5, 0.5, 0.25], [0.25, 0.5, 0.5, 0.5]]),
+             "cls": torch.tensor([[3.0], [1.0]]), "batch_idx": torch.tensor([1.0, 1.0])}  # fmt: skip
+    frame = adapter.frame_of_batch(batch)
+    assert frame.padded_size == (32, 64) and frame.image_sizes.tolist() == [[32, 64], [32, 64]]
+    assert frame.valid_regions().tolist() == [[0.0, 0.0, 64.0, 32.0]] * 2
+    assert [b.tolist() for b in frame.boxes] == [[], [[16.0, 12.0, 48.0, 20.0], [0.0, 8.0, 32.0, 24.0]]]
+    assert [lab.tolist() for lab in frame.labels] == [[], [3, 1]]
+    with pytest.raises(ConfigError, match="ICDTrainer"):
+        adapter.build(YoloSpec(7, (8.0,), (64,)))

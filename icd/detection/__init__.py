@@ -1,4 +1,6 @@
-"""Detection: torchvision detectors on ResNet + FPN, the feature tap, COCO evaluation."""
+"""Detection: the detector families (``icd.detection.adapters``: the interface the engine reaches every
+detector through, and its registry), torchvision's detectors on ResNet + FPN, the feature tap, COCO
+evaluation."""
 
 from icd.detection.feature_tap import FeatureTap, TappedBatch
 from icd.detection.input_contract import check_same_input_transform

@@ -10,7 +10,8 @@ resume needs)::
     epoch_batches        batches of ``epoch`` already consumed (the data order position; all of
                          them when written at the epoch's last batch, before its end: a resume
                          then does that epoch's end first, see icd.engine.batches.EpochBatches)
-    detector_spec        the architecture (icd.detection.DetectorSpec as a dict)
+    detector_spec        the architecture: its detector family's spec as a dict, with "family"
+                         (icd.detection.adapters; absent in older files: torchvision's DetectorSpec)
     categories           [{"id", "name"}] of the training data's categories in label order: the
                          class names (icd.engine.run_spec.checkpoint_categories reads them;
                          checkpoints written before they were saved have none)

@@ -4,12 +4,12 @@ Reads like torchvision's references/detection/train.py: the arguments are the CL
 (``icd train --help``), the checkpoint is a dict with model, optimizer, lr_scheduler, epoch and
 args (plus what an exact resume needs, see icd.engine.checkpoint).
 
-One iteration::
+One iteration (``family``: the detector family of ``icd.detection.adapters``)::
 
-    losses = family.losses(student, spec, images, targets) # the detector's own losses
-    tap = family.tap(student, spec).batch                  # its FPN maps and input frame
-    teacher_maps = teacher_family.features(teacher, teacher_spec, tap.images)  # frozen, same frame
-    losses |= distiller(teacher_maps, tap.features, tap.boxes, tap.labels, sizes, padded_size)
+    losses = family.losses(student, spec, images, targets)  # the detector's own losses
+    batch = family.tap(student, spec).batch                 # its maps and input frame, labels 0..C-1
+    teacher_maps = teacher_family.features(teacher, teacher_spec, batch.images)  # frozen, same frame
+    losses |= distiller(teacher_maps, batch.features, batch.boxes, batch.labels, sizes, padded_size)
     sum(losses).backward(); SGD step (student side); AdamW step (ICD teacher side, clipped)
 
 The run (``Trainer.train(start_iter, max_iter)``) is one loop over iterations: each draws the next

@@ -9,7 +9,9 @@ The student is wrapped in ``ICDDetectionModel``, a subclass of ultralytics'
 ``DistillationModel``: the teacher is loaded from ``teacher``, frozen and kept out of the EMA
 and of the final weights (``best.pt`` / ``last.pt`` hold the student alone, loadable without
 icd). The ICDDistiller reads the necks' maps that feed the Detect head (strides 8, 16, 32),
-with one projection per level since YOLO necks change width per level. Its student-side
+with one projection per level since YOLO necks change width per level: ``YoloAdapter`` says
+them (levels, strides, channels) and the input frame of a YOLO batch through icd's detector
+interface (``icd.detection.adapters``). Its student-side
 projections join the YOLO optimiser (extra parameter groups, same schedule, same clip); its
 teacher side has its own AdamW, stepped inside the YOLO optimiser step through the same
 GradScaler. The distiller and that AdamW are saved in every resumable checkpoint and restored
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -44,7 +47,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "in the icd checkout (or pip install --no-deps -r requirements-ultralytics.txt, see docs/ultralytics.md)"
     ) from exc
 
+from icd.detection.adapters import DetectorFamily, FeatureLayout, InputFrame
 from icd.engine.optim import TEACHER_SIDE_LR, teacher_side_optimizer, teacher_side_scheduler
+from icd.errors import ConfigError
 from icd.nn import ClassPrior, ICDDistiller, unpack_boxes
 from icd.nn.methods.icd import IcdConfig
 
@@ -102,6 +107,99 @@ def full_image_regions(batch_size: int, padded_size: tuple[int, int], device: to
     return torch.tensor([[0.0, 0.0, float(wp), float(hp)]], device=device).expand(batch_size, 4)
 
 
+@dataclass(frozen=True)
+class YoloSpec:
+    """What ICD needs of one YOLO detector of a ``DistillationModel`` pair (read from the model).
+
+    num_classes: C (``model.nc``); strides: input pixels per cell of each level the Detect head
+    reads (``model.stride``, e.g. 8, 16, 32); channels: each level's width (they differ per level in
+    YOLO necks).
+    """
+
+    num_classes: int
+    strides: tuple[float, ...]
+    channels: tuple[int, ...]
+    detector: str = "yolo"
+
+
+class YoloAdapter(DetectorFamily):
+    """ultralytics' YOLO detectors through icd's detector interface (``icd.detection.adapters``), as
+    ``ICDDetectionModel`` uses them: the neck maps that feed the Detect head, read by the forward
+    hooks ultralytics' ``DistillationModel`` sets on both models (its ``_teacher_feats`` /
+    ``_student_feats``); the input frame of a YOLO batch (already letterboxed: the images are the
+    frame, valid everywhere, as mosaic and affine augmentations fill it); labels 0..C-1 as YOLO's.
+
+    Not a registered family: ultralytics' trainer builds and trains YOLO models, ``icd train`` does
+    not (``build`` and ``spec_from_args`` refuse). One adapter per pair; it is not pickled.
+    """
+
+    name = "ultralytics"
+    detectors = ("yolo",)
+    spec_type = YoloSpec
+
+    def __init__(self, pair: DistillationModel) -> None:
+        self.pair = pair
+        self.num_levels = len(pair.feats_idx) - 1  # the last hooked layer is the Detect head itself
+        self.teacher_spec: YoloSpec | None = None  # set by ICDDetectionModel (spec_of after a forward)
+        self.student_spec: YoloSpec | None = None
+
+    def _maps(self, model: nn.Module) -> dict[int, Tensor]:
+        return self.pair._teacher_feats if model is self.pair.teacher_model else self.pair._student_feats
+
+    def hooked_maps(self, model: nn.Module) -> list[Tensor]:
+        """The L maps [N, C_l, H_l, W_l] of ``model``'s last forward (then dropped from the hooks' dict)."""
+        maps = self._maps(model)
+        out = [maps[i] for i in range(self.num_levels)]
+        maps.clear()
+        return out
+
+    def spec_of(self, model: nn.Module) -> YoloSpec:
+        """The spec of ``model`` (the pair's teacher or student) after one forward of it."""
+        maps = self._maps(model)
+        widths = tuple(int(maps[i].shape[1]) for i in range(self.num_levels))
+        nc = int(getattr(model, "nc", None) or model.yaml.get("nc"))
+        return YoloSpec(nc, tuple(float(s) for s in model.stride.tolist()), widths)
+
+    def spec_from_args(self, values: Mapping[str, Any], num_classes: int) -> YoloSpec:
+        raise ConfigError("--detector yolo", "train YOLO students with ICDTrainer (docs/ultralytics.md)")
+
+    def build(self, spec: YoloSpec, backbone_weights=None, source: str = "backbone weights") -> nn.Module:
+        raise ConfigError("--detector yolo", "ultralytics builds YOLO models: use ICDTrainer (docs/ultralytics.md)")
+
+    def feature_layout(self, spec: YoloSpec) -> FeatureLayout:
+        levels = tuple(round(math.log2(s)) for s in spec.strides)
+        return FeatureLayout(levels, spec.strides, spec.channels)
+
+    def tap(self, model: nn.Module, spec: YoloSpec) -> Any:
+        """Not a tap: YOLO's forward sees no targets and ultralytics already hooks the maps; read the
+        student's with ``hooked_maps`` after its forward and its frame with ``frame_of_batch``."""
+        raise ConfigError("--detector yolo", "read the student's maps with YoloAdapter.hooked_maps")
+
+    def features(self, model: nn.Module, spec: YoloSpec, images: Tensor) -> list[Tensor]:
+        model(images)
+        return self.hooked_maps(model)
+
+    def frame(self, model, spec, images, targets=None, *, augment=False) -> InputFrame:
+        """YOLO's loaders letterbox the images: ``images`` [N, 3, H, W] (or N of [3, H, W]) are the frame."""
+        batch = images if isinstance(images, Tensor) else torch.stack(list(images))
+        sizes = torch.tensor([list(batch.shape[-2:])] * batch.shape[0], dtype=torch.long, device=batch.device)
+        boxes = labels = None
+        if targets is not None:
+            boxes, labels = [t["boxes"] for t in targets], [t["labels"] for t in targets]
+        return InputFrame(batch, sizes, boxes, labels)
+
+    def frame_of_batch(self, batch: Mapping[str, Any]) -> InputFrame:
+        """The frame of an ultralytics training batch (``img``, ``bboxes`` normalised cx cy w h,
+        ``cls``, ``batch_idx``): boxes x1y1x2y2 in its pixels, labels 0..C-1."""
+        img = batch["img"]
+        n, padded = img.shape[0], (int(img.shape[-2]), int(img.shape[-1]))
+        boxes, labels = unpack_boxes(batch["bboxes"], batch["cls"], batch["batch_idx"], n, padded)
+        return self.frame(None, None, img, [{"boxes": b, "labels": c} for b, c in zip(boxes, labels, strict=True)])
+
+    def losses(self, model: nn.Module, spec: YoloSpec, images: Any, targets: Any) -> dict[str, Tensor]:
+        raise ConfigError("--detector yolo", "YOLO's losses are ultralytics' (model.loss(batch, preds))")
+
+
 class ICDDetectionModel(DistillationModel):
     """The student, the frozen teacher and the ICDDistiller, as ultralytics' trainer expects.
 
@@ -119,27 +217,24 @@ class ICDDetectionModel(DistillationModel):
         except ValueError as exc:
             raise ValueError(f"ICDTrainer: teacher = {config.teacher!r}: {exc}") from exc
         self.projector = nn.ModuleList()  # ultralytics' own distillation projector is not used
-        teacher, student = self.teacher_model, self.student_model
-        teacher_nc = int(getattr(teacher, "nc", teacher.yaml.get("nc")))
-        if teacher_nc != int(student.nc):
-            raise ValueError(
-                f"ICDTrainer: teacher = {config.teacher!r} predicts {teacher_nc} classes; expected the "
-                f"dataset's {int(student.nc)} (a teacher trained on the same data)"
-            )
-        t_strides, s_strides = teacher.stride.tolist(), student.stride.tolist()
-        if t_strides != s_strides:
-            raise ValueError(
-                f"ICDTrainer: teacher = {config.teacher!r} has strides {t_strides}; expected the student's "
-                f"{s_strides} (ICD pairs the levels one to one)"
-            )
-        levels = len(self.feats_idx) - 1  # the last hooked layer is the Detect head itself
-        teacher_widths = [int(self._teacher_feats[i].shape[1]) for i in range(levels)]
-        student_widths = [int(self._student_feats[i].shape[1]) for i in range(levels)]
+        adapter = YoloAdapter(self)  # the maps of the dummy forward of DistillationModel.__init__
+        teacher_spec, student_spec = adapter.spec_of(self.teacher_model), adapter.spec_of(self.student_model)
         self._teacher_feats.clear()
         self._student_feats.clear()
+        if teacher_spec.num_classes != student_spec.num_classes:
+            raise ValueError(
+                f"ICDTrainer: teacher = {config.teacher!r} predicts {teacher_spec.num_classes} classes; expected "
+                f"the dataset's {student_spec.num_classes} (a teacher trained on the same data)"
+            )
+        if teacher_spec.strides != student_spec.strides:
+            raise ValueError(
+                f"ICDTrainer: teacher = {config.teacher!r} has strides {list(teacher_spec.strides)}; expected the "
+                f"student's {list(student_spec.strides)} (ICD pairs the levels one to one)"
+            )
+        teacher_widths, student_widths = list(teacher_spec.channels), list(student_spec.channels)
         channels = config.decoder_channels or _round_to(min(teacher_widths), 4 * config.heads)
         distiller = ICDDistiller(
-            int(student.nc),
+            student_spec.num_classes,
             teacher_widths,
             student_widths,
             heads=config.heads,
@@ -153,13 +248,16 @@ class ICDDetectionModel(DistillationModel):
             decoder_channels=channels,
             **dict(config.distiller_kwargs),
         )
-        device = next(student.parameters()).device
+        device = next(self.student_model.parameters()).device
         object.__setattr__(self, "icd", distiller.to(device))  # deliberately not a submodule
+        adapter.teacher_spec, adapter.student_spec = teacher_spec, student_spec
+        object.__setattr__(self, "adapter", adapter)  # neither (it refers back to this model)
         self.icd_state: dict[str, Any] | None = None  # filled only while a checkpoint is written
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("icd", None)  # copies (the EMA, checkpoints) carry the student only
+        state.pop("adapter", None)
         return state
 
     def train(self, mode: bool = True) -> ICDDetectionModel:
@@ -179,21 +277,17 @@ class ICDDetectionModel(DistillationModel):
             zero = torch.zeros(1, device=img.device)
             return torch.cat([regular, zero]), {**items, "icd": zero, "aux": zero}
 
+        adapter = self.__dict__["adapter"]
         self._teacher_feats.clear()
         self._student_feats.clear()
         with torch.no_grad():
-            self.teacher_model(img)
+            teacher = adapter.features(self.teacher_model, adapter.teacher_spec, img)
         preds = self.student_model(img)
         regular, items = self.student_model.loss(batch, preds)
-        levels = len(self.feats_idx) - 1
-        teacher = [self._teacher_feats[i] for i in range(levels)]
-        student = [self._student_feats[i] for i in range(levels)]
-        self._teacher_feats.clear()
-        self._student_feats.clear()
-        n, padded = img.shape[0], (int(img.shape[-2]), int(img.shape[-1]))
-        boxes, labels = unpack_boxes(batch["bboxes"], batch["cls"], batch["batch_idx"], n, padded)
-        regions = full_image_regions(n, padded, img.device)
-        losses = distiller(teacher, student, boxes, labels, regions, padded)
+        student = adapter.hooked_maps(self.student_model)
+        frame = adapter.frame_of_batch(batch)  # boxes in pixels, labels 0..C-1, valid everywhere
+        n = img.shape[0]
+        losses = distiller(teacher, student, frame.boxes, frame.labels, frame.valid_regions(), frame.padded_size)
         aux = losses["aux_conf"] + losses["aux_reg"]
         extra = (losses["distill"] * n + aux).reshape(1).to(regular.dtype)
         items = {**items, "icd": losses["distill"].detach().reshape(1), "aux": aux.detach().reshape(1)}
