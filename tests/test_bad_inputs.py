@@ -343,12 +343,12 @@ def test_a_file_name_outside_the_image_folder_is_bad_data(tmp_path, caplog):
 
 
 def test_bad_data_in_a_run_is_one_line_before_any_model_is_built(data, tmp_path, capsys, monkeypatch):
-    import icd.engine.trainer as trainer_module
+    from icd.detection.adapters.torchvision import TorchvisionFamily
 
     def no_model(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(trainer_module, "build_detector", no_model)
+    monkeypatch.setattr(TorchvisionFamily, "build", no_model)
 
     def no_bbox(split, coco):
         if split == "train":
@@ -424,12 +424,12 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(data, tmp_path, 
 
 
 def test_internal_errors_keep_their_traceback(data, tmp_path, monkeypatch):
-    import icd.engine.trainer as trainer_module
+    from icd.detection.adapters.torchvision import TorchvisionFamily
 
     def broken(*a, **k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(trainer_module, "build_detector", broken)
+    monkeypatch.setattr(TorchvisionFamily, "build", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):
         main(f"train --data-path {data} {RUN} --output-dir {tmp_path / 'r'}".split())
 
