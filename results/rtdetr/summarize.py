@@ -7,7 +7,7 @@ import os
 import statistics
 import sys
 
-METHODS = ("baseline", "fpn-mse", "icd")
+METHODS = ("baseline", "fpn-mse", "icd", "icd-pre")  # icd-pre: run_pretrained.sh (--icd-init)
 SEEDS = (0, 1, 2)
 
 
@@ -39,6 +39,8 @@ def main(work: str) -> None:
         runs = [os.path.join(work, f"{method}-s{s}") for s in SEEDS]
         done = [records(r) for r in runs if os.path.exists(os.path.join(r, "metrics.jsonl"))]
         done = [r for r in done if any(x["type"] == "eval" for x in r)]
+        if not done:
+            continue
         evs = [last(r, "eval") for r in done]
         trs = [last(r, "train") for r in done]
         speed = [statistics.mean(x["sec_per_iter"] for x in r if x["type"] == "train") for r in done]
