@@ -33,9 +33,10 @@ $(BUILD_STAMP): requirements-dev.txt | $(PYTHON)
 	  $$(grep -E '^($(subst $(space),|,$(BUILD_DEPS)))==' requirements-dev.txt)
 	touch $@
 
-$(DEPS_STAMP): requirements-dev.txt requirements-ultralytics.txt | $(BUILD_STAMP)
+$(DEPS_STAMP): requirements-dev.txt requirements-ultralytics.txt requirements-rtdetr.txt | $(BUILD_STAMP)
 	$(PYTHON) -m pip install --upgrade-strategy only-if-needed -r requirements-dev.txt
 	$(PYTHON) -m pip install --no-deps -r requirements-ultralytics.txt
+	$(PYTHON) -m pip install --no-deps -r requirements-rtdetr.txt
 	touch $@
 
 $(EXT_STAMP): requirements-dev.txt $(EXT_SOURCES) | $(BUILD_STAMP)

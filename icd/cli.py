@@ -401,15 +401,15 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         "--lr",
         type=finite_float(above=0.0),
         default=None,
-        help="SGD lr (default: 0.01 per 16 images, 0.02 for fasterrcnn and maskrcnn, scaled to "
-        "batch-size x processes)",
+        help="student lr (default: SGD 0.01 per 16 images, 0.02 for fasterrcnn and maskrcnn; AdamW 1e-4 for "
+        "rtdetr; scaled to batch-size x processes)",
     )
     p.add_argument(
-        "--momentum", type=finite_float(minimum=0.0, below=1.0), default=optimisers.momentum, help="SGD momentum"
+        "--momentum", type=finite_float(minimum=0.0, below=1.0), default=optimisers.momentum, help="SGD momentum (AdamW: unused)"
     )
     p.add_argument(
         "--weight-decay", "--wd", type=finite_float(minimum=0.0), default=optimisers.weight_decay,
-        help="SGD weight decay",
+        help="student weight decay",
     )  # fmt: skip
     p.add_argument(
         "--warmup-iters",

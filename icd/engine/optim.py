@@ -1,6 +1,7 @@
 """Optimisers and per-iteration LR schedules of the student and of ICD's teacher side (docs/method.md 5).
 
-Student: SGD, momentum 0.9, weight decay 1e-4, linear warm-up from ``warmup_factor`` * lr,
+Student: SGD, momentum 0.9 (AdamW for a detector family that asks for it: RT-DETR), weight decay
+1e-4, linear warm-up from ``warmup_factor`` * lr,
 then x0.1 at given iterations, by default ~2/3 and ~8/9 of the run (60k and 80k of 90k in the
 1x schedule; the 3x presets give 210k and 250k of 270k).
 Teacher side: AdamW lr 1e-4, weight decay 1e-4, 10 linear warm-up iterations, cosine decay to
@@ -71,12 +72,20 @@ def cosine_with_warmup(iteration: int, warmup_iters: int, total_iters: int) -> f
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+STUDENT_OPTIMIZERS = ("sgd", "adamw")
+
+
 def student_optimizer(
-    params: Iterable[nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
-) -> torch.optim.SGD:
-    return torch.optim.SGD(
-        [p for p in params if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
+    params: Iterable[nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, kind: str = "sgd"
+) -> torch.optim.Optimizer:
+    """SGD with ``momentum``, or AdamW (``kind="adamw"``: the detector family's choice, e.g.
+    RT-DETR's; torch's betas and eps), over the parameters that train."""
+    trained = [p for p in params if p.requires_grad]
+    if kind == "adamw":
+        return torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
+    if kind != "sgd":
+        raise ValueError(f"student_optimizer: kind {kind!r}; expected one of {STUDENT_OPTIMIZERS}")
+    return torch.optim.SGD(trained, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def check_decay_steps(steps: Sequence[int], total_iters: int) -> tuple[int, ...]:

@@ -298,7 +298,8 @@ class Trainer(Loop):
         if self.distiller is not None and not projection_by_teacher_side:
             student_params += list(self.distiller.student_side_parameters())
         self.optimizer = optim.student_optimizer(
-            student_params, lr, settings.momentum, settings.weight_decay
+            student_params, lr, settings.momentum, settings.weight_decay,
+            kind=self.family.student_optimizer(self.spec.detector),
         )
         warmup_iters = settings.warmup_iters
         if warmup_iters is None:

@@ -86,9 +86,10 @@ def backbone_names() -> tuple[str, ...]:
 
 
 def _register_builtin() -> tuple[str, ...]:
+    from icd.detection.adapters.rtdetr import RTDetrFamily  # imports transformers only to build
     from icd.detection.adapters.torchvision import TorchvisionFamily
 
-    builtin = (TorchvisionFamily(),)
+    builtin = (TorchvisionFamily(), RTDetrFamily())
     for family in builtin:
         register_family(family)
     return tuple(f.name for f in builtin)

@@ -284,8 +284,14 @@ class DetectorFamily(ABC):
         return {}
 
     def base_lr(self, detector: str) -> float:
-        """``detector``'s SGD learning rate for 16 images per iteration (scaled linearly to the batch)."""
+        """``detector``'s learning rate for 16 images per iteration (scaled linearly to the batch), for
+        its ``student_optimizer``."""
         return 0.01
+
+    def student_optimizer(self, detector: str) -> str:
+        """The optimiser ``detector`` trains with: ``"sgd"`` (momentum ``--momentum``) or ``"adamw"``
+        (DETR-family recipes; ``--momentum`` unused); both take ``--weight-decay``."""
+        return "sgd"
 
     # -- evaluation and prediction --------------------------------------------------------------
     def needs_masks(self, detector: str) -> bool:
