@@ -405,8 +405,9 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         "rtdetr; scaled to batch-size x processes)",
     )
     p.add_argument(
-        "--momentum", type=finite_float(minimum=0.0, below=1.0), default=optimisers.momentum, help="SGD momentum (AdamW: unused)"
-    )
+        "--momentum", type=finite_float(minimum=0.0, below=1.0), default=optimisers.momentum,
+        help="SGD momentum (AdamW: unused)",
+    )  # fmt: skip
     p.add_argument(
         "--weight-decay", "--wd", type=finite_float(minimum=0.0), default=optimisers.weight_decay,
         help="student weight decay",
