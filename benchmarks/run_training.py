@@ -236,6 +236,7 @@ def run_one(w: Workload, cfg: Config, data: Path, teacher: Path, out: Path) -> d
     import torch
 
     from icd.cli import build_parser
+    from icd.detection.adapters import family_of
     from icd.engine.evaluator import autocast
     from icd.engine.run_spec import load_teacher
     from icd.engine.trainer import Trainer
@@ -271,16 +272,16 @@ def run_one(w: Workload, cfg: Config, data: Path, teacher: Path, out: Path) -> d
         row = {"times": times, "peak_mb": peak_mb, "syncs": syncs, "icd_syncs": icd_syncs,
                "final_loss": losses[-1][1]["loss"], **_compile_counts(args)}  # fmt: skip
         if cfg.distill == "none":  # the teacher's forward on the same padded batches, for the ratio
-            teacher_model, _ = load_teacher(str(teacher), trainer.train_set.num_classes, args, device)
+            teacher_model, teacher_spec = load_teacher(str(teacher), trainer.train_set.num_classes, args, device)
             padded = []
             for images, _ in batches:
                 images = [im.to(device) for im in images]
                 with torch.no_grad():
-                    padded.append(trainer.model.transform(images)[0].tensors)
+                    padded.append(trainer.family.frame(trainer.model, trainer.spec, images).images)
 
             def forward(i: int) -> None:
                 with torch.no_grad(), autocast(device, args.amp, args.amp_dtype):
-                    teacher_model.backbone(padded[i % len(padded)])
+                    family_of(teacher_spec.detector).features(teacher_model, teacher_spec, padded[i % len(padded)])
 
             for i in range(w.warmup):
                 forward(i)

@@ -10,6 +10,7 @@ from icd.detection.adapters import (
     FeatureLayout,
     InputFrame,
     Tap,
+    check_teacher_frame,
     detector_names,
     family_of,
     family_of_spec,
@@ -109,8 +110,37 @@ def test_teacher_and_student_frames_compared():
     spec = family.spec_from_args({"detector": "fcos", **TINY}, 3)
     other = family.spec_from_args({"detector": "fcos", **TINY, "min_size": [96], "max_size": 96}, 3)
     family.check_same_frame(family.build(spec), family.build(spec))
-    with pytest.raises(ValueError, match="min_size"):
+    with pytest.raises(ConfigError, match=r"^teacher transform\.max_size = 64 but student transform\.max_size = 96: "):
         family.check_same_frame(family.build(spec), family.build(other))
+
+
+def test_a_teacher_may_read_a_student_frame_of_another_scale_but_not_of_another_normalisation():
+    family = get_family("torchvision")
+    student = family.build(family.spec_from_args({"detector": "fcos", **TINY}, 3))
+    teacher = family.build(family.spec_from_args({"detector": "fcos", **TINY, "min_size": [96], "max_size": 96}, 3))
+    assert check_teacher_frame(family, student, family, student) == []
+    lines = check_teacher_frame(family, teacher, family, student, "--teacher t.pth")
+    assert lines == [
+        "teacher transform.max_size = 96 but student transform.max_size = 64",
+        "teacher transform.min_size = (96,) but student transform.min_size = (64,)",
+    ]
+    teacher.transform.image_std = [0.5, 0.5, 0.5]  # fed the student's batch, its features are not its own
+    with pytest.raises(ConfigError, match=r"^--teacher t\.pth: teacher transform\.image_std = \(0\.5, 0\.5, 0\.5\) "):
+        check_teacher_frame(family, teacher, family, student, "--teacher t.pth")
+
+
+def test_a_teacher_of_another_family_reads_no_frame_of_this_one():
+    class SquareFamily(TorchvisionFamily):  # a stand-in for a family with a frame of its own
+        name = "square"
+        scale_settings = ("side",)
+
+        def frame_settings(self, model):
+            return {"side": 64}
+
+    family = get_family("torchvision")
+    student = family.build(family.spec_from_args({"detector": "fcos", **TINY}, 3))
+    with pytest.raises(ConfigError, match=r"\(a square teacher, a torchvision student\)"):
+        check_teacher_frame(SquareFamily(), student, family, student)
 
 
 @pytest.mark.parametrize("method", ["icd", "fpn-mse"])
@@ -130,3 +160,15 @@ def test_checkpoints_written_before_the_families_load_as_torchvision_ones(method
     distiller_of_run(saved["args"], teacher, 7).load_state_dict(saved["distiller"], strict=True)
     with pytest.raises(ConfigError, match=r"^old\.pth: detector_spec family yolo: no such detector family"):
         checkpoint_detector_spec({"detector_spec": {**saved["detector_spec"], "family": "yolo"}}, "old.pth", 7)
+
+
+def test_icd_train_warns_when_the_teacher_reads_its_student_at_another_scale(data, finished_run, tmp_path, caplog):
+    from user_errors import RUN
+
+    from icd.cli import main
+
+    teacher = f"{finished_run}/checkpoint.pth"  # trained at 64 px
+    argv = f"train --data-path {data} {RUN} --teacher {teacher} --distill fpn-mse --output-dir {tmp_path / 's'}"
+    assert main([*argv.split(), "--min-size", "48", "--max-size", "48"]) == 0
+    assert "teacher transform.min_size = (64,) but student transform.min_size = (48,): the teacher reads" in caplog.text
+    assert f"(--teacher {teacher})" in caplog.text

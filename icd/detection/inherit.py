@@ -14,7 +14,7 @@ shape; otherwise nothing is copied and the error lists the offending entries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -30,15 +30,16 @@ _HEAD_PREFIXES = {
 }
 
 
-def parse_parts(text: str | Iterable[str] | None) -> tuple[str, ...]:
-    """``"neck,head"`` (or a list of names) as a tuple of known part names; ``""``/None: ()."""
+def parse_parts(text: str | Iterable[str] | None, known: Sequence[str] = INHERITABLE_PARTS) -> tuple[str, ...]:
+    """``"neck,head"`` (or a list of names) as a tuple of part names of ``known`` (a detector
+    family's ``inheritable_parts``; torchvision's by default); ``""``/None: ()."""
     if text is None:
         return ()
     names = text.split(",") if isinstance(text, str) else list(text)
     parts = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
-    unknown = [p for p in parts if p not in INHERITABLE_PARTS]
+    unknown = [p for p in parts if p not in known]
     if unknown:
-        raise ConfigError(f"inherit-teacher parts {unknown}: expected a comma list of {INHERITABLE_PARTS}")
+        raise ConfigError(f"inherit-teacher parts {unknown}: expected a comma list of {tuple(known)}")
     return parts
 
 

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from icd.config import PRESET_IMAGES_PER_ITERATION
 from icd.data.coco import CocoDetection, dataset_paths, report_categories
-from icd.detection.adapters import family_of
+from icd.detection.adapters import check_teacher_frame, family_of
 from icd.detection.inherit import parse_parts
 from icd.engine import optim
 from icd.engine.batches import EpochBatches
@@ -116,7 +116,10 @@ class Trainer(Loop):
         self.args = args  # saved in checkpoints as ``args`` (older icds read it); the engine reads config
         self.config = RunConfig.from_args(args, "train")  # everything a run reads, built once
         distill = self.config.distill
-        self.inherit_parts = parse_parts(distill.inherit_teacher)  # checked before anything is built
+        # checked before anything is built, against the student's family's parts
+        self.inherit_parts = parse_parts(
+            distill.inherit_teacher, family_of(self.config.model.detector).inheritable_parts
+        )
         if self.inherit_parts and not distill.teacher:
             raise ConfigError(f"--inherit-teacher {distill.inherit_teacher} needs --teacher")
         if distill.teacher and distill.method == "none" and not self.inherit_parts:
@@ -234,6 +237,15 @@ class Trainer(Loop):
                 f"teacher levels P{list(theirs.levels)} differ from the student's "
                 f"P{list(ours.levels)}; pass --min-level/--max-level to match"
             )
+        differences = check_teacher_frame(
+            self.teacher_family, self.teacher, self.family, _unwrap(self.model), f"--teacher {distill.teacher}"
+        )
+        for difference in differences:
+            if self.info.is_main:
+                log.warning(
+                    "%s: the teacher reads the student's frame, so it sees the objects at the student's scale, "
+                    "not at the one it was trained on (--teacher %s)", difference, distill.teacher,
+                )
         if distill.method == "none":
             self._inherit(teacher_spec)
             self.teacher = None  # inheritance only: no teacher forward passes, its memory goes

@@ -19,6 +19,7 @@ from icd.detection.adapters.base import (
     FeatureLayout,
     InputFrame,
     Tap,
+    check_teacher_frame,
 )
 from icd.errors import ConfigError
 
@@ -106,6 +107,7 @@ __all__ = [
     "InputFrame",
     "Tap",
     "backbone_names",
+    "check_teacher_frame",
     "detector_names",
     "family_of",
     "family_of_model_spec",

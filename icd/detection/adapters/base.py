@@ -125,6 +125,8 @@ class DetectorFamily(ABC):
         backbones: the ``--backbone`` names it takes (the CLI offers the union of all families').
         spec_type: its spec dataclass (fields ``detector`` and ``num_classes`` at least).
         inheritable_parts: what ``--inherit-teacher`` may copy from a teacher of the same family.
+        scale_settings: the keys of ``frame_settings`` that only set the scale images are resized
+            to; a teacher may differ from its student in them (``check_teacher_frame``).
 
     Methods marked abstract must be given; the others have defaults that fit a detector without
     background class, masks or special metrics. What holds for every detector of a kind (its
@@ -137,6 +139,7 @@ class DetectorFamily(ABC):
     backbones: ClassVar[tuple[str, ...]] = ()
     spec_type: ClassVar[type]
     inheritable_parts: ClassVar[tuple[str, ...]] = ()
+    scale_settings: ClassVar[tuple[str, ...]] = ()
 
     # -- the spec (what checkpoints store) ------------------------------------------------------
     @abstractmethod
@@ -219,14 +222,10 @@ class DetectorFamily(ABC):
     def check_same_frame(self, teacher: nn.Module, student: nn.Module) -> None:
         """ConfigError naming the first frame setting in which ``teacher`` and ``student`` differ: the
         teacher reads the student's frame (``features``), which must be the one it was trained on."""
-        theirs, ours = self.frame_settings(teacher), self.frame_settings(student)
-        for key in sorted(set(theirs) | set(ours)):
-            if theirs.get(key) != ours.get(key):
-                raise ConfigError(
-                    f"teacher {key} = {theirs.get(key)!r} but student {key} = {ours.get(key)!r}",
-                    "the teacher reads the student's resized, normalised, padded batch, so both must "
-                    "resize and normalise alike",
-                )
+        differences = check_teacher_frame(self, teacher, self, student)
+        if differences:
+            raise ConfigError(differences[0], "the teacher reads the student's resized, normalised, padded batch, "
+                              "so both must resize and normalise alike")  # fmt: skip
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, model: nn.Module, spec: Any, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
@@ -320,3 +319,36 @@ def check_spec(family: DetectorFamily, spec: Any) -> None:
     """TypeError when ``spec`` is not a spec of ``family`` (a programming error, not user input)."""
     if not isinstance(spec, family.spec_type):
         raise TypeError(f"{type(family).__name__}: expected a {family.spec_type.__name__}, got {type(spec).__name__}")
+
+
+def check_teacher_frame(
+    teacher_family: DetectorFamily,
+    teacher: nn.Module,
+    student_family: DetectorFamily,
+    student: nn.Module,
+    source: str = "",
+) -> list[str]:
+    """How the teacher's input frame differs from the student's, which it reads (``features``).
+
+    A ConfigError names the first setting that would feed the teacher input unlike any it was
+    trained on (normalisation, padding, a frame of another family); settings of both families'
+    ``scale_settings`` may differ (the teacher then sees the objects at the student's scale) and
+    come back as lines ``"teacher K = X but student K = Y"``, for a warning; [] when alike.
+    ``source``: where the teacher came from (``"--teacher PATH"``), leading the error.
+    """
+    theirs, ours = teacher_family.frame_settings(teacher), student_family.frame_settings(student)
+    scale_only = set(teacher_family.scale_settings) & set(student_family.scale_settings)
+    differences = []
+    for key in sorted(set(theirs) | set(ours)):
+        if theirs.get(key) == ours.get(key):
+            continue
+        line = f"teacher {key} = {theirs.get(key)!r} but student {key} = {ours.get(key)!r}"
+        if key not in scale_only:
+            families = ""
+            if teacher_family.name != student_family.name:
+                families = f" (a {teacher_family.name} teacher, a {student_family.name} student)"
+            where = f"{source}: " * bool(source) + line + families
+            raise ConfigError(where, "the teacher reads the student's resized, normalised, padded batch; it must "
+                              "normalise and pad alike, or its features are not its own")  # fmt: skip
+        differences.append(line)
+    return differences

@@ -384,6 +384,7 @@ def read_local_weights(path: str) -> dict[str, Tensor]:
 
 # --inherit-teacher's parts: the hybrid encoder (AIFI, FPN, PAN; hidden_dim wide whatever the
 # ResNet, unlike the input projections, whose inputs are the ResNet's widths) and everything after it
+INPUT_SIDE = "input side (square resize, no normalisation, no padding)"  # its one frame setting
 PART_PREFIXES = {
     "neck": ("hf.model.encoder.",),
     "head": ("hf.model.decoder_input_proj.", "hf.model.enc_output.", "hf.model.enc_score_head.",
@@ -409,6 +410,7 @@ class RTDetrFamily(DetectorFamily):
     backbones = tuple(RESNETS)
     spec_type = RTDetrSpec
     inheritable_parts = tuple(PART_PREFIXES)
+    scale_settings = (INPUT_SIDE,)
 
     # -- the spec -------------------------------------------------------------------------------
     def spec_from_args(self, values: Mapping[str, Any], num_classes: int) -> RTDetrSpec:
@@ -498,7 +500,7 @@ class RTDetrFamily(DetectorFamily):
         model.transform.size = int(sizes[0])
 
     def frame_settings(self, model: nn.Module) -> dict[str, Any]:
-        return {"input side (square resize, no normalisation, no padding)": int(model.transform.size)}
+        return {INPUT_SIDE: int(model.transform.size)}
 
     # -- training -------------------------------------------------------------------------------
     def compiled_parts(self, model: nn.Module) -> list[nn.Module]:

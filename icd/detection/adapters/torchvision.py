@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from icd.detection.adapters.base import DetectorFamily, FeatureLayout, InputFrame
 from icd.detection.feature_tap import FeatureTap
 from icd.detection.inherit import INHERITABLE_PARTS, part_prefixes
-from icd.detection.input_contract import TRANSFORM_FIELDS, _transform_fields, check_same_input_transform
+from icd.detection.input_contract import TRANSFORM_FIELDS, _transform_fields
 from icd.detection.models import (
     BACKBONES,
     DEFAULT_LEVELS,
@@ -78,6 +78,7 @@ class TorchvisionFamily(DetectorFamily):
     backbones = BACKBONES
     spec_type = DetectorSpec
     inheritable_parts = INHERITABLE_PARTS
+    scale_settings = ("transform.min_size", "transform.max_size")
 
     # -- the spec -------------------------------------------------------------------------------
     def spec_from_args(self, values: Mapping[str, Any], num_classes: int) -> DetectorSpec:
@@ -129,9 +130,6 @@ class TorchvisionFamily(DetectorFamily):
     def frame_settings(self, model: nn.Module) -> dict[str, Any]:
         fields = _transform_fields(model, type(model).__name__)
         return {f"transform.{name}": fields[name] for name in TRANSFORM_FIELDS}
-
-    def check_same_frame(self, teacher: nn.Module, student: nn.Module) -> None:
-        check_same_input_transform(teacher, student)
 
     # -- training -------------------------------------------------------------------------------
     def losses(
