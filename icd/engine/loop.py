@@ -149,6 +149,7 @@ class Loop:
     metrics: MetricsLog
     train_annotations: object
     overwritten: list[str]
+    diverging = "training"  # what a non-finite loss says diverged ("the student" for icd train)
 
     def __init__(self, hooks: Iterable[Hook] = ()) -> None:
         self._user_hooks: list[Hook] = []
@@ -274,7 +275,7 @@ class Loop:
         if teacher_fault is not None:
             message += f"; {teacher_fault}"
         else:
-            message += f"; training diverged or the batch is bad: lower --lr ({self._lr_text()})"
+            message += f"; {self.diverging} diverged or the batch is bad: lower --lr ({self._lr_text()})"
         return NonFiniteError(message + "; nothing non-finite was checkpointed")
 
     def _teacher_fault(self, peak: float) -> str | None:

@@ -52,7 +52,7 @@ from icd.engine.checkpoint import (
 from icd.engine.distill import build_distiller, check_icd_heads, check_static_slots
 from icd.engine.distributed import DistInfo, cleanup, init_distributed
 from icd.engine.evaluator import autocast, eval_loader, evaluate
-from icd.engine.finite import first_non_finite, loss_report
+from icd.engine.finite import first_non_finite
 from icd.engine.health import ATTENTION_LIFT_FLOOR
 from icd.engine.hooks import HealthCheck, Hook, PeriodicCheckpoint, PeriodicEvaluation, TrainMetrics
 from icd.engine.loop import LAST_CHECKPOINT, Loop, loss_key
@@ -110,6 +110,8 @@ class Trainer(Loop):
     (health check, metrics, checkpoints, evaluation) in the order given; ``register_hook`` adds
     more before ``run()``.
     """
+
+    diverging = "the student"
 
     def __init__(self, args: argparse.Namespace, hooks: Iterable[Hook] = ()) -> None:
         super().__init__(hooks)
@@ -474,27 +476,11 @@ class Trainer(Loop):
         return [opt for opt in (self.optimizer, self.teacher_optimizer) if opt is not None]
 
     # -- non-finite guard --------------------------------------------------------------------
-    def _non_finite_error(
-        self, iteration: int, record: dict[str, float], params_finite: bool, teacher_fault: str | None
-    ) -> NonFiniteError:
-        """The error of step ``iteration`` whose losses (``record``) or prior parameters are not
-        finite (a failure path: it reads the parameters on the host)."""
-        if not params_finite:
-            named = [(n, p) for n, p in _unwrap(self.model).named_parameters()]
-            if self.distiller is not None:
-                named += [(f"distiller.{n}", p) for n, p in self.distiller.named_parameters()]
-            bad = first_non_finite(named) or "a parameter"
-            return NonFiniteError(
-                f"iteration {iteration - 1}: the optimiser step made {bad} non-finite (NaN or inf) "
-                f"with finite losses; stopped before checkpointing it. Lower --lr ({self._lr_text()})"
-            )
-        losses = {k: torch.tensor(v) for k, v in record.items() if k != "loss"}
-        message = f"non-finite loss at iteration {iteration}: {loss_report(losses)}"
-        if teacher_fault is not None:
-            message += f"; {teacher_fault}"
-        else:
-            message += f"; the student diverged or the batch is bad: lower --lr ({self._lr_text()})"
-        return NonFiniteError(message + "; nothing non-finite was checkpointed")
+    def _named_checked_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        named = list(_unwrap(self.model).named_parameters())
+        if self.distiller is not None:
+            named += [(f"distiller.{n}", p) for n, p in self.distiller.named_parameters()]
+        return named
 
     def _teacher_maps_fault(self, maps: list[torch.Tensor]) -> str | None:
         """What is wrong with the teacher's FPN maps of this batch (non-finite, or too large for
