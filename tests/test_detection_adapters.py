@@ -139,8 +139,8 @@ def test_a_teacher_of_another_family_reads_no_frame_of_this_one():
 
     family = get_family("torchvision")
     student = family.build(family.spec_from_args({"detector": "fcos", **TINY}, 3))
-    with pytest.raises(ConfigError, match=r"\(a square teacher, a torchvision student\)"):
-        check_teacher_frame(SquareFamily(), student, family, student)
+    with pytest.raises(ConfigError, match=r"^--teacher t\.pth: the teacher is a square detector, the student a torch"):
+        check_teacher_frame(SquareFamily(), student, family, student, "--teacher t.pth")
 
 
 @pytest.mark.parametrize("method", ["icd", "fpn-mse"])

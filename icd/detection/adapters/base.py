@@ -337,6 +337,13 @@ def check_teacher_frame(
     ``source``: where the teacher came from (``"--teacher PATH"``), leading the error.
     """
     theirs, ours = teacher_family.frame_settings(teacher), student_family.frame_settings(student)
+    if set(theirs) != set(ours):
+        raise ConfigError(
+            f"{source}: " * bool(source) + f"the teacher is a {teacher_family.name} detector, the student a "
+            f"{student_family.name} one",
+            "their input frames are made differently (resizing, normalisation, padding) and the teacher reads the "
+            "student's; distil between detectors of one family",
+        )
     scale_only = set(teacher_family.scale_settings) & set(student_family.scale_settings)
     differences = []
     for key in sorted(set(theirs) | set(ours)):
@@ -344,10 +351,7 @@ def check_teacher_frame(
             continue
         line = f"teacher {key} = {theirs.get(key)!r} but student {key} = {ours.get(key)!r}"
         if key not in scale_only:
-            families = ""
-            if teacher_family.name != student_family.name:
-                families = f" (a {teacher_family.name} teacher, a {student_family.name} student)"
-            where = f"{source}: " * bool(source) + line + families
+            where = f"{source}: " * bool(source) + line
             raise ConfigError(where, "the teacher reads the student's resized, normalised, padded batch; it must "
                               "normalise and pad alike, or its features are not its own")  # fmt: skip
         differences.append(line)
