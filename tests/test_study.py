@@ -94,6 +94,7 @@ def test_plan_from_toml_with_flags_winning(tmp_path):
         ("--weight icd=x", "--weight icd=x: 'x' is not a number"),
         ("--teacher /no/such.pth", "--teacher /no/such.pth"),
         ("--val-ann a.json", "data flags: --val-ann needs --val-images too"),
+        ("--methods inherit --fpn-channels 64", "--methods inherit: inherits the teacher's neck: its FPN has 32"),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_flag(data, finished_run, tmp_path, capsys, argv, message):

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from icd.apps.demo.stamps import STAMP_FILE
 from icd.apps.study.report import last_eval_of
 from icd.apps.study.stats import interval, mean_std
 
@@ -41,11 +42,12 @@ SEEDS = (0, 1, 2)
 
 def regenerated_ap(study: str, method: str, epochs: int) -> list[float] | None:
     """AP of seeds 0-2 of ``method`` in ``study`` (each run's last evaluation in its metrics.jsonl;
-    None when a run is missing)."""
+    None while a run is missing or unfinished: without the stamp the study writes at its end)."""
     values = []
     for seed in SEEDS:
-        path = os.path.join(study, "runs", f"{method}_e{epochs}_s{seed}", "metrics.jsonl")
-        if not os.path.exists(path):
+        folder = os.path.join(study, "runs", f"{method}_e{epochs}_s{seed}")
+        path = os.path.join(folder, "metrics.jsonl")
+        if not os.path.exists(os.path.join(folder, STAMP_FILE)):  # unfinished (or not run)
             return None
         with open(path) as f:
             last = last_eval_of([json.loads(line) for line in f if line.strip()])

@@ -251,9 +251,10 @@ def check_inputs(cfg: StudyConfig, args: argparse.Namespace) -> int:
         if not os.path.isfile(anns[split]):
             raise FileNotFoundError(f"--data-path {args.data_path}: no {split} annotations ({anns[split]})")
     ckpt = load_checkpoint(cfg.teacher, "--teacher")
-    teacher_args = ckpt.get("args", {}) if isinstance(ckpt.get("args"), dict) else {}
+    # the teacher's architecture as its checkpoint records it (a bare state dict records none)
+    teacher_spec = ckpt.get("detector_spec") if isinstance(ckpt.get("detector_spec"), dict) else {}
     inheriting = [m for m in cfg.methods if m == "inherit" or m.endswith("+inherit")]
-    width = teacher_args.get("fpn_channels")
+    width = teacher_spec.get("fpn_channels")
     if inheriting and width is not None and "neck" in cfg.inherit_parts and width != cfg.fpn_channels:
         raise ConfigError(
             f"--methods {inheriting[0]}",
