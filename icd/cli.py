@@ -1015,12 +1015,30 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return argv[0] if argv and not argv[0].startswith("-") else None
 
 
+# options whose value is itself a string of flags ("--train-flags '--icd-clamp-fakes'")
+FLAG_STRING_OPTIONS = ("--train-flags",)
+
+
+def _glue_flag_strings(argv: list[str]) -> list[str]:
+    """``argv`` with ``--train-flags VALUE`` as ``--train-flags=VALUE``: argparse takes a lone value
+    that starts with ``-`` (one quoted flag, ``'--icd-clamp-fakes'``) for an option, not a value."""
+    glued: list[str] = []
+    values = iter(argv)
+    for arg in values:
+        if arg in FLAG_STRING_OPTIONS:
+            value = next(values, None)
+            glued.append(arg if value is None else f"{arg}={value}")
+        else:
+            glued.append(arg)
+    return glued
+
+
 def _main(argv: list[str]) -> int:
     command = _command_of(argv)
     commands = () if command is None else (command,)
     parser = build_parser(_train_preset_of(argv), _train_preset_of(argv, "eval"), commands=commands,
                           study_preset=_train_preset_of(argv, "study"))  # fmt: skip
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_flag_strings(argv))
     if args.command == "train":  # flags and another run's files first: before any data is looked at
         from icd.engine.run_spec import detector_spec_from_args
 

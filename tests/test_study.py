@@ -69,6 +69,17 @@ def test_plan_from_flags(tmp_path):
     assert run_id(other["baseline_e2_s3"].stamp(cfg)) == run_id(by_name["baseline_e2_s3"].stamp(cfg))
 
 
+def test_train_flags_take_one_quoted_flag_as_a_shell_passes_it(tmp_path):
+    # icd study --train-flags '--icd-clamp-fakes': argparse alone takes the lone value for an option
+    argv = ["study", "--data-path", str(tmp_path), "--teacher", "t.pth", "--train-flags", "--icd-clamp-fakes"]
+    parser = cli.build_parser(commands=("study",))
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert parser.parse_args(cli._glue_flag_strings(argv)).train_flags == "--icd-clamp-fakes"
+    assert config_from_args(parser.parse_args(cli._glue_flag_strings(argv))).train_flags == ["--icd-clamp-fakes"]
+    assert cli._glue_flag_strings(["study", "--train-flags"]) == ["study", "--train-flags"]  # argparse says it
+
+
 def test_plan_from_toml_with_flags_winning(tmp_path):
     toml = tmp_path / "study.toml"
     toml.write_text(
