@@ -19,9 +19,10 @@ from icd.apps.demo.stamps import STAMP_FILE
 from icd.apps.study.report import last_eval_of
 from icd.apps.study.stats import interval, mean_std
 
-# row: (study folder, method, epochs, the table's AP for seeds 0, 1, 2)
-ROWS = {
-    2: [
+# table -> (epochs, rows); a row: (name, study folder, method, the table's AP for seeds 0, 1, 2). A
+# table's "baseline" and "FPN-MSE, weight 16" rows are what the others pair with.
+TABLES = {
+    "4-epoch teacher, 2 epochs": (2, [
         ("baseline", "study4", "baseline", [5.56, 3.56, 4.48]),
         ("FPN-MSE, weight 2", "w2", "fpn-mse", [6.78, 4.59, 6.60]),
         ("FPN-MSE, weight 8", "w8", "fpn-mse", [8.14, 6.10, 7.70]),
@@ -30,12 +31,18 @@ ROWS = {
         ("ICD + fakes clamped", "clamp", "icd", [7.07, 6.22, 7.48]),
         ("ICD + projection by the teacher-side AdamW", "proj", "icd", [7.23, 5.46, 5.99]),
         ("ICD + 1000-iteration warm-up", "warm", "icd", [5.56, 3.56, 4.48]),
-    ],
-    6: [
+    ]),
+    "4-epoch teacher, 6 epochs": (6, [
         ("baseline", "study4_e6", "baseline", [11.11, 10.45, 11.29]),
         ("FPN-MSE, weight 16", "study4_e6", "fpn-mse", [11.94, 12.62, 12.24]),
         ("ICD, the paper's recipe", "study4_e6", "icd", [12.91, 11.80, 12.87]),
-    ],
+    ]),
+    "20-epoch teacher, 2 epochs (baseline: the 4-epoch teacher's, a baseline has no teacher)": (2, [
+        ("baseline", "study4", "baseline", [5.56, 3.56, 4.48]),
+        ("FPN-MSE, weight 16", "study20", "fpn-mse", [7.22, 6.81, 7.80]),
+        ("ICD, the paper's recipe", "study20", "icd", [7.35, 7.17, 7.72]),
+        ("ICD, pre-trained side, T = 4", "study20", "icd-pre", [7.72, 7.29, 7.18]),
+    ]),
 }
 SEEDS = (0, 1, 2)
 
@@ -70,11 +77,11 @@ def _paired(a: list[float], b: list[float]) -> str:
 
 
 def main(root: str) -> None:
-    for epochs, rows in ROWS.items():
+    for title, (epochs, rows) in TABLES.items():
         found = {name: regenerated_ap(os.path.join(root, study), method, epochs)
                  for name, study, method, _ in rows}  # fmt: skip
         base, peer = found["baseline"], found["FPN-MSE, weight 16"]
-        print(f"\n{epochs} epochs\n")
+        print(f"\n{title}\n")
         print("| run | AP, table (per seed) | AP, regenerated (per seed) | regenerated - table, paired "
               "| regenerated vs baseline | regenerated vs FPN-MSE w16 |")
         print("| --- | --- | --- | --- | --- | --- |")
