@@ -75,6 +75,7 @@ def _extensions() -> tuple[list, dict]:
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )
+
     class LongestFirst(BuildExtension):
         """torch's ninja build, given the sources longest first: setuptools sorts them by name and
         ninja starts its jobs in the order it is given them."""
