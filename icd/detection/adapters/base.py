@@ -336,11 +336,11 @@ def check_teacher_frame(
     come back as lines ``"teacher K = X but student K = Y"``, for a warning; [] when alike.
     ``source``: where the teacher came from (``"--teacher PATH"``), leading the error.
     """
+    lead = f"{source}: " if source else ""
     theirs, ours = teacher_family.frame_settings(teacher), student_family.frame_settings(student)
     if set(theirs) != set(ours):
         raise ConfigError(
-            f"{source}: " * bool(source) + f"the teacher is a {teacher_family.name} detector, the student a "
-            f"{student_family.name} one",
+            f"{lead}the teacher is a {teacher_family.name} detector, the student a {student_family.name} one",
             "their input frames are made differently (resizing, normalisation, padding) and the teacher reads the "
             "student's; distil between detectors of one family",
         )
@@ -351,8 +351,7 @@ def check_teacher_frame(
             continue
         line = f"teacher {key} = {theirs.get(key)!r} but student {key} = {ours.get(key)!r}"
         if key not in scale_only:
-            where = f"{source}: " * bool(source) + line
-            raise ConfigError(where, "the teacher reads the student's resized, normalised, padded batch; it must "
+            raise ConfigError(lead + line, "the teacher reads the student's resized, normalised, padded batch; it must "
                               "normalise and pad alike, or its features are not its own")  # fmt: skip
         differences.append(line)
     return differences
