@@ -385,3 +385,21 @@ def test_a_study_folder_in_use_by_a_live_study_is_refused(data, finished_run, tm
         assert cli.main([*argv, "--resume"]) == 2
     assert f"--out {out}: is in use by another live icd run (icd study, pid 1)" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == [".icd_lock", "study.json"]
+
+
+def test_icd_pre_pretrains_with_the_teacher_side_flags_its_students_load():
+    """--train-flags' teacher-side flags (here the position scale, part of the teacher side's
+    signature) reach icd pretrain, so the icd-pre students' --icd-init fits; the student-only ones
+    do not (icd pretrain has no --icd-lr), and both command lines parse."""
+    from icd.apps.study.plan import plan_runs
+    from icd.apps.study.settings import StudyConfig
+    from icd.cli import build_parser
+
+    flags = ["--icd-position-scale", "8", "--icd-lr=1e-3", "--attention-detail", "--icd-clamp-fakes"]
+    cfg = StudyConfig(teacher="t.pth", methods=["icd-pre"], seeds=[0], train_flags=flags)
+    pre, student = plan_runs(cfg, num_train=16)
+    assert pre.argv[-3:] == ["--icd-position-scale", "8", "--icd-clamp-fakes"]
+    assert student.argv[-len(flags):] == flags
+    for run in (pre, student):
+        args = build_parser().parse_args(run.argv)
+        assert args.icd_position_scale == 8.0 and args.icd_clamp_fakes

@@ -7,6 +7,7 @@ stamps (one mechanism): a run's identity is the hash of its command.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 
@@ -138,7 +139,33 @@ def pretrain_argv(cfg: StudyConfig, seed: int) -> list[str]:
         "--print-freq",
         "5",
         "--no-progress",
+        *teacher_side_flags(cfg.train_flags),
     ]
+
+
+def teacher_side_flags(flags: list[str]) -> list[str]:
+    """What ``icd pretrain`` takes of ``--train-flags`` (each with its values): the ``--icd-*``
+    flags it knows, i.e. the teacher side's shape and sampling (``--icd-position-scale``,
+    ``--icd-heads``, ...), so that its teacher_side.pth fits the icd-pre students that load it.
+    The student run's own (``--icd-lr``, ``--icd-clip``, ``--icd-init``) are not pretrain's."""
+    known = pretrain_options()
+    kept, keeping = [], False
+    for arg in flags:
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            keeping = name.startswith("--icd-") and name in known
+        if keeping:
+            kept.append(arg)
+    return kept
+
+
+def pretrain_options() -> frozenset[str]:
+    """The option strings of ``icd pretrain``'s parser."""
+    from icd.cli import build_parser
+
+    parser = build_parser(commands=("pretrain",))
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return frozenset(commands.choices["pretrain"]._option_string_actions)
 
 
 def teacher_eval_argv(cfg: StudyConfig) -> list[str]:
