@@ -207,3 +207,26 @@ def test_cells_at_explicit_strides():
 def test_only_attention_keys_count_as_detailed():
     assert is_detailed_statistic("lift_P3_tiny") and is_detailed_statistic("mass_P3")
     assert not is_detailed_statistic("lift_P3") and not is_detailed_statistic("AP_small")
+
+
+def test_auxiliary_statistics_per_slot_kind_and_size():
+    """aux_conf_real / _fake and aux_reg_real average the slots of their kind (padding never
+    counts), per size with ``detailed``; aux_auc is P(real logit > fake logit), ties half."""
+    boxes = torch.tensor([[0, 0, 4, 4], [0, 0, 40, 40], [0, 0, 4, 4], [0, 0, 40, 40], [0, 0, 0, 0]]).float()
+    is_real = torch.tensor([True, True, False, False, False])
+    is_valid = torch.tensor([True, True, True, True, False])
+    logit = torch.tensor([2.0, 3.0, 1.0, 2.0, 9.0])
+    bce = torch.tensor([0.1, 0.3, 0.5, 0.7, 99.0])
+    error = torch.tensor([1.0, 2.0, 9.0, 9.0, 99.0])
+    stats = AttentionStats(["P3"], detailed=True)
+    stats.add_auxiliary(boxes, is_real, is_valid, logit, bce, error)
+    out = stats.summary()
+    assert out["aux_conf_real"] == pytest.approx(0.2) and out["aux_conf_fake"] == pytest.approx(0.6)
+    assert out["aux_reg_real"] == pytest.approx(1.5)
+    assert out["aux_auc"] == pytest.approx(3.5 / 4)  # (2 > 1) + (2 = 2) / 2 + (3 > 1) + (3 > 2)
+    assert out["aux_conf_real_tiny"] == pytest.approx(0.1) and out["aux_conf_fake_medium"] == pytest.approx(0.7)
+    assert out["aux_auc_tiny"] == 1.0 and out["aux_auc_medium"] == 1.0
+    assert all(is_detailed_statistic(k) for k in out if k.startswith("aux_"))
+    plain = AttentionStats(["P3"])
+    plain.add_auxiliary(boxes, is_real, is_valid, logit, bce, error)
+    assert not any(k.endswith(("_tiny", "_medium")) for k in plain.summary())

@@ -506,3 +506,24 @@ def test_position_scale_sharpens_the_query_and_key_position_embeddings_alike():
     check_signature({"teacher": "t"}, {"teacher": "t", "position_scale": 1.0}, "old.pth")
     with pytest.raises(ConfigError, match="position_scale 1.0 \\(this run: 16.0\\)"):
         check_signature({"teacher": "t"}, {"teacher": "t", "position_scale": 16.0}, "old.pth")
+
+
+def test_auxiliary_slot_losses_are_the_terms_of_the_auxiliary_losses():
+    """The per-slot statistics sample and score the instances as the training losses do: with
+    the same random draws, the mean BCE over the real and fake slots is aux_conf and the mean
+    box error over the real ones aux_reg; repeatable with a seeded generator."""
+    distiller = _distiller()
+    teacher, _, boxes, labels = _batch(requires_grad=False)
+    torch.manual_seed(5)
+    losses = distiller.auxiliary_losses(teacher, boxes, labels, SIZES, PADDED)
+    torch.manual_seed(5)
+    slots, logit, bce, error = distiller.auxiliary_slot_losses(teacher, boxes, labels, SIZES, PADDED)
+    assert logit.shape == bce.shape == error.shape == slots.labels.shape
+    assert slots.is_real.sum() == 3 and (slots.is_valid & ~slots.is_real).sum() == 6  # neg_ratio 2
+    assert torch.allclose(bce[slots.is_valid].mean(), losses["aux_conf"])
+    assert torch.allclose(error[slots.is_real].mean(), losses["aux_reg"])
+    draws = [
+        distiller.auxiliary_slot_losses(teacher, boxes, labels, SIZES, PADDED, torch.Generator().manual_seed(0))
+        for _ in range(2)
+    ]
+    assert torch.equal(draws[0][0].boxes, draws[1][0].boxes) and torch.equal(draws[0][2], draws[1][2])

@@ -21,6 +21,8 @@ from icd.errors import ConfigError
 from icd.nn.attention_stats import AttentionStats
 from icd.ops import padding_mask
 
+AUX_SEED = 0  # the fake instances and jitter of the auxiliary statistics
+
 
 @torch.no_grad()
 def attention_statistics(
@@ -47,8 +49,10 @@ def attention_statistics(
         batch_size: images per teacher forward.
         feature_cache: reuse the teacher's maps of earlier calls (a run that evaluates the same
             teacher on the same images again); None: one teacher forward per batch.
-        detailed: also the statistics per instance size and where the attention mass goes
-            (``AttentionStats``'s ``detailed``).
+        detailed: also the statistics per instance size, where the attention mass goes and
+            what the auxiliary task makes of real and fake instances (``AttentionStats``'s
+            ``detailed`` and ``add_auxiliary``; the fakes and jitter drawn from a generator seeded
+            with ``AUX_SEED``, so that every evaluation of a run sees the same instances).
 
     Returns:
         {"lift", "lift_P3", ..., "distinctness", "distinctness_P3", ..., "peak", "lift_count",
@@ -68,6 +72,7 @@ def attention_statistics(
     stats = AttentionStats(level_names, detailed=detailed)
     strides = getattr(distiller, "strides", None)  # the levels' true strides (None: inferred)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    generator = torch.Generator(device=device).manual_seed(AUX_SEED) if detailed else None
     for start in range(0, count, batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
         items = [item for item in items if item is not None]  # skipped bad images
@@ -88,6 +93,12 @@ def attention_statistics(
         valid = ~padding_mask(sizes, shapes, padded, strides)
         for i, image_maps in enumerate(maps):
             stats.add_image(image_maps.mean(dim=1), boxes[i], valid[i], shapes, padded, weights[i], strides)
+        if detailed:
+            slots, logit, bce, error = distiller.auxiliary_slot_losses(
+                features, boxes, labels, sizes, padded, generator=generator
+            )
+            for i in range(len(items)):
+                stats.add_auxiliary(slots.boxes[i], slots.is_real[i], slots.is_valid[i], logit[i], bce[i], error[i])
     teacher.train(was_training)
     return stats.summary()
 

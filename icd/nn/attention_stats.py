@@ -21,6 +21,12 @@ renormalised (an instance with no attention mass on a level is left out there).
   the heads. 1 / (valid tokens) for uniform weights, 1 when every head puts all its weight on
   one token. High peaks concentrate the distillation loss on a few cells.
 
+- **auxiliary task** (``add_auxiliary``, with real and fake instances sampled as in training):
+  the real/fake BCE of the real and of the fake slots (``aux_conf_real``, ``aux_conf_fake``),
+  the box error of the real ones (``aux_reg_real``, L_reg's terms) and ``aux_auc``, the
+  probability that a real instance gets a higher "real" logit than a fake one (0.5: the task
+  does not tell them apart; per size: real and fake instances of that size).
+
 A cell (y, x) of level l of stride r_l has its centre at ((x + 0.5) * r_l, (y + 0.5) * r_l)
 input pixels (without known strides: r_l = Wp / W_l across, Hp / H_l down, for a map of size
 (H_l, W_l) of a batch padded to (Hp, Wp)).
@@ -38,6 +44,8 @@ import icd.ops as ops
 
 STAT_NAMES = ("lift", "distinctness", "peak")
 MASS_NAMES = ("mass_own", "mass_others", "mass_background", "mass_border", "mass_padding")
+# what the auxiliary task makes of the instances (``AttentionStats.add_auxiliary``)
+AUX_NAMES = ("aux_conf_real", "aux_conf_fake", "aux_reg_real", "aux_auc")
 SIZES = ("tiny", "small", "medium", "large")
 # box areas (pixels) where each size ends: under 2 x 2 cells of stride 8, then COCO's thresholds
 SIZE_LIMITS = (16.0**2, 32.0**2, 96.0**2)
@@ -100,6 +108,8 @@ class AttentionStats:
     detailed: bool = False
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    # real/fake logits per size index (-1: all) for aux_auc: {size: ([real...], [fake...])}
+    logits: dict[int, tuple[list[Tensor], list[Tensor]]] = field(default_factory=dict)
 
     def _add(self, key: str, values: Tensor) -> None:
         values = values[torch.isfinite(values)]
@@ -181,22 +191,56 @@ class AttentionStats:
         for name, share in mass.items():
             self._add(name, share)
 
+    def add_auxiliary(self, boxes: Tensor, is_real: Tensor, is_valid: Tensor, logit: Tensor, bce: Tensor,
+                      error: Tensor) -> None:  # fmt: skip
+        """Add one image's instance slots as the auxiliary task sees them, overall and per size
+        of each slot's box (``AUX_NAMES``).
+
+        Args:
+            boxes: float [K, 4] (x1, y1, x2, y2) of the slots, in input pixels.
+            is_real, is_valid: bool [K], the real slots and the real or fake ones.
+            logit, bce, error: float [K] real/fake logit, its BCE and the box error of each
+                slot (``ICDDistiller.auxiliary_slot_losses``).
+        """
+        boxes, logit, bce, error = (t.double().cpu() for t in (boxes, logit, bce, error))
+        real, fake = is_real.cpu(), (is_valid & ~is_real).cpu()
+        area = (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
+        size_of = size_index(area)
+        groups = [("", -1, torch.ones_like(real))]
+        groups += [(f"_{name}", s, size_of == s) for s, name in enumerate(SIZES)]
+        for suffix, s, rows in groups:
+            if suffix and not self.detailed:
+                break
+            self._add("aux_conf_real" + suffix, bce[real & rows])
+            self._add("aux_conf_fake" + suffix, bce[fake & rows])
+            self._add("aux_reg_real" + suffix, error[real & rows])
+            reals, fakes = self.logits.setdefault(s, ([], []))
+            reals.append(logit[real & rows])
+            fakes.append(logit[fake & rows])
+
     def summary(self) -> dict[str, float]:
         """Mean of each statistic over the instances that have it, and the instance counts
         (``lift_count``, ``distinctness_count``, ``peak_count``)."""
+        sums, counts = dict(self.sums), dict(self.counts)
+        for s, (reals, fakes) in self.logits.items():
+            real, fake = torch.cat(reals), torch.cat(fakes)
+            if real.numel() and fake.numel():
+                key = "aux_auc" + ("" if s < 0 else f"_{SIZES[s]}")
+                sums[key], counts[key] = _auc(real, fake), 1
         out = {}
-        for key in sorted(self.sums, key=_order(self.level_names)):
-            if self.counts[key]:
-                out[key] = self.sums[key] / self.counts[key]
+        for key in sorted(sums, key=_order(self.level_names)):
+            if counts[key]:
+                out[key] = sums[key] / counts[key]
         for name in STAT_NAMES:
             out[f"{name}_count"] = self.counts.get(name, 0)
         return out
 
 
 def is_detailed_statistic(key: str) -> bool:
-    """Whether a summary key is one of the ``detailed`` statistics (per size, mass shares)."""
+    """Whether a summary key is one of the ``detailed`` statistics (per size, mass shares, the
+    auxiliary task's)."""
     stat, _, rest = key.partition("_")
-    return key.startswith("mass_") or (stat in STAT_NAMES and any(part in SIZES for part in rest.split("_")))
+    return key.startswith(("mass_", "aux_")) or (stat in STAT_NAMES and any(part in SIZES for part in rest.split("_")))
 
 
 def size_index(area: Tensor) -> Tensor:
@@ -268,11 +312,21 @@ def _distinctness(maps: Tensor, keep_all: bool = False) -> Tensor:
     return out
 
 
+def _auc(positive: Tensor, negative: Tensor) -> float:
+    """P(a positive scores above a negative), ties counted half (Mann-Whitney U / (n_p n_n))."""
+    scores = torch.cat([positive, negative])
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # ranks from 1, ties averaged
+    n_pos, n_neg = positive.numel(), negative.numel()
+    rank_sum = float(mean_rank[inverse[:n_pos]].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def _order(level_names: Sequence[str]):
     """Sort key: lift, lift per level, distinctness, distinctness per level, peak, then the
     detailed statistics; inside each, sizes after the overall value."""
     levels = list(level_names)
-    stats = STAT_NAMES + MASS_NAMES + ("mass",)  # mass: the share per level (mass_P3, ...)
+    stats = STAT_NAMES + MASS_NAMES + ("mass",) + AUX_NAMES  # mass: the share per level (mass_P3, ...)
 
     def key(name: str) -> tuple[int, int, int]:
         stat = next(s for s in sorted(stats, key=len, reverse=True) if name == s or name.startswith(s + "_"))

@@ -51,14 +51,21 @@ class AuxiliaryTask(nn.Module):
         Slots without a target give 0 (connected to the head's parameters): no valid slot
         for aux_conf, no real slot for aux_reg.
         """
-        out = self.head(features)
-        out = out.to(torch.promote_types(out.dtype, torch.float32))  # [N, K, 5]
+        _, bce, err = self.slot_losses(features, instances)
         valid, real = instances.is_valid, instances.is_real
         # masked sums rather than boolean indexing: fixed shapes, no host sync
-        bce = F.binary_cross_entropy_with_logits(out[..., 0], real.to(out.dtype), reduction="none")
         conf = torch.where(valid, bce, 0.0).sum() / valid.sum().clamp_min(1)
-
-        targets, divisor = regression_targets(instances)
-        err = (out[..., 1:].sigmoid() - targets).abs() / divisor
-        reg = torch.where(real, err.sum(dim=-1), 0.0).sum() / real.sum().clamp_min(1)
+        reg = torch.where(real, err, 0.0).sum() / real.sum().clamp_min(1)
         return {"aux_conf": conf, "aux_reg": reg}
+
+    def slot_losses(self, features: Tensor, instances: InstanceBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Each slot's terms: the real/fake logit, its BCE against "is real" and the box error
+        (L_reg's sum over the four sides), all fp32 [N, K]; the error means something in real
+        slots only, and neither in padding slots."""
+        out = self.head(features)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))  # [N, K, 5]
+        logit = out[..., 0]
+        bce = F.binary_cross_entropy_with_logits(logit, instances.is_real.to(out.dtype), reduction="none")
+        targets, divisor = regression_targets(instances)
+        err = ((out[..., 1:].sigmoid() - targets).abs() / divisor).sum(dim=-1)
+        return logit, bce, err

@@ -339,6 +339,32 @@ class ICDDistiller(nn.Module):
         layers = self._decode(tokens, mask, pos, instances, with_value_mask=False)
         return self._gate_empty_batch(self._aux_losses(layers, instances), instances)
 
+    @torch.no_grad()
+    def auxiliary_slot_losses(
+        self,
+        teacher_features: Sequence[Tensor],
+        boxes: Sequence[Tensor] | Tensor,
+        labels: Sequence[Tensor] | Tensor,
+        image_sizes: Tensor | Sequence[Sequence[float]],
+        padded_size: Sequence[int],
+        generator: torch.Generator | None = None,
+    ) -> tuple[InstanceBatch, Tensor, Tensor, Tensor]:
+        """What the auxiliary task makes of each instance: real and fake slots sampled and
+        jittered as in training (``generator``: on the prior's device, for repeatable draws),
+        decoded by the last layer. Always the dynamic slot layout. Arguments as in ``forward``.
+
+        Returns:
+            the instances, and per slot (fp32 [N, K]) the real/fake logit, its BCE and the
+            box error (``AuxiliaryTask.slot_losses``).
+        """
+        padded = self._check_features(teacher_features, None, padded_size)
+        device = teacher_features[0].device
+        regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
+        instances = self.sampler(boxes, labels, regions, jitter=True, generator=generator, static_shapes=False)
+        tokens, _, mask, pos = self._teacher_tokens(teacher_features, regions, padded)
+        last = self._decode(tokens, mask, pos, instances, with_value_mask=False)[-1]
+        return (instances, *self.aux_task.slot_losses(last.features, instances))
+
     def _sample(
         self,
         teacher_features: Sequence[Tensor],
