@@ -282,8 +282,9 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--attention-detail",
         action="store_true",
-        help="also measure the statistics per instance size and where the attention goes (own box, other "
-        "instances, background, image border, padding; per level) into metrics.jsonl",
+        help="also measure the statistics per instance size, where the attention goes (own box, other "
+        "instances, background, image border, padding; per level) and the auxiliary task's losses and "
+        "real/fake AUC per instance size, into metrics.jsonl",
     )
     p.add_argument(
         "--print-freq", type=int_at_least(1), default=LoopConfig.print_freq, help="iterations per metrics line"
@@ -490,8 +491,9 @@ def _train_parser(sub, preset: str | None = None) -> FlagRecorder:
         "--attention-detail",
         action="store_true",
         help="ICD runs: besides lift and distinctness (overall, per level) at each evaluation, measure "
-        "them per instance size and where the attention goes (own box, other instances, background, "
-        "image border, padding; per level) into metrics.jsonl",
+        "them per instance size, where the attention goes (own box, other instances, background, "
+        "image border, padding; per level) and the auxiliary task's losses and real/fake AUC per instance "
+        "size, into metrics.jsonl",
     )
     g = p.add_argument_group("distillation")
     g.add_argument(
