@@ -62,6 +62,8 @@ def test_pretrain_writes_the_teacher_side_metrics_and_curve(data, teacher, tmp_p
     for r in attention:
         assert r["lift"] > 0 and 0 <= r["distinctness"] <= 1
         assert {"lift_P3", "lift_P4", "lift_P5", "distinctness_P3", "cpu_s"} <= set(r)
+        assert 0 <= r["aux_auc"] <= 1 and r["aux_conf_real"] > 0 and r["aux_conf_fake"] > 0  # always measured
+        assert "aux_auc_small" not in r  # per size: with --attention-detail only
     train = _records(out, "pretrain")
     assert [r["iter"] for r in train] == [1, 2, 3, 4]
     assert all(r["loss_aux_conf"] > 0 and r["loss_aux_reg"] > 0 for r in train)

@@ -36,6 +36,7 @@ def attention_statistics(
     feature_cache: TeacherFeatureCache | None = None,
     detailed: bool = False,
     teacher_spec: Any = None,
+    auxiliary: bool | None = None,
 ) -> dict[str, float]:
     """Mean lift and distinctness of ``distiller``'s real-instance attention on ``dataset``.
 
@@ -53,6 +54,8 @@ def attention_statistics(
             what the auxiliary task makes of real and fake instances (``AttentionStats``'s
             ``detailed`` and ``add_auxiliary``; the fakes and jitter drawn from a generator seeded
             with ``AUX_SEED``, so that every evaluation of a run sees the same instances).
+        auxiliary: the auxiliary task's statistics (overall; per size with ``detailed``);
+            None: with ``detailed``.
 
     Returns:
         {"lift", "lift_P3", ..., "distinctness", "distinctness_P3", ..., "peak", "lift_count",
@@ -72,7 +75,8 @@ def attention_statistics(
     stats = AttentionStats(level_names, detailed=detailed)
     strides = getattr(distiller, "strides", None)  # the levels' true strides (None: inferred)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    generator = torch.Generator(device=device).manual_seed(AUX_SEED) if detailed else None
+    auxiliary = detailed if auxiliary is None else auxiliary
+    generator = torch.Generator(device=device).manual_seed(AUX_SEED) if auxiliary else None
     for start in range(0, count, batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
         items = [item for item in items if item is not None]  # skipped bad images
@@ -93,7 +97,7 @@ def attention_statistics(
         valid = ~padding_mask(sizes, shapes, padded, strides)
         for i, image_maps in enumerate(maps):
             stats.add_image(image_maps.mean(dim=1), boxes[i], valid[i], shapes, padded, weights[i], strides)
-        if detailed:
+        if auxiliary:
             slots, logit, bce, error = distiller.auxiliary_slot_losses(
                 features, boxes, labels, sizes, padded, generator=generator
             )

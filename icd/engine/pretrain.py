@@ -15,7 +15,9 @@ student of that teacher then starts from the file with ``icd train --icd-init``:
 Output directory: ``checkpoint.pth`` (the whole state, for ``--resume``), ``teacher_side.pth``
 (the teacher-side weights of the evaluation with the best attention score, lift x
 distinctness, with the teacher signature they belong to), ``metrics.jsonl`` (aux losses, and
-lift / distinctness per evaluation) and ``attention_curve.png``.
+lift / distinctness / the auxiliary task's real/fake AUC per evaluation: a teacher side whose
+``aux_auc`` is still near 0.5 does not tell its instances apart yet, docs/training.md) and
+``attention_curve.png``.
 
 ``Pretrainer`` is a step strategy of the one training loop (``icd.engine.loop.Loop``, shared with
 ``icd train``): its ``step`` is one AdamW step of the teacher side on the auxiliary losses; its
@@ -185,7 +187,8 @@ class AttentionEvaluation(Hook):
             stats = loop.evaluate()
             loop.save(loop.batches.epoch, loop.batches.position)
             tqdm.write(f"iter {loop.iteration}: lift {stats.get('lift', float('nan')):.2f} "
-                       f"distinctness {stats.get('distinctness', float('nan')):.3f}")  # fmt: skip
+                       f"distinctness {stats.get('distinctness', float('nan')):.3f} "
+                       f"real/fake AUC {stats.get('aux_auc', float('nan')):.2f}")  # fmt: skip
 
     def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         if not end.stopped or loop.saved_iteration == loop.iteration:
@@ -344,7 +347,7 @@ class Pretrainer(Loop):
         stats = attention_statistics(
             self.distiller, self.teacher, self.val_set, self.level_names,
             max_images=self.config.pretrain.attention_images, feature_cache=self.cache,
-            detailed=self.config.pretrain.attention_detail, teacher_spec=self.teacher_spec,
+            detailed=self.config.pretrain.attention_detail, teacher_spec=self.teacher_spec, auxiliary=True,
         )  # fmt: skip
         self.distiller.train()
         score = attention_score(stats)
