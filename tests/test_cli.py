@@ -152,10 +152,13 @@ def test_icd_attention_detail_and_the_looks_away_warning(data, tmp_path, monkeyp
     assert "looks away from its instances" in caplog.text
     printed = capsys.readouterr().out
     assert "lift " in printed and "mass_own" not in printed  # the detail goes to metrics.jsonl only
+    assert "aux_auc " in printed and "aux_conf_real " not in printed and "aux_auc_small" in evaluation
     monkeypatch.setattr(trainer_module, "ATTENTION_LIFT_FLOOR", 0.0)
     main(f"train --data-path {data} {TINY} {THREE_LEVELS} --epochs 1 --teacher {_random_teacher(tmp_path)} "
          f"--distill icd --icd-heads 4 --output-dir {out}_plain".split())  # fmt: skip
-    assert not _records(f"{out}_plain", "health") and "mass_own" not in _records(f"{out}_plain", "eval")[0]
+    (plain,) = _records(f"{out}_plain", "eval")
+    assert not _records(f"{out}_plain", "health") and "mass_own" not in plain
+    assert 0 <= plain["aux_auc"] <= 1 and "aux_conf_fake" in plain and "aux_auc_small" not in plain
 
 
 def test_icd_static_shapes_fixes_the_instance_slots(data, tmp_path, monkeypatch):

@@ -226,7 +226,8 @@ def test_auxiliary_statistics_per_slot_kind_and_size():
     assert out["aux_auc"] == pytest.approx(3.5 / 4)  # (2 > 1) + (2 = 2) / 2 + (3 > 1) + (3 > 2)
     assert out["aux_conf_real_tiny"] == pytest.approx(0.1) and out["aux_conf_fake_medium"] == pytest.approx(0.7)
     assert out["aux_auc_tiny"] == 1.0 and out["aux_auc_medium"] == 1.0
-    assert all(is_detailed_statistic(k) for k in out if k.startswith("aux_"))
+    assert all(is_detailed_statistic(k) for k in out if k.startswith("aux_") and k != "aux_auc")
+    assert not is_detailed_statistic("aux_auc")  # printed with lift and distinctness
     plain = AttentionStats(["P3"])
     plain.add_auxiliary(boxes, is_real, is_valid, logit, bce, error)
     assert not any(k.endswith(("_tiny", "_medium")) for k in plain.summary())

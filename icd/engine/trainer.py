@@ -683,7 +683,7 @@ class Trainer(Loop):
             detailed = distill.attention_detail
             metrics.update(
                 attention_statistics(self.distiller, self.teacher, self.val_set, self.teacher_levels,
-                                     detailed=detailed, teacher_spec=self.teacher_spec)  # fmt: skip
+                                     detailed=detailed, teacher_spec=self.teacher_spec, auxiliary=True)  # fmt: skip
             )
         improved = self._track_best(metrics, epoch)
         best = {}

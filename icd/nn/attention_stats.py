@@ -238,9 +238,9 @@ class AttentionStats:
 
 def is_detailed_statistic(key: str) -> bool:
     """Whether a summary key is one of the ``detailed`` statistics (per size, mass shares, the
-    auxiliary task's)."""
+    auxiliary task's but its overall real/fake AUC)."""
     stat, _, rest = key.partition("_")
-    return key.startswith(("mass_", "aux_")) or (stat in STAT_NAMES and any(part in SIZES for part in rest.split("_")))
+    return (key.startswith(("mass_", "aux_")) and key != "aux_auc") or (stat in STAT_NAMES and any(part in SIZES for part in rest.split("_")))
 
 
 def size_index(area: Tensor) -> Tensor:
