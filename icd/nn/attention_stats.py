@@ -240,7 +240,9 @@ def is_detailed_statistic(key: str) -> bool:
     """Whether a summary key is one of the ``detailed`` statistics (per size, mass shares, the
     auxiliary task's but its overall real/fake AUC)."""
     stat, _, rest = key.partition("_")
-    return (key.startswith(("mass_", "aux_")) and key != "aux_auc") or (stat in STAT_NAMES and any(part in SIZES for part in rest.split("_")))
+    if key.startswith(("mass_", "aux_")):
+        return key != "aux_auc"
+    return stat in STAT_NAMES and any(part in SIZES for part in rest.split("_"))
 
 
 def size_index(area: Tensor) -> Tensor:
