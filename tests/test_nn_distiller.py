@@ -527,3 +527,6 @@ def test_auxiliary_slot_losses_are_the_terms_of_the_auxiliary_losses():
         for _ in range(2)
     ]
     assert torch.equal(draws[0][0].boxes, draws[1][0].boxes) and torch.equal(draws[0][2], draws[1][2])
+    state = torch.get_rng_state()
+    distiller.auxiliary_slot_losses(teacher, boxes, labels, SIZES, PADDED, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)  # an evaluation leaves the training's draws alone
