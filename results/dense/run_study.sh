@@ -2,7 +2,7 @@
 # The dense-scene study of docs/training.md ("Dense scenes of small objects"), from the repository root:
 #   STUDY=study_dense bash results/dense/run_study.sh
 # Sized for a 2-core CPU: the teacher on both cores, the students one thread each, two at a time
-# (icd study's slots); ~2 h in all. Each step is skipped when its output exists.
+# (icd study's slots); ~4 h of one core per study, ~2.5 h in all on two. Each step is skipped when its output exists.
 set -euo pipefail
 S=${STUDY:-study_dense}
 py=${PYTHON:-.venv/bin/python}
@@ -21,12 +21,23 @@ study() { out=$1; shift; icd study --data-path $S/data --teacher $T --backbone r
   --min-size 128 --max-size 128 --batch-size 8 --lr 0.02 --seeds 0 1 2 --epochs 10 --jobs 2 --threads 1 \
   --out $S/$out --no-progress "$@" $([ -d $S/$out ] && echo --resume); }
 study studyA --methods baseline fpn-mse icd icd-pre --train-flags '--attention-detail'
-# ICD with its teacher side at icd pretrain's optimiser (AdamW lr 1e-3, norm clip 1) instead of the paper's
-study studyB --methods icd --train-flags '--attention-detail --icd-lr 1e-3 --icd-clip 1'
-# teacher-side probes: what the auxiliary task learns over a longer pre-training
+# ICD from a teacher side pre-trained long enough to tell real instances from fakes (1500 iterations)
+study studyC --methods icd-pre --pretrain-iters 1500 --train-flags '--attention-detail'
+# every student with the teacher's neck and head (no dead box branch at the start): FPN-MSE against the same ICD
+study studyD --methods fpn-mse+inherit icd-pre+inherit --pretrain-iters 1500 --train-flags '--attention-detail'
+# teacher-side probes: what the auxiliary task learns over a longer pre-training, and the published details
 probe() { out=$1; shift; [ -d $S/probes/$out ] || OMP_NUM_THREADS=1 icd pretrain --data-path $S/data --teacher $T \
   --output-dir $S/probes/$out --min-size 128 --max-size 128 --batch-size 8 --workers 0 --device cpu --no-progress \
-  --attention-images 50 --attention-detail --print-freq 20 "$@"; }
-probe long1200 --iters 1200 --eval-every 200 --seed 0
-$py results/dense/attention_table.py --study "paper recipe=$S/studyA" "side lr 1e-3=$S/studyB" \
-  --pretrain $S/studyA/runs/pretrain_s0 $S/probes/* > results/dense/tables.md
+  --attention-images 50 --attention-detail --print-freq 20 --iters 1200 --eval-every 200 --seed 0 "$@"; }
+probe long1200
+probe long1200_ps8 --icd-position-scale 8
+probe long1200_neg1 --icd-neg-ratio 1
+# the same on the shapes data (a few large objects), when SHAPES names results/README.md's study folder
+# (its data/ and 4-epoch teacher4/): the lift rises there without the real/fake AUC
+[ -z "${SHAPES:-}" ] || [ -d $S/probes/shapes600 ] || OMP_NUM_THREADS=1 icd pretrain --data-path $SHAPES/data \
+  --teacher $SHAPES/teacher4/checkpoint.pth --output-dir $S/probes/shapes600 --min-size 96 --max-size 96 \
+  --batch-size 8 --workers 0 --device cpu --no-progress --attention-images 50 --iters 600 --eval-every 100 --print-freq 20
+$py results/dense/compare.py $S > results/dense/students.md
+$py results/dense/attention_table.py --study "paper recipe, pre-trained 600=$S/studyA" "pre-trained 1500=$S/studyC" \
+  "+ inherit=$S/studyD" --pretrain $S/probes/*/ > results/dense/tables.md
+for s in studyA studyC studyD; do cp $S/$s/study.md results/dense/$s.md; done
