@@ -357,9 +357,7 @@ class ICDDistiller(nn.Module):
             the instances, and per slot (fp32 [N, K]) the real/fake logit, its BCE and the
             box error (``AuxiliaryTask.slot_losses``).
         """
-        padded = self._check_features(teacher_features, None, padded_size)
-        device = teacher_features[0].device
-        regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
+        padded, regions = self._teacher_regions(teacher_features, image_sizes, padded_size)
         instances = self.sampler(boxes, labels, regions, jitter=True, generator=generator, static_shapes=False)
         tokens, _, mask, pos = self._teacher_tokens(teacher_features, regions, padded)
         last = self._decode(tokens, mask, pos, instances, with_value_mask=False)[-1]
@@ -420,9 +418,8 @@ class ICDDistiller(nn.Module):
                 heat maps [n_i, H_l, W_l].
             spatial_shapes: int64 [L, 2] on the CPU, (H_l, W_l) of each level.
         """
-        padded = self._check_features(teacher_features, None, padded_size)
+        padded, regions = self._teacher_regions(teacher_features, image_sizes, padded_size)
         device = teacher_features[0].device
-        regions = check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
         instances = self.sampler(
             boxes, labels, regions, with_fakes=False, jitter=False, static_shapes=False
         )
@@ -450,6 +447,17 @@ class ICDDistiller(nn.Module):
         return maps, spatial_shapes
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _teacher_regions(
+        self,
+        teacher_features: Sequence[Tensor],
+        image_sizes: Tensor | Sequence[Sequence[float]],
+        padded_size: Sequence[int],
+    ) -> tuple[tuple[int, int], Tensor]:
+        """The checked (Hp, Wp) and valid boxes [N, 4] of a call with the teacher's maps alone."""
+        padded = self._check_features(teacher_features, None, padded_size)
+        device = teacher_features[0].device
+        return padded, check_valid_regions(image_sizes, teacher_features[0].shape[0], padded, device)
 
     def _check_features(
         self,
