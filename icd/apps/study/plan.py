@@ -8,8 +8,10 @@ stamps (one mechanism): a run's identity is the hash of its command.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
+from collections.abc import Callable
 
 from icd.apps.demo.plan import Run
 from icd.apps.study.settings import DISTILLING, StudyConfig, base_method
@@ -102,18 +104,24 @@ def train_argv(
     return argv + (list(cfg.train_flags) if base != "baseline" else without_teacher_flags(cfg.train_flags))
 
 
+def flags_where(flags: list[str], keep: Callable[[str], bool]) -> list[str]:
+    """The flags of ``flags`` (each with the values after it) whose option, ``--name`` without any
+    ``=value``, ``keep`` accepts."""
+    kept, keeping = [], False
+    for arg in flags:
+        if arg.startswith("--"):
+            keeping = keep(arg.split("=", 1)[0])
+        if keeping:
+            kept.append(arg)
+    return kept
+
+
 def without_teacher_flags(flags: list[str]) -> list[str]:
     """``flags`` less the distillation flags (each with its values): what a baseline run takes of
     ``--train-flags`` (icd train refuses them without --teacher)."""
     from icd.flags import teacher_only
 
-    kept, dropping = [], False
-    for arg in flags:
-        if arg.startswith("--"):
-            dropping = teacher_only(arg[2:].split("=", 1)[0].replace("-", "_"))
-        if not dropping:
-            kept.append(arg)
-    return kept
+    return flags_where(flags, lambda name: not teacher_only(name[2:].replace("-", "_")))
 
 
 def pretrain_argv(cfg: StudyConfig, seed: int) -> list[str]:
@@ -149,18 +157,12 @@ def teacher_side_flags(flags: list[str]) -> list[str]:
     ``--icd-heads``, ...), so that its teacher_side.pth fits the icd-pre students that load it.
     The student run's own (``--icd-lr``, ``--icd-clip``, ``--icd-init``) are not pretrain's."""
     known = pretrain_options()
-    kept, keeping = [], False
-    for arg in flags:
-        if arg.startswith("--"):
-            name = arg.split("=", 1)[0]
-            keeping = name.startswith("--icd-") and name in known
-        if keeping:
-            kept.append(arg)
-    return kept
+    return flags_where(flags, lambda name: name.startswith("--icd-") and name in known)
 
 
+@functools.cache
 def pretrain_options() -> frozenset[str]:
-    """The option strings of ``icd pretrain``'s parser."""
+    """The option strings of ``icd pretrain``'s parser (built once: a study plans it per seed)."""
     from icd.cli import build_parser
 
     parser = build_parser(commands=("pretrain",))
