@@ -1018,7 +1018,7 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 
 # options whose value is itself a string of flags ("--train-flags '--icd-clamp-fakes'")
-FLAG_STRING_OPTIONS = ("--train-flags",)
+FLAG_STRING_OPTIONS = ("--train-flags", "--pretrain-flags")
 
 
 def _glue_flag_strings(argv: list[str]) -> list[str]:

@@ -66,6 +66,13 @@ class NothingDoneError(IcdError, RuntimeError):
     """A run that made no optimiser step, or an evaluation over no image."""
 
 
+class RunFailedError(IcdError, RuntimeError):
+    """A run that ``icd study`` or ``icd demo`` started ended with an error; the message has its
+    name, its exit status, the last line of its log and the log's path."""
+
+    exit_code = 1
+
+
 class NonFiniteError(IcdError, FloatingPointError):
     """A loss or parameter became NaN or infinite: the run stops before writing it."""
 

@@ -106,6 +106,13 @@ def test_plan_from_toml_with_flags_winning(tmp_path):
         ("--teacher /no/such.pth", "--teacher /no/such.pth"),
         ("--val-ann a.json", "data flags: --val-ann needs --val-images too"),
         ("--methods inherit --fpn-channels 64", "--methods inherit: inherits the teacher's neck: its FPN has 32"),
+        # the runs' own command lines, parsed before the teacher check and any run
+        ("--methods fpn-mse --train-flags=--nonsense", "--train-flags '--nonsense': icd train refuses the command "
+         "line of run fpn-mse_e2_s0: unrecognized arguments: --nonsense"),
+        ("--methods icd-pre --pretrain-flags=--attention-gain=-2", "--pretrain-flags '--attention-gain=-2': icd "
+         "pretrain refuses the command line of run pretrain_s0: argument --attention-gain: -2: expected a finite"),
+        ("--methods icd --train-flags=--icd-heads=x", "--train-flags '--icd-heads=x': icd train refuses the command "
+         "line of run icd_e2_s0: argument --icd-heads: 'x': expected an integer >= 1"),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_flag(data, finished_run, tmp_path, capsys, argv, message):
@@ -403,3 +410,44 @@ def test_icd_pre_pretrains_with_the_teacher_side_flags_its_students_load():
     for run in (pre, student):
         args = build_parser().parse_args(run.argv)
         assert args.icd_position_scale == 8.0 and args.icd_clamp_fakes
+
+
+def test_pretrain_flags_reach_only_icd_pre_teacher_sides_and_win():
+    """--pretrain-flags go to every icd pretrain, after the study's own and --train-flags' teacher-side
+    flags (so that they win), and to no student; a one-flag string survives the shell's quoting."""
+    from icd.apps.study.plan import plan_runs
+
+    argv = ["study", "--data-path", "d", "--teacher", "t.pth", "--methods", "icd-pre", "baseline", "--seeds", "0",
+            "--train-flags", "--icd-position-scale 8", "--pretrain-flags", "--lr 2e-3 --attention-gain 1 --iters 300"]
+    cfg = config_from_args(cli.build_parser().parse_args(cli._glue_flag_strings(argv)))
+    pre, student, base = plan_runs(cfg, num_train=16)
+    assert pre.argv[-8:] == ["--icd-position-scale", "8", "--lr", "2e-3", "--attention-gain", "1", "--iters", "300"]
+    args = cli.build_parser().parse_args(pre.argv)
+    assert args.iters == 300 and args.lr == 2e-3 and args.attention_gain == 1.0  # the later --iters wins
+    assert "--attention-gain" not in student.argv and "--attention-gain" not in base.argv
+    one = cli._glue_flag_strings(["study", "--pretrain-flags", "--attention-gain"])
+    assert one == ["study", "--pretrain-flags=--attention-gain"]
+
+
+def test_a_failed_run_is_one_line_with_its_last_log_line_and_log(tmp_path):
+    """A run that exits with an error stops the study with RunFailedError (one line: icd prints it
+    without a traceback, exit 1): the run, its exit status, its log's last line, the log's path."""
+    import subprocess
+    import sys
+    import types
+
+    from icd.apps.demo.plan import Run
+    from icd.apps.demo.scheduler import execute
+    from icd.errors import RunFailedError
+
+    script = "import sys; print('starting'); print('icd: error: --lr: expected a number', file=sys.stderr); sys.exit(2)"
+    run = Run("icd_e1_s0", "icd 1 ep s0", ["-c", script], 1, ())
+    cfg = types.SimpleNamespace(run_dir=lambda name: str(tmp_path / name), jobs=1, threads=1, label="study")
+    real = subprocess.Popen
+    with pytest.MonkeyPatch.context() as mp:  # the run's process: python -c SCRIPT instead of python -m icd ...
+        mp.setattr(subprocess, "Popen", lambda argv, **kw: real([sys.executable, *argv[3:]], **kw))
+        with pytest.raises(RunFailedError) as err:
+            execute([run], cfg, progress=False)
+    log = tmp_path / "icd_e1_s0" / "train.log"
+    assert str(err.value) == f"study run 'icd_e1_s0' failed (exit 2): --lr: expected a number (its log: {log})"
+    assert err.value.exit_code == 1 and "starting" in log.read_text()

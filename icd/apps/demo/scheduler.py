@@ -23,6 +23,7 @@ from tqdm import tqdm
 from icd.apps.demo.plan import Run
 from icd.apps.demo.stamps import STAMP_FILE, mark_owned, write_run_stamp
 from icd.engine.output_dir import lock_holder, previous_run_files
+from icd.errors import RunFailedError
 
 POLL_S = 0.5
 
@@ -77,11 +78,11 @@ def _finish(run: Run, cfg) -> None:
     run.seconds = time.time() - run.started
     if run.process.returncode != 0:
         log_path = os.path.join(cfg.run_dir(run.name), "train.log")
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-20:])
-        raise RuntimeError(
-            f"{getattr(cfg, 'label', 'demo')} run {run.name!r} failed (exit {run.process.returncode}); "
-            f"end of {log_path}:\n{tail}"
+        with open(log_path, errors="replace") as f:
+            last = next((line.strip() for line in reversed(f.readlines()) if line.strip()), "(an empty log)")
+        raise RunFailedError(
+            f"{getattr(cfg, 'label', 'demo')} run {run.name!r} failed (exit {run.process.returncode}): "
+            f"{last.removeprefix('icd: error: ')} (its log: {log_path})"
         )
     write_run_stamp(run, cfg)
 
@@ -90,7 +91,7 @@ def execute(
     runs: Sequence[Run], cfg, progress: bool = True, on_done: Callable[[Run], None] | None = None
 ) -> None:
     """Run the plan, ``cfg.jobs`` processes at a time, a run once the runs it needs are done
-    (runs marked ``reused`` count as done); a failed run stops the others and raises RuntimeError.
+    (runs marked ``reused`` count as done); a failed run stops the others and raises RunFailedError.
     ``on_done(run)``: called as each run finishes, while the others go on (a study's teacher check)."""
     done = {r.name for r in runs if r.reused}
     pending = [r for r in runs if not r.reused]

@@ -107,6 +107,13 @@ def add_study_flags(p) -> None:
         metavar="'FLAGS'",
         help="more icd train flags for every student, as one quoted string (they win over the study's)",
     )
+    p.add_argument(
+        "--pretrain-flags",
+        default=None,
+        metavar="'FLAGS'",
+        help="more icd pretrain flags for icd-pre's teacher sides (--lr, --attention-gain, ...), as one quoted "
+        "string (they win over the study's and over the teacher-side flags it takes from --train-flags)",
+    )
     p.add_argument("--resume", action="store_true", help="finish the study in --out: run only what is missing")
     p.add_argument(
         "--calibrate",
@@ -222,6 +229,7 @@ def config_from_args(args: argparse.Namespace, given_flags: set[str] | None = No
         threads=args.threads,
         gpus=gpus,
         train_flags=shlex.split(args.train_flags or ""),
+        pretrain_flags=shlex.split(args.pretrain_flags or ""),
     )
     if args.shapes:
         from icd.apps.study.shapes import shapes_study
@@ -287,8 +295,10 @@ def run_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """``icd study``: the whole study; 0 when done (``argv``: the command line, for --shapes).
     Ctrl-C or SIGTERM stops the runs it started and exits 130 (InterruptedRun)."""
     from icd.apps.study.pipeline import run_study
+    from icd.apps.study.plan import check_run_flags
 
     cfg = config_from_args(args, given_student_flags(argv or [], args.config) if args.shapes else None)
+    check_run_flags(cfg)
     preset = None
     if args.shapes:
         from icd.apps.study.shapes import preset as shapes_preset

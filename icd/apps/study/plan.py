@@ -8,13 +8,17 @@ stamps (one mechanism): a run's identity is the hash of its command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import math
 import os
+import shlex
 from collections.abc import Callable
 
 from icd.apps.demo.plan import Run
 from icd.apps.study.settings import DISTILLING, StudyConfig, base_method
+from icd.errors import ConfigError
 
 TEACHER_EVAL = "teacher_eval"  # `icd eval` of the teacher on val (OUT/runs/teacher_eval)
 
@@ -148,6 +152,7 @@ def pretrain_argv(cfg: StudyConfig, seed: int) -> list[str]:
         "5",
         "--no-progress",
         *teacher_side_flags(cfg.train_flags),
+        *cfg.pretrain_flags,
     ]
 
 
@@ -161,13 +166,38 @@ def teacher_side_flags(flags: list[str]) -> list[str]:
 
 
 @functools.cache
-def pretrain_options() -> frozenset[str]:
-    """The option strings of ``icd pretrain``'s parser (built once: a study plans it per seed)."""
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """icd's parser with the flags of ``command`` only (``train``, ``pretrain``), built once."""
     from icd.cli import build_parser
 
-    parser = build_parser(commands=("pretrain",))
+    return build_parser(commands=(command,))
+
+
+@functools.cache
+def pretrain_options() -> frozenset[str]:
+    """The option strings of ``icd pretrain``'s parser (built once: a study plans it per seed)."""
+    parser = command_parser("pretrain")
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return frozenset(commands.choices["pretrain"]._option_string_actions)
+
+
+def check_run_flags(cfg: StudyConfig) -> None:
+    """ConfigError when the parser of ``icd train`` or ``icd pretrain`` refuses a planned run's
+    command line (an unknown flag or a bad value in ``--train-flags`` / ``--pretrain-flags``): said
+    before the teacher check and any run, naming the flag string and the run."""
+    for run in plan_runs(cfg, 1):
+        command = run.argv[0]
+        refused = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(refused):
+                command_parser(command).parse_args(run.argv)
+        except SystemExit:
+            said = " ".join(refused.getvalue().split()).removeprefix("icd: error: ")
+            if command == "pretrain" and cfg.pretrain_flags:
+                where = f"--pretrain-flags {shlex.join(cfg.pretrain_flags)!r}"
+            else:  # a teacher-side flag of --train-flags goes to icd pretrain too
+                where = f"--train-flags {shlex.join(cfg.train_flags)!r}" if cfg.train_flags else "icd study"
+            raise ConfigError(where, f"icd {command} refuses the command line of run {run.name}: {said}") from None
 
 
 def teacher_eval_argv(cfg: StudyConfig) -> list[str]:

@@ -66,6 +66,7 @@ class StudyConfig:
     threads: int = 1
     gpus: int = 0  # > 0: one run per GPU (CUDA_VISIBLE_DEVICES = the slot)
     train_flags: list[str] = field(default_factory=list)  # more icd train flags, after the study's
+    pretrain_flags: list[str] = field(default_factory=list)  # more icd pretrain flags (icd-pre), after the study's
     label: str = "study"  # the scheduler's name for it in messages
     # a preset's names for the study's runs (icd demo: baseline_e2_s0 -> baseline, ...): each run's
     # name, in the plan, stamps and study.md; and its folder relative to out_dir when not runs/NAME
