@@ -1,5 +1,5 @@
 """The dense study's students side by side across its `icd study` folders: AP at the last evaluation
-per seed, from which iteration the box regression worked (a student of this regime can start with a
+per seed, from which iteration the box regression worked for good (a student of this regime can start with a
 dead one: FCOS's ReLU box outputs all at 0), lift and real/fake AUC, and each row paired
 per seed with the FPN-MSE row it is compared with.
 
@@ -29,15 +29,24 @@ ROWS = [
     ("ICD, side pre-trained 1500 it.", "studyC", "icd-pre", "FPN-MSE (weight 16)"),
     ("FPN-MSE + inherit", "studyD", "fpn-mse+inherit", None),
     ("ICD, side pre-trained 1500 it. + inherit", "studyD", "icd-pre+inherit", "FPN-MSE + inherit"),
+    # stop 41: distillation from the first iteration (no warm-up), near-uniform distillation weights, weight 16
+    ("ICD, the paper's recipe, no warm-up (seed 0)", "studyE_warm0", "icd", "FPN-MSE (weight 16)"),
+    ("ICD, side pre-trained 1500 it., no warm-up", "studyF", "icd-pre", "FPN-MSE (weight 16)"),
+    ("ICD, side pre-trained 1500 it., mask temperature 64", "studyG", "icd-pre", "FPN-MSE (weight 16)"),
+    ("ICD, side pre-trained 1500 it., weight 16", "studyH", "icd-pre", "FPN-MSE (weight 16)"),
 ]
 
 
-def revival(records: list[dict]) -> int | None:
-    """The first logged iteration whose GIoU box loss is below 0.99: until then no box was regressed
-    (FCOS's ReLU outputs all 0 give exactly 1.0); None: never."""
-    for r in records:
-        if r.get("type") == "train" and r["loss_bbox_regression"] < 0.99:
-            return r["iter"]
+def revival(records: list[dict], sustained: int = 10) -> int | None:
+    """The first logged iteration from which the GIoU box loss stays below 0.99 for ``sustained``
+    logged iterations in a row (50 at --print-freq 5): until then no box was regressed for good
+    (FCOS's ReLU outputs all 0 give exactly 1.0; a branch that comes back hovers near 1); None:
+    never (or not for that long before the run ended)."""
+    losses = [(r["iter"], r["loss_bbox_regression"]) for r in records if r.get("type") == "train"]
+    for i, (iteration, _) in enumerate(losses):
+        window = losses[i : i + sustained]
+        if len(window) == sustained and all(value < 0.99 for _, value in window):
+            return iteration
     return None
 
 
@@ -53,7 +62,7 @@ def fmt(values: list[float], digits: int = 2) -> str:
 def main(root: str) -> None:
     ap, rows_out = {}, []
     for name, study, method, _ in ROWS:
-        per_seed, boxes_from, lift, auc = {}, [], [], []
+        per_seed, boxes_from, lift, auc = {}, {}, [], []
         for seed in SEEDS:
             folder = os.path.join(root, study, "runs", f"{method}_e{EPOCHS}_s{seed}")
             if not os.path.exists(os.path.join(folder, "metrics.jsonl")):
@@ -64,7 +73,7 @@ def main(root: str) -> None:
                 continue  # unfinished
             per_seed[seed] = last["AP"]
             start = revival(records)
-            boxes_from.append("never" if start is None else str(start))
+            boxes_from[seed] = "never" if start is None else str(start)
             if "lift" in last:
                 lift.append(last["lift"])
             if "aux_auc" in last:
@@ -83,7 +92,8 @@ def main(root: str) -> None:
                 span = interval(list(diffs.values()))
                 pair = [other, ", ".join(f"s{s}: {d:+.2f}" for s, d in diffs.items()), fmt(list(diffs.values())),
                         "" if span is None else f"{span[0]:+.2f} to {span[1]:+.2f}"]  # fmt: skip
-        print(f"| {name} | {cells} | {fmt(list(per_seed.values()))} | {' / '.join(boxes_from)} | {fmt(lift)} | "
+        boxes = " / ".join(boxes_from.get(s, "-") for s in SEEDS)
+        print(f"| {name} | {cells} | {fmt(list(per_seed.values()))} | {boxes} | {fmt(lift)} | "
               f"{fmt(auc)} | " + " | ".join(pair) + " |")  # fmt: skip
 
 

@@ -19,12 +19,24 @@ T=$S/teacher/model_best.pth
 # weight 16), ICD (the paper's recipe), ICD from a pre-trained teacher side (icd pretrain, 600 iterations)
 study() { out=$1; shift; icd study --data-path $S/data --teacher $T --backbone resnet18 --fpn-channels 128 \
   --min-size 128 --max-size 128 --batch-size 8 --lr 0.02 --seeds 0 1 2 --epochs 10 --jobs 2 --threads 1 \
-  --out $S/$out --no-progress "$@" $([ -d $S/$out ] && echo --resume); }
+  --out $S/$out --no-progress "$@" $([ -f $S/$out/study.json ] && echo --resume); }
 study studyA --methods baseline fpn-mse icd icd-pre --train-flags '--attention-detail'
 # ICD from a teacher side pre-trained long enough to tell real instances from fakes (1500 iterations)
 study studyC --methods icd-pre --pretrain-iters 1500 --train-flags '--attention-detail'
 # every student with the teacher's neck and head (no dead box branch at the start): FPN-MSE against the same ICD
 study studyD --methods fpn-mse+inherit icd-pre+inherit --pretrain-iters 1500 --train-flags '--attention-detail'
+# what else could close the gap to FPN-MSE (one slot each; the pre-trained sides are studyC's, copied: the
+# study reuses a finished run whose command is its own):
+# the paper's ICD distilling from the first iteration (no warm-up, during which seed 0's box branch dies)
+study studyE_warm0 --methods icd --seeds 0 --train-flags '--attention-detail --distill-warmup-iters 0'
+with_sides() { [ -d $S/$1 ] || { mkdir -p $S/$1/runs; for s in ${2:-0 1 2}; do cp -r $S/studyC/runs/pretrain_s$s $S/$1/runs/; done
+  cp -r $S/studyC/runs/teacher_eval $S/$1/runs/; }; }
+# ICD from the 1500-iteration sides: no warm-up; distillation weights near uniform (whole-map imitation
+# through ICD's projections); weight 16 instead of 8
+with_sides studyF; study studyF --methods icd-pre --pretrain-iters 1500 --train-flags '--attention-detail --distill-warmup-iters 0'
+with_sides studyG "1 2"; study studyG --methods icd-pre --pretrain-iters 1500 --seeds 1 2 \
+  --train-flags '--attention-detail --icd-mask-temperature 64'
+with_sides studyH; study studyH --methods icd-pre --pretrain-iters 1500 --weight icd=16 --train-flags '--attention-detail'
 # teacher-side probes: what the auxiliary task learns over a longer pre-training, and the published details
 probe() { out=$1; shift; [ -d $S/probes/$out ] || OMP_NUM_THREADS=1 icd pretrain --data-path $S/data --teacher $T \
   --output-dir $S/probes/$out --min-size 128 --max-size 128 --batch-size 8 --workers 0 --device cpu --no-progress \
@@ -40,4 +52,4 @@ probe long1200_neg1 --icd-neg-ratio 1
 $py results/dense/compare.py $S > results/dense/students.md
 $py results/dense/attention_table.py --study "paper recipe, pre-trained 600=$S/studyA" "pre-trained 1500=$S/studyC" \
   "+ inherit=$S/studyD" --pretrain $S/probes/*/ > results/dense/tables.md
-for s in studyA studyC studyD; do cp $S/$s/study.md results/dense/$s.md; done
+for s in studyA studyC studyD studyE_warm0 studyF studyG studyH; do cp $S/$s/study.md results/dense/$s.md; done
