@@ -2,7 +2,8 @@
 # The dense-scene study of docs/training.md ("Dense scenes of small objects"), from the repository root:
 #   STUDY=study_dense bash results/dense/run_study.sh
 # Sized for a 2-core CPU: the teacher on both cores, the students one thread each, two at a time
-# (icd study's slots); ~4 h of one core per study, ~2.5 h in all on two. Each step is skipped when its output exists.
+# (icd study's slots); ~4 h of one core for studyA, 0.5-1.5 h for each of the others, ~5 h in all on two.
+# Each step is skipped when its output exists.
 set -euo pipefail
 S=${STUDY:-study_dense}
 py=${PYTHON:-.venv/bin/python}
