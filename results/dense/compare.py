@@ -34,6 +34,8 @@ ROWS = [
     ("ICD, side pre-trained 1500 it., no warm-up", "studyF", "icd-pre", "FPN-MSE (weight 16)"),
     ("ICD, side pre-trained 1500 it., mask temperature 64", "studyG", "icd-pre", "FPN-MSE (weight 16)"),
     ("ICD, side pre-trained 1500 it., weight 16", "studyH", "icd-pre", "FPN-MSE (weight 16)"),
+    ("ICD, the paper's recipe with the published code's projection optimiser and clamped fakes", "studyJ", "icd",
+     "FPN-MSE (weight 16)"),
 ]
 
 

@@ -38,6 +38,9 @@ with_sides studyF; study studyF --methods icd-pre --pretrain-iters 1500 --train-
 with_sides studyG "1 2"; study studyG --methods icd-pre --pretrain-iters 1500 --seeds 1 2 \
   --train-flags '--attention-detail --icd-mask-temperature 64'
 with_sides studyH; study studyH --methods icd-pre --pretrain-iters 1500 --weight icd=16 --train-flags '--attention-detail'
+# the paper's recipe with the published code's choices where ours differ: the student's value projection
+# trained by the teacher side's AdamW under its clip, fake boxes clamped to the image
+study studyJ --methods icd --seeds 1 2 0 --train-flags '--attention-detail --icd-projection-optimizer teacher-side --icd-clamp-fakes'
 # teacher-side probes: what the auxiliary task learns over a longer pre-training, and the published details
 probe() { out=$1; shift; [ -d $S/probes/$out ] || OMP_NUM_THREADS=1 icd pretrain --data-path $S/data --teacher $T \
   --output-dir $S/probes/$out --min-size 128 --max-size 128 --batch-size 8 --workers 0 --device cpu --no-progress \
@@ -53,4 +56,4 @@ probe long1200_neg1 --icd-neg-ratio 1
 $py results/dense/compare.py $S > results/dense/students.md
 $py results/dense/attention_table.py --study "paper recipe, pre-trained 600=$S/studyA" "pre-trained 1500=$S/studyC" \
   "+ inherit=$S/studyD" --pretrain $S/probes/*/ > results/dense/tables.md
-for s in studyA studyC studyD studyE_warm0 studyF studyG studyH; do cp $S/$s/study.md results/dense/$s.md; done
+for s in studyA studyC studyD studyE_warm0 studyF studyG studyH studyJ; do cp $S/$s/study.md results/dense/$s.md; done
