@@ -111,6 +111,8 @@ def test_plan_from_toml_with_flags_winning(tmp_path):
          "line of run fpn-mse_e2_s0: unrecognized arguments: --nonsense"),
         ("--methods icd-pre --pretrain-flags=--attention-gain=-2", "--pretrain-flags '--attention-gain=-2': icd "
          "pretrain refuses the command line of run pretrain_s0: argument --attention-gain: -2: expected a finite"),
+        ("--methods fpn-mse --train-flags=--help", "--train-flags '--help': icd train refuses the command line of "
+         "run fpn-mse_e2_s0: it exits before it runs (--help?)"),
         ("--methods icd --train-flags=--icd-heads=x", "--train-flags '--icd-heads=x': icd train refuses the command "
          "line of run icd_e2_s0: argument --icd-heads: 'x': expected an integer >= 1"),
     ],

@@ -189,10 +189,11 @@ def check_run_flags(cfg: StudyConfig) -> None:
         command = run.argv[0]
         refused = io.StringIO()
         try:
-            with contextlib.redirect_stderr(refused):
+            with contextlib.redirect_stderr(refused), contextlib.redirect_stdout(io.StringIO()):
                 command_parser(command).parse_args(run.argv)
-        except SystemExit:
+        except SystemExit:  # an error, or --help / --version: it would exit without training
             said = " ".join(refused.getvalue().split()).removeprefix("icd: error: ")
+            said = said or "it exits before it runs (--help?)"
             if command == "pretrain" and cfg.pretrain_flags:
                 where = f"--pretrain-flags {shlex.join(cfg.pretrain_flags)!r}"
             else:  # a teacher-side flag of --train-flags goes to icd pretrain too
