@@ -19,11 +19,13 @@ from icd.apps.demo.stamps import STAMP_FILE
 from icd.apps.study.report import last_eval_of
 from icd.apps.study.stats import interval, mean_std
 
-# table -> (epochs, seeds, rows); a row: (name, source, method, the table's AP per seed), the source
-# being a study folder, or (folder, seeds) pairs where the seeds were run by several studies. A
-# table's "baseline" and "FPN-MSE, weight 16" rows are what the others pair with.
+# table -> (epochs, seeds, rows[, peer]); a row: (name, source, method, the table's AP per seed), the
+# source being a study folder, or (folder, seeds) pairs where the seeds were run by several studies.
+# A table's "baseline" row and its peer row (PEER unless named) are what the others pair with.
 SEEDS = (0, 1, 2)
 FIVE = (0, 1, 2, 3, 4)
+PEER = "FPN-MSE, weight 16"
+RAW_PEER = "FPN-MSE, raw, weight 1"
 TABLES = {
     "4-epoch teacher, 2 epochs": (2, SEEDS, [
         ("baseline", "study4", "baseline", [5.56, 3.56, 4.48]),
@@ -32,6 +34,7 @@ TABLES = {
         ("FPN-MSE, weight 16", "study4", "fpn-mse", [8.36, 6.35, 8.07]),
         ("ICD, the paper's recipe", "study4", "icd", [7.13, 6.49, 7.50]),
         ("ICD, pre-trained side, T = 1", "study4", "icd-pre", [3.31, 5.81, 7.13]),
+        ("ICD, pre-trained side, T = 4", "study4_T4", "icd-pre", [6.41, 6.46, 7.46]),
         ("ICD + fakes clamped", "clamp", "icd", [7.07, 6.22, 7.48]),
         ("ICD + projection by the teacher-side AdamW", "proj", "icd", [7.23, 5.46, 5.99]),
         ("ICD + 1000-iteration warm-up", "warm", "icd", [5.56, 3.56, 4.48]),
@@ -41,6 +44,7 @@ TABLES = {
         ("FPN-MSE, weight 16", "study4_e6", "fpn-mse", [11.94, 12.62, 12.24]),
         ("ICD, the paper's recipe", "study4_e6", "icd", [12.91, 11.80, 12.87]),
         ("ICD, pre-trained side, T = 1", "study4_e6_T1", "icd-pre", [10.87, 11.58, 10.96]),
+        ("ICD, pre-trained side, T = 4", "study4_T4", "icd-pre", [12.25, 11.74, 12.79]),
     ]),
     "20-epoch teacher, 2 epochs (baseline: the 4-epoch teacher's, a baseline has no teacher)": (2, SEEDS, [
         ("baseline", "study4", "baseline", [5.56, 3.56, 4.48]),
@@ -66,6 +70,11 @@ TABLES = {
         ("ICD, pre-trained side, T = 4", (("study20", SEEDS), ("study20_s34", (3, 4))), "icd-pre",
          [15.63, 16.04, 16.56, 16.42, 15.16]),
     ]),
+    "Section 2: the earlier demo's 3-epoch ResNet-34 teacher, 2 epochs, raw FPN-MSE weight 1": (2, SEEDS, [
+        ("baseline", "s2_main", "baseline", [4.74, 2.97, 5.33]),
+        (RAW_PEER, "s2_main", "fpn-mse", [6.51, 7.03, 7.06]),
+        ("ICD, the paper's recipe", "s2_main", "icd", [6.07, 5.76, 7.39]),
+    ], RAW_PEER),
 }
 Source = str | tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -103,12 +112,13 @@ def _paired(a: list[float], b: list[float]) -> str:
 
 
 def main(root: str) -> None:
-    for title, (epochs, seeds, rows) in TABLES.items():
+    for title, (epochs, seeds, rows, *named) in TABLES.items():
+        peer_name = named[0] if named else PEER
         found = {name: regenerated_ap(root, source, method, epochs, seeds) for name, source, method, _ in rows}
-        base, peer = found["baseline"], found["FPN-MSE, weight 16"]
+        base, peer = found["baseline"], found[peer_name]
         print(f"\n{title}\n")
         print("| run | AP, table (per seed) | AP, regenerated (per seed) | regenerated - table, paired "
-              "| regenerated vs baseline | regenerated vs FPN-MSE w16 |")
+              f"| regenerated vs baseline | regenerated vs {peer_name} |")
         print("| --- | --- | --- | --- | --- | --- |")
         for name, _, _, old in rows:
             new = found[name]
@@ -117,7 +127,7 @@ def main(root: str) -> None:
                 continue
             seeds = ", ".join(f"{v:.2f}" for v in new)
             vs_base = _paired(new, base) if base and name != "baseline" else ""
-            vs_peer = _paired(new, peer) if peer and name not in ("baseline", "FPN-MSE, weight 16") else ""
+            vs_peer = _paired(new, peer) if peer and name not in ("baseline", peer_name) else ""
             print(f"| {name} | {_ms(old)} ({', '.join(f'{v:.2f}' for v in old)}) | {_ms(new)} ({seeds}) "
                   f"| {_paired(new, old)} | {vs_base} | {vs_peer} |")
 
