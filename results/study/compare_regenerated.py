@@ -11,12 +11,11 @@ only the runs it ran.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from icd.apps.demo.stamps import STAMP_FILE
-from icd.apps.study.report import last_eval_of
+from icd.apps.study.report import last_eval_of, run_records
 from icd.apps.study.stats import interval, mean_std
 
 # table -> (epochs, seeds, rows[, peer]); a row: (name, source, method, the table's AP per seed), the
@@ -85,8 +84,7 @@ def run_ap(study: str, method: str, epochs: int, seed: int) -> float | None:
     folder = os.path.join(study, "runs", f"{method}_e{epochs}_s{seed}")
     if not os.path.exists(os.path.join(folder, STAMP_FILE)):
         return None
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        last = last_eval_of([json.loads(line) for line in f if line.strip()])
+    last = last_eval_of(run_records(folder))
     return None if last is None else float(last["AP"])
 
 
